@@ -1,0 +1,234 @@
+//! One upstream address and its live state, shared by the data path and the control plane.
+//!
+//! A `Backend` is identified by (pool, address) and its `Arc` is reused across reloads (see
+//! `Pool::build`), so health, in-flight counts, drain state and pooled connections survive a
+//! config change. The data path reads the atomics; health checks, passive failure reports and
+//! the admin API write them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::PassiveConfig;
+use crate::health::threshold::{HealthCounter, HealthState, Transition};
+use crate::upstream::ConnPool;
+
+/// What the admin status reports for a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    Pending,
+    Healthy,
+    Unhealthy,
+    /// Passively ejected after failed connections, for `passive.fail_timeout`.
+    Ejected,
+    Draining,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The address as text, for logs, metrics and hashing.
+    pub label: Arc<str>,
+    /// Written by health checks (through `health`); read per request.
+    healthy: AtomicBool,
+    /// Written by the admin API and reloads (a backend removed from the file drains).
+    draining: AtomicBool,
+    /// Passive ejection deadline in ms since [`clock_start`]; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    /// Consecutive failed connections seen by the data path.
+    passive_fails: AtomicU32,
+    in_flight: AtomicUsize,
+    requests_total: AtomicU64,
+    failures_total: AtomicU64,
+    /// Rise/fall state of active checks. Only the control plane and failure reports lock it.
+    health: Mutex<HealthCounter>,
+    /// Idle keep-alive connections to this backend.
+    pub conns: ConnPool,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, initial: HealthState) -> Backend {
+        Backend {
+            addr,
+            label: addr.to_string().into(),
+            healthy: AtomicBool::new(initial == HealthState::Healthy),
+            draining: AtomicBool::new(false),
+            ejected_until_ms: AtomicU64::new(0),
+            passive_fails: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+            requests_total: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+            health: Mutex::new(HealthCounter::new(1, 1, initial)),
+            conns: ConnPool::default(),
+        }
+    }
+
+    /// In-flight count if this backend may take a new request, else `None`.
+    #[inline]
+    pub fn load_if_available(&self) -> Option<usize> {
+        if !self.healthy.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed) {
+            return None;
+        }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until != 0 && now_ms() < until {
+            return None;
+        }
+        Some(self.in_flight.load(Ordering::Relaxed))
+    }
+
+    /// Like [`Self::load_if_available`] but ignoring passive ejection: used when every
+    /// backend of a pool is ejected, because trying one beats a certain 503 (nginx does the
+    /// same for a pool of one).
+    #[inline]
+    pub fn load_ignoring_ejection(&self) -> Option<usize> {
+        (self.healthy.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed))
+            .then(|| self.in_flight.load(Ordering::Relaxed))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Stops (or resumes) new traffic to this backend. Draining also closes idle upstream
+    /// connections; requests in flight finish normally.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+        if draining {
+            self.conns.clear();
+        }
+    }
+
+    pub fn state(&self) -> BackendState {
+        if self.is_draining() {
+            return BackendState::Draining;
+        }
+        match self.health_state() {
+            HealthState::Pending => BackendState::Pending,
+            HealthState::Unhealthy => BackendState::Unhealthy,
+            HealthState::Healthy => {
+                let until = self.ejected_until_ms.load(Ordering::Relaxed);
+                if until != 0 && now_ms() < until {
+                    BackendState::Ejected
+                } else {
+                    BackendState::Healthy
+                }
+            }
+        }
+    }
+
+    pub fn health_state(&self) -> HealthState {
+        self.lock_health().state()
+    }
+
+    /// Applies thresholds from the (re)loaded config, keeping the current state.
+    pub fn set_thresholds(&self, rise: u32, fall: u32) {
+        self.lock_health().set_thresholds(rise, fall);
+    }
+
+    /// Forces the active-check state (used when a reload turns checks off).
+    pub fn set_health_state(&self, state: HealthState) {
+        let mut h = self.lock_health();
+        h.set_state(state);
+        self.healthy
+            .store(state == HealthState::Healthy, Ordering::Relaxed);
+    }
+
+    /// Records an active probe result; returns the transition, if any.
+    pub fn record_probe(&self, ok: bool) -> Option<Transition> {
+        let mut h = self.lock_health();
+        let t = h.record(ok);
+        self.healthy
+            .store(h.state() == HealthState::Healthy, Ordering::Relaxed);
+        if ok {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.passive_fails.store(0, Ordering::Relaxed);
+        }
+        t
+    }
+
+    /// Called when the data path failed to connect to or talk to this backend. Returns true
+    /// when this failure ejected the backend.
+    pub fn record_failure(&self, passive: &PassiveConfig) -> bool {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        self.conns.clear();
+        if passive.max_fails == 0 {
+            return false;
+        }
+        let fails = self.passive_fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= passive.max_fails {
+            self.passive_fails.store(0, Ordering::Relaxed);
+            let until = now_ms() + passive.fail_timeout.as_millis() as u64;
+            self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Called when a response head arrived from this backend.
+    pub fn record_success(&self) {
+        if self.passive_fails.load(Ordering::Relaxed) != 0 {
+            self.passive_fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, HealthCounter> {
+        // The counter holds no invariant a panic could break half-way; keep going.
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One in-flight request (or connection) on a backend. Dropping it ends it, so every early
+/// return and every cancelled future is counted correctly.
+#[derive(Debug)]
+pub struct Lease {
+    backend: Arc<Backend>,
+}
+
+impl Lease {
+    pub fn new(backend: Arc<Backend>) -> Lease {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.requests_total.fetch_add(1, Ordering::Relaxed);
+        Lease { backend }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn clock_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    // +1 so that 0 can mean "not ejected" even in the first millisecond.
+    clock_start().elapsed().as_millis() as u64 + 1
+}
+
+/// Milliseconds left of a passive ejection, for status output.
+pub fn ejection_left(b: &Backend) -> Option<Duration> {
+    let until = b.ejected_until_ms.load(Ordering::Relaxed);
+    let now = now_ms();
+    (until > now).then(|| Duration::from_millis(until - now))
+}

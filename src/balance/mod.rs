@@ -1,0 +1,89 @@
+//! Pools: named sets of backends with a selection policy, built once per config generation.
+//!
+//! `policy` holds the pure pick functions, `backend` the per-address live state. A [`Pool`]
+//! is immutable once built; a reload builds a new one that reuses the `Arc<Backend>` of every
+//! address it keeps.
+
+pub mod backend;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{HashKey, PoolConfig};
+use crate::health::threshold::HealthState;
+use backend::{Backend, Lease};
+use policy::Selector;
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub config: PoolConfig,
+    pub backends: Vec<Arc<Backend>>,
+    selector: Selector,
+}
+
+impl Pool {
+    /// Builds a pool, reusing backends from `previous` (same address in the same pool) so
+    /// their health, counters and connections carry over. New backends start healthy at
+    /// startup, and pending (no traffic until the first passing check) when added later to a
+    /// pool with health checks.
+    pub fn build(config: &PoolConfig, previous: Option<&Pool>, startup: bool) -> Pool {
+        let old: HashMap<SocketAddr, &Arc<Backend>> = previous
+            .map(|p| p.backends.iter().map(|b| (b.addr, b)).collect())
+            .unwrap_or_default();
+        let new_state = if startup || config.health_check.is_none() {
+            HealthState::Healthy
+        } else {
+            HealthState::Pending
+        };
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .map(|b| match old.get(&b.address) {
+                Some(existing) => Arc::clone(existing),
+                None => Arc::new(Backend::new(b.address, new_state)),
+            })
+            .collect();
+        for b in &backends {
+            match &config.health_check {
+                Some(h) => b.set_thresholds(h.rise, h.fall),
+                // Without active checks nothing could ever mark it healthy again.
+                None if b.health_state() != HealthState::Healthy => {
+                    b.set_health_state(HealthState::Healthy)
+                }
+                None => {}
+            }
+        }
+        let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
+        let ids: Vec<&str> = backends.iter().map(|b| &*b.label).collect();
+        let selector = Selector::build(config.algorithm, &weights, &ids);
+        Pool {
+            name: config.name.as_str().into(),
+            config: config.clone(),
+            backends,
+            selector,
+        }
+    }
+
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        self.config.hash_key.as_ref()
+    }
+
+    /// Picks a backend for one request, skipping the indices in `tried`, and returns its index
+    /// and a [`Lease`] on it.
+    pub fn select(&self, key: Option<u64>, tried: &[usize]) -> Option<(usize, Lease)> {
+        let pick = |avail: fn(&Backend) -> Option<usize>| {
+            self.selector.pick(key, |i| {
+                if tried.contains(&i) {
+                    None
+                } else {
+                    avail(&self.backends[i])
+                }
+            })
+        };
+        let i = pick(Backend::load_if_available).or_else(|| pick(Backend::load_ignoring_ejection))?;
+        Some((i, Lease::new(Arc::clone(&self.backends[i]))))
+    }
+}

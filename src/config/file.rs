@@ -1,0 +1,127 @@
+//! The TOML file as serde sees it: no invariants, only shapes.
+//!
+//! Nothing outside `config/` uses these types. Values that need a precise error location
+//! (addresses, durations, pool references) are kept as [`Spanned`] strings and checked in
+//! [`super::validate`], so that one pass can report every semantic error with its line and
+//! column instead of stopping at the first.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type Text = Spanned<String>;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub global: FileGlobal,
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
+    pub listeners: BTreeMap<Text, FileListener>,
+    #[serde(default)]
+    pub pools: BTreeMap<Text, FilePool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileGlobal {
+    pub worker_threads: Option<Spanned<u32>>,
+    pub shutdown_timeout: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub bind: Text,
+    pub token: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub bind: Text,
+    pub pool: Text,
+    #[serde(default)]
+    pub routes: Vec<FileRoute>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub request_header_timeout: Option<Text>,
+    pub max_header_size: Option<Spanned<u32>>,
+    pub max_headers: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub host: Option<Text>,
+    pub path_prefix: Option<Text>,
+    pub pool: Text,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileAlgorithm {
+    RoundRobin,
+    LeastConn,
+    Random,
+    Hash,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub algorithm: Option<FileAlgorithm>,
+    pub hash_key: Option<Text>,
+    pub backends: Spanned<Vec<Spanned<FileBackend>>>,
+    pub health_check: Option<FileHealthCheck>,
+    pub passive: Option<FilePassive>,
+    pub connect_timeout: Option<Text>,
+    pub response_timeout: Option<Text>,
+    pub idle_timeout: Option<Text>,
+    pub drain_timeout: Option<Text>,
+    pub retries: Option<Spanned<u32>>,
+    pub max_idle_per_backend: Option<Spanned<u32>>,
+}
+
+/// A backend is written either as `"ip:port"` or as `{ address = "ip:port", weight = 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileBackend {
+    Address(String),
+    Detailed(FileBackendTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackendTable {
+    pub address: String,
+    pub weight: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileProbeKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    pub kind: FileProbeKind,
+    pub path: Option<Text>,
+    pub host: Option<Text>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub rise: Option<Spanned<u32>>,
+    pub fall: Option<Spanned<u32>>,
+    pub expect_status: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePassive {
+    pub max_fails: Option<Spanned<u32>>,
+    pub fail_timeout: Option<Text>,
+}

@@ -1,0 +1,30 @@
+//! ballast: an L4/L7 load balancer daemon.
+//!
+//! # Layout
+//! Modules depend only on modules above them in this list. The hot path
+//! (`listener` → `proxy` → `balance`) takes no lock the control plane holds and reads shared
+//! state through one `ArcSwap` load per request plus atomics.
+//!
+//! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
+//! - `health::threshold`: the pure rise/fall counter.
+//! - `upstream`: connections to backends and the per-backend idle pool.
+//! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
+//! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
+//! - `health`: probe tasks, reconciled against each new snapshot.
+//! - `proxy`: header rules, error mapping, the HTTP forwarding path.
+//! - `listener`: accept loops and per-connection limits.
+//! - `app`: the composition root; reload and graceful shutdown.
+//! - `demo`: built-in backends for `ballast demo`.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod listener;
+pub mod proxy;
+pub mod state;
+pub mod upstream;

@@ -1,0 +1,106 @@
+//! Accept loops: one per bound listener, one task per downstream connection.
+//!
+//! A listener holds a semaphore of `max_connections` permits; when they are all taken it
+//! stops accepting and new connections wait in the kernel's backlog (HAProxy's `maxconn`).
+//! hyper enforces the request-header timeout (which also ends idle keep-alive connections),
+//! the header size limit (431) and malformed requests (400).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ListenerConfig;
+use crate::proxy::http::{handle, ConnCtx};
+use crate::state::Live;
+
+/// hyper's own default read buffer limit.
+const DEFAULT_MAX_BUF: usize = 400 * 1024;
+
+/// Binds `addr` with `SO_REUSEADDR` and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections on `listener` until `shutdown` fires. Connection tasks are spawned
+/// on `tracker`; on shutdown they are asked to finish their current request and close.
+pub async fn run(
+    listener: TcpListener,
+    config: ListenerConfig,
+    live: Live,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let name: Arc<str> = config.name.as_str().into();
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.request_header_timeout)
+        .max_header_size(config.max_header_size)
+        .max_headers(config.max_headers);
+    if config.max_header_size + 8192 > DEFAULT_MAX_BUF {
+        builder.max_buf_size(config.max_header_size + 8192);
+    }
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = Arc::clone(&limit).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = Arc::new(ConnCtx {
+            live: Arc::clone(&live),
+            listener: Arc::clone(&name),
+            peer,
+            proto: "http",
+        });
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    // Finish the request in progress, answer it with `Connection: close`.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    tracing::info!(listener = %name, "listener stopped accepting");
+}

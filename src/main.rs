@@ -1,0 +1,107 @@
+//! The `ballast` command line: parse arguments, install logging, build the runtime.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ballast::config::Config;
+
+#[derive(Parser)]
+#[command(name = "ballast", version, about = "An L4/L7 load balancer daemon")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(short, long, value_name = "FILE", required = false)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit: 0 if valid, 1 with every error otherwise.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Log filter, e.g. "info" or "ballast=debug" (overrides RUST_LOG).
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three built-in demo backends and ballast in front of them.
+    Demo {
+        /// Address for the demo listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+
+    let (config, path) = match (&cli.command, &cli.config) {
+        (Some(Command::Demo { bind }), _) => {
+            let bind = *bind;
+            return block_on(None, async move { ballast::demo::run(bind).await.map_err(|e| e.to_string()) });
+        }
+        (None, Some(path)) => match Config::load(path) {
+            Ok(c) => (c, path.clone()),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => {
+            eprintln!("ballast: --config FILE is required (or try `ballast demo`); see --help");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("{}: ok: {}", path.display(), config.summary());
+        return ExitCode::SUCCESS;
+    }
+    let workers = config.global.worker_threads;
+    block_on(workers, async move {
+        ballast::app::run(config, Some(path)).await.map_err(|e| e.to_string())
+    })
+}
+
+fn block_on(
+    workers: Option<usize>,
+    fut: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = workers {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ballast: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ballast: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

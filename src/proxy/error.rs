@@ -1,0 +1,70 @@
+//! Errors at the data-plane edge and the one place that maps them to HTTP statuses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::upstream::ConnectError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no healthy backend in pool {pool}")]
+    NoHealthyBackend { pool: Arc<str> },
+    #[error("{0}")]
+    Connect(#[source] ConnectError),
+    #[error("upstream failed before responding: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("no response header within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("listener was removed by a reload")]
+    ListenerGone,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Connect(ConnectError::Io(_) | ConnectError::Handshake(_)) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Short machine-friendly reason for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
+            ProxyError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
+            ProxyError::Connect(ConnectError::Io(_)) => "connect_failed",
+            ProxyError::Connect(ConnectError::Handshake(_)) => "handshake_failed",
+            ProxyError::Upstream(_) => "upstream_failed",
+            ProxyError::ResponseTimeout(_) => "response_timeout",
+            ProxyError::ListenerGone => "listener_gone",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_mapping_is_pinned() {
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cases = [
+            (ProxyError::NoHealthyBackend { pool: "p".into() }, 503),
+            (ProxyError::Connect(ConnectError::Timeout(Duration::from_secs(1))), 504),
+            (ProxyError::Connect(ConnectError::Io(io())), 502),
+            (ProxyError::ResponseTimeout(Duration::from_secs(1)), 504),
+            (ProxyError::ListenerGone, 503),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The one thing the data path reads: an immutable [`Snapshot`] of a config generation,
+//! behind a single `ArcSwap` ([`Live`]).
+//!
+//! A request loads the snapshot once and uses it to the end, so it sees one consistent
+//! config even if a reload swaps in another meanwhile. Only the reload path stores.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::balance::Pool;
+use crate::config::{Config, HostMatch};
+
+pub type Live = Arc<ArcSwap<Snapshot>>;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// 1 for the config loaded at startup, +1 per applied reload.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub pools: HashMap<Arc<str>, Arc<Pool>>,
+    /// Routing table per listener name.
+    pub routers: HashMap<Arc<str>, Router>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `config`. Backends of `previous` are reused by (pool, address)
+    /// so their state survives (see `Pool::build`).
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let pools: HashMap<Arc<str>, Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|pc| {
+                let old = previous.and_then(|s| s.pools.get(pc.name.as_str()));
+                let pool = Pool::build(pc, old.map(|p| &**p), previous.is_none());
+                (Arc::clone(&pool.name), Arc::new(pool))
+            })
+            .collect();
+        let routers = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let default = Arc::clone(pools.get(l.default_pool.as_str())?);
+                let routes = l
+                    .routes
+                    .iter()
+                    .filter_map(|r| {
+                        Some(Route {
+                            host: r.host.clone(),
+                            path_prefix: r.path_prefix.clone(),
+                            pool: Arc::clone(pools.get(r.pool.as_str())?),
+                        })
+                    })
+                    .collect();
+                Some((l.name.as_str().into(), Router { routes, default }))
+            })
+            .collect();
+        Snapshot {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            config,
+            pools,
+            routers,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Route {
+    host: Option<HostMatch>,
+    path_prefix: Option<String>,
+    pool: Arc<Pool>,
+}
+
+/// (host, path prefix) → pool for one listener; routes in file order, first match wins,
+/// then the listener's default pool.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    default: Arc<Pool>,
+}
+
+impl Router {
+    /// `host` is the request's host without port.
+    pub fn route(&self, host: Option<&str>, path: &str) -> &Arc<Pool> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host
+                    .as_ref()
+                    .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
+                    && r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
+            })
+            .map_or(&self.default, |r| &r.pool)
+    }
+}

@@ -1,0 +1,127 @@
+//! Connections to backends: connect with a deadline, HTTP/1.1 handshake, and a small
+//! per-backend pool of idle keep-alive connections.
+//!
+//! We drive hyper's low-level client connection ourselves (instead of hyper-util's pooled
+//! client) for three reasons: `try_send_request` hands back a request that never reached the
+//! wire, so it can be retried on another backend whatever its method; a draining or failed
+//! backend can drop exactly its own idle connections; and each pool is sized per backend.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Request bodies sent upstream: the client's streamed body, or nothing (which can be
+/// re-sent on a retry).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type Sender = http1::SendRequest<UpstreamBody>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// Per-backend limits, taken from the pool's config.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct ConnPool {
+    /// Most recently used last (LIFO keeps a few connections hot; old ones age out).
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+impl ConnPool {
+    /// An idle connection that is still open, or a new one.
+    pub async fn get(&self, addr: SocketAddr, s: &ConnSettings) -> Result<Sender, ConnectError> {
+        while let Some(mut sender) = self.pop(s.idle_timeout) {
+            // A connection goes back to the pool as its response body ends; hyper may need a
+            // moment to settle it into idle. `ready` is immediate for a healthy idle one and
+            // errors for a closed one.
+            if sender.is_ready() {
+                return Ok(sender);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(s.connect_timeout, sender.ready()).await {
+                return Ok(sender);
+            }
+        }
+        connect(addr, s.connect_timeout).await
+    }
+
+    fn pop(&self, idle_timeout: Duration) -> Option<Sender> {
+        let mut idle = self.lock();
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response has been read completely.
+    pub fn put(&self, sender: Sender, s: &ConnSettings) {
+        if sender.is_closed() || s.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() >= s.max_idle {
+            idle.remove(0);
+        }
+        idle.push((sender, Instant::now()));
+    }
+
+    /// Closes idle connections that outlived `idle_timeout` or were closed by the backend.
+    pub fn evict_expired(&self, idle_timeout: Duration) {
+        self.lock()
+            .retain(|(s, since)| !s.is_closed() && since.elapsed() < idle_timeout);
+    }
+
+    /// Closes every idle connection (dropping the sender ends hyper's connection task).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens a fresh HTTP/1.1 connection to `addr`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Err(_) => return Err(ConnectError::Timeout(timeout)),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
