@@ -1,0 +1,431 @@
+//! Test harness: real backend servers on ephemeral ports, the real `ballast` binary in
+//! front of them, and small HTTP clients.
+//!
+//! Readiness is read from the daemon's own log ("listener bound ... addr=", "ballast is
+//! ready"), never guessed with sleeps. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A real HTTP/1.1 backend. Routes:
+/// - `/health`: 200, or 503 after `set_healthy(false)` (not counted as a hit)
+/// - `/slow/MS`: answers after MS milliseconds
+/// - `/status/NNN`: answers with that status
+/// - `/upload`: reads the body as a stream and answers `NAME BYTES`
+/// - `/headers`: answers with the request headers, one `name: value` a line
+/// - anything else: answers with the backend's name
+///
+/// Every response carries `x-backend: NAME`.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    healthy: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    accept: AbortHandle,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        Self::serve(name, listener)
+    }
+
+    /// Serves on an already bound listener (used to bring a backend back on its old port).
+    pub fn serve(name: &str, listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().expect("local addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let state = (
+            name.to_string(),
+            hits.clone(),
+            in_flight.clone(),
+            healthy.clone(),
+            delay_ms.clone(),
+        );
+        let conns2 = conns.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                let task = tokio::spawn(async move {
+                    let svc = service_fn(move |req| respond(req, state.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+                conns2.lock().unwrap().push(task.abort_handle());
+            }
+        })
+        .abort_handle();
+        Backend {
+            name: name.to_string(),
+            addr,
+            hits,
+            in_flight,
+            healthy,
+            delay_ms,
+            accept,
+            conns,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Delays every answer (except `/health`) by `ms`.
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Stops the backend like a crashed process: the port refuses, open connections drop.
+    pub fn kill(&self) {
+        self.accept.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type State = (
+    String,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Arc<AtomicBool>,
+    Arc<AtomicU64>,
+);
+
+async fn respond(
+    req: http::Request<Incoming>,
+    (name, hits, in_flight, healthy, delay_ms): State,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let reply = |status: u16, body: String| {
+        let mut r = http::Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        r.headers_mut().insert("x-backend", name.parse().unwrap());
+        Ok(r)
+    };
+    if path == "/health" {
+        let ok = healthy.load(Ordering::SeqCst);
+        return reply(if ok { 200 } else { 503 }, String::new());
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    in_flight.fetch_add(1, Ordering::SeqCst);
+    struct Done(Arc<AtomicUsize>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(in_flight.clone());
+    let delay = delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        let ms: u64 = ms.parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return reply(200, name.clone());
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        return reply(code.parse().unwrap_or(500), name.clone());
+    }
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut n: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => return reply(400, "broken body".into()),
+            }
+        }
+        return reply(200, format!("{name} {n}"));
+    }
+    if path == "/headers" {
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        return reply(200, text);
+    }
+    reply(200, name.clone())
+}
+
+/// The real daemon, started from a config text. Killed on drop.
+pub struct Ballast {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    addrs: HashMap<String, SocketAddr>,
+}
+
+pub fn ballast_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ballast")
+}
+
+impl Ballast {
+    /// Starts ballast with `config` and waits until it logs that it is ready.
+    pub fn start(config: &str) -> Ballast {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Ballast {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("ballast.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cmd = Command::new(ballast_bin());
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--log")
+            .arg("info,ballast=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ballast");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lines, cv) = &*log2;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let mut b = Ballast {
+            child,
+            dir,
+            config_path,
+            log,
+            addrs: HashMap::new(),
+        };
+        if !b.wait_for_log("ballast is ready", WAIT) {
+            panic!("ballast did not become ready; log:\n{}", b.logs());
+        }
+        for line in b.lines() {
+            if line.contains("listener bound") {
+                let name = field(&line, "listener").expect("listener field");
+                let addr = field(&line, "addr").expect("addr field").parse().expect("addr");
+                b.addrs.insert(name, addr);
+            }
+        }
+        b
+    }
+
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(listener)
+            .unwrap_or_else(|| panic!("no listener {listener}; log:\n{}", self.logs()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    pub fn logs(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits (bounded) until a log line contains `needle`; true if one did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits (bounded) until `count` log lines contain `needle`.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lines, cv) = &*self.log;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if guard.iter().filter(|l| l.contains(needle)).count() >= count {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = tokio::task::block_in_place(|| cv.wait_timeout(guard, deadline - now).unwrap().0);
+        }
+    }
+
+    /// Sends a signal to the daemon (our own child, by PID).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the daemon to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Peak resident memory of the daemon in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+impl Drop for Ballast {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` from a tracing log line (values without spaces).
+fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!(" {key}=");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// A response as the tests see it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn backend(&self) -> &str {
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        Ok(Client { sender })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Reply, hyper::Error> {
+        self.request(http::Request::get(path).header("host", "test.local").body(Full::default()).unwrap())
+            .await
+    }
+
+    pub async fn request(&mut self, req: http::Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    get_with(addr, path, &[]).await
+}
+
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut c = Client::connect(addr).await.expect("connect to ballast");
+    let mut req = http::Request::get(path).header("host", "test.local");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    c.request(req.body(Full::default()).unwrap())
+        .await
+        .expect("request through ballast")
+}
+
+pub fn empty() -> Empty<Bytes> {
+    Empty::new()
+}
+
+/// Polls `cond` every 20ms until it holds or `timeout` passes; returns the time it took.
+pub async fn eventually(timeout: Duration, mut cond: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
