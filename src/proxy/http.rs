@@ -48,6 +48,11 @@ pub async fn handle(
     let Some(router) = snap.routers.get(&*ctx.listener) else {
         return Ok(error_response(&ProxyError::ListenerGone, &ctx, None, None));
     };
+    if req.headers().get_all(http::header::HOST).iter().nth(1).is_some() {
+        // Two Host fields make the target ambiguous (RFC 9112 §3.2): refuse, like nginx.
+        tracing::debug!(client = %ctx.peer, "rejected request with several Host fields");
+        return Ok(plain_response(StatusCode::BAD_REQUEST));
+    }
     let host = req
         .headers()
         .get(http::header::HOST)
@@ -180,10 +185,10 @@ fn error_response(
     tracing::warn!(
         listener = %ctx.listener,
         client = %ctx.peer,
-        pool = pool.map_or("-", |p| &*p.name),
-        backend = backend.unwrap_or("-"),
+        pool = %pool.map_or("-", |p| &*p.name),
+        backend = %backend.unwrap_or("-"),
         status = status.as_u16(),
-        reason = e.reason(),
+        reason = %e.reason(),
         error = %e,
         "request failed"
     );

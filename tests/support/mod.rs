@@ -405,7 +405,10 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 
 pub async fn get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut c = Client::connect(addr).await.expect("connect to ballast");
-    let mut req = http::Request::get(path).header("host", "test.local");
+    let mut req = http::Request::get(path);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req = req.header("host", "test.local");
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
