@@ -1,1 +1,64 @@
-fn main(){}
+//! Backend selection per algorithm, for pools of 3 and 1000 backends: the per-request cost
+//! (`Pool::select`, which includes the availability checks and the in-flight lease) and the
+//! per-reload cost (`Pool::build`).
+
+use std::hint::black_box;
+use std::path::Path;
+
+use ballast::balance::policy::hash_key;
+use ballast::balance::Pool;
+use ballast::config::Config;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+fn pool_config(algorithm: &str, n: usize) -> Config {
+    let backends: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{{ address = \"10.{}.{}.{}:8080\", weight = {} }}",
+                i / 65536,
+                (i / 256) % 256,
+                i % 256,
+                1 + i % 3
+            )
+        })
+        .collect();
+    let key = if algorithm == "hash" { "hash_key = \"client_ip\"\n" } else { "" };
+    let text = format!(
+        "[listeners.l]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nalgorithm = \"{algorithm}\"\n{key}backends = [{}]\n",
+        backends.join(",")
+    );
+    Config::from_toml_str(&text, Path::new("bench.toml")).expect("valid bench config")
+}
+
+fn select(c: &mut Criterion) {
+    let mut group = c.benchmark_group("select");
+    for algorithm in ["round_robin", "least_conn", "random", "hash"] {
+        for n in [3usize, 1000] {
+            let config = pool_config(algorithm, n);
+            let pool = Pool::build(&config.pools[0], None, true);
+            let mut k = 0u64;
+            group.bench_with_input(BenchmarkId::new(algorithm, n), &pool, |b, pool| {
+                b.iter(|| {
+                    k = k.wrapping_add(1);
+                    let key = Some(hash_key(&k.to_le_bytes()));
+                    black_box(pool.select(key, &[]))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("build");
+    for algorithm in ["round_robin", "hash"] {
+        let config = pool_config(algorithm, 1000);
+        group.bench_function(BenchmarkId::new(algorithm, 1000), |b| {
+            b.iter(|| black_box(Pool::build(&config.pools[0], None, true)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, select, build);
+criterion_main!(benches);

@@ -62,10 +62,12 @@ impl Daemon {
         if *current.config == config {
             return Ok(false);
         }
-        if current.config.listeners.iter().map(|l| (&l.name, l.bind)).ne(config
+        if current
+            .config
             .listeners
             .iter()
-            .map(|l| (&l.name, l.bind)))
+            .map(|l| (&l.name, l.bind))
+            .ne(config.listeners.iter().map(|l| (&l.name, l.bind)))
         {
             return Err(ReloadError::NeedsRestart("listeners"));
         }

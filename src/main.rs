@@ -43,7 +43,9 @@ fn main() -> ExitCode {
     let (config, path) = match (&cli.command, &cli.config) {
         (Some(Command::Demo { bind }), _) => {
             let bind = *bind;
-            return block_on(None, async move { ballast::demo::run(bind).await.map_err(|e| e.to_string()) });
+            return block_on(None, async move {
+                ballast::demo::run(bind).await.map_err(|e| e.to_string())
+            });
         }
         (None, Some(path)) => match Config::load(path) {
             Ok(c) => (c, path.clone()),
@@ -63,7 +65,9 @@ fn main() -> ExitCode {
     }
     let workers = config.global.worker_threads;
     block_on(workers, async move {
-        ballast::app::run(config, Some(path)).await.map_err(|e| e.to_string())
+        ballast::app::run(config, Some(path))
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 

@@ -89,7 +89,9 @@ impl Router {
                 r.host
                     .as_ref()
                     .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
-                    && r.path_prefix.as_ref().is_none_or(|p| path.starts_with(p.as_str()))
+                    && r.path_prefix
+                        .as_ref()
+                        .is_none_or(|p| path.starts_with(p.as_str()))
             })
             .map_or(&self.default, |r| &r.pool)
     }

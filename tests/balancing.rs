@@ -20,8 +20,16 @@ fn pool_config(algorithm: &str, backends: &[(&Backend, u32)], extra: &str) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_distributes_exactly() {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
-    let lb = Ballast::start(&pool_config("round_robin", &[(&a, 1), (&b, 1), (&c, 1)], ""));
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let lb = Ballast::start(&pool_config(
+        "round_robin",
+        &[(&a, 1), (&b, 1), (&c, 1)],
+        "",
+    ));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     let mut seq = Vec::new();
     for _ in 0..30 {
@@ -40,8 +48,16 @@ async fn round_robin_distributes_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_interleaves() {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
-    let lb = Ballast::start(&pool_config("round_robin", &[(&a, 3), (&b, 1), (&c, 1)], ""));
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let lb = Ballast::start(&pool_config(
+        "round_robin",
+        &[(&a, 3), (&b, 1), (&c, 1)],
+        "",
+    ));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     let mut seq = String::new();
     for _ in 0..25 {
@@ -92,10 +108,16 @@ async fn least_conn_avoids_the_backend_with_requests_in_flight() {
     for _ in 0..6 {
         slow.push(tokio::spawn(async move { get(addr, "/slow/2000").await }));
     }
-    support::eventually(Duration::from_secs(5), async || a.in_flight() + b.in_flight() == 6)
-        .await
-        .expect("slow requests in flight");
-    assert_eq!((a.in_flight(), b.in_flight()), (3, 3), "least_conn balances in-flight work");
+    support::eventually(Duration::from_secs(5), async || {
+        a.in_flight() + b.in_flight() == 6
+    })
+    .await
+    .expect("slow requests in flight");
+    assert_eq!(
+        (a.in_flight(), b.in_flight()),
+        (3, 3),
+        "least_conn balances in-flight work"
+    );
     // While both carry 3, fast requests split evenly; none is refused.
     let before = (a.hits(), b.hits());
     for _ in 0..10 {
@@ -103,7 +125,10 @@ async fn least_conn_avoids_the_backend_with_requests_in_flight() {
     }
     let spread = (a.hits() - before.0, b.hits() - before.1);
     assert_eq!(spread.0 + spread.1, 10);
-    assert!(spread.0 >= 4 && spread.1 >= 4, "ties must be broken fairly: {spread:?}");
+    assert!(
+        spread.0 >= 4 && spread.1 >= 4,
+        "ties must be broken fairly: {spread:?}"
+    );
     for s in slow {
         assert_eq!(s.await.unwrap().status, 200);
     }
@@ -123,8 +148,11 @@ async fn hash_is_sticky_and_moves_about_one_nth_of_keys_when_a_backend_leaves() 
     let mut first = HashMap::new();
     for user in 0..200 {
         let req = |u: i32| {
-            http::Request::get("/").header("host", "t").header("x-user", format!("user-{u}"))
-                .body(Default::default()).unwrap()
+            http::Request::get("/")
+                .header("host", "t")
+                .header("x-user", format!("user-{u}"))
+                .body(Default::default())
+                .unwrap()
         };
         let r1 = client.request(req(user)).await.unwrap();
         let r2 = client.request(req(user)).await.unwrap();
@@ -137,14 +165,23 @@ async fn hash_is_sticky_and_moves_about_one_nth_of_keys_when_a_backend_leaves() 
     backends[2].set_healthy(false);
     let gone = &backends[2].name;
     support::eventually(Duration::from_secs(5), async || {
-        lb.logs().contains(&format!("backend={} reason=unexpected status 503", backends[2].addr))
+        lb.logs().contains(&format!(
+            "backend={} reason=unexpected status 503",
+            backends[2].addr
+        ))
     })
     .await
     .expect("backend c marked unhealthy");
     let mut moved = 0;
     for user in 0..200 {
         let r = client
-            .request(http::Request::get("/").header("host", "t").header("x-user", format!("user-{user}")).body(Default::default()).unwrap())
+            .request(
+                http::Request::get("/")
+                    .header("host", "t")
+                    .header("x-user", format!("user-{user}"))
+                    .body(Default::default())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         if r.body != first[&user] {
@@ -154,39 +191,69 @@ async fn hash_is_sticky_and_moves_about_one_nth_of_keys_when_a_backend_leaves() 
     }
     let on_gone = first.values().filter(|b| *b == gone).count();
     assert_eq!(moved, on_gone);
-    assert!((20..=70).contains(&moved), "about 1/5 of 200 keys should move, {moved} did");
+    assert!(
+        (20..=70).contains(&moved),
+        "about 1/5 of 200 keys should move, {moved} did"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_on_client_ip_and_cookie_is_sticky() {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
-    let lb = Ballast::start(&pool_config("hash", &[(&a, 1), (&b, 1), (&c, 1)], "hash_key = \"cookie:session\""));
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let lb = Ballast::start(&pool_config(
+        "hash",
+        &[(&a, 1), (&b, 1), (&c, 1)],
+        "hash_key = \"cookie:session\"",
+    ));
     let addr = lb.addr("web");
     for s in 0..20 {
         let cookie = format!("theme=dark; session=s{s}");
         let first = get_with(addr, "/", &[("cookie", &cookie)]).await.body;
         for _ in 0..3 {
-            assert_eq!(get_with(addr, "/", &[("cookie", &cookie)]).await.body, first);
+            assert_eq!(
+                get_with(addr, "/", &[("cookie", &cookie)]).await.body,
+                first
+            );
         }
     }
     drop(lb);
-    let lb = Ballast::start(&pool_config("hash", &[(&a, 1), (&b, 1), (&c, 1)], "hash_key = \"client_ip\""));
+    let lb = Ballast::start(&pool_config(
+        "hash",
+        &[(&a, 1), (&b, 1), (&c, 1)],
+        "hash_key = \"client_ip\"",
+    ));
     let addr = lb.addr("web");
     let first = get(addr, "/").await.body;
     for _ in 0..10 {
-        assert_eq!(get(addr, "/").await.body, first, "one client IP, one backend");
+        assert_eq!(
+            get(addr, "/").await.body,
+            first,
+            "one client IP, one backend"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_uses_every_backend() {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
     let lb = Ballast::start(&pool_config("random", &[(&a, 1), (&b, 1), (&c, 1)], ""));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     for _ in 0..150 {
         assert_eq!(client.get("/").await.unwrap().status, 200);
     }
     for h in [a.hits(), b.hits(), c.hits()] {
-        assert!((20..=90).contains(&h), "random spread {:?}", (a.hits(), b.hits(), c.hits()));
+        assert!(
+            (20..=90).contains(&h),
+            "random spread {:?}",
+            (a.hits(), b.hits(), c.hits())
+        );
     }
 }

@@ -32,7 +32,11 @@ fn assert_error(text: &str, expected: &[&str]) {
     for e in expected {
         assert!(err.contains(e), "expected {e:?} in:\n{err}");
     }
-    assert_eq!(err.lines().count(), expected.len(), "one line per error:\n{err}");
+    assert_eq!(
+        err.lines().count(),
+        expected.len(),
+        "one line per error:\n{err}"
+    );
 }
 
 #[test]
@@ -49,22 +53,35 @@ fn the_commented_example_config_is_valid() {
         .args(["--config", path, "--check"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn unknown_key() {
-    assert_error(&format!("{BASE}bakends = []\n"), &["F:7:1: unknown field `bakends`"]);
+    assert_error(
+        &format!("{BASE}bakends = []\n"),
+        &["F:7:1: unknown field `bakends`"],
+    );
 }
 
 #[test]
 fn wrong_type() {
-    assert_error(&format!("{BASE}retries = \"two\"\n"), &["F:7:11: invalid type: string \"two\", expected u32"]);
+    assert_error(
+        &format!("{BASE}retries = \"two\"\n"),
+        &["F:7:11: invalid type: string \"two\", expected u32"],
+    );
 }
 
 #[test]
 fn toml_syntax_error() {
-    assert_error("[listeners.web]\nbind = \"127.0.0.1:8080\npool = \"app\"\n", &["F:2:"]);
+    assert_error(
+        "[listeners.web]\nbind = \"127.0.0.1:8080\npool = \"app\"\n",
+        &["F:2:"],
+    );
 }
 
 #[test]
@@ -82,19 +99,31 @@ fn unknown_pool_in_listener_and_route() {
 #[test]
 fn duplicate_bind_address() {
     let text = format!("{BASE}[listeners.other]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n");
-    assert_error(&text, &["F:2:8: listeners.web.bind: address 127.0.0.1:8080 is already used by other"]);
+    assert_error(
+        &text,
+        &["F:2:8: listeners.web.bind: address 127.0.0.1:8080 is already used by other"],
+    );
 }
 
 #[test]
 fn bad_duration() {
-    assert_error(&format!("{BASE}connect_timeout = \"3 parsecs\"\n"), &["F:7:19: pools.app.connect_timeout: invalid duration \"3 parsecs\""]);
-    assert_error(&format!("{BASE}idle_timeout = \"0s\"\n"), &["F:7:16: pools.app.idle_timeout: duration must be greater than zero"]);
+    assert_error(
+        &format!("{BASE}connect_timeout = \"3 parsecs\"\n"),
+        &["F:7:19: pools.app.connect_timeout: invalid duration \"3 parsecs\""],
+    );
+    assert_error(
+        &format!("{BASE}idle_timeout = \"0s\"\n"),
+        &["F:7:16: pools.app.idle_timeout: duration must be greater than zero"],
+    );
 }
 
 #[test]
 fn empty_pool() {
     let text = BASE.replace("[\"127.0.0.1:9001\"]", "[]");
-    assert_error(&text, &["F:6:12: pools.app.backends: a pool needs at least one backend"]);
+    assert_error(
+        &text,
+        &["F:6:12: pools.app.backends: a pool needs at least one backend"],
+    );
 }
 
 #[test]
@@ -120,9 +149,18 @@ fn unknown_algorithm() {
 
 #[test]
 fn hash_needs_a_valid_key() {
-    assert_error(&format!("{BASE}algorithm = \"hash\"\n"), &["F:5:8: pools.app: algorithm \"hash\" needs hash_key"]);
-    assert_error(&format!("{BASE}algorithm = \"hash\"\nhash_key = \"header:\"\n"), &["F:8:12: pools.app.hash_key: invalid \"header:\""]);
-    assert_error(&format!("{BASE}hash_key = \"path\"\n"), &["F:7:12: pools.app.hash_key: only used with algorithm = \"hash\""]);
+    assert_error(
+        &format!("{BASE}algorithm = \"hash\"\n"),
+        &["F:5:8: pools.app: algorithm \"hash\" needs hash_key"],
+    );
+    assert_error(
+        &format!("{BASE}algorithm = \"hash\"\nhash_key = \"header:\"\n"),
+        &["F:8:12: pools.app.hash_key: invalid \"header:\""],
+    );
+    assert_error(
+        &format!("{BASE}hash_key = \"path\"\n"),
+        &["F:7:12: pools.app.hash_key: only used with algorithm = \"hash\""],
+    );
 }
 
 #[test]
@@ -141,7 +179,10 @@ fn health_check_thresholds_and_status() {
 #[test]
 fn admin_on_a_public_address_needs_a_token() {
     let text = format!("[admin]\nbind = \"0.0.0.0:9000\"\n{BASE}");
-    assert_error(&text, &["F:2:8: admin.bind: 0.0.0.0:9000 is not a loopback address, so admin.token is required"]);
+    assert_error(
+        &text,
+        &["F:2:8: admin.bind: 0.0.0.0:9000 is not a loopback address, so admin.token is required"],
+    );
 }
 
 #[test]
@@ -167,5 +208,6 @@ fn missing_file_is_an_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ballast.toml:0:0: cannot read file"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("/nonexistent/ballast.toml:0:0: cannot read file"));
 }

@@ -27,14 +27,28 @@ async fn read_all(stream: &mut TcpStream, limit: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_backend_gives_502_with_reason_in_log() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let lb = Ballast::start(&config(&[dead.to_string()], "", ""));
     let r = get(lb.addr("web"), "/").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.body, "502 Bad Gateway\n");
-    assert!(lb.wait_for_log("reason=connect_failed", Duration::from_secs(2)), "{}", lb.logs());
-    let line = lb.lines().into_iter().find(|l| l.contains("request failed")).unwrap();
-    assert!(line.contains("pool=app") && line.contains(&format!("backend={dead}")), "{line}");
+    assert!(
+        lb.wait_for_log("reason=connect_failed", Duration::from_secs(2)),
+        "{}",
+        lb.logs()
+    );
+    let line = lb
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("request failed"))
+        .unwrap();
+    assert!(
+        line.contains("pool=app") && line.contains(&format!("backend={dead}")),
+        "{line}"
+    );
     // Still refused, still a 502 (an ejected pool of one is tried anyway), never a hang.
     assert_eq!(get(lb.addr("web"), "/").await.status, 502);
 }
@@ -53,7 +67,11 @@ async fn backend_that_resets_gives_502() {
     let lb = Ballast::start(&config(&[addr.to_string()], "", ""));
     let r = get(lb.addr("web"), "/").await;
     assert_eq!(r.status, 502);
-    assert!(lb.wait_for_log("reason=upstream_failed", Duration::from_secs(2)), "{}", lb.logs());
+    assert!(
+        lb.wait_for_log("reason=upstream_failed", Duration::from_secs(2)),
+        "{}",
+        lb.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +82,10 @@ async fn no_healthy_backend_gives_503() {
     let lb = Ballast::start(&config(&[a.addr.to_string()], "", checks));
     assert!(lb.wait_for_log("backend is unhealthy", Duration::from_secs(3)));
     let r = get(lb.addr("web"), "/").await;
-    assert_eq!((r.status, r.body.as_str()), (503, "503 Service Unavailable\n"));
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "503 Service Unavailable\n")
+    );
     assert!(lb.wait_for_log("reason=no_healthy_backend", Duration::from_secs(2)));
     assert_eq!(a.hits(), 0);
 }
@@ -72,12 +93,19 @@ async fn no_healthy_backend_gives_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_backend_gives_504_after_response_timeout() {
     let a = Backend::start("a").await;
-    let lb = Ballast::start(&config(&[a.addr.to_string()], "", "response_timeout = \"300ms\""));
+    let lb = Ballast::start(&config(
+        &[a.addr.to_string()],
+        "",
+        "response_timeout = \"300ms\"",
+    ));
     let start = Instant::now();
     let r = get(lb.addr("web"), "/slow/3000").await;
     let took = start.elapsed();
     assert_eq!(r.status, 504);
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
     assert!(lb.wait_for_log("reason=response_timeout", Duration::from_secs(2)));
     assert_eq!(a.hits(), 1, "a timed-out request is not retried");
 }
@@ -85,21 +113,34 @@ async fn slow_backend_gives_504_after_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_client_is_cut_after_the_header_timeout() {
     let a = Backend::start("a").await;
-    let lb = Ballast::start(&config(&[a.addr.to_string()], "request_header_timeout = \"400ms\"", ""));
+    let lb = Ballast::start(&config(
+        &[a.addr.to_string()],
+        "request_header_timeout = \"400ms\"",
+        "",
+    ));
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let start = Instant::now();
     let got = read_all(&mut s, Duration::from_secs(5)).await;
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(3), "closed after {took:?}");
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
     assert!(!got.contains("200 OK"), "{got}");
     // An idle keep-alive connection is closed by the same timer.
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let start = Instant::now();
     let got = read_all(&mut s, Duration::from_secs(5)).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(start.elapsed() < Duration::from_secs(3), "idle connection kept {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "idle connection kept {:?}",
+        start.elapsed()
+    );
     assert_eq!(a.hits(), 1);
 }
 
@@ -110,23 +151,36 @@ async fn oversized_headers_get_431_and_malformed_requests_get_400() {
     let addr = lb.addr("web");
 
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     let _ = s.write_all(big.as_bytes()).await;
     let got = read_all(&mut s, Duration::from_secs(5)).await;
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
 
-    for garbage in [&b"GARBAGE\r\n\r\n"[..], b"GET / HTTP/1.1\r\nHost x\r\n\r\n", b"\x00\x01\x02 / HTTP/9\r\n\r\n"] {
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        b"\x00\x01\x02 / HTTP/9\r\n\r\n",
+    ] {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(garbage).await.unwrap();
         let got = read_all(&mut s, Duration::from_secs(5)).await;
         assert!(got.starts_with("HTTP/1.1 400"), "{garbage:?} -> {got}");
     }
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let got = read_all(&mut s, Duration::from_secs(5)).await;
     assert!(got.starts_with("HTTP/1.1 400"), "two Host fields -> {got}");
     assert_eq!(a.hits(), 0, "bad requests never reach a backend");
-    assert_eq!(get(addr, "/").await.status, 200, "and everyone else is still served");
+    assert_eq!(
+        get(addr, "/").await.status,
+        200,
+        "and everyone else is still served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,10 +200,16 @@ async fn connection_limit_queues_extra_clients() {
         }
     })
     .await;
-    assert!(waited.is_err(), "a third connection was served beyond max_connections");
+    assert!(
+        waited.is_err(),
+        "a third connection was served beyond max_connections"
+    );
     // ... and is served as soon as one closes.
     drop(c1);
-    let r = tokio::time::timeout(Duration::from_secs(5), third).await.expect("served").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served")
+        .unwrap();
     assert_eq!(r.status, 200);
 }
 
@@ -172,9 +232,15 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
     .await;
     let h = r.body;
     assert!(h.contains("host: app.example.com:8080\n"), "{h}");
-    assert!(h.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"), "{h}");
+    assert!(
+        h.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{h}"
+    );
     assert!(h.contains("x-forwarded-proto: http\n"), "{h}");
-    assert!(h.contains("x-forwarded-host: app.example.com:8080\n"), "{h}");
+    assert!(
+        h.contains("x-forwarded-host: app.example.com:8080\n"),
+        "{h}"
+    );
     assert!(h.contains("x-end-to-end: kept\n"), "{h}");
     assert!(!h.contains("x-private") && !h.contains("keep-alive"), "{h}");
 }
@@ -186,7 +252,9 @@ async fn large_upload_streams_through_in_bounded_memory() {
     let lb = Ballast::start(&config(&[a.addr.to_string()], "", ""));
     let rss_before = lb.peak_rss_kib();
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
-    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(head.as_bytes()).await.unwrap();
     let chunk = vec![b'x'; 256 * 1024];
     let mut sent = 0u64;
@@ -194,11 +262,17 @@ async fn large_upload_streams_through_in_bounded_memory() {
     while sent < SIZE {
         s.write_all(&chunk).await.unwrap();
         sent += chunk.len() as u64;
-        assert!(start.elapsed() < Duration::from_secs(120), "upload took too long");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "upload took too long"
+        );
     }
     let got = read_all(&mut s, Duration::from_secs(30)).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    assert!(got.ends_with(&format!("a {SIZE}")), "backend received every byte: {got}");
+    assert!(
+        got.ends_with(&format!("a {SIZE}")),
+        "backend received every byte: {got}"
+    );
     let rss_after = lb.peak_rss_kib();
     assert!(
         rss_after < rss_before + 64 * 1024,

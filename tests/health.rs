@@ -21,7 +21,10 @@ async fn until_traffic(client: &mut Client, name: &str, want: bool, n: usize) ->
     let mut streak = 0;
     support::eventually(Duration::from_secs(5), async || {
         let r = client.get("/").await.expect("request");
-        assert_eq!(r.status, 200, "no client error while a backend changes state");
+        assert_eq!(
+            r.status, 200,
+            "no client error while a backend changes state"
+        );
         if (r.body == name) == want {
             streak += 1;
         } else {
@@ -37,13 +40,22 @@ async fn unhealthy_backend_is_ejected_and_returns_within_configured_timing() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let lb = Ballast::start(&config(&[&a, &b], FAST_CHECKS));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
-    assert!(until_traffic(&mut client, "b", true, 1).await.is_some(), "b serves at first");
+    assert!(
+        until_traffic(&mut client, "b", true, 1).await.is_some(),
+        "b serves at first"
+    );
 
     b.set_healthy(false);
     // fall = 2 probes at a 100ms interval: out after about 200ms (+ jitter and the probe).
-    let out = until_traffic(&mut client, "b", false, 10).await.expect("b ejected");
+    let out = until_traffic(&mut client, "b", false, 10)
+        .await
+        .expect("b ejected");
     assert!(out < Duration::from_millis(1500), "ejected after {out:?}");
-    assert!(lb.wait_for_log("backend is unhealthy", Duration::from_secs(1)), "{}", lb.logs());
+    assert!(
+        lb.wait_for_log("backend is unhealthy", Duration::from_secs(1)),
+        "{}",
+        lb.logs()
+    );
     let hits = b.hits();
     for _ in 0..20 {
         assert_eq!(client.get("/").await.unwrap().body, "a");
@@ -51,8 +63,13 @@ async fn unhealthy_backend_is_ejected_and_returns_within_configured_timing() {
     assert_eq!(b.hits(), hits, "an unhealthy backend gets no traffic");
 
     b.set_healthy(true);
-    let back = until_traffic(&mut client, "b", true, 1).await.expect("b returns");
-    assert!(back < Duration::from_millis(1500), "returned after {back:?}");
+    let back = until_traffic(&mut client, "b", true, 1)
+        .await
+        .expect("b returns");
+    assert!(
+        back < Duration::from_millis(1500),
+        "returned after {back:?}"
+    );
     assert!(lb.wait_for_log("backend is healthy", Duration::from_secs(1)));
 }
 
@@ -63,7 +80,11 @@ async fn tcp_check_ejects_a_stopped_backend() {
     let lb = Ballast::start(&config(&[&a, &b], checks));
     b.kill();
     let needle = format!("backend={} reason=connect failed", b.addr);
-    assert!(lb.wait_for_log(&needle, Duration::from_secs(3)), "{}", lb.logs());
+    assert!(
+        lb.wait_for_log(&needle, Duration::from_secs(3)),
+        "{}",
+        lb.logs()
+    );
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     for _ in 0..10 {
         assert_eq!(client.get("/").await.unwrap().body, "a");
@@ -73,7 +94,11 @@ async fn tcp_check_ejects_a_stopped_backend() {
 /// Kills one backend in the middle of a GET loop from several clients, with and without
 /// active checks: retries and passive ejection hide it from every client.
 async fn kill_under_load(health: &str) {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
     let lb = Ballast::start(&config(&[&a, &b, &c], health));
     let addr = lb.addr("web");
     let mut tasks = Vec::new();
@@ -103,15 +128,27 @@ async fn kill_under_load(health: &str) {
         let statuses = t.await.unwrap();
         total += statuses.len();
         let bad: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
-        assert!(bad.is_empty(), "client saw errors {bad:?}; log:\n{}", lb.logs());
+        assert!(
+            bad.is_empty(),
+            "client saw errors {bad:?}; log:\n{}",
+            lb.logs()
+        );
     }
     assert_eq!(total, 600);
-    assert!(a.hits() + c.hits() > hits_at_kill + 100, "traffic went on after the kill");
+    assert!(
+        a.hits() + c.hits() > hits_at_kill + 100,
+        "traffic went on after the kill"
+    );
     let noticed = lb.lines().iter().any(|l| {
         l.contains(&b.addr.to_string())
-            && (l.contains("backend connection failed") || l.contains("backend failed before responding"))
+            && (l.contains("backend connection failed")
+                || l.contains("backend failed before responding"))
     });
-    assert!(noticed, "the kill was noticed (and hidden) by the data path:\n{}", lb.logs());
+    assert!(
+        noticed,
+        "the kill was noticed (and hidden) by the data path:\n{}",
+        lb.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +165,10 @@ async fn killing_a_backend_under_get_load_with_active_checks_shows_no_client_err
 async fn a_refused_connection_ejects_the_backend_before_the_next_check() {
     let a = Backend::start("a").await;
     // A port that refuses: bound, then closed.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let text = format!(
         "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [\"{}\", \"{dead}\"]\n{}",
         a.addr,

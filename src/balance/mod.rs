@@ -83,7 +83,8 @@ impl Pool {
                 }
             })
         };
-        let i = pick(Backend::load_if_available).or_else(|| pick(Backend::load_ignoring_ejection))?;
+        let i =
+            pick(Backend::load_if_available).or_else(|| pick(Backend::load_ignoring_ejection))?;
         Some((i, Lease::new(Arc::clone(&self.backends[i]))))
     }
 }

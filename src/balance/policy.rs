@@ -18,12 +18,18 @@ const SMOOTH_BUILD_LIMIT: usize = 20_000_000;
 #[derive(Debug)]
 enum Schedule {
     /// Backend indices in smooth weighted round-robin order (nginx's algorithm, precomputed).
-    RoundRobin { order: Vec<u32> },
+    RoundRobin {
+        order: Vec<u32>,
+    },
     LeastConn,
     /// Cumulative weights for weighted random draws (power of two choices).
-    Random { cumulative: Vec<u64> },
+    Random {
+        cumulative: Vec<u64>,
+    },
     /// Sorted (point, backend index) ring.
-    Hash { ring: Vec<(u64, u32)> },
+    Hash {
+        ring: Vec<(u64, u32)>,
+    },
 }
 
 #[derive(Debug)]
@@ -292,7 +298,10 @@ mod tests {
                 hits[i] += 1;
             }
         }
-        assert!(hits[1] > 700, "power of two choices should favour the idle backend: {hits:?}");
+        assert!(
+            hits[1] > 700,
+            "power of two choices should favour the idle backend: {hits:?}"
+        );
         assert_eq!(s.pick(None, |_| None), None);
     }
 
@@ -301,8 +310,14 @@ mod tests {
         let n = 5;
         let s = selector(Algorithm::Hash, &vec![1; n]);
         let keys: Vec<u64> = (0..10_000u32).map(|k| hash_key(&k.to_le_bytes())).collect();
-        let before: Vec<usize> = keys.iter().filter_map(|k| s.pick(Some(*k), |_| Some(0))).collect();
-        let again: Vec<usize> = keys.iter().filter_map(|k| s.pick(Some(*k), |_| Some(0))).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .filter_map(|k| s.pick(Some(*k), |_| Some(0)))
+            .collect();
+        let again: Vec<usize> = keys
+            .iter()
+            .filter_map(|k| s.pick(Some(*k), |_| Some(0)))
+            .collect();
         assert_eq!(before, again);
         let after: Vec<usize> = keys
             .iter()
@@ -312,7 +327,10 @@ mod tests {
         let on_removed = before.iter().filter(|b| **b == 2).count();
         assert_eq!(moved, on_removed, "only keys of the removed backend move");
         let share = moved as f64 / keys.len() as f64;
-        assert!((0.12..0.28).contains(&share), "about 1/{n} of keys should move, got {share}");
+        assert!(
+            (0.12..0.28).contains(&share),
+            "about 1/{n} of keys should move, got {share}"
+        );
     }
 
     #[test]

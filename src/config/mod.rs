@@ -286,7 +286,10 @@ impl Validator<'_> {
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
-                self.push(v.span(), format!("{key}: duration must be greater than zero"));
+                self.push(
+                    v.span(),
+                    format!("{key}: duration must be greater than zero"),
+                );
                 default
             }
             Err(e) => {
@@ -333,7 +336,11 @@ impl Validator<'_> {
         let global = Global {
             worker_threads: match &raw.global.worker_threads {
                 Some(n) if *n.get_ref() == 0 => {
-                    self.push(n.span(), "global.worker_threads: must be at least 1 (omit it for one per core)".into());
+                    self.push(
+                        n.span(),
+                        "global.worker_threads: must be at least 1 (omit it for one per core)"
+                            .into(),
+                    );
                     None
                 }
                 Some(n) => Some(*n.get_ref() as usize),
@@ -357,14 +364,19 @@ impl Validator<'_> {
             if !bind.ip().is_loopback() && token.is_none() {
                 self.push(
                     a.bind.span(),
-                    format!("admin.bind: {bind} is not a loopback address, so admin.token is required"),
+                    format!(
+                        "admin.bind: {bind} is not a loopback address, so admin.token is required"
+                    ),
                 );
             }
             Some(AdminConfig { bind, token })
         });
 
-        let pool_names: HashMap<&str, ()> =
-            raw.pools.keys().map(|k| (k.get_ref().as_str(), ())).collect();
+        let pool_names: HashMap<&str, ()> = raw
+            .pools
+            .keys()
+            .map(|k| (k.get_ref().as_str(), ()))
+            .collect();
         let mut pools = Vec::new();
         for (name, p) in &raw.pools {
             pools.extend(self.pool(name, p));
@@ -420,7 +432,10 @@ impl Validator<'_> {
                 Some(v) if *v.get_ref() < defaults::MIN_HEADER_SIZE => {
                     self.push(
                         v.span(),
-                        format!("{key}.max_header_size: must be at least {} bytes", defaults::MIN_HEADER_SIZE),
+                        format!(
+                            "{key}.max_header_size: must be at least {} bytes",
+                            defaults::MIN_HEADER_SIZE
+                        ),
                     );
                     defaults::MAX_HEADER_SIZE
                 }
@@ -535,7 +550,10 @@ impl Validator<'_> {
             if !(1..=defaults::MAX_WEIGHT).contains(&weight) {
                 self.push(
                     b.span(),
-                    format!("{bkey}.weight: must be between 1 and {}", defaults::MAX_WEIGHT),
+                    format!(
+                        "{bkey}.weight: must be between 1 and {}",
+                        defaults::MAX_WEIGHT
+                    ),
                 );
                 continue;
             }
@@ -551,8 +569,16 @@ impl Validator<'_> {
 
         let health_check = p.health_check.as_ref().map(|h| {
             let hkey = format!("{key}.health_check");
-            let interval = self.duration(&h.interval, &format!("{hkey}.interval"), defaults::HEALTH_INTERVAL);
-            let timeout = self.duration(&h.timeout, &format!("{hkey}.timeout"), defaults::HEALTH_TIMEOUT);
+            let interval = self.duration(
+                &h.interval,
+                &format!("{hkey}.interval"),
+                defaults::HEALTH_INTERVAL,
+            );
+            let timeout = self.duration(
+                &h.timeout,
+                &format!("{hkey}.timeout"),
+                defaults::HEALTH_TIMEOUT,
+            );
             let probe = match h.kind {
                 FileProbeKind::Tcp => {
                     for (field, present) in [
@@ -561,7 +587,10 @@ impl Validator<'_> {
                         ("expect_status", h.expect_status.as_ref()),
                     ] {
                         if let Some(v) = present {
-                            self.push(v.span(), format!("{hkey}.{field}: only used with kind = \"http\""));
+                            self.push(
+                                v.span(),
+                                format!("{hkey}.{field}: only used with kind = \"http\""),
+                            );
                         }
                     }
                     Probe::Tcp
@@ -621,16 +650,37 @@ impl Validator<'_> {
             backends,
             health_check,
             passive,
-            connect_timeout: self.duration(&p.connect_timeout, &format!("{key}.connect_timeout"), defaults::CONNECT_TIMEOUT),
-            response_timeout: self.duration(&p.response_timeout, &format!("{key}.response_timeout"), defaults::RESPONSE_TIMEOUT),
-            idle_timeout: self.duration(&p.idle_timeout, &format!("{key}.idle_timeout"), defaults::IDLE_TIMEOUT),
-            drain_timeout: self.duration(&p.drain_timeout, &format!("{key}.drain_timeout"), defaults::DRAIN_TIMEOUT),
-            retries: p.retries.as_ref().map(|r| *r.get_ref()).unwrap_or(defaults::RETRIES),
+            connect_timeout: self.duration(
+                &p.connect_timeout,
+                &format!("{key}.connect_timeout"),
+                defaults::CONNECT_TIMEOUT,
+            ),
+            response_timeout: self.duration(
+                &p.response_timeout,
+                &format!("{key}.response_timeout"),
+                defaults::RESPONSE_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                &p.idle_timeout,
+                &format!("{key}.idle_timeout"),
+                defaults::IDLE_TIMEOUT,
+            ),
+            drain_timeout: self.duration(
+                &p.drain_timeout,
+                &format!("{key}.drain_timeout"),
+                defaults::DRAIN_TIMEOUT,
+            ),
+            retries: p
+                .retries
+                .as_ref()
+                .map(|r| *r.get_ref())
+                .unwrap_or(defaults::RETRIES),
             max_idle_per_backend: p
                 .max_idle_per_backend
                 .as_ref()
                 .map(|r| *r.get_ref())
-                .unwrap_or(defaults::MAX_IDLE_PER_BACKEND) as usize,
+                .unwrap_or(defaults::MAX_IDLE_PER_BACKEND)
+                as usize,
         })
     }
 
@@ -658,7 +708,12 @@ impl Validator<'_> {
 
     fn status_range(&mut self, s: &Text, hkey: &str) -> Range<u16> {
         let text = s.get_ref();
-        let parse = |t: &str| t.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
         let range = match text.split_once('-') {
             Some((a, b)) => parse(a).zip(parse(b)).filter(|(a, b)| a <= b),
             None => parse(text).map(|c| (c, c)),
@@ -715,7 +770,10 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
     #[test]
     fn parses_a_good_file() {
         let c = Config::from_toml_str(GOOD, Path::new("t.toml")).expect("valid");
-        assert_eq!(c.listeners[0].routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
+        assert_eq!(
+            c.listeners[0].routes[0].host,
+            Some(HostMatch::Suffix(".example.com".into()))
+        );
         assert_eq!(c.pools[0].backends[1].weight, 3);
         assert_eq!(c.pools[0].retries, defaults::RETRIES);
     }
@@ -725,10 +783,23 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
         let text = "[listeners.web]\nbind = \"nope\"\npool = \"missing\"\n\n[pools.app]\nbackends = []\nconnect_timeout = \"3 parsecs\"\n";
         let errs = errors(text);
         assert_eq!(errs.len(), 4, "{errs:?}");
-        assert!(errs[0].starts_with("t.toml:2:8: listeners.web.bind: invalid address"), "{errs:?}");
-        assert!(errs[1].starts_with("t.toml:3:8: listeners.web.pool: unknown pool \"missing\""), "{errs:?}");
-        assert!(errs[2].starts_with("t.toml:6:12: pools.app.backends: a pool needs at least one backend"), "{errs:?}");
-        assert!(errs[3].starts_with("t.toml:7:19: pools.app.connect_timeout: invalid duration"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("t.toml:2:8: listeners.web.bind: invalid address"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:3:8: listeners.web.pool: unknown pool \"missing\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2]
+                .starts_with("t.toml:6:12: pools.app.backends: a pool needs at least one backend"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[3].starts_with("t.toml:7:19: pools.app.connect_timeout: invalid duration"),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -69,9 +69,9 @@ impl HealthChecks {
             }
         }
         self.tasks.retain(|key, task| {
-            let keep = wanted.get(key).is_some_and(|(b, check)| {
-                Arc::ptr_eq(b, &task.backend) && *check == task.check
-            });
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(b, check)| Arc::ptr_eq(b, &task.backend) && *check == task.check);
             if !keep {
                 task.handle.abort();
             }
@@ -115,10 +115,18 @@ impl Drop for HealthChecks {
     }
 }
 
-async fn run(pool: Arc<str>, backend: Arc<Backend>, check: HealthCheckConfig, first: oneshot::Sender<()>) {
+async fn run(
+    pool: Arc<str>,
+    backend: Arc<Backend>,
+    check: HealthCheckConfig,
+    first: oneshot::Sender<()>,
+) {
     let mut first = Some(first);
     // First probe soon, spread over a tenth of the interval (at most 100ms).
-    let mut delay = check.interval.min(Duration::from_secs(1)).mul_f64(fastrand::f64() / 10.0);
+    let mut delay = check
+        .interval
+        .min(Duration::from_secs(1))
+        .mul_f64(fastrand::f64() / 10.0);
     loop {
         tokio::time::sleep(delay).await;
         let result = probe(backend.addr, &check).await;
@@ -151,7 +159,9 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), Pr
 }
 
 async fn probe_inner(addr: SocketAddr, probe: &Probe) -> Result<(), ProbeError> {
-    let stream = TcpStream::connect(addr).await.map_err(ProbeError::Connect)?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(ProbeError::Connect)?;
     let Probe::Http {
         path,
         host,
@@ -160,9 +170,10 @@ async fn probe_inner(addr: SocketAddr, probe: &Probe) -> Result<(), ProbeError> 
     else {
         return Ok(());
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(ProbeError::Http)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(ProbeError::Http)?;
     let conn = tokio::spawn(conn);
     let host = match host {
         Some(h) => h.clone(),

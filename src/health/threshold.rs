@@ -125,6 +125,10 @@ mod tests {
         assert_eq!(c.record(false), None);
         assert_eq!(c.record(false), None);
         assert_eq!(c.state(), HealthState::Unhealthy);
-        assert_eq!(c.record(true), None, "after failing, rise passes are needed");
+        assert_eq!(
+            c.record(true),
+            None,
+            "after failing, rise passes are needed"
+        );
     }
 }

@@ -58,7 +58,10 @@ mod tests {
         let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let cases = [
             (ProxyError::NoHealthyBackend { pool: "p".into() }, 503),
-            (ProxyError::Connect(ConnectError::Timeout(Duration::from_secs(1))), 504),
+            (
+                ProxyError::Connect(ConnectError::Timeout(Duration::from_secs(1))),
+                504,
+            ),
             (ProxyError::Connect(ConnectError::Io(io())), 502),
             (ProxyError::ResponseTimeout(Duration::from_secs(1)), 504),
             (ProxyError::ListenerGone, 503),

@@ -99,10 +99,16 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_fields() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-keep", HeaderValue::from_static("yes"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
@@ -113,7 +119,10 @@ mod tests {
     fn appends_to_x_forwarded_for_and_sets_proto_and_host() {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert(header::HOST, HeaderValue::from_static("app.example.com:8080"));
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("app.example.com:8080"),
+        );
         add_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -131,7 +140,10 @@ mod tests {
     #[test]
     fn finds_cookie_values() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; session=abc; b=2"),
+        );
         assert_eq!(cookie(&h, "session"), Some("abc"));
         assert_eq!(cookie(&h, "nope"), None);
     }

@@ -48,7 +48,13 @@ pub async fn handle(
     let Some(router) = snap.routers.get(&*ctx.listener) else {
         return Ok(error_response(&ProxyError::ListenerGone, &ctx, None, None));
     };
-    if req.headers().get_all(http::header::HOST).iter().nth(1).is_some() {
+    if req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
         // Two Host fields make the target ambiguous (RFC 9112 §3.2): refuse, like nginx.
         tracing::debug!(client = %ctx.peer, "rejected request with several Host fields");
         return Ok(plain_response(StatusCode::BAD_REQUEST));
@@ -60,7 +66,9 @@ pub async fn handle(
         .or_else(|| req.uri().host())
         .map(headers::host_without_port);
     let pool = router.route(host, req.uri().path());
-    let key = pool.hash_key().and_then(|k| request_hash(k, &req, ctx.peer));
+    let key = pool
+        .hash_key()
+        .and_then(|k| request_hash(k, &req, ctx.peer));
 
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
@@ -133,7 +141,10 @@ async fn forward(
                 let error = e.into_error();
                 let ejected = backend.record_failure(&cfg.passive);
                 tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %error, ejected, attempt, "backend failed before responding");
-                last_error = Some((ProxyError::Upstream(error), Some(Arc::clone(&backend.label))));
+                last_error = Some((
+                    ProxyError::Upstream(error),
+                    Some(Arc::clone(&backend.label)),
+                ));
                 req = match (message, &resend) {
                     (Some(m), _) => m,
                     (None, Some(p)) => Request::from_parts(p.clone(), Either::Right(Empty::new())),
@@ -219,7 +230,9 @@ fn request_hash(key: &HashKey, req: &Request<Incoming>, peer: SocketAddr) -> Opt
         }),
         HashKey::Path => Some(hash_key(req.uri().path().as_bytes())),
         HashKey::Header(name) => req.headers().get(name).map(|v| hash_key(v.as_bytes())),
-        HashKey::Cookie(name) => headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes()))
+        }
     }
 }
 

@@ -48,7 +48,9 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         Self::serve(name, listener)
     }
 
@@ -70,7 +72,9 @@ impl Backend {
         let conns2 = conns.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = state.clone();
                 let task = tokio::spawn(async move {
                     let svc = service_fn(move |req| respond(req, state.clone()));
@@ -251,7 +255,10 @@ impl Ballast {
         for line in b.lines() {
             if line.contains("listener bound") {
                 let name = field(&line, "listener").expect("listener field");
-                let addr = field(&line, "addr").expect("addr field").parse().expect("addr");
+                let addr = field(&line, "addr")
+                    .expect("addr field")
+                    .parse()
+                    .expect("addr");
                 b.addrs.insert(name, addr);
             }
         }
@@ -295,7 +302,8 @@ impl Ballast {
             if now >= deadline {
                 return false;
             }
-            guard = tokio::task::block_in_place(|| cv.wait_timeout(guard, deadline - now).unwrap().0);
+            guard =
+                tokio::task::block_in_place(|| cv.wait_timeout(guard, deadline - now).unwrap().0);
         }
     }
 
@@ -381,11 +389,19 @@ impl Client {
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Reply, hyper::Error> {
-        self.request(http::Request::get(path).header("host", "test.local").body(Full::default()).unwrap())
-            .await
+        self.request(
+            http::Request::get(path)
+                .header("host", "test.local")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
     }
 
-    pub async fn request(&mut self, req: http::Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+    pub async fn request(
+        &mut self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<Reply, hyper::Error> {
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         let (parts, body) = resp.into_parts();
@@ -422,7 +438,10 @@ pub fn empty() -> Empty<Bytes> {
 }
 
 /// Polls `cond` every 20ms until it holds or `timeout` passes; returns the time it took.
-pub async fn eventually(timeout: Duration, mut cond: impl AsyncFnMut() -> bool) -> Option<Duration> {
+pub async fn eventually(
+    timeout: Duration,
+    mut cond: impl AsyncFnMut() -> bool,
+) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if cond().await {

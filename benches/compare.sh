@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Load comparison: ballast vs HAProxy vs nginx as round-robin HTTP/1.1 reverse proxies,
+# each with one worker thread, in front of the same three backends, in one run.
+#
+#   bash benches/compare.sh            # 3 rounds x 10 s per proxy
+#   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
+#
+# Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
+# The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
+# the proxy is what saturates. Prints requests/s, p50/p99 latency and the proxy's CPU time
+# per request (user+system from /proc), as the median over the rounds, and ratios to HAProxy.
+# Everything listens on 127.0.0.1 only; every process started here is stopped by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+BASE_PORT=${BASE_PORT:-18500}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need haproxy || ! need nginx || ! need wrk; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk >/dev/null
+fi
+cargo build --release --quiet
+BALLAST=target/release/ballast
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+b1=$((BASE_PORT+1)); b2=$((BASE_PORT+2)); b3=$((BASE_PORT+3)); lb=$((BASE_PORT+10))
+
+# --- backends: one nginx worker, three ports, a small fixed answer -----------------------
+cat > "$work/backends.conf" <<CONF
+worker_processes 1; daemon off; error_log $work/backends.err; pid $work/backends.pid;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$b1; location / { return 200 "backend-1\n"; } }
+  server { listen 127.0.0.1:$b2; location / { return 200 "backend-2\n"; } }
+  server { listen 127.0.0.1:$b3; location / { return 200 "backend-3\n"; } } }
+CONF
+taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
+
+# --- the three proxies -------------------------------------------------------------------
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 3s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend web
+  bind 127.0.0.1:$lb
+  default_backend app
+backend app
+  balance roundrobin
+  http-reuse always
+  server b1 127.0.0.1:$b1
+  server b2 127.0.0.1:$b2
+  server b3 127.0.0.1:$b3
+CONF
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1; daemon off; error_log $work/nginx.err; pid $work/nginx.pid;
+events { worker_connections 10000; }
+http { access_log off; keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$b1; server 127.0.0.1:$b2; server 127.0.0.1:$b3; keepalive 128; }
+  server { listen 127.0.0.1:$lb;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
+CONF
+cat > "$work/ballast.toml" <<CONF
+[global]
+worker_threads = 1
+[listeners.web]
+bind = "127.0.0.1:$lb"
+pool = "app"
+[pools.app]
+algorithm = "round_robin"
+backends = ["127.0.0.1:$b1", "127.0.0.1:$b2", "127.0.0.1:$b3"]
+CONF
+
+wait_port() { for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; return 1; }
+wait_port $b1
+
+# CPU ticks (user+system) of a process and its children threads.
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+
+start_proxy() {
+  case $1 in
+    ballast) taskset -c 0 "$BALLAST" --config "$work/ballast.toml" --log warn & ;;
+    haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
+    nginx)   taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
+  esac
+  proxy_pid=$!
+  pids+=($proxy_pid)
+  wait_port $lb
+}
+# The process doing the work: nginx's worker is the master's child.
+worker_pid() {
+  if [ "$1" = nginx ]; then pgrep -P "$proxy_pid" | head -1; else echo "$proxy_pid"; fi
+}
+stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
+
+hz=$(getconf CLK_TCK)
+results="$work/results"
+: > "$results"
+for round in $(seq 1 "$ROUNDS"); do
+  for proxy in ballast haproxy nginx; do
+    start_proxy $proxy
+    wpid=$(worker_pid $proxy)
+    taskset -c 1 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
+    t0=$(cpu_ticks "$wpid")
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$lb/")
+    t1=$(cpu_ticks "$wpid")
+    stop_proxy
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+    cpu_us=$(awk -v d=$((t1-t0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
+    echo "$proxy $round $rps $p50 $p99 $cpu_us" >> "$results"
+    printf 'round %s %-8s %10s req/s  p50 %-8s p99 %-8s cpu/req %6s us %s\n' "$round" "$proxy" "$rps" "$p50" "$p99" "$cpu_us" "$errors"
+  done
+done
+
+python3 - "$results" <<'PY'
+import statistics, sys
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+    return float(v)
+rows = {}
+for line in open(sys.argv[1]):
+    p, _, rps, p50, p99, cpu = line.split()
+    r = rows.setdefault(p, {"rps": [], "p50": [], "p99": [], "cpu": []})
+    r["rps"].append(float(rps)); r["p50"].append(ms(p50)); r["p99"].append(ms(p99)); r["cpu"].append(float(cpu))
+med = {p: {k: statistics.median(v) for k, v in r.items()} for p, r in rows.items()}
+h = med["haproxy"]
+print(f"\nmedian of {len(rows['haproxy']['rps'])} rounds; ratio = proxy / haproxy (req/s: higher is better; latency, cpu: lower is better)")
+print(f"{'proxy':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
+for p in ("ballast", "haproxy", "nginx"):
+    m = med[p]
+    print(f"{p:8} {m['rps']:10.0f} {m['p50']:8.3f} {m['p99']:8.3f} {m['cpu']:10.2f} | "
+          f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f}")
+PY
