@@ -22,7 +22,11 @@ fn pool_config(algorithm: &str, n: usize) -> Config {
             )
         })
         .collect();
-    let key = if algorithm == "hash" { "hash_key = \"client_ip\"\n" } else { "" };
+    let key = if algorithm == "hash" {
+        "hash_key = \"client_ip\"\n"
+    } else {
+        ""
+    };
     let text = format!(
         "[listeners.l]\nbind = \"127.0.0.1:0\"\npool = \"p\"\n[pools.p]\nalgorithm = \"{algorithm}\"\n{key}backends = [{}]\n",
         backends.join(",")

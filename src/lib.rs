@@ -13,12 +13,15 @@
 //! - `health`: probe tasks, reconciled against each new snapshot.
 //! - `proxy`: header rules, error mapping, the HTTP forwarding path.
 //! - `listener`: accept loops and per-connection limits.
-//! - `app`: the composition root; reload and graceful shutdown.
+//! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
+//! - `systemd`: sd_notify readiness, reload and watchdog messages.
+//! - `app`: the composition root and control plane: reload, drain, graceful shutdown.
 //! - `demo`: built-in backends for `ballast demo`.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
@@ -27,4 +30,5 @@ pub mod health;
 pub mod listener;
 pub mod proxy;
 pub mod state;
+pub mod systemd;
 pub mod upstream;

@@ -35,12 +35,16 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts connections on `listener` until `shutdown` fires. Connection tasks are spawned
-/// on `tracker`; on shutdown they are asked to finish their current request and close.
+/// Accepts connections on `listener` until `stop_accepting` fires. Connection tasks are
+/// spawned on `tracker`; when `shutdown` fires they finish their current request, answer
+/// it with `Connection: close`, and close. The two tokens differ when a reload changes a
+/// listener's settings: the old loop stops accepting, a new one takes over the same socket,
+/// and the old loop's connections carry on.
 pub async fn run(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     config: ListenerConfig,
     live: Live,
+    stop_accepting: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -57,14 +61,14 @@ pub async fn run(
     }
     loop {
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop_accepting.cancelled() => break,
             p = Arc::clone(&limit).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop_accepting.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

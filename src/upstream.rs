@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// Request bodies sent upstream: the client's streamed body, or nothing (which can be
 /// re-sent on a retry).
@@ -49,7 +50,14 @@ pub struct ConnPool {
 
 impl ConnPool {
     /// An idle connection that is still open, or a new one.
-    pub async fn get(&self, addr: SocketAddr, s: &ConnSettings) -> Result<Sender, ConnectError> {
+    /// `cut` gives the token that ends a new connection when fired (a drain timeout),
+    /// mid-request or not; it is only called when a connection is opened.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        s: &ConnSettings,
+        cut: impl FnOnce() -> CancellationToken,
+    ) -> Result<Sender, ConnectError> {
         while let Some(mut sender) = self.pop(s.idle_timeout) {
             // A connection goes back to the pool as its response body ends; hyper may need a
             // moment to settle it into idle. `ready` is immediate for a healthy idle one and
@@ -61,7 +69,7 @@ impl ConnPool {
                 return Ok(sender);
             }
         }
-        connect(addr, s.connect_timeout).await
+        connect(addr, s.connect_timeout, cut()).await
     }
 
     fn pop(&self, idle_timeout: Duration) -> Option<Sender> {
@@ -107,7 +115,11 @@ impl ConnPool {
 }
 
 /// Opens a fresh HTTP/1.1 connection to `addr`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    cut: CancellationToken,
+) -> Result<Sender, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -119,8 +131,13 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Conn
         .await
         .map_err(ConnectError::Handshake)?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
+        tokio::select! {
+            r = conn.with_upgrades() => if let Err(e) = r {
+                tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
+            },
+            _ = cut.cancelled() => {
+                tracing::debug!(backend = %addr, "upstream connection cut");
+            }
         }
     });
     Ok(sender)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::config::PassiveConfig;
 use crate::health::threshold::{HealthCounter, HealthState, Transition};
 use crate::upstream::ConnPool;
+use tokio_util::sync::CancellationToken;
 
 /// What the admin status reports for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,6 +47,9 @@ pub struct Backend {
     health: Mutex<HealthCounter>,
     /// Idle keep-alive connections to this backend.
     pub conns: ConnPool,
+    /// Fired to cut every open connection to this backend (drain timeout); replaced by a
+    /// fresh token afterwards so later connections are not born cut.
+    cut: Mutex<CancellationToken>,
 }
 
 impl Backend {
@@ -62,6 +66,7 @@ impl Backend {
             failures_total: AtomicU64::new(0),
             health: Mutex::new(HealthCounter::new(1, 1, initial)),
             conns: ConnPool::default(),
+            cut: Mutex::new(CancellationToken::new()),
         }
     }
 
@@ -110,6 +115,18 @@ impl Backend {
         if draining {
             self.conns.clear();
         }
+    }
+
+    /// The token new upstream connections watch.
+    pub fn cut_token(&self) -> CancellationToken {
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Closes every connection to this backend now, in flight or idle.
+    pub fn cut_connections(&self) {
+        self.conns.clear();
+        let old = std::mem::take(&mut *self.cut.lock().unwrap_or_else(|p| p.into_inner()));
+        old.cancel();
     }
 
     pub fn state(&self) -> BackendState {

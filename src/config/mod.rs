@@ -8,6 +8,7 @@
 //! that nothing changed.
 
 mod file;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -108,7 +109,8 @@ impl HostMatch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     RoundRobin,
     LeastConn,

@@ -122,7 +122,11 @@ async fn forward(
         };
         tried[attempt] = idx;
         let backend = Arc::clone(lease.backend());
-        let mut sender = match backend.conns.get(backend.addr, &settings).await {
+        let mut sender = match backend
+            .conns
+            .get(backend.addr, &settings, || backend.cut_token())
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);

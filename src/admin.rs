@@ -1,0 +1,160 @@
+//! The admin endpoint: status, readiness, reload and per-backend drain controls.
+//!
+//! - `GET /status`: JSON with every pool's backends (state, in-flight, counters) and the
+//!   last reload's result.
+//! - `GET /ready`: 200 while serving, 503 from the moment shutdown begins, so an outer
+//!   balancer stops sending first.
+//! - `POST /reload`: re-read the config file (same path as SIGHUP and file edits).
+//! - `POST /pools/{pool}/backends/{address}/drain` and `.../enable`.
+//!
+//! When a token is configured every request must carry `Authorization: Bearer <token>`.
+//! It reads the daemon's state and calls its control methods; it never touches `Live`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::app::Daemon;
+
+/// Serves the admin API on `listener` for the life of the process: it stays up while
+/// connections drain at shutdown, so `/ready` can say 503.
+pub async fn run(listener: TcpListener, token: Option<String>, daemon: Arc<Daemon>) {
+    let token: Option<Arc<str>> = token.map(Into::into);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = Arc::clone(&daemon);
+        let token = token.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let daemon = Arc::clone(&daemon);
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(handle(req, &daemon, token.as_deref()).await) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    daemon: &Daemon,
+    token: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if let Some(token) = token {
+        let presented = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "missing or wrong bearer token"}),
+            );
+        }
+    }
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["status"]) => reply(StatusCode::OK, status(daemon)),
+        (&Method::GET, ["ready"]) => {
+            if daemon.is_shutting_down() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false}))
+            } else {
+                reply(StatusCode::OK, json!({"ready": true}))
+            }
+        }
+        (&Method::POST, ["reload"]) => match daemon.reload().await {
+            Ok(changed) => reply(
+                StatusCode::OK,
+                json!({"result": if changed { "applied" } else { "unchanged" }}),
+            ),
+            Err(e) => reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"result": "rejected", "error": e.to_string()}),
+            ),
+        },
+        (&Method::POST, ["pools", pool, "backends", address, action @ ("drain" | "enable")]) => {
+            match daemon.set_draining(pool, address, *action == "drain") {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    json!({"pool": pool, "backend": address, "draining": *action == "drain"}),
+                ),
+                Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
+            }
+        }
+        (_, ["status" | "ready"]) | (_, ["reload"]) | (_, ["pools", _, "backends", _, _]) => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method not allowed"}),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+}
+
+fn status(daemon: &Daemon) -> serde_json::Value {
+    let snap = daemon.live.load_full();
+    let mut pools = serde_json::Map::new();
+    let mut names: Vec<_> = snap.pools.keys().collect();
+    names.sort();
+    for name in names {
+        let pool = &snap.pools[name];
+        let backends: Vec<_> = pool
+            .backends
+            .iter()
+            .zip(&pool.config.backends)
+            .map(|(b, cfg)| {
+                json!({
+                    "address": &*b.label,
+                    "state": b.state(),
+                    "weight": cfg.weight,
+                    "in_flight": b.in_flight(),
+                    "requests_total": b.requests_total(),
+                    "failures_total": b.failures_total(),
+                    "idle_connections": b.conns.idle_count(),
+                })
+            })
+            .collect();
+        pools.insert(
+            name.to_string(),
+            json!({"algorithm": pool.config.algorithm, "backends": backends}),
+        );
+    }
+    json!({
+        "generation": snap.generation,
+        "ready": !daemon.is_shutting_down(),
+        "pools": pools,
+        "reload": daemon.reload_status(),
+    })
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Compares without an early exit, so response timing says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
