@@ -451,3 +451,79 @@ pub async fn eventually(
     }
     None
 }
+
+/// How a test saves a new version of the config file, like the tools operators use.
+#[derive(Debug, Clone, Copy)]
+pub enum Save {
+    /// Truncate and write the same inode (shell `>`).
+    InPlace,
+    /// Write a temporary file and rename it over (editors, `sed -i`).
+    Rename,
+    /// Kubernetes ConfigMap style: `ballast.toml -> ..data/ballast.toml`, and `..data` is a
+    /// symlink swapped atomically to a new directory.
+    SymlinkSwap,
+}
+
+impl Ballast {
+    /// Saves `text` as the new config with `how`.
+    pub fn save_config(&self, text: &str, how: Save) {
+        let dir = self.dir.path();
+        match how {
+            Save::InPlace => std::fs::write(&self.config_path, text).unwrap(),
+            Save::Rename => {
+                let tmp = dir.join(".ballast.toml.swp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &self.config_path).unwrap();
+            }
+            Save::SymlinkSwap => {
+                use std::sync::atomic::AtomicU32;
+                static N: AtomicU32 = AtomicU32::new(0);
+                let version = format!("..v{}", N.fetch_add(1, Ordering::SeqCst));
+                std::fs::create_dir(dir.join(&version)).unwrap();
+                std::fs::write(dir.join(&version).join("ballast.toml"), text).unwrap();
+                let tmp = dir.join("..data_tmp");
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(&version, &tmp).unwrap();
+                std::fs::rename(&tmp, dir.join("..data")).unwrap();
+                // First swap: point the config path at ..data (itself a rename over it).
+                let meta = std::fs::symlink_metadata(&self.config_path).unwrap();
+                if !meta.file_type().is_symlink() {
+                    let link = dir.join(".ballast.toml.link");
+                    std::os::unix::fs::symlink("..data/ballast.toml", &link).unwrap();
+                    std::fs::rename(&link, &self.config_path).unwrap();
+                }
+            }
+        }
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.addr("admin")
+    }
+}
+
+/// An admin API call; returns (status, parsed JSON body).
+pub async fn admin_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut c = Client::connect(addr).await.expect("connect to admin");
+    let mut req = http::Request::builder().method(method).uri(path).header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let r = c.request(req.body(Full::default()).unwrap()).await.expect("admin request");
+    let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null);
+    (r.status, v)
+}
+
+/// State of `address` in `pool` according to `/status`.
+pub async fn backend_state(admin: SocketAddr, pool: &str, address: SocketAddr) -> String {
+    let (_, v) = admin_call(admin, "GET", "/status", None).await;
+    v["pools"][pool]["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == address.to_string()))
+        .map(|b| b["state"].as_str().unwrap_or("").to_string())
+        .unwrap_or_else(|| "absent".into())
+}
