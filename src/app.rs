@@ -473,6 +473,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     systemd::stopping();
     tracing::info!(timeout = ?shutdown_timeout, "shutting down: finishing in-flight requests");
     shutdown.cancel();
+    // Close the listening sockets so new connections are refused, not left in the backlog.
+    daemon.control.lock().await.listeners.clear();
     daemon.tracker.close();
     tokio::select! {
         _ = daemon.tracker.wait() => tracing::info!("all connections closed"),

@@ -40,10 +40,17 @@ pub fn status(text: &str) {
 }
 
 /// Half the watchdog period when systemd asked for pings (`WATCHDOG_USEC`), else `None`.
+/// As sd_watchdog_enabled(3): a `WATCHDOG_PID` that names another process means the
+/// watchdog is not ours; an absent one means it is.
 pub fn watchdog_interval() -> Option<Duration> {
     std::env::var_os("NOTIFY_SOCKET")?;
-    let mut usec = 0u64;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Pings the watchdog forever at `every`. It runs on the same runtime as the proxy, so a

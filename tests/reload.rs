@@ -16,7 +16,11 @@ fn cfg(algorithm: &str, backends: &[(&Backend, u32)], extra: &str) -> String {
         .iter()
         .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
         .collect();
-    let key = if algorithm == "hash" { "hash_key = \"header:x-user\"\n" } else { "" };
+    let key = if algorithm == "hash" {
+        "hash_key = \"header:x-user\"\n"
+    } else {
+        ""
+    };
     format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nalgorithm = \"{algorithm}\"\n{key}backends = [{}]\n{extra}\n",
         list.join(", ")
@@ -76,7 +80,11 @@ async fn reload_storm_under_traffic_drops_nothing_and_ends_on_the_final_split() 
             .filter(|(k, _)| (i + k) % 3 != 0)
             .map(|(k, b)| (b, 1 + ((i + k) % 3) as u32))
             .collect();
-        let text = cfg(algorithms[i % 4], &set, &format!("response_timeout = \"{}s\"", 30 + i));
+        let text = cfg(
+            algorithms[i % 4],
+            &set,
+            &format!("response_timeout = \"{}s\"", 30 + i),
+        );
         let how = [Save::InPlace, Save::SymlinkSwap, Save::Rename][i % 3];
         lb.save_config(&text, how);
         assert!(
@@ -92,9 +100,17 @@ async fn reload_storm_under_traffic_drops_nothing_and_ends_on_the_final_split() 
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         let failures = c.await.unwrap();
-        assert!(failures.is_empty(), "failed requests during the storm: {failures:?}\n{}", lb.logs());
+        assert!(
+            failures.is_empty(),
+            "failed requests during the storm: {failures:?}\n{}",
+            lb.logs()
+        );
     }
-    assert!(sent.load(Ordering::SeqCst) > 300, "traffic flowed during {:?}", started.elapsed());
+    assert!(
+        sent.load(Ordering::SeqCst) > 300,
+        "traffic flowed during {:?}",
+        started.elapsed()
+    );
 
     let before: Vec<usize> = bs.iter().map(|b| b.hits()).collect();
     let mut client = Client::connect(addr).await.unwrap();
@@ -102,7 +118,11 @@ async fn reload_storm_under_traffic_drops_nothing_and_ends_on_the_final_split() 
         assert_eq!(client.get("/").await.unwrap().status, 200);
     }
     let split: Vec<usize> = bs.iter().zip(&before).map(|(b, n)| b.hits() - n).collect();
-    assert_eq!(split, [10, 0, 20, 10], "final traffic split follows the final file");
+    assert_eq!(
+        split,
+        [10, 0, 20, 10],
+        "final traffic split follows the final file"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,14 +133,33 @@ async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     assert_eq!(client.get("/").await.unwrap().body, "a");
 
-    let bad = cfg("round_robin", &[(&a, 1), (&b, 1)], "connect_timeout = \"soon\"");
+    let bad = cfg(
+        "round_robin",
+        &[(&a, 1), (&b, 1)],
+        "connect_timeout = \"soon\"",
+    );
     lb.save_config(&bad, Save::Rename);
-    assert!(lb.wait_for_log("reload rejected", Duration::from_secs(5)), "{}", lb.logs());
-    let line = lb.lines().into_iter().find(|l| l.contains("reload rejected")).unwrap();
-    assert!(line.contains("ballast.toml:11:19: pools.app.connect_timeout: invalid duration"), "{line}");
+    assert!(
+        lb.wait_for_log("reload rejected", Duration::from_secs(5)),
+        "{}",
+        lb.logs()
+    );
+    let line = lb
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("reload rejected"))
+        .unwrap();
+    assert!(
+        line.contains("ballast.toml:11:19: pools.app.connect_timeout: invalid duration"),
+        "{line}"
+    );
     for _ in 0..10 {
         let r = client.get("/").await.unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "a"), "still the old config");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "a"),
+            "still the old config"
+        );
     }
     let (_, status) = admin_call(lb.admin(), "GET", "/status", None).await;
     assert_eq!(status["reload"]["last"]["result"], "rejected");
@@ -151,24 +190,40 @@ async fn a_saved_edit_serves_in_under_a_second() {
         }
     }
     let took = took.expect("the new config was never served");
-    assert!(took < Duration::from_secs(1), "file write to new config serving took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "file write to new config serving took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_health_state_and_new_backends_wait_for_their_first_check() {
-    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let (a, b, c) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
     b.set_healthy(false);
     let lb = Ballast::start(&cfg("round_robin", &[(&a, 1), (&b, 1)], CHECKS));
     let admin = lb.admin();
-    support::eventually(Duration::from_secs(5), async || backend_state(admin, "app", b.addr).await == "unhealthy")
-        .await
-        .expect("b unhealthy");
+    support::eventually(Duration::from_secs(5), async || {
+        backend_state(admin, "app", b.addr).await == "unhealthy"
+    })
+    .await
+    .expect("b unhealthy");
 
     c.set_healthy(false);
-    lb.save_config(&cfg("round_robin", &[(&a, 1), (&b, 1), (&c, 1)], CHECKS), Save::Rename);
+    lb.save_config(
+        &cfg("round_robin", &[(&a, 1), (&b, 1), (&c, 1)], CHECKS),
+        Save::Rename,
+    );
     assert!(lb.wait_for_log("config reloaded", Duration::from_secs(5)));
     assert_eq!(backend_state(admin, "app", a.addr).await, "healthy");
-    assert_eq!(backend_state(admin, "app", b.addr).await, "unhealthy", "health survives a reload");
+    assert_eq!(
+        backend_state(admin, "app", b.addr).await,
+        "unhealthy",
+        "health survives a reload"
+    );
     assert!(lb.logs().contains("changes=+app/"), "{}", lb.logs());
     // c has not passed a check: no traffic.
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
@@ -176,9 +231,11 @@ async fn reload_keeps_health_state_and_new_backends_wait_for_their_first_check()
         assert_eq!(client.get("/").await.unwrap().body, "a");
     }
     c.set_healthy(true);
-    support::eventually(Duration::from_secs(5), async || backend_state(admin, "app", c.addr).await == "healthy")
-        .await
-        .expect("c healthy after its first passing check");
+    support::eventually(Duration::from_secs(5), async || {
+        backend_state(admin, "app", c.addr).await == "healthy"
+    })
+    .await
+    .expect("c healthy after its first passing check");
     assert_eq!(b.hits(), 0);
 
     // Saving the same content again changes nothing.
@@ -195,8 +252,16 @@ async fn listeners_are_bound_and_closed_by_reload_and_a_failed_bind_changes_noth
     let lb = Ballast::start(&base);
     let with_api = format!("{base}\n[listeners.api]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n");
     lb.save_config(&with_api, Save::Rename);
-    assert!(lb.wait_for_log("listener bound listener=api", Duration::from_secs(5)), "{}", lb.logs());
-    let line = lb.lines().into_iter().find(|l| l.contains("listener bound listener=api")).unwrap();
+    assert!(
+        lb.wait_for_log("listener bound listener=api", Duration::from_secs(5)),
+        "{}",
+        lb.logs()
+    );
+    let line = lb
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("listener bound listener=api"))
+        .unwrap();
     let api: std::net::SocketAddr = line.rsplit("addr=").next().unwrap().trim().parse().unwrap();
     assert_eq!(support::get(api, "/").await.body, "a");
 
@@ -206,15 +271,27 @@ async fn listeners_are_bound_and_closed_by_reload_and_a_failed_bind_changes_noth
         tokio::net::TcpStream::connect(api).await.is_err()
     })
     .await;
-    assert!(refused.is_some(), "the removed listener's port still accepts");
+    assert!(
+        refused.is_some(),
+        "the removed listener's port still accepts"
+    );
 
     // A port that is taken: the reload is rejected and the old config stays.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap();
-    lb.save_config(&format!("{base}\n[listeners.api]\nbind = \"{port}\"\npool = \"app\"\n"), Save::Rename);
+    lb.save_config(
+        &format!("{base}\n[listeners.api]\nbind = \"{port}\"\npool = \"app\"\n"),
+        Save::Rename,
+    );
     assert!(lb.wait_for_log("reload rejected", Duration::from_secs(5)));
     let (_, status) = admin_call(lb.admin(), "GET", "/status", None).await;
-    assert!(status["reload"]["last"]["error"].as_str().unwrap().contains("cannot bind"), "{status}");
+    assert!(
+        status["reload"]["last"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot bind"),
+        "{status}"
+    );
     assert_eq!(status["generation"], 3);
     assert_eq!(support::get(lb.addr("web"), "/").await.body, "a");
 }

@@ -50,6 +50,8 @@ pub struct Backend {
     /// Fired to cut every open connection to this backend (drain timeout); replaced by a
     /// fresh token afterwards so later connections are not born cut.
     cut: Mutex<CancellationToken>,
+    /// Bumped by every cut, so the data path can tell our cut from a backend failure.
+    cuts: AtomicU64,
 }
 
 impl Backend {
@@ -67,6 +69,7 @@ impl Backend {
             health: Mutex::new(HealthCounter::new(1, 1, initial)),
             conns: ConnPool::default(),
             cut: Mutex::new(CancellationToken::new()),
+            cuts: AtomicU64::new(0),
         }
     }
 
@@ -117,6 +120,11 @@ impl Backend {
         }
     }
 
+    /// How many times connections were cut; compare before and after a request.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::Relaxed)
+    }
+
     /// The token new upstream connections watch.
     pub fn cut_token(&self) -> CancellationToken {
         self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -124,6 +132,7 @@ impl Backend {
 
     /// Closes every connection to this backend now, in flight or idle.
     pub fn cut_connections(&self) {
+        self.cuts.fetch_add(1, Ordering::Relaxed);
         self.conns.clear();
         let old = std::mem::take(&mut *self.cut.lock().unwrap_or_else(|p| p.into_inner()));
         old.cancel();

@@ -19,6 +19,8 @@ pub enum ProxyError {
     ResponseTimeout(Duration),
     #[error("listener was removed by a reload")]
     ListenerGone,
+    #[error("backend was drained and its drain timeout cut the request")]
+    DrainCut,
 }
 
 impl ProxyError {
@@ -32,6 +34,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::DrainCut => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -45,6 +48,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "upstream_failed",
             ProxyError::ResponseTimeout(_) => "response_timeout",
             ProxyError::ListenerGone => "listener_gone",
+            ProxyError::DrainCut => "drain_timeout",
         }
     }
 }
@@ -65,6 +69,7 @@ mod tests {
             (ProxyError::Connect(ConnectError::Io(io())), 502),
             (ProxyError::ResponseTimeout(Duration::from_secs(1)), 504),
             (ProxyError::ListenerGone, 503),
+            (ProxyError::DrainCut, 502),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

@@ -135,10 +135,15 @@ async fn forward(
                 continue;
             }
         };
+        let cuts = backend.cuts();
         match tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await {
             Ok(Ok(resp)) => {
                 backend.record_success();
                 return Ok(upstream_response(resp, lease, sender, settings));
+            }
+            Ok(Err(_)) if backend.cuts() != cuts => {
+                // Our own drain timeout ended it; the work may have run, don't resend it.
+                return Err((ProxyError::DrainCut, Some(Arc::clone(&backend.label))));
             }
             Ok(Err(mut e)) => {
                 let message = e.take_message();

@@ -509,11 +509,17 @@ pub async fn admin_call(
     token: Option<&str>,
 ) -> (u16, serde_json::Value) {
     let mut c = Client::connect(addr).await.expect("connect to admin");
-    let mut req = http::Request::builder().method(method).uri(path).header("host", "admin");
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let r = c.request(req.body(Full::default()).unwrap()).await.expect("admin request");
+    let r = c
+        .request(req.body(Full::default()).unwrap())
+        .await
+        .expect("admin request");
     let v = serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null);
     (r.status, v)
 }

@@ -1,0 +1,234 @@
+//! Process lifecycle: graceful shutdown, sd_notify, the systemd unit, admin token rules.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{admin_call, get, Backend, Ballast, Client};
+
+fn cfg(backends: &[&Backend], admin: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    format!(
+        "{admin}\n[global]\nshutdown_timeout = \"10s\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
+    let a = Backend::start("a").await;
+    let mut lb = Ballast::start(&cfg(&[&a], ADMIN));
+    let addr = lb.addr("web");
+    let admin = lb.admin();
+    assert_eq!(admin_call(admin, "GET", "/ready", None).await.0, 200);
+
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        slow.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            let r = c.get("/slow/1500").await.unwrap();
+            (
+                r.status,
+                r.headers
+                    .get("connection")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            )
+        }));
+    }
+    support::eventually(Duration::from_secs(5), async || a.in_flight() == 3)
+        .await
+        .expect("slow requests in flight");
+    let mut idle = Client::connect(addr).await.unwrap();
+    assert_eq!(idle.get("/").await.unwrap().status, 200);
+
+    lb.signal("TERM");
+    assert!(lb.wait_for_log("shutting down", Duration::from_secs(5)));
+    assert_eq!(
+        admin_call(admin, "GET", "/ready", None).await.0,
+        503,
+        "not ready while draining"
+    );
+    let refused = support::eventually(Duration::from_secs(5), async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "new connections are refused during shutdown"
+    );
+    assert!(
+        idle.get("/").await.is_err(),
+        "an idle keep-alive connection is closed"
+    );
+
+    for s in slow {
+        let (status, connection) = s.await.unwrap();
+        assert_eq!(status, 200, "in-flight requests complete");
+        assert_eq!(
+            connection.as_deref(),
+            Some("close"),
+            "keep-alive clients are told to close"
+        );
+    }
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        lb.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let a = Backend::start("a").await;
+    let mut lb = Ballast::start(&cfg(&[&a], ""));
+    let addr = lb.addr("web");
+    let slow =
+        tokio::spawn(async move { Client::connect(addr).await.unwrap().get("/slow/8000").await });
+    support::eventually(Duration::from_secs(5), async || a.in_flight() == 1)
+        .await
+        .unwrap();
+    lb.signal("TERM");
+    assert!(lb.wait_for_log("shutting down", Duration::from_secs(5)));
+    let start = Instant::now();
+    lb.signal("INT");
+    assert!(lb.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(slow.await.unwrap().is_err(), "the cut request fails");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_sequence_ready_reloading_ready_stopping() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut lb = Ballast::start_with(
+        &cfg(&[&a], ""),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut next = async || {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+            .await
+            .expect("a notify message")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Skip watchdog pings, but check that they come.
+    let mut wait_for = async |prefix: &str, seen: &mut Vec<String>| loop {
+        let m = next().await;
+        seen.push(m.clone());
+        if m.starts_with(prefix) {
+            return m;
+        }
+        assert!(
+            m.starts_with("WATCHDOG=1"),
+            "unexpected message {m:?} while waiting for {prefix}"
+        );
+    };
+    let ready = wait_for("READY=1", &mut seen).await;
+    assert!(ready.contains("STATUS="), "{ready}");
+    lb.signal("HUP");
+    let reloading = wait_for("RELOADING=1", &mut seen).await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    wait_for("READY=1", &mut seen).await;
+    wait_for("WATCHDOG=1", &mut seen).await;
+    lb.signal("TERM");
+    wait_for("STOPPING=1", &mut seen).await;
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), Some(0));
+    let order: Vec<&str> = seen
+        .iter()
+        .filter(|m| !m.starts_with("WATCHDOG"))
+        .map(|m| m.lines().next().unwrap())
+        .collect();
+    assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    // The unit names the installed paths; point them at this build so verify can check the
+    // executable too.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/systemd/ballast.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit.replace("/usr/local/bin/ballast", support::ballast_bin());
+    let path = dir.path().join("ballast.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) must be installed: .ci/run installs it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_on_a_non_loopback_bind_requires_the_token() {
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(&cfg(
+        &[&a],
+        "[admin]\nbind = \"0.0.0.0:0\"\ntoken = \"s3cret\"\n",
+    ));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], lb.admin().port()));
+    assert_eq!(admin_call(admin, "GET", "/status", None).await.0, 401);
+    assert_eq!(
+        admin_call(admin, "GET", "/status", Some("wrong")).await.0,
+        401
+    );
+    assert_eq!(admin_call(admin, "POST", "/reload", None).await.0, 401);
+    let (code, status) = admin_call(admin, "GET", "/status", Some("s3cret")).await;
+    assert_eq!(code, 200);
+    let b = &status["pools"]["app"]["backends"][0];
+    assert_eq!(b["address"], a.addr.to_string());
+    assert_eq!(b["state"], "healthy");
+    assert_eq!(b["in_flight"], 0);
+    assert_eq!(status["pools"]["app"]["algorithm"], "round_robin");
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["ready"], true);
+    assert!(status["reload"]["last"].is_null());
+    assert_eq!(
+        admin_call(admin, "GET", "/nope", Some("s3cret")).await.0,
+        404
+    );
+    assert_eq!(
+        admin_call(admin, "DELETE", "/status", Some("s3cret"))
+            .await
+            .0,
+        405
+    );
+    assert_eq!(get(lb.addr("web"), "/").await.status, 200);
+}
+
+#[test]
+fn admin_on_a_non_loopback_bind_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.toml");
+    std::fs::write(
+        &path,
+        cfg(&[], "[admin]\nbind = \"0.0.0.0:0\"\n")
+            .replace("backends = []", "backends = [\"127.0.0.1:9\"]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(support::ballast_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.token is required"));
+}
