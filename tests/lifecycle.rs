@@ -113,7 +113,7 @@ async fn sd_notify_sequence_ready_reloading_ready_stopping() {
         ],
     );
     let mut seen: Vec<String> = Vec::new();
-    let mut next = async || {
+    let next = async || {
         let mut buf = vec![0u8; 4096];
         let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
             .await
@@ -122,7 +122,7 @@ async fn sd_notify_sequence_ready_reloading_ready_stopping() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     // Skip watchdog pings, but check that they come.
-    let mut wait_for = async |prefix: &str, seen: &mut Vec<String>| loop {
+    let wait_for = async |prefix: &str, seen: &mut Vec<String>| loop {
         let m = next().await;
         seen.push(m.clone());
         if m.starts_with(prefix) {
