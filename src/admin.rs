@@ -22,15 +22,25 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::Daemon;
 
-/// Serves the admin API on `listener` for the life of the process: it stays up while
-/// connections drain at shutdown, so `/ready` can say 503.
-pub async fn run(listener: TcpListener, token: Option<String>, daemon: Arc<Daemon>) {
+/// Serves the admin API on `listener` until `stop` fires (a successor took the socket over).
+/// A plain shutdown leaves it up while connections drain, so `/ready` can say 503.
+pub async fn run(
+    listener: Arc<TcpListener>,
+    token: Option<String>,
+    daemon: Arc<Daemon>,
+    stop: CancellationToken,
+) {
     let token: Option<Arc<str>> = token.map(Into::into);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let daemon = Arc::clone(&daemon);

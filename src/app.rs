@@ -24,6 +24,7 @@ use crate::balance::backend::Backend;
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::health::HealthChecks;
 use crate::state::{Live, Snapshot};
+use crate::handover::{self, Inherited};
 use crate::{admin, listener, systemd};
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,8 @@ pub struct Daemon {
     /// Parent of every listener's tokens: fires on shutdown.
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The admin socket, kept so it can be handed to a successor.
+    admin_socket: Option<Arc<TcpListener>>,
 }
 
 impl Daemon {
@@ -278,13 +281,22 @@ impl Daemon {
 }
 
 fn bind(l: &ListenerConfig) -> Result<TcpListener, AppError> {
-    let sock = listener::bind(l.bind).map_err(|source| AppError::Bind {
-        listener: l.name.clone(),
-        addr: l.bind,
+    bind_named(&l.name, l.bind, &mut Inherited::default())
+}
+
+/// Binds `addr` for listener `name`, or adopts the socket a predecessor or systemd passed.
+fn bind_named(name: &str, addr: SocketAddr, inherited: &mut Inherited) -> Result<TcpListener, AppError> {
+    let err = |source| AppError::Bind {
+        listener: name.to_string(),
+        addr,
         source,
-    })?;
-    let addr = sock.local_addr().unwrap_or(l.bind);
-    tracing::info!(listener = %l.name, addr = %addr, "listener bound");
+    };
+    let (sock, adopted) = match inherited.take(name, addr) {
+        Some(std) => (TcpListener::from_std(std).map_err(err)?, true),
+        None => (listener::bind(addr).map_err(err)?, false),
+    };
+    let local = sock.local_addr().unwrap_or(addr);
+    tracing::info!(listener = %name, addr = %local, inherited = adopted, "listener bound");
     Ok(sock)
 }
 
@@ -372,8 +384,10 @@ fn describe_changes(old: &Snapshot, new: &Snapshot) -> String {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), AppError> {
+/// Runs the daemon until SIGTERM or SIGINT (or until a successor took over), then shuts
+/// down gracefully. With `upgrade`, the listening sockets are taken over from the process
+/// serving `global.handover_socket`, which then drains and exits.
+pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) -> Result<(), AppError> {
     let shutdown_timeout = config.global.shutdown_timeout;
     let snapshot = Arc::new(Snapshot::build(Arc::new(config), None));
     let live: Live = Arc::new(ArcSwap::new(Arc::clone(&snapshot)));
@@ -383,20 +397,27 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
 
+    let mut inherited = Inherited::from_systemd();
+    let mut predecessor = None;
+    if upgrade {
+        match snapshot.config.global.handover_socket.clone() {
+            Some(path) => match tokio::task::spawn_blocking(move || handover::request(&path)).await {
+                Ok(Ok((sockets, conn))) => {
+                    inherited = sockets;
+                    predecessor = Some(conn);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "upgrade: no running ballast handed over its sockets; binding fresh"),
+                Err(e) => tracing::warn!(error = %e, "upgrade: hand-over task failed; binding fresh"),
+            },
+            None => tracing::warn!("upgrade: global.handover_socket is not set; binding fresh"),
+        }
+    }
     let mut sockets = HashMap::new();
     for l in &snapshot.config.listeners {
-        sockets.insert(l.name.clone(), Arc::new(bind(l)?));
+        sockets.insert(l.name.clone(), Arc::new(bind_named(&l.name, l.bind, &mut inherited)?));
     }
     let admin_socket = match &snapshot.config.admin {
-        Some(a) => {
-            let sock = listener::bind(a.bind).map_err(|source| AppError::Bind {
-                listener: "admin".into(),
-                addr: a.bind,
-                source,
-            })?;
-            tracing::info!(listener = "admin", addr = %sock.local_addr().unwrap_or(a.bind), "listener bound");
-            Some((sock, a.token.clone()))
-        }
+        Some(a) => Some(Arc::new(bind_named("admin", a.bind, &mut inherited)?)),
         None => None,
     };
 
@@ -430,13 +451,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
         shutting_down: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
+        admin_socket: admin_socket.clone(),
     });
     {
         let mut control = daemon.control.lock().await;
         daemon.reconcile_listeners(&mut control, &snapshot, sockets);
     }
-    if let Some((sock, token)) = admin_socket {
-        tokio::spawn(admin::run(sock, token, Arc::clone(&daemon)));
+    let admin_stop = CancellationToken::new();
+    if let (Some(sock), Some(a)) = (admin_socket, &snapshot.config.admin) {
+        tokio::spawn(admin::run(sock, a.token.clone(), Arc::clone(&daemon), admin_stop.clone()));
     }
     tokio::spawn(evict_idle_connections(Arc::clone(&live), shutdown.clone()));
     if let Some(every) = systemd::watchdog_interval() {
@@ -453,7 +476,24 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     };
     tracing::info!(summary = %snapshot.config.summary(), "ballast is ready");
     systemd::ready(&format!("serving: {}", snapshot.config.summary()));
+    if let Some(conn) = predecessor {
+        match tokio::task::spawn_blocking(move || handover::signal_ready(conn)).await {
+            Ok(Ok(())) => tracing::info!("upgrade complete: the previous process stopped accepting and is draining"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "upgrade: could not signal the previous process"),
+            Err(e) => tracing::warn!(error = %e, "upgrade: hand-over task failed"),
+        }
+    }
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel(1);
+    if let Some(path) = &snapshot.config.global.handover_socket {
+        match handover_listener(path) {
+            Ok(l) => {
+                tokio::spawn(serve_handover(l, Arc::clone(&daemon), handover_tx));
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot listen for hand-over; upgrades will bind fresh"),
+        }
+    }
 
+    let mut successor: Option<std::os::unix::net::UnixStream> = None;
     loop {
         let file_changed = async {
             match file_events.as_mut() {
@@ -466,6 +506,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
             _ = int.recv() => break,
             _ = hup.recv() => { let _ = daemon.reload().await; }
             Some(()) = file_changed => { let _ = daemon.reload().await; }
+            Some(conn) = handover_rx.recv() => {
+                tracing::info!("a successor took over the listening sockets: draining and exiting");
+                successor = Some(conn);
+                admin_stop.cancel();
+                break;
+            }
         }
     }
 
@@ -475,6 +521,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     shutdown.cancel();
     // Close the listening sockets so new connections are refused, not left in the backlog.
     daemon.control.lock().await.listeners.clear();
+    // The accept loops have been told to stop; closing this tells the successor so.
+    drop(successor);
     daemon.tracker.close();
     tokio::select! {
         _ = daemon.tracker.wait() => tracing::info!("all connections closed"),
@@ -486,6 +534,53 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), App
     }
     daemon.control.lock().await.health.stop_all();
     Ok(())
+}
+
+/// Binds the hand-over socket, replacing a stale file (or a predecessor's, which no longer
+/// needs it once it handed over).
+fn handover_listener(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+/// Answers hand-over requests: sends the current listening sockets and, once the successor
+/// says it is ready, passes the connection to the main loop, which shuts this process down.
+async fn serve_handover(
+    listener: tokio::net::UnixListener,
+    daemon: Arc<Daemon>,
+    done: tokio::sync::mpsc::Sender<std::os::unix::net::UnixStream>,
+) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else { continue };
+        let Ok(conn) = conn.into_std().and_then(|c| c.set_nonblocking(false).map(|()| c)) else {
+            continue;
+        };
+        let mut sockets: Vec<(String, Arc<TcpListener>)> = {
+            let control = daemon.control.lock().await;
+            control
+                .listeners
+                .iter()
+                .map(|(n, r)| (n.clone(), Arc::clone(&r.socket)))
+                .collect()
+        };
+        if let Some(admin) = &daemon.admin_socket {
+            sockets.push(("admin".into(), Arc::clone(admin)));
+        }
+        tracing::info!(sockets = sockets.len(), "hand-over requested: sending listening sockets");
+        match tokio::task::spawn_blocking(move || handover::serve_one(conn, &sockets)).await {
+            Ok(Ok(Some(conn))) => {
+                let _ = done.send(conn).await;
+                return;
+            }
+            Ok(Ok(None)) => tracing::warn!("hand-over: the successor went away before it was ready; still serving"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "hand-over failed; still serving"),
+            Err(e) => tracing::warn!(error = %e, "hand-over task failed; still serving"),
+        }
+    }
 }
 
 /// Closes idle upstream connections that outlived their pool's idle timeout.

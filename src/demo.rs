@@ -77,6 +77,6 @@ pub async fn run(bind: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     println!("ballast demo: backends {backends:?}");
     println!("try:  for i in 1 2 3 4 5 6; do curl -s http://{bind}/; done");
     println!("Ctrl-C to stop.");
-    crate::app::run(config, None).await?;
+    crate::app::run(config, None, false).await?;
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! - `health`: probe tasks, reconciled against each new snapshot.
 //! - `proxy`: header rules, error mapping, the HTTP forwarding path.
 //! - `listener`: accept loops and per-connection limits.
+//! - `handover`: listening sockets passed to a successor process or from systemd.
 //! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
 //! - `app`: the composition root and control plane: reload, drain, graceful shutdown.
@@ -26,6 +27,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod handover;
 pub mod health;
 pub mod listener;
 pub mod proxy;

@@ -19,6 +19,10 @@ struct Cli {
     /// Validate the configuration and exit: 0 if valid, 1 with every error otherwise.
     #[arg(long, requires = "config")]
     check: bool,
+    /// Take the listening sockets over from the running ballast at `global.handover_socket`
+    /// (zero-downtime binary upgrade); it drains and exits once this process is ready.
+    #[arg(long, requires = "config")]
+    upgrade: bool,
     /// Log filter, e.g. "info" or "ballast=debug" (overrides RUST_LOG).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -64,8 +68,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let workers = config.global.worker_threads;
+    let upgrade = cli.upgrade;
     block_on(workers, async move {
-        ballast::app::run(config, Some(path))
+        ballast::app::run(config, Some(path), upgrade)
             .await
             .map_err(|e| e.to_string())
     })

@@ -29,6 +29,7 @@ pub struct FileConfig {
 pub struct FileGlobal {
     pub worker_threads: Option<Spanned<u32>>,
     pub shutdown_timeout: Option<Text>,
+    pub handover_socket: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

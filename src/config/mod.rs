@@ -60,6 +60,9 @@ pub struct Global {
     /// `None`: one worker per core.
     pub worker_threads: Option<usize>,
     pub shutdown_timeout: Duration,
+    /// Unix socket on which this process hands its listeners to a successor started with
+    /// `--upgrade`. `None`: no hand-over.
+    pub handover_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -353,6 +356,14 @@ impl Validator<'_> {
                 "global.shutdown_timeout",
                 defaults::SHUTDOWN_TIMEOUT,
             ),
+            handover_socket: raw.global.handover_socket.as_ref().and_then(|p| {
+                if p.get_ref().is_empty() {
+                    self.push(p.span(), "global.handover_socket: must not be empty".into());
+                    None
+                } else {
+                    Some(PathBuf::from(p.get_ref()))
+                }
+            }),
         };
 
         let admin = raw.admin.as_ref().and_then(|a| {

@@ -219,7 +219,24 @@ impl Ballast {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("ballast.toml");
         std::fs::write(&config_path, config).expect("write config");
+        Self::launch(dir, config_path, &[], env)
+    }
+
+    /// Starts a second process on the same config file with `--upgrade`: it takes this
+    /// one's listening sockets over.
+    pub fn upgrade(&self) -> Ballast {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::launch(dir, self.config_path.clone(), &["--upgrade"], &[])
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Ballast {
         let mut cmd = Command::new(ballast_bin());
+        cmd.args(args);
         cmd.arg("--config")
             .arg(&config_path)
             .arg("--log")
