@@ -22,9 +22,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::backend::Backend;
 use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::handover::{self, Inherited};
 use crate::health::HealthChecks;
 use crate::state::{Live, Snapshot};
-use crate::handover::{self, Inherited};
 use crate::{admin, listener, systemd};
 
 #[derive(Debug, thiserror::Error)]
@@ -285,14 +285,22 @@ fn bind(l: &ListenerConfig) -> Result<TcpListener, AppError> {
 }
 
 /// Binds `addr` for listener `name`, or adopts the socket a predecessor or systemd passed.
-fn bind_named(name: &str, addr: SocketAddr, inherited: &mut Inherited) -> Result<TcpListener, AppError> {
+fn bind_named(
+    name: &str,
+    addr: SocketAddr,
+    inherited: &mut Inherited,
+) -> Result<TcpListener, AppError> {
     let err = |source| AppError::Bind {
         listener: name.to_string(),
         addr,
         source,
     };
     let (sock, adopted) = match inherited.take(name, addr) {
-        Some(std) => (TcpListener::from_std(std).map_err(err)?, true),
+        Some(std) => {
+            // Sockets from systemd arrive in blocking mode; tokio needs non-blocking.
+            std.set_nonblocking(true).map_err(err)?;
+            (TcpListener::from_std(std).map_err(err)?, true)
+        }
         None => (listener::bind(addr).map_err(err)?, false),
     };
     let local = sock.local_addr().unwrap_or(addr);
@@ -387,7 +395,11 @@ fn describe_changes(old: &Snapshot, new: &Snapshot) -> String {
 /// Runs the daemon until SIGTERM or SIGINT (or until a successor took over), then shuts
 /// down gracefully. With `upgrade`, the listening sockets are taken over from the process
 /// serving `global.handover_socket`, which then drains and exits.
-pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) -> Result<(), AppError> {
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    upgrade: bool,
+) -> Result<(), AppError> {
     let shutdown_timeout = config.global.shutdown_timeout;
     let snapshot = Arc::new(Snapshot::build(Arc::new(config), None));
     let live: Live = Arc::new(ArcSwap::new(Arc::clone(&snapshot)));
@@ -401,20 +413,28 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) ->
     let mut predecessor = None;
     if upgrade {
         match snapshot.config.global.handover_socket.clone() {
-            Some(path) => match tokio::task::spawn_blocking(move || handover::request(&path)).await {
+            Some(path) => match tokio::task::spawn_blocking(move || handover::request(&path)).await
+            {
                 Ok(Ok((sockets, conn))) => {
                     inherited = sockets;
                     predecessor = Some(conn);
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "upgrade: no running ballast handed over its sockets; binding fresh"),
-                Err(e) => tracing::warn!(error = %e, "upgrade: hand-over task failed; binding fresh"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "upgrade: no running ballast handed over its sockets; binding fresh")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade: hand-over task failed; binding fresh")
+                }
             },
             None => tracing::warn!("upgrade: global.handover_socket is not set; binding fresh"),
         }
     }
     let mut sockets = HashMap::new();
     for l in &snapshot.config.listeners {
-        sockets.insert(l.name.clone(), Arc::new(bind_named(&l.name, l.bind, &mut inherited)?));
+        sockets.insert(
+            l.name.clone(),
+            Arc::new(bind_named(&l.name, l.bind, &mut inherited)?),
+        );
     }
     let admin_socket = match &snapshot.config.admin {
         Some(a) => Some(Arc::new(bind_named("admin", a.bind, &mut inherited)?)),
@@ -459,7 +479,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) ->
     }
     let admin_stop = CancellationToken::new();
     if let (Some(sock), Some(a)) = (admin_socket, &snapshot.config.admin) {
-        tokio::spawn(admin::run(sock, a.token.clone(), Arc::clone(&daemon), admin_stop.clone()));
+        tokio::spawn(admin::run(
+            sock,
+            a.token.clone(),
+            Arc::clone(&daemon),
+            admin_stop.clone(),
+        ));
     }
     tokio::spawn(evict_idle_connections(Arc::clone(&live), shutdown.clone()));
     if let Some(every) = systemd::watchdog_interval() {
@@ -478,8 +503,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) ->
     systemd::ready(&format!("serving: {}", snapshot.config.summary()));
     if let Some(conn) = predecessor {
         match tokio::task::spawn_blocking(move || handover::signal_ready(conn)).await {
-            Ok(Ok(())) => tracing::info!("upgrade complete: the previous process stopped accepting and is draining"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "upgrade: could not signal the previous process"),
+            Ok(Ok(())) => tracing::info!(
+                "upgrade complete: the previous process stopped accepting and is draining"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upgrade: could not signal the previous process")
+            }
             Err(e) => tracing::warn!(error = %e, "upgrade: hand-over task failed"),
         }
     }
@@ -489,7 +518,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, upgrade: bool) ->
             Ok(l) => {
                 tokio::spawn(serve_handover(l, Arc::clone(&daemon), handover_tx));
             }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot listen for hand-over; upgrades will bind fresh"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot listen for hand-over; upgrades will bind fresh")
+            }
         }
     }
 
@@ -555,8 +586,13 @@ async fn serve_handover(
     done: tokio::sync::mpsc::Sender<std::os::unix::net::UnixStream>,
 ) {
     loop {
-        let Ok((conn, _)) = listener.accept().await else { continue };
-        let Ok(conn) = conn.into_std().and_then(|c| c.set_nonblocking(false).map(|()| c)) else {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(conn) = conn
+            .into_std()
+            .and_then(|c| c.set_nonblocking(false).map(|()| c))
+        else {
             continue;
         };
         let mut sockets: Vec<(String, Arc<TcpListener>)> = {
@@ -570,13 +606,18 @@ async fn serve_handover(
         if let Some(admin) = &daemon.admin_socket {
             sockets.push(("admin".into(), Arc::clone(admin)));
         }
-        tracing::info!(sockets = sockets.len(), "hand-over requested: sending listening sockets");
+        tracing::info!(
+            sockets = sockets.len(),
+            "hand-over requested: sending listening sockets"
+        );
         match tokio::task::spawn_blocking(move || handover::serve_one(conn, &sockets)).await {
             Ok(Ok(Some(conn))) => {
                 let _ = done.send(conn).await;
                 return;
             }
-            Ok(Ok(None)) => tracing::warn!("hand-over: the successor went away before it was ready; still serving"),
+            Ok(Ok(None)) => tracing::warn!(
+                "hand-over: the successor went away before it was ready; still serving"
+            ),
             Ok(Err(e)) => tracing::warn!(error = %e, "hand-over failed; still serving"),
             Err(e) => tracing::warn!(error = %e, "hand-over task failed; still serving"),
         }

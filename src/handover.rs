@@ -46,7 +46,9 @@ impl Inherited {
             match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => inherited.unnamed.push(l),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(fd = i + 3, error = %e, "ignoring inherited fd that is not a TCP listener"),
+                Err(e) => {
+                    tracing::warn!(fd = i + 3, error = %e, "ignoring inherited fd that is not a TCP listener")
+                }
             }
         }
         inherited
@@ -63,9 +65,8 @@ impl Inherited {
             return Some(l);
         }
         let pos = self.unnamed.iter().position(|l| {
-            l.local_addr().is_ok_and(|a| {
-                a == bind || (bind.port() == 0 && a.ip() == bind.ip())
-            })
+            l.local_addr()
+                .is_ok_and(|a| a == bind || (bind.port() == 0 && a.ip() == bind.ip()))
         })?;
         Some(self.unnamed.swap_remove(pos))
     }
@@ -90,12 +91,20 @@ pub fn request(path: &Path) -> io::Result<(Inherited, UnixStream)> {
             fds.extend(rights);
         }
     }
-    let names: Vec<String> = serde_json::from_slice(&payload[..n])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad handover payload: {e}")))?;
+    let names: Vec<String> = serde_json::from_slice(&payload[..n]).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad handover payload: {e}"),
+        )
+    })?;
     if names.len() != fds.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("handover sent {} names for {} sockets", names.len(), fds.len()),
+            format!(
+                "handover sent {} names for {} sockets",
+                names.len(),
+                fds.len()
+            ),
         ));
     }
     let mut inherited = Inherited::default();
@@ -128,7 +137,10 @@ pub fn serve_one<F: AsFd>(
     let mut req = [0u8; REQUEST.len()];
     conn.read_exact(&mut req)?;
     if req != REQUEST {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "unexpected handover request"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected handover request",
+        ));
     }
     let names: Vec<&str> = sockets.iter().map(|(n, _)| n.as_str()).collect();
     let payload = serde_json::to_vec(&names).map_err(io::Error::other)?;
@@ -138,7 +150,12 @@ pub fn serve_one<F: AsFd>(
     if fds.len() > MAX_FDS || !control.push(SendAncillaryMessage::ScmRights(&fds)) {
         return Err(io::Error::other("too many sockets for one handover"));
     }
-    rustix::net::sendmsg(&conn, &[IoSlice::new(&payload)], &mut control, SendFlags::empty())?;
+    rustix::net::sendmsg(
+        &conn,
+        &[IoSlice::new(&payload)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
 
     // The successor now starts; its health checks may take a while.
     conn.set_read_timeout(Some(Duration::from_secs(120)))?;

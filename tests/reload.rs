@@ -262,7 +262,7 @@ async fn listeners_are_bound_and_closed_by_reload_and_a_failed_bind_changes_noth
         .into_iter()
         .find(|l| l.contains("listener bound listener=api"))
         .unwrap();
-    let api: std::net::SocketAddr = line.rsplit("addr=").next().unwrap().trim().parse().unwrap();
+    let api: std::net::SocketAddr = support::field(&line, "addr").unwrap().parse().unwrap();
     assert_eq!(support::get(api, "/").await.body, "a");
 
     lb.save_config(&base, Save::Rename);

@@ -46,7 +46,8 @@ async fn restart_under_load_with_socket_handover_fails_no_request() {
                     // A server may close an idle keep-alive connection as the client reuses
                     // it; HTTP clients resend such a request on a new connection (RFC 9112
                     // §9.3.1). A request on a fresh connection gets no such second chance.
-                    if i % 2 == 1 && (e.is_incomplete_message() || e.is_canceled() || e.is_closed()) {
+                    if i % 2 == 1 && (e.is_incomplete_message() || e.is_canceled() || e.is_closed())
+                    {
                         client = Client::connect(addr).await.unwrap();
                         result = client.get(path).await;
                     }
@@ -62,26 +63,72 @@ async fn restart_under_load_with_socket_handover_fails_no_request() {
             failures
         }));
     }
-    support::eventually(Duration::from_secs(10), async || ok.load(Ordering::SeqCst) > 200)
-        .await
-        .expect("traffic flows through the old process");
+    support::eventually(Duration::from_secs(10), async || {
+        ok.load(Ordering::SeqCst) > 200
+    })
+    .await
+    .expect("traffic flows through the old process");
 
     let new = old.upgrade();
-    assert_eq!(new.addr("web"), addr, "the successor serves the same socket");
-    assert!(new.logs().contains("listener=web addr=") && new.logs().contains("inherited=true"), "{}", new.logs());
-    assert!(new.wait_for_log("upgrade complete", Duration::from_secs(10)), "{}", new.logs());
-    assert_eq!(old.wait_exit(Duration::from_secs(15)), Some(0), "old process drains and exits 0:\n{}", old.logs());
+    assert_eq!(
+        new.addr("web"),
+        addr,
+        "the successor serves the same socket"
+    );
+    assert!(
+        new.logs().contains("listener=web addr=") && new.logs().contains("inherited=true"),
+        "{}",
+        new.logs()
+    );
+    assert!(
+        new.wait_for_log("upgrade complete", Duration::from_secs(10)),
+        "{}",
+        new.logs()
+    );
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "old process drains and exits 0:\n{}",
+        old.logs()
+    );
     let at_exit = ok.load(Ordering::SeqCst);
-    support::eventually(Duration::from_secs(10), async || ok.load(Ordering::SeqCst) > at_exit + 300)
-        .await
-        .expect("traffic flows through the new process after the old one exited");
+    support::eventually(Duration::from_secs(10), async || {
+        ok.load(Ordering::SeqCst) > at_exit + 300
+    })
+    .await
+    .expect("traffic flows through the new process after the old one exited");
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         let failures = c.await.unwrap();
-        assert!(failures.is_empty(), "failed requests across the upgrade: {failures:?}\nold:\n{}\nnew:\n{}", old.logs(), new.logs());
+        assert!(
+            failures.is_empty(),
+            "failed requests across the upgrade: {failures:?}\nold:\n{}\nnew:\n{}",
+            old.logs(),
+            new.logs()
+        );
     }
     // The successor's admin endpoint answers on the inherited admin socket.
     let (code, status) = support::admin_call(new.admin(), "GET", "/status", None).await;
     assert_eq!(code, 200);
     assert_eq!(status["ready"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_socket_activation_is_honoured() {
+    use std::os::fd::AsRawFd;
+    let a = Backend::start("a").await;
+    // The socket systemd would pass: bound here, inherited by the daemon (no CLOEXEC).
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::empty()).unwrap();
+    let fd = socket.as_raw_fd().to_string();
+    let text = format!(
+        "[listeners.web]\nbind = \"{addr}\"\npool = \"app\"\n\n[pools.app]\nbackends = [\"{}\"]\n",
+        a.addr
+    );
+    // Without adopting the socket the daemon could not bind: the address is in use.
+    let lb = Ballast::start_with(&text, &[("LISTEN_FDS", "1"), ("LISTEN_FDS_FIRST_FD", &fd)]);
+    assert!(lb.logs().contains("inherited=true"), "{}", lb.logs());
+    let r = support::get(addr, "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "a"));
 }

@@ -365,7 +365,7 @@ impl Drop for Ballast {
 }
 
 /// `key=value` from a tracing log line (values without spaces).
-fn field(line: &str, key: &str) -> Option<String> {
+pub fn field(line: &str, key: &str) -> Option<String> {
     let pat = format!(" {key}=");
     let start = line.find(&pat)? + pat.len();
     let rest = &line[start..];
