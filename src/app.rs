@@ -575,7 +575,11 @@ fn handover_listener(path: &std::path::Path) -> std::io::Result<tokio::net::Unix
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    tokio::net::UnixListener::bind(path)
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Whoever can connect can take the sockets and stop this process: owner only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// Answers hand-over requests: sends the current listening sockets and, once the successor
