@@ -53,6 +53,7 @@ pub async fn run(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
+        .writev(false)
         .header_read_timeout(config.request_header_timeout)
         .max_header_size(config.max_header_size)
         .max_headers(config.max_headers);

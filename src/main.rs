@@ -80,9 +80,13 @@ fn block_on(
     workers: Option<usize>,
     fut: impl std::future::Future<Output = Result<(), String>>,
 ) -> ExitCode {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime skips the work-stealing machinery entirely.
+    let mut rt = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = workers {
+    if let Some(n) = workers.filter(|n| *n > 1) {
         rt.worker_threads(n);
     }
     let rt = match rt.build() {

@@ -9,7 +9,7 @@ use support::{admin_call, get, Backend, Ballast, Client};
 fn cfg(backends: &[&Backend], admin: &str) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
     format!(
-        "{admin}\n[global]\nshutdown_timeout = \"10s\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n",
+        "{admin}\n[global]\nworker_threads = 1\nshutdown_timeout = \"10s\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n",
         list.join(", ")
     )
 }
