@@ -5,26 +5,17 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::{get, get_with, Backend, Ballast, Client};
+use support::{get, get_with, start_backends, Backend, Ballast, Client, TestConfig};
 
 fn pool_config(algorithm: &str, backends: &[(&Backend, u32)], extra: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
-        .collect();
-    format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nalgorithm = \"{algorithm}\"\nbackends = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+    TestConfig::weighted(backends)
+        .pool(&format!("algorithm = \"{algorithm}\"\n{extra}"))
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_distributes_exactly() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&pool_config(
         "round_robin",
         &[(&a, 1), (&b, 1), (&c, 1)],
@@ -48,11 +39,7 @@ async fn round_robin_distributes_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_interleaves() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&pool_config(
         "round_robin",
         &[(&a, 3), (&b, 1), (&c, 1)],
@@ -72,7 +59,7 @@ async fn weighted_round_robin_interleaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_steers_away_from_a_slow_backend() {
-    let (slow, fast) = (Backend::start("slow").await, Backend::start("fast").await);
+    let [slow, fast] = start_backends(["slow", "fast"]).await;
     slow.set_delay(100);
     let lb = Ballast::start(&pool_config("least_conn", &[(&slow, 1), (&fast, 1)], ""));
     let addr = lb.addr("web");
@@ -100,7 +87,7 @@ async fn least_conn_steers_away_from_a_slow_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_avoids_the_backend_with_requests_in_flight() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let lb = Ballast::start(&pool_config("least_conn", &[(&a, 1), (&b, 1)], ""));
     let addr = lb.addr("web");
     // Six slow requests: least_conn spreads them over both backends.
@@ -207,11 +194,7 @@ async fn hash_is_sticky_and_moves_about_one_nth_of_keys_when_a_backend_leaves() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_on_client_ip_and_cookie_is_sticky() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&pool_config(
         "hash",
         &[(&a, 1), (&b, 1), (&c, 1)],
@@ -247,11 +230,7 @@ async fn hash_on_client_ip_and_cookie_is_sticky() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_uses_every_backend() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&pool_config("random", &[(&a, 1), (&b, 1), (&c, 1)], ""));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     for _ in 0..150 {

@@ -5,23 +5,17 @@ mod support;
 
 use std::time::Duration;
 
-use support::{admin_call, backend_state, get, Backend, Ballast, Client, Save};
+use support::{
+    admin_call, backend_state, get, start_backends, Backend, Ballast, Client, Save, TestConfig,
+};
 
 fn cfg(backends: &[&Backend], extra: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
-    format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+    TestConfig::new(backends).admin().pool(extra).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_requests_on_removed_and_drained_backends_complete() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&cfg(&[&a, &b, &c], ""));
     let addr = lb.addr("web");
     // One slow request on each backend (round robin: a, b, c).
@@ -91,7 +85,7 @@ async fn slow_requests_on_removed_and_drained_backends_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_cuts_what_is_left() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let lb = Ballast::start(&cfg(&[&a, &b], "drain_timeout = \"300ms\""));
     let addr = lb.addr("web");
     let mut slow = Vec::new();

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::{get, Backend, Ballast, Client};
+use support::{get, Backend, Ballast, Client, TestConfig};
 
 fn config(backends: &[String], listener_extra: &str, pool_extra: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{listener_extra}\n\n[pools.app]\nbackends = [{}]\n{pool_extra}\n",
-        list.join(", ")
-    )
+    TestConfig::addresses(backends)
+        .listener(listener_extra)
+        .pool(pool_extra)
+        .build()
 }
 
 /// Reads from `stream` until EOF or `limit`; returns what arrived.

@@ -4,14 +4,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Backend, Ballast, Client};
+use support::{start_backends, Backend, Ballast, Client, TestConfig};
 
 fn config(backends: &[&Backend], health: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
-    format!(
-        "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n{health}\n",
-        list.join(", ")
-    )
+    TestConfig::new(backends).pool(health).build()
 }
 
 const FAST_CHECKS: &str = "[pools.app.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 2\nrise = 2\n";
@@ -37,7 +33,7 @@ async fn until_traffic(client: &mut Client, name: &str, want: bool, n: usize) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_backend_is_ejected_and_returns_within_configured_timing() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let lb = Ballast::start(&config(&[&a, &b], FAST_CHECKS));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     assert!(
@@ -75,7 +71,7 @@ async fn unhealthy_backend_is_ejected_and_returns_within_configured_timing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_check_ejects_a_stopped_backend() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let checks = "[pools.app.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 1\n";
     let lb = Ballast::start(&config(&[&a, &b], checks));
     b.kill();
@@ -94,11 +90,7 @@ async fn tcp_check_ejects_a_stopped_backend() {
 /// Kills one backend in the middle of a GET loop from several clients, with and without
 /// active checks: retries and passive ejection hide it from every client.
 async fn kill_under_load(health: &str) {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     let lb = Ballast::start(&config(&[&a, &b, &c], health));
     let addr = lb.addr("web");
     let mut tasks = Vec::new();

@@ -4,14 +4,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{admin_call, get, Backend, Ballast, Client};
+use support::{admin_call, get, Backend, Ballast, Client, TestConfig};
 
 fn cfg(backends: &[&Backend], admin: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
-    format!(
-        "{admin}\n[global]\nworker_threads = 1\nshutdown_timeout = \"10s\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [{}]\n",
-        list.join(", ")
-    )
+    TestConfig::new(backends)
+        .head(admin)
+        .head("[global]\nworker_threads = 1\nshutdown_timeout = \"10s\"")
+        .build()
 }
 
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";

@@ -7,24 +7,22 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{admin_call, backend_state, Backend, Ballast, Client, Save};
+use support::{
+    admin_call, backend_state, start_backends, Backend, Ballast, Client, Save, TestConfig,
+};
 
 const CHECKS: &str = "[pools.app.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 3\n";
 
 fn cfg(algorithm: &str, backends: &[(&Backend, u32)], extra: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
-        .collect();
     let key = if algorithm == "hash" {
         "hash_key = \"header:x-user\"\n"
     } else {
         ""
     };
-    format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nalgorithm = \"{algorithm}\"\n{key}backends = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+    TestConfig::weighted(backends)
+        .admin()
+        .pool(&format!("algorithm = \"{algorithm}\"\n{key}{extra}"))
+        .build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +125,7 @@ async fn reload_storm_under_traffic_drops_nothing_and_ends_on_the_final_split() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let good = cfg("round_robin", &[(&a, 1)], "");
     let lb = Ballast::start(&good);
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
@@ -138,6 +136,12 @@ async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
         &[(&a, 1), (&b, 1)],
         "connect_timeout = \"soon\"",
     );
+    let line_no = bad
+        .lines()
+        .position(|l| l.starts_with("connect_timeout"))
+        .unwrap()
+        + 1;
+    let at = format!("ballast.toml:{line_no}:19: ");
     lb.save_config(&bad, Save::Rename);
     assert!(
         lb.wait_for_log("reload rejected", Duration::from_secs(5)),
@@ -150,7 +154,7 @@ async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
         .find(|l| l.contains("reload rejected"))
         .unwrap();
     assert!(
-        line.contains("ballast.toml:11:19: pools.app.connect_timeout: invalid duration"),
+        line.contains(&format!("{at}pools.app.connect_timeout: invalid duration")),
         "{line}"
     );
     for _ in 0..10 {
@@ -164,7 +168,7 @@ async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
     let (_, status) = admin_call(lb.admin(), "GET", "/status", None).await;
     assert_eq!(status["reload"]["last"]["result"], "rejected");
     let err = status["reload"]["last"]["error"].as_str().unwrap();
-    assert!(err.contains(":11:19: "), "{err}");
+    assert!(err.contains(&at[12..]), "{err}");
     assert_eq!(status["generation"], 1);
 
     // Fixing the file applies it.
@@ -177,7 +181,7 @@ async fn invalid_edit_keeps_serving_the_old_config_and_reports_the_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saved_edit_serves_in_under_a_second() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let lb = Ballast::start(&cfg("round_robin", &[(&a, 1)], ""));
     let mut client = Client::connect(lb.addr("web")).await.unwrap();
     let saved = Instant::now();
@@ -198,11 +202,7 @@ async fn a_saved_edit_serves_in_under_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_health_state_and_new_backends_wait_for_their_first_check() {
-    let (a, b, c) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
     b.set_healthy(false);
     let lb = Ballast::start(&cfg("round_robin", &[(&a, 1), (&b, 1)], CHECKS));
     let admin = lb.admin();

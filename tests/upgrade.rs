@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{Backend, Ballast, Client};
+use support::{start_backends, Backend, Ballast, Client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_under_load_with_socket_handover_fails_no_request() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let [a, b] = start_backends(["a", "b"]).await;
     let sockdir = tempfile::tempdir().unwrap();
     let handover = sockdir.path().join("handover.sock");
     let text = format!(

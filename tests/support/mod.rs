@@ -550,3 +550,84 @@ pub async fn backend_state(admin: SocketAddr, pool: &str, address: SocketAddr) -
         .map(|b| b["state"].as_str().unwrap_or("").to_string())
         .unwrap_or_else(|| "absent".into())
 }
+
+/// Starts one backend per name, in order.
+pub async fn start_backends<const N: usize>(names: [&str; N]) -> [Backend; N] {
+    let mut started = Vec::with_capacity(N);
+    for n in names {
+        started.push(Backend::start(n).await);
+    }
+    match started.try_into() {
+        Ok(all) => all,
+        Err(_) => unreachable!("one backend per name"),
+    }
+}
+
+/// A test config: listener `web` on an ephemeral port in front of pool `app`.
+#[derive(Debug, Clone, Default)]
+pub struct TestConfig {
+    head: String,
+    listener: String,
+    backends: Vec<String>,
+    pool: String,
+}
+
+impl TestConfig {
+    /// Pool `app` over `backends`, weight 1 each.
+    pub fn new(backends: &[&Backend]) -> TestConfig {
+        Self::addresses(backends.iter().map(|b| b.addr.to_string()))
+    }
+
+    pub fn weighted(backends: &[(&Backend, u32)]) -> TestConfig {
+        TestConfig {
+            backends: backends
+                .iter()
+                .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn addresses(addrs: impl IntoIterator<Item = impl std::fmt::Display>) -> TestConfig {
+        TestConfig {
+            backends: addrs.into_iter().map(|a| format!("\"{a}\"")).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds `[admin]` on an ephemeral loopback port.
+    pub fn admin(self) -> TestConfig {
+        self.head("[admin]\nbind = \"127.0.0.1:0\"\n")
+    }
+
+    /// TOML placed before the listener (`[global]`, `[admin]`).
+    pub fn head(mut self, toml: &str) -> TestConfig {
+        self.head.push_str(toml);
+        self.head.push('\n');
+        self
+    }
+
+    /// Keys of `[listeners.web]`.
+    pub fn listener(mut self, toml: &str) -> TestConfig {
+        self.listener.push_str(toml);
+        self.listener.push('\n');
+        self
+    }
+
+    /// Keys of `[pools.app]`, then any further tables (e.g. `[pools.app.health_check]`).
+    pub fn pool(mut self, toml: &str) -> TestConfig {
+        self.pool.push_str(toml);
+        self.pool.push('\n');
+        self
+    }
+
+    pub fn build(&self) -> String {
+        format!(
+            "{}\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{}\n[pools.app]\nbackends = [{}]\n{}",
+            self.head,
+            self.listener,
+            self.backends.join(", "),
+            self.pool
+        )
+    }
+}
