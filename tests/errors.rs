@@ -278,3 +278,23 @@ async fn large_upload_streams_through_in_bounded_memory() {
         "peak RSS grew from {rss_before} KiB to {rss_after} KiB for a 1 GiB body"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(&config(&[a.addr.to_string()], "", ""));
+    let addr = lb.addr("web");
+    // Sequential requests from several client connections share one upstream connection.
+    for _ in 0..5 {
+        let mut c = Client::connect(addr).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(c.get("/").await.unwrap().status, 200);
+        }
+    }
+    assert_eq!(a.hits(), 50);
+    assert_eq!(
+        a.connections(),
+        1,
+        "one pooled upstream connection served all 50 requests"
+    );
+}

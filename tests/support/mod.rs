@@ -42,6 +42,7 @@ pub struct Backend {
     in_flight: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    accepted: Arc<AtomicUsize>,
     accept: AbortHandle,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
 }
@@ -70,11 +71,14 @@ impl Backend {
             delay_ms.clone(),
         );
         let conns2 = conns.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted2 = accepted.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted2.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 let task = tokio::spawn(async move {
                     let svc = service_fn(move |req| respond(req, state.clone()));
@@ -94,6 +98,7 @@ impl Backend {
             in_flight,
             healthy,
             delay_ms,
+            accepted,
             accept,
             conns,
         }
@@ -101,6 +106,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections this backend accepted (health checks included).
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn in_flight(&self) -> usize {
