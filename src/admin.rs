@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Daemon;
+use crate::control::Daemon;
 
 /// Serves the admin API on `listener` until `stop` fires (a successor took the socket over).
 /// A plain shutdown leaves it up while connections drain, so `/ready` can say 503.

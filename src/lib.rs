@@ -16,7 +16,8 @@
 //! - `handover`: listening sockets passed to a successor process or from systemd.
 //! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
-//! - `app`: the composition root and control plane: reload, drain, graceful shutdown.
+//! - `control`: the control plane: reload, listener reconciliation, drain, shutdown state.
+//! - `app`: the composition root: startup, signals, file watch, hand-over, shutdown order.
 //! - `demo`: built-in backends for `ballast demo`.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod handover;
 pub mod health;

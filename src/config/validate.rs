@@ -1,0 +1,499 @@
+//! File → validated config: every semantic check, each problem located by line and column.
+//!
+//! One pass over the parsed file collects every problem instead of stopping at the first;
+//! values that fail fall back to their default so the pass can go on, and the caller
+//! rejects the whole config when any problem was found.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, Text};
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub(super) text: &'a str,
+    pub(super) problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    pub(super) fn push(&mut self, span: Range<usize>, message: String) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(Problem {
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn duration(&mut self, value: &Option<Text>, key: &str, default: Duration) -> Duration {
+        let Some(v) = value else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(
+                    v.span(),
+                    format!("{key}: duration must be greater than zero"),
+                );
+                default
+            }
+            Err(e) => {
+                self.push(
+                    v.span(),
+                    format!(
+                        "{key}: invalid duration {:?} ({e}); write e.g. \"500ms\", \"2s\", \"1m\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn at_least(&mut self, value: &Option<Spanned<u32>>, key: &str, min: u32, default: u32) -> u32 {
+        match value {
+            None => default,
+            Some(v) if *v.get_ref() >= min => *v.get_ref(),
+            Some(v) => {
+                self.push(v.span(), format!("{key}: must be at least {min}"));
+                default
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, value: &Text, key: &str) -> Option<SocketAddr> {
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    value.span(),
+                    format!(
+                        "{key}: invalid address {:?}: expected IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn config(&mut self, raw: FileConfig) -> Option<Config> {
+        let global = Global {
+            worker_threads: match &raw.global.worker_threads {
+                Some(n) if *n.get_ref() == 0 => {
+                    self.push(
+                        n.span(),
+                        "global.worker_threads: must be at least 1 (omit it for one per core)"
+                            .into(),
+                    );
+                    None
+                }
+                Some(n) => Some(*n.get_ref() as usize),
+                None => None,
+            },
+            shutdown_timeout: self.duration(
+                &raw.global.shutdown_timeout,
+                "global.shutdown_timeout",
+                defaults::SHUTDOWN_TIMEOUT,
+            ),
+            handover_socket: raw.global.handover_socket.as_ref().and_then(|p| {
+                if p.get_ref().is_empty() {
+                    self.push(p.span(), "global.handover_socket: must not be empty".into());
+                    None
+                } else {
+                    Some(PathBuf::from(p.get_ref()))
+                }
+            }),
+        };
+
+        let admin = raw.admin.as_ref().and_then(|a| {
+            let bind = self.socket_addr(&a.bind, "admin.bind")?;
+            let token = a.token.as_ref().map(|t| t.get_ref().clone());
+            if let Some(t) = &a.token {
+                if t.get_ref().is_empty() {
+                    self.push(t.span(), "admin.token: must not be empty".into());
+                }
+            }
+            if !bind.ip().is_loopback() && token.is_none() {
+                self.push(
+                    a.bind.span(),
+                    format!(
+                        "admin.bind: {bind} is not a loopback address, so admin.token is required"
+                    ),
+                );
+            }
+            Some(AdminConfig { bind, token })
+        });
+
+        let pool_names: HashMap<&str, ()> = raw
+            .pools
+            .keys()
+            .map(|k| (k.get_ref().as_str(), ()))
+            .collect();
+        let mut pools = Vec::new();
+        for (name, p) in &raw.pools {
+            pools.extend(self.pool(name, p));
+        }
+
+        let mut listeners = Vec::new();
+        let mut binds: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        if let Some(a) = &admin {
+            binds.insert(a.bind, "admin".into());
+        }
+        for (name, l) in &raw.listeners {
+            let key = format!("listeners.{}", name.get_ref());
+            let bind = self.socket_addr(&l.bind, &format!("{key}.bind"));
+            if let Some(b) = bind {
+                if b.port() != 0 {
+                    if let Some(other) = binds.insert(b, name.get_ref().clone()) {
+                        self.push(
+                            l.bind.span(),
+                            format!("{key}.bind: address {b} is already used by {other}"),
+                        );
+                    }
+                }
+            }
+            let check_pool = |v: &mut Self, pool: &Text, what: &str| {
+                if !pool_names.contains_key(pool.get_ref().as_str()) {
+                    v.push(
+                        pool.span(),
+                        format!("{what}: unknown pool {:?}", pool.get_ref()),
+                    );
+                }
+            };
+            check_pool(self, &l.pool, &format!("{key}.pool"));
+            let mut routes = Vec::new();
+            for (i, r) in l.routes.iter().enumerate() {
+                let rkey = format!("{key}.routes[{i}]");
+                check_pool(self, &r.pool, &format!("{rkey}.pool"));
+                let host = r.host.as_ref().and_then(|h| self.host_match(h, &rkey));
+                let path_prefix = r.path_prefix.as_ref().and_then(|p| {
+                    if p.get_ref().starts_with('/') {
+                        Some(p.get_ref().clone())
+                    } else {
+                        self.push(p.span(), format!("{rkey}.path_prefix: must start with '/'"));
+                        None
+                    }
+                });
+                routes.push(RouteConfig {
+                    host,
+                    path_prefix,
+                    pool: r.pool.get_ref().clone(),
+                });
+            }
+            let max_header_size = match &l.max_header_size {
+                Some(v) if *v.get_ref() < defaults::MIN_HEADER_SIZE => {
+                    self.push(
+                        v.span(),
+                        format!(
+                            "{key}.max_header_size: must be at least {} bytes",
+                            defaults::MIN_HEADER_SIZE
+                        ),
+                    );
+                    defaults::MAX_HEADER_SIZE
+                }
+                Some(v) => *v.get_ref(),
+                None => defaults::MAX_HEADER_SIZE,
+            };
+            listeners.push(ListenerConfig {
+                name: name.get_ref().clone(),
+                bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                default_pool: l.pool.get_ref().clone(),
+                routes,
+                max_connections: self.at_least(
+                    &l.max_connections,
+                    &format!("{key}.max_connections"),
+                    1,
+                    defaults::MAX_CONNECTIONS,
+                ) as usize,
+                request_header_timeout: self.duration(
+                    &l.request_header_timeout,
+                    &format!("{key}.request_header_timeout"),
+                    defaults::REQUEST_HEADER_TIMEOUT,
+                ),
+                max_header_size: max_header_size as usize,
+                max_headers: self.at_least(
+                    &l.max_headers,
+                    &format!("{key}.max_headers"),
+                    1,
+                    defaults::MAX_HEADERS,
+                ) as usize,
+            });
+        }
+        Some(Config {
+            global,
+            admin,
+            listeners,
+            pools,
+        })
+    }
+
+    fn host_match(&mut self, h: &Text, rkey: &str) -> Option<HostMatch> {
+        let s = h.get_ref().to_ascii_lowercase();
+        let bad = s.is_empty()
+            || s.contains(['/', ':', ' '])
+            || s.chars().skip(1).any(|c| c == '*')
+            || (s.starts_with('*') && !s.starts_with("*."));
+        if bad {
+            self.push(
+                h.span(),
+                format!(
+                    "{rkey}.host: invalid host {:?}: write an exact name or \"*.example.com\" (no port)",
+                    h.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(match s.strip_prefix('*') {
+            Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+            None => HostMatch::Exact(s),
+        })
+    }
+
+    fn pool(&mut self, name: &Text, p: &file::FilePool) -> Option<PoolConfig> {
+        let key = format!("pools.{}", name.get_ref());
+        let algorithm = match p.algorithm.unwrap_or(FileAlgorithm::RoundRobin) {
+            FileAlgorithm::RoundRobin => Algorithm::RoundRobin,
+            FileAlgorithm::LeastConn => Algorithm::LeastConn,
+            FileAlgorithm::Random => Algorithm::Random,
+            FileAlgorithm::Hash => Algorithm::Hash,
+        };
+        let hash_key = match (&p.hash_key, algorithm) {
+            (Some(k), Algorithm::Hash) => self.hash_key(k, &key),
+            (None, Algorithm::Hash) => {
+                self.push(
+                    name.span(),
+                    format!("{key}: algorithm \"hash\" needs hash_key (client_ip | header:NAME | cookie:NAME | path)"),
+                );
+                None
+            }
+            (Some(k), _) => {
+                self.push(
+                    k.span(),
+                    format!("{key}.hash_key: only used with algorithm = \"hash\""),
+                );
+                None
+            }
+            (None, _) => None,
+        };
+
+        let mut backends: Vec<BackendConfig> = Vec::new();
+        if p.backends.get_ref().is_empty() {
+            self.push(
+                p.backends.span(),
+                format!("{key}.backends: a pool needs at least one backend"),
+            );
+        }
+        for (i, b) in p.backends.get_ref().iter().enumerate() {
+            let bkey = format!("{key}.backends[{i}]");
+            let (addr, weight) = match b.get_ref() {
+                FileBackend::Address(a) => (a, 1),
+                FileBackend::Detailed(t) => (&t.address, t.weight.unwrap_or(1)),
+            };
+            let address = match addr.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.push(
+                        b.span(),
+                        format!("{bkey}: invalid backend address {addr:?}: expected IP:PORT"),
+                    );
+                    continue;
+                }
+            };
+            if !(1..=defaults::MAX_WEIGHT).contains(&weight) {
+                self.push(
+                    b.span(),
+                    format!(
+                        "{bkey}.weight: must be between 1 and {}",
+                        defaults::MAX_WEIGHT
+                    ),
+                );
+                continue;
+            }
+            if backends.iter().any(|x| x.address == address) {
+                self.push(b.span(), format!("{bkey}: duplicate backend {address}"));
+                continue;
+            }
+            backends.push(BackendConfig {
+                address,
+                weight: weight as u32,
+            });
+        }
+
+        let health_check = p.health_check.as_ref().map(|h| {
+            let hkey = format!("{key}.health_check");
+            let interval = self.duration(
+                &h.interval,
+                &format!("{hkey}.interval"),
+                defaults::HEALTH_INTERVAL,
+            );
+            let timeout = self.duration(
+                &h.timeout,
+                &format!("{hkey}.timeout"),
+                defaults::HEALTH_TIMEOUT,
+            );
+            let probe = match h.kind {
+                FileProbeKind::Tcp => {
+                    for (field, present) in [
+                        ("path", h.path.as_ref()),
+                        ("host", h.host.as_ref()),
+                        ("expect_status", h.expect_status.as_ref()),
+                    ] {
+                        if let Some(v) = present {
+                            self.push(
+                                v.span(),
+                                format!("{hkey}.{field}: only used with kind = \"http\""),
+                            );
+                        }
+                    }
+                    Probe::Tcp
+                }
+                FileProbeKind::Http => {
+                    let path = match &h.path {
+                        Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+                        Some(p) => {
+                            self.push(p.span(), format!("{hkey}.path: must start with '/'"));
+                            "/".into()
+                        }
+                        None => "/".into(),
+                    };
+                    let expect_status = match &h.expect_status {
+                        Some(s) => self.status_range(s, &hkey),
+                        None => 200..400,
+                    };
+                    Probe::Http {
+                        path,
+                        host: h.host.as_ref().map(|h| h.get_ref().clone()),
+                        expect_status,
+                    }
+                }
+            };
+            HealthCheckConfig {
+                probe,
+                interval,
+                timeout,
+                rise: self.at_least(&h.rise, &format!("{hkey}.rise"), 1, defaults::RISE),
+                fall: self.at_least(&h.fall, &format!("{hkey}.fall"), 1, defaults::FALL),
+            }
+        });
+
+        let passive = match &p.passive {
+            Some(ps) => PassiveConfig {
+                max_fails: ps
+                    .max_fails
+                    .as_ref()
+                    .map(|v| *v.get_ref())
+                    .unwrap_or(defaults::PASSIVE_MAX_FAILS),
+                fail_timeout: self.duration(
+                    &ps.fail_timeout,
+                    &format!("{key}.passive.fail_timeout"),
+                    defaults::PASSIVE_FAIL_TIMEOUT,
+                ),
+            },
+            None => PassiveConfig {
+                max_fails: defaults::PASSIVE_MAX_FAILS,
+                fail_timeout: defaults::PASSIVE_FAIL_TIMEOUT,
+            },
+        };
+
+        Some(PoolConfig {
+            name: name.get_ref().clone(),
+            algorithm,
+            hash_key,
+            backends,
+            health_check,
+            passive,
+            connect_timeout: self.duration(
+                &p.connect_timeout,
+                &format!("{key}.connect_timeout"),
+                defaults::CONNECT_TIMEOUT,
+            ),
+            response_timeout: self.duration(
+                &p.response_timeout,
+                &format!("{key}.response_timeout"),
+                defaults::RESPONSE_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                &p.idle_timeout,
+                &format!("{key}.idle_timeout"),
+                defaults::IDLE_TIMEOUT,
+            ),
+            drain_timeout: self.duration(
+                &p.drain_timeout,
+                &format!("{key}.drain_timeout"),
+                defaults::DRAIN_TIMEOUT,
+            ),
+            retries: p
+                .retries
+                .as_ref()
+                .map(|r| *r.get_ref())
+                .unwrap_or(defaults::RETRIES),
+            max_idle_per_backend: p
+                .max_idle_per_backend
+                .as_ref()
+                .map(|r| *r.get_ref())
+                .unwrap_or(defaults::MAX_IDLE_PER_BACKEND)
+                as usize,
+        })
+    }
+
+    fn hash_key(&mut self, k: &Text, key: &str) -> Option<HashKey> {
+        let s = k.get_ref();
+        let parsed = match s.split_once(':') {
+            None if s == "client_ip" => Some(HashKey::ClientIp),
+            None if s == "path" => Some(HashKey::Path),
+            Some(("header", name)) => http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(HashKey::Header),
+            Some(("cookie", name)) if !name.is_empty() && !name.contains([';', '=', ' ']) => {
+                Some(HashKey::Cookie(name.to_string()))
+            }
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.push(
+                k.span(),
+                format!("{key}.hash_key: invalid {s:?}: expected client_ip, path, header:NAME or cookie:NAME"),
+            );
+        }
+        parsed
+    }
+
+    fn status_range(&mut self, s: &Text, hkey: &str) -> Range<u16> {
+        let text = s.get_ref();
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
+        let range = match text.split_once('-') {
+            Some((a, b)) => parse(a).zip(parse(b)).filter(|(a, b)| a <= b),
+            None => parse(text).map(|c| (c, c)),
+        };
+        match range {
+            Some((a, b)) => a..b + 1,
+            None => {
+                self.push(
+                    s.span(),
+                    format!("{hkey}.expect_status: invalid {text:?}: expected a status like \"200\" or a range like \"200-399\""),
+                );
+                200..400
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
