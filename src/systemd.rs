@@ -35,10 +35,6 @@ pub fn stopping() {
     ]);
 }
 
-pub fn status(text: &str) {
-    send(&[NotifyState::Status(text)]);
-}
-
 /// Half the watchdog period when systemd asked for pings (`WATCHDOG_USEC`), else `None`.
 /// As sd_watchdog_enabled(3): a `WATCHDOG_PID` that names another process means the
 /// watchdog is not ours; an absent one means it is.

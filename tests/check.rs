@@ -115,6 +115,10 @@ fn bad_duration() {
         &format!("{BASE}idle_timeout = \"0s\"\n"),
         &["F:7:16: pools.app.idle_timeout: duration must be greater than zero"],
     );
+    assert_error(
+        &format!("{BASE}drain_timeout = \"500000000y\"\n"),
+        &["F:7:17: pools.app.drain_timeout: duration must be at most 30 days"],
+    );
 }
 
 #[test]

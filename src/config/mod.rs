@@ -42,6 +42,8 @@ pub mod defaults {
     /// hyper refuses a read buffer below 8 KiB, so headers can't be limited below that.
     pub const MIN_HEADER_SIZE: u32 = 8 * 1024;
     pub const MAX_WEIGHT: i64 = 1000;
+    /// Longest duration accepted anywhere: keeps timer arithmetic far from overflow.
+    pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -33,6 +33,10 @@ impl Validator<'_> {
     fn duration(&mut self, value: &Option<Text>, key: &str, default: Duration) -> Duration {
         let Some(v) = value else { return default };
         match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d > defaults::MAX_DURATION => {
+                self.push(v.span(), format!("{key}: duration must be at most 30 days"));
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.push(
