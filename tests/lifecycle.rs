@@ -151,22 +151,34 @@ async fn sd_notify_sequence_ready_reloading_ready_stopping() {
 }
 
 #[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
-    // The unit names the installed paths; point them at this build so verify can check the
+fn systemd_units_pass_systemd_analyze_verify() {
+    // The units name the installed paths; point them at this build so verify can check the
     // executable too.
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/systemd/ballast.service"
-    ))
-    .unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     let dir = tempfile::tempdir().unwrap();
-    let unit = unit.replace("/usr/local/bin/ballast", support::ballast_bin());
-    let path = dir.path().join("ballast.service");
-    std::fs::write(&path, unit).unwrap();
+    let mut paths = Vec::new();
+    for name in ["ballast.service", "ballast.socket"] {
+        let unit = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config/systemd")
+                .join(name),
+        )
+        .unwrap();
+        if name.ends_with(".service") {
+            assert!(
+                unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
+            );
+        }
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/ballast", support::ballast_bin()),
+        )
+        .unwrap();
+        paths.push(path);
+    }
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .args(&paths)
         .output()
         .expect("systemd-analyze (Debian package systemd) must be installed: .ci/run installs it");
     let err = String::from_utf8_lossy(&out.stderr);
