@@ -31,6 +31,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// - `/slow/MS`: answers after MS milliseconds
 /// - `/status/NNN`: answers with that status
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
+/// - `/download/N`: streams N bytes (chunked)
 /// - `/headers`: answers with the request headers, one `name: value` a line
 /// - anything else: answers with the backend's name
 ///
@@ -152,10 +153,10 @@ type State = (
 async fn respond(
     req: http::Request<Incoming>,
     (name, hits, in_flight, healthy, delay_ms): State,
-) -> Result<http::Response<Full<Bytes>>, Infallible> {
+) -> Result<http::Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     let reply = |status: u16, body: String| {
-        let mut r = http::Response::new(Full::new(Bytes::from(body)));
+        let mut r = http::Response::new(TestBody::Full(Full::new(Bytes::from(body))));
         *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
         r.headers_mut().insert("x-backend", name.parse().unwrap());
         Ok(r)
@@ -185,6 +186,13 @@ async fn respond(
     if let Some(code) = path.strip_prefix("/status/") {
         return reply(code.parse().unwrap_or(500), name.clone());
     }
+    if let Some(n) = path.strip_prefix("/download/") {
+        let mut r = http::Response::new(TestBody::Stream {
+            left: n.parse().unwrap_or(0),
+        });
+        r.headers_mut().insert("x-backend", name.parse().unwrap());
+        return Ok(r);
+    }
     if path == "/upload" {
         let mut body = req.into_body();
         let mut n: u64 = 0;
@@ -204,6 +212,37 @@ async fn respond(
         return reply(200, text);
     }
     reply(200, name.clone())
+}
+
+/// A backend's response body: a small fixed one, or `left` bytes generated 64 KiB at a
+/// time without a length (chunked), so nothing holds the whole body.
+pub enum TestBody {
+    Full(Full<Bytes>),
+    Stream { left: u64 },
+}
+
+impl hyper::body::Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            TestBody::Full(f) => std::pin::Pin::new(f).poll_frame(cx),
+            TestBody::Stream { left } => {
+                if *left == 0 {
+                    return std::task::Poll::Ready(None);
+                }
+                let n = (*left).min(64 * 1024);
+                *left -= n;
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
+                    vec![b'y'; n as usize],
+                )))))
+            }
+        }
+    }
 }
 
 /// The real daemon, started from a config text. Killed on drop.
