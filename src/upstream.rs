@@ -65,7 +65,9 @@ impl ConnPool {
             if sender.is_ready() {
                 return Ok(sender);
             }
-            if let Ok(Ok(())) = tokio::time::timeout(s.connect_timeout, sender.ready()).await {
+            // Bounded: a connection that does not settle quickly is dropped, not waited on.
+            let settle = s.connect_timeout.min(Duration::from_millis(100));
+            if let Ok(Ok(())) = tokio::time::timeout(settle, sender.ready()).await {
                 return Ok(sender);
             }
         }
