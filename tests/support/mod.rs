@@ -243,6 +243,20 @@ impl hyper::body::Body for TestBody {
             }
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            TestBody::Full(f) => f.is_end_stream(),
+            TestBody::Stream { left } => *left == 0,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            TestBody::Full(f) => f.size_hint(),
+            TestBody::Stream { .. } => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 /// The real daemon, started from a config text. Killed on drop.
