@@ -11,7 +11,7 @@
 //! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
 //! - `health`: probe tasks, reconciled against each new snapshot.
-//! - `proxy`: header rules, error mapping, the HTTP forwarding path.
+//! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels.
 //! - `listener`: accept loops and per-connection limits.
 //! - `handover`: listening sockets passed to a successor process or from systemd.
 //! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).

@@ -17,6 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::error::ProxyError;
 use super::headers;
+use super::tunnel;
 use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
 use crate::balance::Pool;
@@ -41,7 +42,7 @@ pub type ProxyBody = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// Proxies one request. Never fails: errors become 5xx responses.
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = ctx.live.load_full();
@@ -70,8 +71,13 @@ pub async fn handle(
         .hash_key()
         .and_then(|k| request_hash(k, &req, ctx.peer));
 
+    let upgrade = tunnel::requested_upgrade(req.headers())
+        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some((protocol, _)) = &upgrade {
+        tunnel::restore_upgrade_headers(&mut parts.headers, protocol.clone());
+    }
     headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto);
     if parts.uri.scheme().is_some() {
         // Absolute-form from the client: backends expect origin-form.
@@ -82,10 +88,13 @@ pub async fn handle(
         parts.version = http::Version::HTTP_11;
     }
 
-    Ok(match forward(parts, body, pool, key).await {
-        Ok(resp) => resp,
-        Err((e, backend)) => error_response(&e, &ctx, Some(pool), backend.as_deref()),
-    })
+    let client_upgrade = upgrade.map(|(_, on)| on);
+    Ok(
+        match forward(parts, body, pool, key, client_upgrade).await {
+            Ok(resp) => resp,
+            Err((e, backend)) => error_response(&e, &ctx, Some(pool), backend.as_deref()),
+        },
+    )
 }
 
 /// Sends the request to a backend of `pool`, retrying on another backend when that is safe:
@@ -96,6 +105,7 @@ async fn forward(
     body: Incoming,
     pool: &Arc<Pool>,
     key: Option<u64>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<str>>)> {
     let cfg = &pool.config;
     let settings = ConnSettings {
@@ -139,6 +149,11 @@ async fn forward(
         match tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await {
             Ok(Ok(resp)) => {
                 backend.record_success();
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = client_upgrade {
+                        return Ok(switch_protocols(resp, client, lease));
+                    }
+                }
                 return Ok(upstream_response(resp, lease, sender, settings));
             }
             Ok(Err(_)) if backend.cuts() != cuts => {
@@ -193,6 +208,24 @@ fn upstream_response(
         lease,
     };
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// The backend agreed to switch protocols: answer the client with the same 101 and join
+/// the two connections once both sides have upgraded.
+fn switch_protocols(
+    mut resp: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    lease: Lease,
+) -> Response<ProxyBody> {
+    let backend = hyper::upgrade::on(&mut resp);
+    let protocol = resp.headers().get(http::header::UPGRADE).cloned();
+    let (mut parts, _) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    if let Some(p) = protocol {
+        tunnel::restore_upgrade_headers(&mut parts.headers, p);
+    }
+    tunnel::spawn(client, backend, lease);
+    Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
 }
 
 fn error_response(

@@ -3,3 +3,4 @@
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod tunnel;

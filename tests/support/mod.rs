@@ -32,6 +32,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// - `/status/NNN`: answers with that status
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
 /// - `/download/N`: streams N bytes (chunked)
+/// - `/upgrade`: switches to an echo protocol (101, `Upgrade: echo`)
 /// - `/headers`: answers with the request headers, one `name: value` a line
 /// - anything else: answers with the backend's name
 ///
@@ -151,7 +152,7 @@ type State = (
 );
 
 async fn respond(
-    req: http::Request<Incoming>,
+    mut req: http::Request<Incoming>,
     (name, hits, in_flight, healthy, delay_ms): State,
 ) -> Result<http::Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
@@ -185,6 +186,29 @@ async fn respond(
     }
     if let Some(code) = path.strip_prefix("/status/") {
         return reply(code.parse().unwrap_or(500), name.clone());
+    }
+    if path == "/upgrade" {
+        // Echo protocol: after 101, every byte comes back.
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(io) = on.await {
+                let mut io = TokioIo::new(io);
+                let mut buf = [0u8; 4096];
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = http::Response::new(TestBody::Full(Full::default()));
+        *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        r.headers_mut().insert("x-backend", name.parse().unwrap());
+        return Ok(r);
     }
     if let Some(n) = path.strip_prefix("/download/") {
         let mut r = http::Response::new(TestBody::Stream {
