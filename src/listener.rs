@@ -86,6 +86,7 @@ pub async fn run(
             listener: Arc::clone(&name),
             peer,
             proto: "http",
+            tracker: tracker.clone(),
         });
         let builder = builder.clone();
         let shutdown = shutdown.clone();

@@ -113,3 +113,33 @@ async fn an_open_tunnel_counts_as_in_flight_and_a_drain_timeout_cuts_it() {
     let (_, status) = admin_call(lb.admin(), "GET", "/status", None).await;
     assert_eq!(status["pools"]["app"]["backends"][0]["in_flight"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_waits_for_an_open_tunnel() {
+    let a = Backend::start("a").await;
+    let mut lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .head("[global]\nshutdown_timeout = \"10s\"")
+            .build(),
+    );
+    let (mut s, _) = open_tunnel(lb.addr("web")).await;
+    lb.signal("TERM");
+    assert!(lb.wait_for_log("shutting down", Duration::from_secs(5)));
+    assert_eq!(
+        echo(&mut s, b"still open").await,
+        b"still open",
+        "the tunnel outlives SIGTERM"
+    );
+    assert_eq!(
+        lb.wait_exit(Duration::from_millis(300)),
+        None,
+        "ballast waits for the tunnel"
+    );
+    drop(s);
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        lb.logs()
+    );
+}

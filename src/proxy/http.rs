@@ -36,6 +36,8 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 pub type ProxyBody = Either<UpstreamResponseBody, Full<Bytes>>;
@@ -90,7 +92,7 @@ pub async fn handle(
 
     let client_upgrade = upgrade.map(|(_, on)| on);
     Ok(
-        match forward(parts, body, pool, key, client_upgrade).await {
+        match forward(parts, body, pool, key, client_upgrade, &ctx.tracker).await {
             Ok(resp) => resp,
             Err((e, backend)) => error_response(&e, &ctx, Some(pool), backend.as_deref()),
         },
@@ -106,6 +108,7 @@ async fn forward(
     pool: &Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    tracker: &tokio_util::task::TaskTracker,
 ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<str>>)> {
     let cfg = &pool.config;
     let settings = ConnSettings {
@@ -151,7 +154,7 @@ async fn forward(
                 backend.record_success();
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
-                        return Ok(switch_protocols(resp, client, lease));
+                        return Ok(switch_protocols(resp, client, lease, tracker));
                     }
                 }
                 return Ok(upstream_response(resp, lease, sender, settings));
@@ -216,6 +219,7 @@ fn switch_protocols(
     mut resp: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
     lease: Lease,
+    tracker: &tokio_util::task::TaskTracker,
 ) -> Response<ProxyBody> {
     let backend = hyper::upgrade::on(&mut resp);
     let protocol = resp.headers().get(http::header::UPGRADE).cloned();
@@ -224,7 +228,7 @@ fn switch_protocols(
     if let Some(p) = protocol {
         tunnel::restore_upgrade_headers(&mut parts.headers, p);
     }
-    tunnel::spawn(client, backend, lease);
+    tunnel::spawn(client, backend, lease, tracker);
     Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
 }
 

@@ -7,6 +7,7 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 
 use crate::balance::backend::Lease;
 
@@ -33,9 +34,10 @@ pub fn restore_upgrade_headers(headers: &mut HeaderMap, upgrade: HeaderValue) {
 }
 
 /// Copies between the client's and the backend's upgraded connections until one side
-/// closes or the backend's connections are cut.
-pub fn spawn(client: OnUpgrade, backend: OnUpgrade, lease: Lease) {
-    tokio::spawn(async move {
+/// closes or the backend's connections are cut. The task runs on `tracker`, so a graceful
+/// shutdown waits for open tunnels (up to its timeout) like for any other connection.
+pub fn spawn(client: OnUpgrade, backend: OnUpgrade, lease: Lease, tracker: &TaskTracker) {
+    tracker.spawn(async move {
         let b = lease.backend();
         let cut = b.cut_token();
         let (client, upstream) = match tokio::try_join!(client, backend) {
