@@ -12,7 +12,13 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -90,10 +96,12 @@ pub async fn run(
         });
         let builder = builder.clone();
         let shutdown = shutdown.clone();
+        let send_timeout = config.send_timeout;
         tracker.spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-            let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
+            let conn = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -104,9 +112,84 @@ pub async fn run(
                 }
             };
             if let Err(e) = result {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+                // hyper's message names the step; the cause (e.g. our send timeout) is its source.
+                let cause = std::error::Error::source(&e).map(|c| c.to_string());
+                tracing::debug!(client = %peer, error = %e, cause = cause.as_deref().unwrap_or("-"), "client connection ended with an error");
             }
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
+}
+
+/// The client side of a connection, failing a write that stays blocked for `timeout`: a
+/// client that stops reading a response must not hold the connection and its backend
+/// request forever (nginx's `send_timeout`). The timer exists only while a write is blocked.
+struct SendTimeout {
+    inner: TcpStream,
+    timeout: Duration,
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl SendTimeout {
+    fn new(inner: TcpStream, timeout: Duration) -> SendTimeout {
+        SendTimeout {
+            inner,
+            timeout,
+            blocked: None,
+        }
+    }
+
+    /// Maps a pending write to a timeout error once the client has not read for too long.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.blocked = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let timer = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.blocked = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("client did not read for {timeout:?} (send_timeout)"),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for SendTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -340,3 +340,40 @@ async fn large_download_streams_through_in_bounded_memory() {
         "peak RSS grew from {rss_before} KiB to {rss_after} KiB for a 512 MiB response"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(
+        &TestConfig::addresses([a.addr])
+            .admin()
+            .listener("send_timeout = \"500ms\"")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    s.write_all(b"GET /download/1073741824 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: socket buffers fill, ballast's writes block, the timeout fires.
+    let status = async || {
+        let (_, v) = support::admin_call(lb.admin(), "GET", "/status", None).await;
+        v["pools"]["app"]["backends"][0]["in_flight"].as_u64()
+    };
+    support::eventually(Duration::from_secs(5), async || status().await == Some(1))
+        .await
+        .expect("the download is in flight");
+    let cut =
+        support::eventually(Duration::from_secs(10), async || status().await == Some(0)).await;
+    assert!(
+        cut.is_some(),
+        "the stalled download was never cut:\n{}",
+        lb.logs()
+    );
+    assert!(
+        lb.wait_for_log("client did not read for 500ms", Duration::from_secs(2)),
+        "{}",
+        lb.logs()
+    );
+    drop(s);
+    assert_eq!(get(lb.addr("web"), "/").await.status, 200);
+}

@@ -48,6 +48,7 @@ pub struct FileListener {
     pub routes: Vec<FileRoute>,
     pub max_connections: Option<Spanned<u32>>,
     pub request_header_timeout: Option<Text>,
+    pub send_timeout: Option<Text>,
     pub max_header_size: Option<Spanned<u32>>,
     pub max_headers: Option<Spanned<u32>>,
 }

@@ -25,6 +25,7 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const MAX_CONNECTIONS: u32 = 10_000;
     pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const MAX_HEADER_SIZE: u32 = 64 * 1024;
     pub const MAX_HEADERS: u32 = 100;
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -81,6 +82,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// Also bounds how long an idle keep-alive connection waits for its next request.
     pub request_header_timeout: Duration,
+    /// A write to the client blocked this long (the client stopped reading) closes the
+    /// connection, like nginx's `send_timeout`.
+    pub send_timeout: Duration,
     pub max_header_size: usize,
     pub max_headers: usize,
 }

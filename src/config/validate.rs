@@ -214,6 +214,11 @@ impl Validator<'_> {
                     1,
                     defaults::MAX_CONNECTIONS,
                 ) as usize,
+                send_timeout: self.duration(
+                    &l.send_timeout,
+                    &format!("{key}.send_timeout"),
+                    defaults::SEND_TIMEOUT,
+                ),
                 request_header_timeout: self.duration(
                     &l.request_header_timeout,
                     &format!("{key}.request_header_timeout"),
