@@ -26,10 +26,7 @@ async fn read_all(stream: &mut TcpStream, limit: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_backend_gives_502_with_reason_in_log() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_reserved, dead) = support::refusing_addr();
     let lb = Ballast::start(&config(&[dead.to_string()], "", ""));
     let r = get(lb.addr("web"), "/").await;
     assert_eq!(r.status, 502);

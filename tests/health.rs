@@ -72,7 +72,9 @@ async fn unhealthy_backend_is_ejected_and_returns_within_configured_timing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_check_ejects_a_stopped_backend() {
     let [a, b] = start_backends(["a", "b"]).await;
-    let checks = "[pools.app.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 1\n";
+    // rise is out of reach: once down, b stays down even if another test's server is
+    // handed its freed port.
+    let checks = "[pools.app.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\nrise = 1000\n";
     let lb = Ballast::start(&config(&[&a, &b], checks));
     b.kill();
     let needle = format!("backend={} reason=connect failed", b.addr);
@@ -157,10 +159,7 @@ async fn killing_a_backend_under_get_load_with_active_checks_shows_no_client_err
 async fn a_refused_connection_ejects_the_backend_before_the_next_check() {
     let a = Backend::start("a").await;
     // A port that refuses: bound, then closed.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_reserved, dead) = support::refusing_addr();
     let text = format!(
         "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\n[pools.app]\nbackends = [\"{}\", \"{dead}\"]\n{}",
         a.addr,

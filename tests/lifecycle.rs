@@ -42,6 +42,7 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let mut idle = Client::connect(addr).await.unwrap();
     assert_eq!(idle.get("/").await.unwrap().status, 200);
 
+    assert!(support::listens_on(lb.pid(), addr.port()));
     lb.signal("TERM");
     assert!(lb.wait_for_log("shutting down", Duration::from_secs(5)));
     assert_eq!(
@@ -49,8 +50,9 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
         503,
         "not ready while draining"
     );
+    let pid = lb.pid();
     let refused = support::eventually(Duration::from_secs(5), async || {
-        tokio::net::TcpStream::connect(addr).await.is_err()
+        !support::listens_on(pid, addr.port())
     })
     .await;
     assert!(

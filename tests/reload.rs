@@ -264,11 +264,13 @@ async fn listeners_are_bound_and_closed_by_reload_and_a_failed_bind_changes_noth
         .unwrap();
     let api: std::net::SocketAddr = support::field(&line, "addr").unwrap().parse().unwrap();
     assert_eq!(support::get(api, "/").await.body, "a");
+    assert!(support::listens_on(lb.pid(), api.port()));
 
     lb.save_config(&base, Save::Rename);
     assert!(lb.wait_for_log("listener removed", Duration::from_secs(5)));
+    let pid = lb.pid();
     let refused = support::eventually(Duration::from_secs(5), async || {
-        tokio::net::TcpStream::connect(api).await.is_err()
+        !support::listens_on(pid, api.port())
     })
     .await;
     assert!(
