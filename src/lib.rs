@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! Modules depend only on modules above them in this list. The hot path
-//! (`listener` → `proxy` → `balance`) takes no lock the control plane holds and reads shared
-//! state through one `ArcSwap` load per request plus atomics.
+//! (`listener` → `proxy` → `balance` → `upstream`) reads shared state through one `ArcSwap`
+//! load per request plus atomics; its only lock is a backend's idle-connection list, held for
+//! a push or a pop.
 //!
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `health::threshold`: the pure rise/fall counter.
@@ -14,9 +15,9 @@
 //! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels.
 //! - `listener`: accept loops and per-connection limits.
 //! - `handover`: listening sockets passed to a successor process or from systemd.
-//! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
 //! - `control`: the control plane: reload, listener reconciliation, drain, shutdown state.
+//! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `app`: the composition root: startup, signals, file watch, hand-over, shutdown order.
 //! - `demo`: built-in backends for `ballast demo`.
 
