@@ -3,7 +3,7 @@
 //! A listener holds a semaphore of `max_connections` permits; when they are all taken it
 //! stops accepting and new connections wait in the kernel's backlog (HAProxy's `maxconn`).
 //! hyper enforces the request-header timeout (which also ends idle keep-alive connections),
-//! the header size limit (431) and malformed requests (400); [`SendTimeout`] cuts a client
+//! the header size limit (431) and malformed requests (400); `SendTimeout` cuts a client
 //! that stops reading.
 
 use std::net::SocketAddr;
