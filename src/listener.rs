@@ -68,7 +68,9 @@ pub async fn run(
         builder.max_buf_size(config.max_header_size + 8192);
     }
     loop {
+        // `biased`: once told to stop, never accept again, even if a connection is ready.
         let permit = tokio::select! {
+            biased;
             _ = stop_accepting.cancelled() => break,
             p = Arc::clone(&limit).acquire_owned() => match p {
                 Ok(p) => p,
@@ -76,6 +78,7 @@ pub async fn run(
             },
         };
         let (stream, peer) = tokio::select! {
+            biased;
             _ = stop_accepting.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,

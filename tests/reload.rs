@@ -297,3 +297,37 @@ async fn listeners_are_bound_and_closed_by_reload_and_a_failed_bind_changes_noth
     assert_eq!(status["generation"], 3);
     assert_eq!(support::get(lb.addr("web"), "/").await.body, "a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_settings_change_live_without_closing_open_connections() {
+    let a = Backend::start("a").await;
+    let base = TestConfig::weighted(&[(&a, 1)]).admin();
+    let lb = Ballast::start(&base.clone().listener("max_header_size = 65536").build());
+    let addr = lb.addr("web");
+    let mut open = Client::connect(addr).await.unwrap();
+    let big = "x".repeat(20_000);
+    let req = |c: &str| {
+        http::Request::get("/")
+            .header("host", "t")
+            .header("x-big", c)
+            .body(Default::default())
+            .unwrap()
+    };
+    assert_eq!(open.request(req(&big)).await.unwrap().status, 200);
+
+    lb.save_config(
+        &base.listener("max_header_size = 8192").build(),
+        Save::Rename,
+    );
+    assert!(
+        lb.wait_for_log("changes=~listener web", Duration::from_secs(5)),
+        "{}",
+        lb.logs()
+    );
+    // A new connection gets the new limit...
+    let mut fresh = Client::connect(addr).await.unwrap();
+    assert_eq!(fresh.request(req(&big)).await.unwrap().status, 431);
+    // ... the connection opened before the reload keeps working.
+    assert_eq!(open.get("/").await.unwrap().status, 200);
+    assert_eq!(support::get(addr, "/").await.status, 200);
+}
