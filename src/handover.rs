@@ -54,10 +54,6 @@ impl Inherited {
         inherited
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty() && self.unnamed.is_empty()
-    }
-
     /// The inherited socket for listener `name` bound at `bind`: by name from a predecessor,
     /// else by address (a `:0` port matches any port on that IP).
     pub fn take(&mut self, name: &str, bind: SocketAddr) -> Option<TcpListener> {

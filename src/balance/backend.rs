@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::PassiveConfig;
 use crate::health::threshold::{HealthCounter, HealthState, Transition};
@@ -250,11 +250,4 @@ fn clock_start() -> Instant {
 fn now_ms() -> u64 {
     // +1 so that 0 can mean "not ejected" even in the first millisecond.
     clock_start().elapsed().as_millis() as u64 + 1
-}
-
-/// Milliseconds left of a passive ejection, for status output.
-pub fn ejection_left(b: &Backend) -> Option<Duration> {
-    let until = b.ejected_until_ms.load(Ordering::Relaxed);
-    let now = now_ms();
-    (until > now).then(|| Duration::from_millis(until - now))
 }

@@ -70,14 +70,6 @@ impl Selector {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.weights.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.weights.is_empty()
-    }
-
     /// Picks a backend index. `key` is the request's hash (only used by the hash policy;
     /// `None` there falls back to round robin). Returns `None` when `load` rejects all.
     pub fn pick(&self, key: Option<u64>, load: impl Fn(usize) -> Option<usize>) -> Option<usize> {
