@@ -34,14 +34,10 @@ async fn slow_requests_on_removed_and_drained_backends_complete() {
     // b leaves the file; c is drained through the admin API.
     lb.save_config(&cfg(&[&a, &c], ""), Save::Rename);
     assert!(lb.wait_for_log("config reloaded", Duration::from_secs(5)));
-    let (code, _) = admin_call(
-        lb.admin(),
-        "POST",
-        &format!("/pools/app/backends/{}/drain", c.addr),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200);
+    assert_eq!(
+        support::admin_backend(lb.admin(), c.addr, "drain").await,
+        200
+    );
     assert_eq!(backend_state(lb.admin(), "app", c.addr).await, "draining");
 
     let (hits_b, hits_c) = (b.hits(), c.hits());
@@ -68,14 +64,10 @@ async fn slow_requests_on_removed_and_drained_backends_complete() {
     lb.save_config(&cfg(&[&a, &c], "retries = 2"), Save::Rename);
     assert!(lb.wait_for_log_count("config reloaded", 2, Duration::from_secs(5)));
     assert_eq!(backend_state(lb.admin(), "app", c.addr).await, "draining");
-    let (code, _) = admin_call(
-        lb.admin(),
-        "POST",
-        &format!("/pools/app/backends/{}/enable", c.addr),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200);
+    assert_eq!(
+        support::admin_backend(lb.admin(), c.addr, "enable").await,
+        200
+    );
     let mut seen_c = false;
     for _ in 0..4 {
         seen_c |= client.get("/").await.unwrap().body == "c";
@@ -100,14 +92,10 @@ async fn drain_timeout_cuts_what_is_left() {
     })
     .await
     .expect("one slow request on each");
-    let (code, _) = admin_call(
-        lb.admin(),
-        "POST",
-        &format!("/pools/app/backends/{}/drain", b.addr),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200);
+    assert_eq!(
+        support::admin_backend(lb.admin(), b.addr, "drain").await,
+        200
+    );
     assert!(
         lb.wait_for_log(
             "drain timeout: cutting remaining connections",

@@ -85,14 +85,10 @@ async fn an_open_tunnel_counts_as_in_flight_and_a_drain_timeout_cuts_it() {
         "{status}"
     );
 
-    let (code, _) = admin_call(
-        lb.admin(),
-        "POST",
-        &format!("/pools/app/backends/{}/drain", a.addr),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200);
+    assert_eq!(
+        support::admin_backend(lb.admin(), a.addr, "drain").await,
+        200
+    );
     // Draining lets the tunnel go on...
     assert_eq!(echo(&mut s, b"still here").await, b"still here");
     // ... until the drain timeout cuts it.

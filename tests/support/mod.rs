@@ -758,3 +758,21 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .any(|target| inodes.iter().any(|i| target.to_string_lossy() == *i))
 }
+
+/// `POST /pools/app/backends/{addr}/{action}` (`drain` or `enable`); returns the status.
+pub async fn admin_backend(admin: SocketAddr, addr: SocketAddr, action: &str) -> u16 {
+    let path = format!("/pools/app/backends/{addr}/{action}");
+    admin_call(admin, "POST", &path, None).await.0
+}
+
+impl Ballast {
+    /// Asserts the daemon's peak RSS grew by less than 64 MiB since `before` (KiB) while
+    /// moving `what`: bodies are streamed, not buffered.
+    pub fn assert_memory_bounded(&self, before: u64, what: &str) {
+        let after = self.peak_rss_kib();
+        assert!(
+            after < before + 64 * 1024,
+            "peak RSS grew from {before} KiB to {after} KiB for {what}"
+        );
+    }
+}
