@@ -43,6 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
+    raise_fd_limit();
 
     let (config, path) = match (&cli.command, &cli.config) {
         (Some(Command::Demo { bind }), _) => {
@@ -102,6 +103,29 @@ fn block_on(
             tracing::error!("{e}");
             eprintln!("ballast: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every connection costs a file descriptor (two when proxied), and the usual soft limit of
+/// 1024 is far below `max_connections`: raise the soft limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, "cannot raise the open-file limit")
         }
     }
 }
