@@ -152,3 +152,29 @@ async fn admin_drain_of_an_unknown_backend_is_404() {
     .await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_idle_upstream_connections() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    let lb = Ballast::start(&cfg(&[&a, &b], ""));
+    let mut client = Client::connect(lb.addr("web")).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(client.get("/").await.unwrap().status, 200);
+    }
+    assert_eq!(
+        a.open_connections(),
+        1,
+        "ballast keeps one idle connection to a"
+    );
+    assert_eq!(
+        support::admin_backend(lb.admin(), a.addr, "drain").await,
+        200
+    );
+    let closed =
+        support::eventually(Duration::from_secs(5), async || a.open_connections() == 0).await;
+    assert!(
+        closed.is_some(),
+        "the drained backend's idle connection was not closed"
+    );
+    assert_eq!(b.open_connections(), 1, "other backends keep theirs");
+}

@@ -134,7 +134,7 @@ async fn forward(
             break;
         };
         tried[attempt] = idx;
-        let backend = Arc::clone(lease.backend());
+        let backend = lease.backend();
         let mut sender = match backend
             .conns
             .get(backend.addr, &settings, || backend.cut_token())

@@ -110,6 +110,16 @@ impl Backend {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// Connections to this backend that are still open.
+    pub fn open_connections(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| !c.is_finished())
+            .count()
+    }
+
     /// Connections this backend accepted (health checks included).
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
