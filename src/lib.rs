@@ -7,7 +7,11 @@
 //! a push or a pop.
 //!
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
+//! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `health::threshold`: the pure rise/fall counter.
+//! - `net`: a TCP stream with write-stall, request-head and keep-alive timeouts.
+//! - `request_body`: request bodies buffered or streamed upstream, with read timeout, size
+//!   limit, and a record of the client's faults so they are never blamed on a backend.
 //! - `upstream`: connections to backends and the per-backend idle pool.
 //! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
@@ -33,7 +37,10 @@ pub mod demo;
 pub mod handover;
 pub mod health;
 pub mod listener;
+pub mod log_limit;
+pub mod net;
 pub mod proxy;
+pub mod request_body;
 pub mod state;
 pub mod systemd;
 pub mod upstream;

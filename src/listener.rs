@@ -2,34 +2,29 @@
 //!
 //! A listener holds a semaphore of `max_connections` permits; when they are all taken it
 //! stops accepting and new connections wait in the kernel's backlog (HAProxy's `maxconn`).
-//! hyper enforces the request-header timeout (which also ends idle keep-alive connections),
-//! the header size limit (431) and malformed requests (400); `SendTimeout` cuts a client
-//! that stops reading.
+//! `max_connections_per_client`, when set, bounds what one address may hold of them.
+//! hyper enforces the header size limit (431) and malformed requests (400); the socket
+//! wrapper [`TimedStream`] runs the keep-alive, request-head and send timeouts; the request
+//! path runs the body timeout.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use hyper_util::rt::TokioIo;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
+use crate::net::{ConnPhase, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::state::Live;
-
-/// hyper's own default read buffer limit.
-const DEFAULT_MAX_BUF: usize = 400 * 1024;
 
 /// Binds `addr` with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -55,18 +50,24 @@ pub async fn run(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let config = Arc::new(config);
     let name: Arc<str> = config.name.as_str().into();
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let per_client = config
+        .max_connections_per_client
+        .map(|max| Arc::new(PerClient::new(max)));
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .writev(false)
-        .header_read_timeout(config.request_header_timeout)
         .max_header_size(config.max_header_size)
-        .max_headers(config.max_headers);
-    if config.max_header_size + 8192 > DEFAULT_MAX_BUF {
-        builder.max_buf_size(config.max_header_size + 8192);
-    }
+        .max_headers(config.max_headers)
+        // One knob for both directions in hyper: the read buffer must hold a request head,
+        // the write buffer is what a slow reader can make ballast hold.
+        .max_buf_size(config.response_buffer.max(config.max_header_size));
+    let read_limits = ReadLimits {
+        header_timeout: config.request_header_timeout,
+        keepalive_timeout: config.keepalive_timeout,
+    };
     loop {
         // `biased`: once told to stop, never accept again, even if a connection is ready.
         let permit = tokio::select! {
@@ -90,22 +91,37 @@ pub async fn run(
                 }
             },
         };
+        let slot = match &per_client {
+            Some(table) => match PerClient::acquire(table, peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    refuse_over_limit(&stream, &name, peer, table.max);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
+        let phase = Arc::new(ConnPhase::default());
         let ctx = Arc::new(ConnCtx {
             live: Arc::clone(&live),
             listener: Arc::clone(&name),
+            config: Arc::clone(&config),
             peer,
             proto: "http",
             tracker: tracker.clone(),
+            phase: Arc::clone(&phase),
         });
         let builder = builder.clone();
         let shutdown = shutdown.clone();
-        let send_timeout = config.send_timeout;
+        let io = TimedStream::downstream(stream, config.send_timeout, phase, read_limits);
         tracker.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
-            let conn = builder.serve_connection(io, svc).with_upgrades();
+            let conn = builder
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -116,7 +132,7 @@ pub async fn run(
                 }
             };
             if let Err(e) = result {
-                // hyper's message names the step; the cause (e.g. our send timeout) is its source.
+                // hyper's message names the step; the cause (e.g. one of our timeouts) is its source.
                 let cause = std::error::Error::source(&e).map(|c| c.to_string());
                 tracing::debug!(client = %peer, error = %e, cause = cause.as_deref().unwrap_or("-"), "client connection ended with an error");
             }
@@ -125,75 +141,64 @@ pub async fn run(
     tracing::info!(listener = %name, "listener stopped accepting");
 }
 
-/// The client side of a connection, failing a write that stays blocked for `timeout`: a
-/// client that stops reading a response must not hold the connection and its backend
-/// request forever (nginx's `send_timeout`). The timer exists only while a write is blocked.
-struct SendTimeout {
-    inner: TcpStream,
-    timeout: Duration,
-    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+/// Open connections per client address, for `max_connections_per_client`.
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
 }
 
-impl SendTimeout {
-    fn new(inner: TcpStream, timeout: Duration) -> SendTimeout {
-        SendTimeout {
-            inner,
-            timeout,
-            blocked: None,
+/// One connection's share of its address's count; given back on drop.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn new(max: usize) -> PerClient {
+        PerClient {
+            max,
+            open: Mutex::default(),
         }
     }
 
-    /// Maps a pending write to a timeout error once the client has not read for too long.
-    fn check<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.blocked = None;
-            return polled;
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acquire(table: &Arc<PerClient>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = table.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= table.max {
+            return None;
         }
-        let timeout = self.timeout;
-        let timer = self
-            .blocked
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if timer.as_mut().poll(cx).is_ready() {
-            self.blocked = None;
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("client did not read for {timeout:?} (send_timeout)"),
-            )));
-        }
-        Poll::Pending
+        *n += 1;
+        Some(ClientSlot {
+            table: Arc::clone(table),
+            ip,
+        })
     }
 }
 
-impl AsyncRead for SendTimeout {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                // Entries live only while the address has connections: memory follows load.
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
-impl AsyncWrite for SendTimeout {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.check(cx, polled)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        self.check(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+/// Answers a connection over its address's limit with 429 (best effort, without reading or
+/// waiting) and closes it.
+fn refuse_over_limit(stream: &TcpStream, listener: &str, peer: SocketAddr, max: usize) {
+    let _ = stream.try_write(
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nconnection: close\r\n\r\n429 Too Many Requests\n",
+    );
+    if let Some(suppressed) = crate::log_limit::allow((listener, "max_connections_per_client")) {
+        tracing::info!(listener, client = %peer, max, suppressed, reason = %"too_many_connections", "connection refused: client is at max_connections_per_client");
     }
 }

@@ -49,10 +49,17 @@ impl Snapshot {
                         Some(Route {
                             host: r.host.clone(),
                             path_prefix: r.path_prefix.clone(),
-                            pool: Arc::clone(pools.get(r.pool.as_str())?),
+                            target: Target {
+                                pool: Arc::clone(pools.get(r.pool.as_str())?),
+                                upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
+                            },
                         })
                     })
                     .collect();
+                let default = Target {
+                    pool: default,
+                    upgrade: l.upgrade.clone(),
+                };
                 Some((l.name.as_str().into(), Router { routes, default }))
             })
             .collect();
@@ -69,20 +76,28 @@ impl Snapshot {
 struct Route {
     host: Option<HostMatch>,
     path_prefix: Option<String>,
-    pool: Arc<Pool>,
+    target: Target,
 }
 
-/// (host, path prefix) → pool for one listener; routes in file order, first match wins,
+/// Where a route sends a request, and what it lets through.
+#[derive(Debug)]
+pub struct Target {
+    pub pool: Arc<Pool>,
+    /// `Upgrade` protocols forwarded (lower case); others are removed from the request.
+    pub upgrade: Vec<String>,
+}
+
+/// (host, path prefix) → target for one listener; routes in file order, first match wins,
 /// then the listener's default pool.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
-    default: Arc<Pool>,
+    default: Target,
 }
 
 impl Router {
     /// `host` is the request's host without port.
-    pub fn route(&self, host: Option<&str>, path: &str) -> &Arc<Pool> {
+    pub fn route(&self, host: Option<&str>, path: &str) -> &Target {
         self.routes
             .iter()
             .find(|r| {
@@ -93,6 +108,6 @@ impl Router {
                         .as_ref()
                         .is_none_or(|p| path.starts_with(p.as_str()))
             })
-            .map_or(&self.default, |r| &r.pool)
+            .map_or(&self.default, |r| &r.target)
     }
 }

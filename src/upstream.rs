@@ -11,18 +11,19 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// Request bodies sent upstream: the client's streamed body, or nothing (which can be
-/// re-sent on a retry).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+use crate::net::TimedStream;
+pub use crate::request_body::UpstreamBody;
+
 pub type Sender = http1::SendRequest<UpstreamBody>;
+
+/// Largest read from a backend, and so the most response data read ahead of a slow client
+/// per connection (hyper would grow it to 400 KiB); also the limit on a response head.
+pub const READ_BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -40,6 +41,8 @@ pub struct ConnSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// A write to the backend (a request body) blocked this long fails the connection.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -71,7 +74,7 @@ impl ConnPool {
                 return Ok(sender);
             }
         }
-        connect(addr, s.connect_timeout, cut()).await
+        connect(addr, s, cut()).await
     }
 
     fn pop(&self, idle_timeout: Duration) -> Option<Sender> {
@@ -119,9 +122,10 @@ impl ConnPool {
 /// Opens a fresh HTTP/1.1 connection to `addr`.
 pub async fn connect(
     addr: SocketAddr,
-    timeout: Duration,
+    s: &ConnSettings,
     cut: CancellationToken,
 ) -> Result<Sender, ConnectError> {
+    let timeout = s.connect_timeout;
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -130,7 +134,8 @@ pub async fn connect(
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
         .writev(false)
-        .handshake(TokioIo::new(stream))
+        .max_buf_size(READ_BUFFER)
+        .handshake(TokioIo::new(TimedStream::upstream(stream, s.send_timeout)))
         .await
         .map_err(ConnectError::Handshake)?;
     tokio::spawn(async move {

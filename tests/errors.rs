@@ -111,7 +111,7 @@ async fn slowloris_client_is_cut_after_the_header_timeout() {
     let a = Backend::start("a").await;
     let lb = Ballast::start(&config(
         &[a.addr.to_string()],
-        "request_header_timeout = \"400ms\"",
+        "request_header_timeout = \"400ms\"\nkeepalive_timeout = \"400ms\"",
         "",
     ));
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
@@ -124,7 +124,7 @@ async fn slowloris_client_is_cut_after_the_header_timeout() {
         "closed after {took:?}"
     );
     assert!(!got.contains("200 OK"), "{got}");
-    // An idle keep-alive connection is closed by the same timer.
+    // An idle keep-alive connection is closed by its own timer.
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await

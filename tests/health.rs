@@ -133,11 +133,10 @@ async fn kill_under_load(health: &str) {
         a.hits() + c.hits() > hits_at_kill + 100,
         "traffic went on after the kill"
     );
-    let noticed = lb.lines().iter().any(|l| {
-        l.contains(&b.addr.to_string())
-            && (l.contains("backend connection failed")
-                || l.contains("backend failed before responding"))
-    });
+    let noticed = lb
+        .lines()
+        .iter()
+        .any(|l| l.contains(&b.addr.to_string()) && l.contains("backend failed"));
     assert!(
         noticed,
         "the kill was noticed (and hidden) by the data path:\n{}",
@@ -175,7 +174,11 @@ async fn a_refused_connection_ejects_the_backend_before_the_next_check() {
     let failures = lb
         .lines()
         .iter()
-        .filter(|l| l.contains("backend connection failed") && l.contains(&dead.to_string()))
+        .filter(|l| {
+            l.contains("backend failed")
+                && l.contains("reason=connect_failed")
+                && l.contains(&dead.to_string())
+        })
         .count();
     assert_eq!(failures, 1, "{}", lb.logs());
     assert!(lb.logs().contains("ejected=true"));

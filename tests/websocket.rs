@@ -14,7 +14,7 @@ use support::{admin_call, Backend, Ballast, TestConfig};
 async fn open_tunnel(addr: std::net::SocketAddr) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
     .await
     .unwrap();
@@ -54,7 +54,7 @@ async fn upgrade_passes_through_both_ways() {
     let lower = head.to_ascii_lowercase();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
-        lower.contains("upgrade: echo") && lower.contains("connection: upgrade"),
+        lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"),
         "{head}"
     );
     for msg in [

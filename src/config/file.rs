@@ -51,6 +51,22 @@ pub struct FileListener {
     pub send_timeout: Option<Text>,
     pub max_header_size: Option<Spanned<u32>>,
     pub max_headers: Option<Spanned<u32>>,
+    pub keepalive_timeout: Option<Text>,
+    pub request_body_timeout: Option<Text>,
+    pub request_buffering: Option<Spanned<FileSize>>,
+    pub max_request_body: Option<Spanned<FileSize>>,
+    pub response_buffer: Option<Spanned<FileSize>>,
+    pub upgrade: Option<Spanned<Vec<Text>>>,
+    pub allow_connect: Option<bool>,
+    pub max_connections_per_client: Option<Spanned<u32>>,
+}
+
+/// A byte size, written as an integer or as text with a unit (`"64KiB"`, `"1MiB"`, `"0"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +75,7 @@ pub struct FileRoute {
     pub host: Option<Text>,
     pub path_prefix: Option<Text>,
     pub pool: Text,
+    pub upgrade: Option<Spanned<Vec<Text>>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +101,7 @@ pub struct FilePool {
     pub drain_timeout: Option<Text>,
     pub retries: Option<Spanned<u32>>,
     pub max_idle_per_backend: Option<Spanned<u32>>,
+    pub request_buffering: Option<Spanned<FileSize>>,
 }
 
 /// A backend is written either as `"ip:port"` or as `{ address = "ip:port", weight = 3 }`.

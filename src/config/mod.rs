@@ -25,6 +25,15 @@ pub mod defaults {
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const MAX_CONNECTIONS: u32 = 10_000;
     pub const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const REQUEST_BUFFERING: usize = 64 * 1024;
+    /// Keeps `request_buffering` × concurrent slow uploads within reason.
+    pub const MAX_REQUEST_BUFFERING: usize = 64 * 1024 * 1024;
+    pub const RESPONSE_BUFFER: usize = 64 * 1024;
+    /// hyper's smallest buffer.
+    pub const MIN_RESPONSE_BUFFER: usize = 8 * 1024;
+    pub const MAX_RESPONSE_BUFFER: usize = 16 * 1024 * 1024;
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
     pub const MAX_HEADER_SIZE: u32 = 64 * 1024;
     pub const MAX_HEADERS: u32 = 100;
@@ -87,6 +96,27 @@ pub struct ListenerConfig {
     pub send_timeout: Duration,
     pub max_header_size: usize,
     pub max_headers: usize,
+    /// How long an idle keep-alive connection waits for the first byte of its next request
+    /// (nginx `keepalive_timeout`, HAProxy `timeout http-keep-alive`). Once that byte has
+    /// arrived, `request_header_timeout` bounds the rest of the head.
+    pub keepalive_timeout: Duration,
+    /// Longest gap between two reads of a request body (408, or a close once the response
+    /// has started).
+    pub request_body_timeout: Duration,
+    /// Bytes of request body read completely before a backend is chosen, for pools that do
+    /// not set their own; 0 turns buffering off.
+    pub request_buffering: usize,
+    /// Largest request body accepted (413); `None`: no limit.
+    pub max_request_body: Option<u64>,
+    /// Most response data held for one client in ballast's write buffer: a client reading
+    /// slowly slows the backend down instead of growing a buffer.
+    pub response_buffer: usize,
+    /// `Upgrade` protocols passed to backends (lower case), unless a route says otherwise.
+    pub upgrade: Vec<String>,
+    /// Whether `CONNECT` requests are forwarded (and tunnelled on a 2xx); else 405.
+    pub allow_connect: bool,
+    /// Connections one client address may hold open at once; `None`: no limit.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +124,8 @@ pub struct RouteConfig {
     pub host: Option<HostMatch>,
     pub path_prefix: Option<String>,
     pub pool: String,
+    /// Overrides the listener's `upgrade` list for requests this route matches.
+    pub upgrade: Option<Vec<String>>,
 }
 
 /// Host part of a route, lower-cased, without port.
@@ -148,6 +180,8 @@ pub struct PoolConfig {
     pub drain_timeout: Duration,
     pub retries: u32,
     pub max_idle_per_backend: usize,
+    /// Overrides the listener's `request_buffering` for this pool.
+    pub request_buffering: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

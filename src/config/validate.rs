@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, Text};
+use super::file::{self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, FileSize, Text};
 use super::*;
 
 pub(super) struct Validator<'a> {
@@ -83,6 +83,64 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// A byte size between `min` and `max`; 0 is allowed when `zero_ok`.
+    fn size(
+        &mut self,
+        value: &Option<Spanned<FileSize>>,
+        key: &str,
+        (min, max): (u64, u64),
+        zero_ok: bool,
+    ) -> Option<u64> {
+        let v = value.as_ref()?;
+        let parsed = match v.get_ref() {
+            FileSize::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            FileSize::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(0) if zero_ok => Some(0),
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            Ok(_) => {
+                let zero = if zero_ok { " (or 0)" } else { "" };
+                self.push(
+                    v.span(),
+                    format!("{key}: must be between {min} and {max} bytes{zero}"),
+                );
+                None
+            }
+            Err(e) => {
+                self.push(
+                    v.span(),
+                    format!("{key}: invalid size: {e}; write e.g. 65536, \"64KiB\" or \"1MiB\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// An `upgrade` list: protocol tokens, stored lower-case.
+    fn upgrade_list(&mut self, value: &Spanned<Vec<Text>>, key: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in value.get_ref() {
+            let token = t.get_ref().trim().to_ascii_lowercase();
+            let valid = !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if valid {
+                out.push(token);
+            } else {
+                self.push(
+                    t.span(),
+                    format!(
+                        "{key}: invalid protocol {:?}: write a token such as \"websocket\"",
+                        t.get_ref()
+                    ),
+                );
+            }
+        }
+        out
     }
 
     pub(super) fn config(&mut self, raw: FileConfig) -> Option<Config> {
@@ -183,10 +241,15 @@ impl Validator<'_> {
                         None
                     }
                 });
+                let upgrade = r
+                    .upgrade
+                    .as_ref()
+                    .map(|u| self.upgrade_list(u, &format!("{rkey}.upgrade")));
                 routes.push(RouteConfig {
                     host,
                     path_prefix,
                     pool: r.pool.get_ref().clone(),
+                    upgrade,
                 });
             }
             let max_header_size = match &l.max_header_size {
@@ -231,6 +294,54 @@ impl Validator<'_> {
                     1,
                     defaults::MAX_HEADERS,
                 ) as usize,
+                keepalive_timeout: self.duration(
+                    &l.keepalive_timeout,
+                    &format!("{key}.keepalive_timeout"),
+                    defaults::KEEPALIVE_TIMEOUT,
+                ),
+                request_body_timeout: self.duration(
+                    &l.request_body_timeout,
+                    &format!("{key}.request_body_timeout"),
+                    defaults::REQUEST_BODY_TIMEOUT,
+                ),
+                request_buffering: self.request_buffering(
+                    &l.request_buffering,
+                    &format!("{key}.request_buffering"),
+                )
+                .unwrap_or(defaults::REQUEST_BUFFERING),
+                max_request_body: self.size(
+                    &l.max_request_body,
+                    &format!("{key}.max_request_body"),
+                    (1, u64::MAX),
+                    false,
+                ),
+                response_buffer: self
+                    .size(
+                        &l.response_buffer,
+                        &format!("{key}.response_buffer"),
+                        (
+                            defaults::MIN_RESPONSE_BUFFER as u64,
+                            defaults::MAX_RESPONSE_BUFFER as u64,
+                        ),
+                        false,
+                    )
+                    .map_or(defaults::RESPONSE_BUFFER, |n| n as usize),
+                upgrade: match &l.upgrade {
+                    Some(u) => self.upgrade_list(u, &format!("{key}.upgrade")),
+                    None => vec!["websocket".to_string()],
+                },
+                allow_connect: l.allow_connect.unwrap_or(false),
+                max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
+                    if *n.get_ref() == 0 {
+                        self.push(
+                            n.span(),
+                            format!("{key}.max_connections_per_client: must be at least 1 (omit it for no limit)"),
+                        );
+                        None
+                    } else {
+                        Some(*n.get_ref() as usize)
+                    }
+                }),
             });
         }
         Some(Config {
@@ -239,6 +350,16 @@ impl Validator<'_> {
             listeners,
             pools,
         })
+    }
+
+    fn request_buffering(&mut self, value: &Option<Spanned<FileSize>>, key: &str) -> Option<usize> {
+        self.size(
+            value,
+            key,
+            (1, defaults::MAX_REQUEST_BUFFERING as u64),
+            true,
+        )
+        .map(|n| n as usize)
     }
 
     fn host_match(&mut self, h: &Text, rkey: &str) -> Option<HostMatch> {
@@ -447,6 +568,8 @@ impl Validator<'_> {
                 .map(|r| *r.get_ref())
                 .unwrap_or(defaults::MAX_IDLE_PER_BACKEND)
                 as usize,
+            request_buffering: self
+                .request_buffering(&p.request_buffering, &format!("{key}.request_buffering")),
         })
     }
 
@@ -495,6 +618,26 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// `"64KiB"`, `"1 MiB"`, `"512k"`, `"100"`: a number with an optional unit. Units are powers
+/// of 1024 (`k`, `KB` and `KiB` all mean 1024, as in nginx).
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown unit {other:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

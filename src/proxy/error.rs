@@ -5,7 +5,19 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::request_body::ClientFault;
 use crate::upstream::ConnectError;
+
+/// Who caused a failed request: what decides whether a backend is blamed for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something wrong, stalled or went away: never counted against a backend.
+    Client,
+    /// The backend failed: counted for passive ejection and may be retried elsewhere.
+    Backend,
+    /// Ballast's own state (no backend available, a reload, a drain).
+    Proxy,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -21,6 +33,8 @@ pub enum ProxyError {
     ListenerGone,
     #[error("backend was drained and its drain timeout cut the request")]
     DrainCut,
+    #[error("{0}")]
+    Client(#[source] ClientFault),
 }
 
 impl ProxyError {
@@ -35,6 +49,23 @@ impl ProxyError {
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::DrainCut => StatusCode::BAD_GATEWAY,
+            ProxyError::Client(ClientFault::Malformed | ClientFault::Aborted) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::Client(ClientFault::Timeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Client(ClientFault::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::ResponseTimeout(_) => {
+                Side::Backend
+            }
+            ProxyError::NoHealthyBackend { .. }
+            | ProxyError::ListenerGone
+            | ProxyError::DrainCut => Side::Proxy,
+            ProxyError::Client(_) => Side::Client,
         }
     }
 
@@ -49,6 +80,10 @@ impl ProxyError {
             ProxyError::ResponseTimeout(_) => "response_timeout",
             ProxyError::ListenerGone => "listener_gone",
             ProxyError::DrainCut => "drain_timeout",
+            ProxyError::Client(ClientFault::Malformed) => "bad_request_body",
+            ProxyError::Client(ClientFault::Aborted) => "client_aborted",
+            ProxyError::Client(ClientFault::Timeout(_)) => "body_timeout",
+            ProxyError::Client(ClientFault::TooLarge(_)) => "body_too_large",
         }
     }
 }
@@ -70,6 +105,13 @@ mod tests {
             (ProxyError::ResponseTimeout(Duration::from_secs(1)), 504),
             (ProxyError::ListenerGone, 503),
             (ProxyError::DrainCut, 502),
+            (ProxyError::Client(ClientFault::Malformed), 400),
+            (ProxyError::Client(ClientFault::Aborted), 400),
+            (
+                ProxyError::Client(ClientFault::Timeout(Duration::from_secs(1))),
+                408,
+            ),
+            (ProxyError::Client(ClientFault::TooLarge(1)), 413),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

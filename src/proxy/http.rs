@@ -9,21 +9,24 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Empty, Full};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::error::ProxyError;
+use super::error::{ProxyError, Side};
 use super::headers;
 use super::tunnel;
 use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
 use crate::balance::Pool;
-use crate::config::HashKey;
+use crate::config::{HashKey, ListenerConfig};
+use crate::net::ConnPhase;
+use crate::request_body::{self, BodyLimits, BodyWatch, UpstreamBody};
 use crate::state::Live;
-use crate::upstream::{ConnSettings, Sender, UpstreamBody};
+use crate::upstream::{ConnSettings, Sender};
 
 /// Upper bound on attempts per request, whatever `retries` says.
 const MAX_ATTEMPTS: usize = 8;
@@ -33,52 +36,88 @@ const MAX_ATTEMPTS: usize = 8;
 pub struct ConnCtx {
     pub live: Live,
     pub listener: Arc<str>,
+    /// The listener's settings when the connection was accepted.
+    pub config: Arc<ListenerConfig>,
     pub peer: SocketAddr,
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
     /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
     pub tracker: tokio_util::task::TaskTracker,
+    /// Busy while a request is served, idle after: the socket's read timers follow it.
+    pub phase: Arc<ConnPhase>,
 }
 
-pub type ProxyBody = Either<UpstreamResponseBody, Full<Bytes>>;
+type Inner = Either<UpstreamResponseBody, Full<Bytes>>;
 
-/// Proxies one request. Never fails: errors become 5xx responses.
+/// A response body on its way to the client. Once hyper has finished with it (dropped it),
+/// the connection is idle and its keep-alive timer runs.
+pub struct ProxyBody {
+    inner: Inner,
+    idle_on_drop: Option<Arc<ConnCtx>>,
+}
+
+/// Proxies one request. Never fails: errors become 4xx/5xx responses.
 pub async fn handle(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    ctx.phase.busy();
+    let resp = respond(req, &ctx).await;
+    // A switched connection belongs to its tunnel now: no keep-alive timer on it.
+    let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (resp.status().is_success() && resp.extensions().get::<Tunnel>().is_some());
+    let idle_on_drop = (!tunnel).then_some(ctx);
+    Ok(resp.map(|inner| ProxyBody {
+        inner,
+        idle_on_drop,
+    }))
+}
+
+/// Marks a response whose connection was handed to a tunnel (CONNECT).
+#[derive(Clone, Copy)]
+struct Tunnel;
+
+async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     let snap = ctx.live.load_full();
     let Some(router) = snap.routers.get(&*ctx.listener) else {
-        return Ok(error_response(&ProxyError::ListenerGone, &ctx, None, None));
+        return error_response(&ProxyError::ListenerGone, ctx, None, None);
     };
-    if req
-        .headers()
-        .get_all(http::header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host_field = hosts.next();
+    if hosts.next().is_some() {
         // Two Host fields make the target ambiguous (RFC 9112 §3.2): refuse, like nginx.
-        tracing::debug!(client = %ctx.peer, "rejected request with several Host fields");
-        return Ok(plain_response(StatusCode::BAD_REQUEST));
+        return reject(ctx, StatusCode::BAD_REQUEST, "several Host fields");
     }
-    let host = req
-        .headers()
-        .get(http::header::HOST)
+    if host_field.is_none() && req.version() == Version::HTTP_11 {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
+        return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
+    }
+    let connect = req.method() == Method::CONNECT;
+    if connect && !ctx.config.allow_connect {
+        return reject(
+            ctx,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not allowed",
+        );
+    }
+    let host = host_field
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .map(headers::host_without_port);
-    let pool = router.route(host, req.uri().path());
+    let target = router.route(host, req.uri().path());
+    let pool = &target.pool;
     let key = pool
         .hash_key()
         .and_then(|k| request_hash(k, &req, ctx.peer));
 
-    let upgrade = tunnel::requested_upgrade(req.headers())
-        .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let upgrade = tunnel::requested_upgrade(req.headers(), &target.upgrade);
+    let client_upgrade = (upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some((protocol, _)) = &upgrade {
-        tunnel::restore_upgrade_headers(&mut parts.headers, protocol.clone());
+    // ballast answers `Expect: 100-continue` itself, when it starts reading the body.
+    parts.headers.remove(http::header::EXPECT);
+    if let Some(protocol) = upgrade {
+        tunnel::restore_upgrade_headers(&mut parts.headers, protocol);
     }
     headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto);
     if parts.uri.scheme().is_some() {
@@ -86,43 +125,56 @@ pub async fn handle(
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
     }
-    if parts.version != http::Version::HTTP_11 {
-        parts.version = http::Version::HTTP_11;
+    if parts.version != Version::HTTP_11 {
+        parts.version = Version::HTTP_11;
     }
 
-    let client_upgrade = upgrade.map(|(_, on)| on);
-    Ok(
-        match forward(parts, body, pool, key, client_upgrade, &ctx.tracker).await {
-            Ok(resp) => resp,
-            Err((e, backend)) => error_response(&e, &ctx, Some(pool), backend.as_deref()),
-        },
-    )
+    let limits = BodyLimits {
+        read_timeout: ctx.config.request_body_timeout,
+        max_size: ctx.config.max_request_body,
+        buffer: pool
+            .config
+            .request_buffering
+            .unwrap_or(ctx.config.request_buffering),
+    };
+    // Before any backend is chosen: a slow or broken body costs no backend anything.
+    let body = match request_body::prepare(body, limits).await {
+        Ok(b) => b,
+        Err(fault) => return error_response(&ProxyError::Client(fault), ctx, Some(pool), None),
+    };
+    match forward(parts, body, pool, key, client_upgrade, &ctx.tracker).await {
+        Ok(resp) => resp,
+        Err((e, backend)) => error_response(&e, ctx, Some(pool), backend.as_deref()),
+    }
 }
 
 /// Sends the request to a backend of `pool`, retrying on another backend when that is safe:
-/// always when the request never left (connect failed, or hyper handed it back), and for a
-/// request without a body also when the backend failed before any response byte.
+/// always when the request never left (connect failed, or hyper handed it back), and when
+/// the body is in hand (none, or buffered) also after the backend failed before answering.
+/// A failure the client caused is returned at once, with no retry and no mark against the
+/// backend.
 async fn forward(
     parts: http::request::Parts,
-    body: Incoming,
+    body: UpstreamBody,
     pool: &Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     tracker: &tokio_util::task::TaskTracker,
-) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<str>>)> {
+) -> Result<Response<Inner>, (ProxyError, Option<Arc<str>>)> {
     let cfg = &pool.config;
     let settings = ConnSettings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.idle_timeout,
         max_idle: cfg.max_idle_per_backend,
+        send_timeout: cfg.response_timeout,
     };
-    let bodiless = body.is_end_stream();
-    // Kept only for requests without a body: those can be re-sent after a failure.
-    let resend = (bodiless && cfg.retries > 0).then(|| parts.clone());
-    let body: UpstreamBody = if bodiless {
-        Either::Right(Empty::new())
+    let connect = parts.method == Method::CONNECT;
+    let watch = body.watch();
+    // Kept only when the body is in hand: such a request can be sent again after a failure.
+    let resend = if cfg.retries > 0 {
+        body.try_clone().map(|b| (parts.clone(), b))
     } else {
-        Either::Left(body)
+        None
     };
     let mut req = Request::from_parts(parts, body);
     let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
@@ -135,6 +187,7 @@ async fn forward(
         };
         tried[attempt] = idx;
         let backend = lease.backend();
+        let label = || Some(Arc::clone(&backend.label));
         let mut sender = match backend
             .conns
             .get(backend.addr, &settings, || backend.cut_token())
@@ -143,47 +196,58 @@ async fn forward(
             Ok(s) => s,
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);
-                tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %e, ejected, attempt, "backend connection failed");
-                last_error = Some((ProxyError::Connect(e), Some(Arc::clone(&backend.label))));
+                log_backend_failure(pool, &backend.label, "connect_failed", &e, ejected, attempt);
+                last_error = Some((ProxyError::Connect(e), label()));
                 continue;
             }
         };
         let cuts = backend.cuts();
-        match tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await {
-            Ok(Ok(resp)) => {
+        let sent = send(&mut sender, req, watch.as_deref(), cfg.response_timeout).await;
+        match sent {
+            Some(Ok(resp)) => {
                 backend.record_success();
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (connect && resp.status().is_success());
+                if switching {
                     if let Some(client) = client_upgrade {
                         return Ok(switch_protocols(resp, client, lease, tracker));
                     }
                 }
                 return Ok(upstream_response(resp, lease, sender, settings));
             }
-            Ok(Err(_)) if backend.cuts() != cuts => {
+            Some(Err(_)) if backend.cuts() != cuts => {
                 // Our own drain timeout ended it; the work may have run, don't resend it.
-                return Err((ProxyError::DrainCut, Some(Arc::clone(&backend.label))));
+                return Err((ProxyError::DrainCut, label()));
             }
-            Ok(Err(mut e)) => {
+            Some(Err(e)) => {
+                if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
+                    // The client's body failed, not the backend: no mark, no retry.
+                    return Err((ProxyError::Client(fault), label()));
+                }
+                let mut e = e;
                 let message = e.take_message();
                 let error = e.into_error();
                 let ejected = backend.record_failure(&cfg.passive);
-                tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %error, ejected, attempt, "backend failed before responding");
-                last_error = Some((
-                    ProxyError::Upstream(error),
-                    Some(Arc::clone(&backend.label)),
-                ));
+                log_backend_failure(
+                    pool,
+                    &backend.label,
+                    "upstream_failed",
+                    &error,
+                    ejected,
+                    attempt,
+                );
+                last_error = Some((ProxyError::Upstream(error), label()));
                 req = match (message, &resend) {
                     (Some(m), _) => m,
-                    (None, Some(p)) => Request::from_parts(p.clone(), Either::Right(Empty::new())),
+                    (None, Some((p, b))) => {
+                        Request::from_parts(p.clone(), b.try_clone().unwrap_or(UpstreamBody::Empty))
+                    }
                     (None, None) => break,
                 };
             }
-            Err(_) => {
+            None => {
                 // The request may be executing; a timeout is not retried.
-                return Err((
-                    ProxyError::ResponseTimeout(cfg.response_timeout),
-                    Some(Arc::clone(&backend.label)),
-                ));
+                return Err((ProxyError::ResponseTimeout(cfg.response_timeout), label()));
             }
         }
     }
@@ -197,12 +261,56 @@ async fn forward(
     }))
 }
 
+type SendResult =
+    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
+
+/// Sends `req` and waits for the response head; `None` if `response_timeout` passed first.
+/// The response timer starts once the request is completely sent: a streamed body counts
+/// only when its last byte has gone, so a long upload with steady progress is never cut.
+/// While it is sent, the client's body timeout and the connection's write timeout apply.
+async fn send(
+    sender: &mut Sender,
+    req: Request<UpstreamBody>,
+    watch: Option<&BodyWatch>,
+    response_timeout: Duration,
+) -> Option<SendResult> {
+    let sending = sender.try_send_request(req);
+    match watch {
+        None => tokio::time::timeout(response_timeout, sending).await.ok(),
+        Some(w) => {
+            let deadline = async {
+                w.finished().await;
+                tokio::time::sleep(response_timeout).await;
+            };
+            tokio::select! {
+                biased;
+                r = sending => Some(r),
+                () = deadline => None,
+            }
+        }
+    }
+}
+
+/// Logs a backend's failure, at most once a second per (pool, backend, reason).
+fn log_backend_failure(
+    pool: &Pool,
+    backend: &str,
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+    ejected: bool,
+    attempt: usize,
+) {
+    if let Some(suppressed) = crate::log_limit::allow((&*pool.name, backend, reason, "backend")) {
+        tracing::warn!(pool = %pool.name, backend = %backend, reason = %reason, error = %error, ejected, attempt, suppressed, "backend failed");
+    }
+}
+
 fn upstream_response(
     resp: Response<Incoming>,
     lease: Lease,
     sender: Sender,
     settings: ConnSettings,
-) -> Response<ProxyBody> {
+) -> Response<Inner> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     let body = UpstreamResponseBody {
@@ -213,47 +321,85 @@ fn upstream_response(
     Response::from_parts(parts, Either::Left(body))
 }
 
-/// The backend agreed to switch protocols: answer the client with the same 101 and join
-/// the two connections once both sides have upgraded.
+/// The backend agreed to switch protocols (a 101, or a 2xx to CONNECT): answer the client
+/// the same and join the two connections once both sides have upgraded.
 fn switch_protocols(
     mut resp: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
     lease: Lease,
     tracker: &tokio_util::task::TaskTracker,
-) -> Response<ProxyBody> {
+) -> Response<Inner> {
     let backend = hyper::upgrade::on(&mut resp);
     let protocol = resp.headers().get(http::header::UPGRADE).cloned();
     let (mut parts, _) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some(p) = protocol {
+    if let Some(p) = protocol.filter(|_| parts.status == StatusCode::SWITCHING_PROTOCOLS) {
         tunnel::restore_upgrade_headers(&mut parts.headers, p);
     }
+    parts.extensions.insert(Tunnel);
     tunnel::spawn(client, backend, lease, tracker);
     Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
 }
 
+/// Logs a failed request once, here, and answers it. Failures the client caused are logged
+/// at info (they are routine on the internet), the rest as warnings; both at most once a
+/// second per (pool, backend, reason), with the count of lines suppressed meanwhile.
 fn error_response(
     e: &ProxyError,
     ctx: &ConnCtx,
     pool: Option<&Arc<Pool>>,
     backend: Option<&str>,
-) -> Response<ProxyBody> {
+) -> Response<Inner> {
     let status = e.status();
-    tracing::warn!(
-        listener = %ctx.listener,
-        client = %ctx.peer,
-        pool = %pool.map_or("-", |p| &*p.name),
-        backend = %backend.unwrap_or("-"),
-        status = status.as_u16(),
-        reason = %e.reason(),
-        error = %e,
-        "request failed"
-    );
-    plain_response(status)
+    let pool_name = pool.map_or("-", |p| &*p.name);
+    let backend = backend.unwrap_or("-");
+    let side = e.side();
+    if let Some(suppressed) =
+        crate::log_limit::allow((&*ctx.listener, pool_name, backend, e.reason()))
+    {
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    listener = %ctx.listener,
+                    client = %ctx.peer,
+                    pool = %pool_name,
+                    backend = %backend,
+                    status = status.as_u16(),
+                    reason = %e.reason(),
+                    error = %e,
+                    suppressed,
+                    "request failed"
+                )
+            };
+        }
+        match side {
+            Side::Client => log!(info),
+            Side::Backend | Side::Proxy => log!(warn),
+        }
+    }
+    let mut resp = plain_response(status);
+    if side == Side::Client {
+        // The rest of the request may be unread: this connection is done.
+        close_after(&mut resp);
+    }
+    resp
+}
+
+/// Refuses a request ballast will not forward (debug log: clients get this wrong all day).
+fn reject(ctx: &ConnCtx, status: StatusCode, why: &str) -> Response<Inner> {
+    tracing::debug!(listener = %ctx.listener, client = %ctx.peer, status = status.as_u16(), why, "rejected request");
+    let mut resp = plain_response(status);
+    close_after(&mut resp);
+    resp
+}
+
+fn close_after<B>(resp: &mut Response<B>) {
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// A short text response for `status`, e.g. `503 Service Unavailable\n`.
-pub fn plain_response(status: StatusCode) -> Response<ProxyBody> {
+pub fn plain_response(status: StatusCode) -> Response<Inner> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),
@@ -324,6 +470,38 @@ impl Body for UpstreamResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.inner {
+            Either::Left(b) => Pin::new(b).poll_frame(cx),
+            Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(ctx) = &self.idle_on_drop {
+            ctx.phase.idle();
+        }
     }
 }
 

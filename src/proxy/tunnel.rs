@@ -1,5 +1,9 @@
-//! Upgraded connections (WebSocket and any other `Upgrade:` protocol): after the backend
-//! answers `101 Switching Protocols`, bytes are copied both ways until either side closes.
+//! Upgraded connections: after the backend answers `101 Switching Protocols` (or a 2xx to
+//! an allowed `CONNECT`), bytes are copied both ways until either side closes.
+//!
+//! Only the protocols a route allows (`upgrade`, default `["websocket"]`) are passed on; any
+//! other `Upgrade` token is removed, so a client cannot open a raw tunnel to a backend and
+//! talk past ballast's routing.
 //!
 //! The tunnel holds the backend's [`Lease`], so an open WebSocket counts as in flight for
 //! least_conn and for draining, and it ends when a drain timeout cuts the backend.
@@ -11,20 +15,42 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::backend::Lease;
 
-/// The `Upgrade` value of a request that asks for a protocol switch (`Connection: upgrade`
-/// plus `Upgrade: ...`), to be forwarded although both fields are hop-by-hop.
-pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+/// The `Upgrade` value to forward for a request that asks for a protocol switch
+/// (`Connection: upgrade` plus `Upgrade: ...`): the requested protocols that `allowed` lists
+/// (lower-case names; a token's `/version` suffix is ignored for the match), in the client's
+/// order. `None` when nothing allowed was asked for.
+pub fn requested_upgrade(headers: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    if allowed.is_empty() {
+        return None;
+    }
     let wants = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
+    if !wants {
+        return None;
     }
+    let mut kept = String::new();
+    let offered = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for token in offered {
+        let name = token.split('/').next().unwrap_or(token);
+        if allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            if !kept.is_empty() {
+                kept.push_str(", ");
+            }
+            kept.push_str(token);
+        }
+    }
+    HeaderValue::from_str(&kept)
+        .ok()
+        .filter(|_| !kept.is_empty())
 }
 
 /// Puts back the two fields that carry a protocol switch across the proxy.
@@ -60,4 +86,43 @@ pub fn spawn(client: OnUpgrade, backend: OnUpgrade, lease: Lease, tracker: &Task
         }
         drop(lease);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(connection: &str, upgrade: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(connection).unwrap(),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_str(upgrade).unwrap());
+        h
+    }
+
+    #[test]
+    fn only_allowed_protocols_are_kept() {
+        let ws = vec!["websocket".to_string()];
+        assert_eq!(
+            requested_upgrade(&offer("Upgrade", "WebSocket"), &ws).unwrap(),
+            "WebSocket"
+        );
+        assert_eq!(requested_upgrade(&offer("upgrade", "h2c"), &ws), None);
+        assert_eq!(
+            requested_upgrade(&offer("keep-alive, upgrade", "h2c, websocket"), &ws).unwrap(),
+            "websocket"
+        );
+        assert_eq!(
+            requested_upgrade(&offer("keep-alive", "websocket"), &ws),
+            None
+        );
+        assert_eq!(requested_upgrade(&offer("upgrade", "websocket"), &[]), None);
+        let foo = vec!["foo".to_string()];
+        assert_eq!(
+            requested_upgrade(&offer("upgrade", "foo/2, bar"), &foo).unwrap(),
+            "foo/2"
+        );
+    }
 }

@@ -32,7 +32,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// - `/status/NNN`: answers with that status
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
 /// - `/download/N`: streams N bytes (chunked)
-/// - `/upgrade`: switches to an echo protocol (101, `Upgrade: echo`)
+/// - `/upgrade`: switches to an echo protocol (101, `Upgrade: websocket`)
 /// - `/headers`: answers with the request headers, one `name: value` a line
 /// - anything else: answers with the backend's name
 ///
@@ -216,7 +216,8 @@ async fn respond(
         *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
-        r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
         r.headers_mut().insert("x-backend", name.parse().unwrap());
         return Ok(r);
     }
@@ -238,7 +239,7 @@ async fn respond(
         }
         return reply(200, format!("{name} {n}"));
     }
-    if path == "/headers" {
+    if path.starts_with("/headers") {
         let mut text = String::new();
         for (k, v) in req.headers() {
             text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
@@ -785,4 +786,77 @@ impl Ballast {
             "peak RSS grew from {before} KiB to {after} KiB for {what}"
         );
     }
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads one response (head, then a `Content-Length` body) from `s`; `None` if the
+/// connection closed or nothing complete arrived within `limit`.
+pub async fn read_response(s: &mut TcpStream, limit: Duration) -> Option<RawReply> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = buf[head_end..].to_vec();
+        while body.len() < len {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        Some(RawReply { status, head, body })
+    };
+    tokio::time::timeout(limit, read).await.ok().flatten()
+}
+
+/// Sends `bytes` on a fresh connection and reads one response.
+pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Option<RawReply> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(addr).await.expect("connect to ballast");
+    s.write_all(bytes).await.ok()?;
+    read_response(&mut s, WAIT).await
+}
+
+/// Waits (bounded) until the peer closes `s`; returns how long that took, or `None`.
+pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
 }

@@ -1,0 +1,223 @@
+//! A TCP stream with the timeouts that tokio's lacks, for both sides of the proxy.
+//!
+//! - A write that stays blocked for `write_timeout` fails: a client that stops reading a
+//!   response (nginx's `send_timeout`), or a backend that stops reading a request body
+//!   (nginx's `proxy_send_timeout`), must not hold a connection forever. The timer exists
+//!   only while a write is blocked, so a connection with steady progress never trips it.
+//! - On the client side, reads are bounded by the connection's [`ConnPhase`]: an idle
+//!   keep-alive connection waits `keepalive_timeout` for the first byte of its next request,
+//!   and from that byte (or from the accept) the head must be complete within
+//!   `request_header_timeout`. hyper's own header timer starts when the connection goes idle,
+//!   so it cannot tell the two apart; that is why the timers live here.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+const HEAD: u64 = 0;
+const BUSY: u64 = 1;
+const IDLE: u64 = 2;
+
+/// Where a client connection is between requests: waiting for (the rest of) a request
+/// head, serving a request, or idle. The request path moves it to busy and back to idle; the
+/// stream moves it from idle to head when a byte arrives. Each change also bumps a counter,
+/// so the stream re-arms its timer even when it missed a round trip through busy.
+#[derive(Debug, Default)]
+pub struct ConnPhase {
+    /// `changes << 2 | state`. Only the connection's own task writes it.
+    word: AtomicU64,
+}
+
+impl ConnPhase {
+    fn set(&self, state: u64) {
+        let changes = self.word.load(Ordering::Relaxed) >> 2;
+        self.word
+            .store(((changes + 1) << 2) | state, Ordering::Relaxed);
+    }
+
+    /// A request head was received.
+    pub fn busy(&self) {
+        self.set(BUSY);
+    }
+
+    /// The response to the current request is complete; the next one may come.
+    pub fn idle(&self) {
+        self.set(IDLE);
+    }
+
+    fn load(&self) -> u64 {
+        self.word.load(Ordering::Relaxed)
+    }
+}
+
+/// Client-side read limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+struct ReadTimer {
+    phase: std::sync::Arc<ConnPhase>,
+    limits: ReadLimits,
+    /// The phase word the timer was armed for.
+    armed_for: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+pub struct TimedStream {
+    inner: TcpStream,
+    write_timeout: Duration,
+    /// Names the peer and the setting in the timeout error, e.g. `client` / `send_timeout`.
+    write_names: (&'static str, &'static str),
+    write_blocked: Option<Pin<Box<Sleep>>>,
+    read: Option<ReadTimer>,
+}
+
+impl TimedStream {
+    /// A backend connection: only writes are timed (reads wait for the response timeout,
+    /// which the request path runs).
+    pub fn upstream(inner: TcpStream, write_timeout: Duration) -> TimedStream {
+        TimedStream {
+            inner,
+            write_timeout,
+            write_names: ("backend", "response_timeout"),
+            write_blocked: None,
+            read: None,
+        }
+    }
+
+    /// A client connection, its reads bounded by `phase` and `limits`.
+    pub fn downstream(
+        inner: TcpStream,
+        write_timeout: Duration,
+        phase: std::sync::Arc<ConnPhase>,
+        limits: ReadLimits,
+    ) -> TimedStream {
+        TimedStream {
+            read: Some(ReadTimer {
+                phase,
+                limits,
+                armed_for: u64::MAX,
+                timer: None,
+            }),
+            write_names: ("client", "send_timeout"),
+            ..TimedStream::upstream(inner, write_timeout)
+        }
+    }
+
+    /// Maps a pending write to a timeout error once the peer has not read for too long.
+    fn check_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.write_blocked = None;
+            return polled;
+        }
+        let timeout = self.write_timeout;
+        let timer = self
+            .write_blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.write_blocked = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} did not read for {timeout:?} ({})",
+                    self.write_names.0, self.write_names.1
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl ReadTimer {
+    /// Called when a read is pending: fails it once the current phase has lasted too long.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let word = self.phase.load();
+        let (limit, what) = match word & 3 {
+            HEAD => (
+                self.limits.header_timeout,
+                "request head not complete within request_header_timeout",
+            ),
+            IDLE => (
+                self.limits.keepalive_timeout,
+                "no new request within keepalive_timeout",
+            ),
+            _ => return Poll::Pending,
+        };
+        if self.armed_for != word {
+            self.armed_for = word;
+            let deadline = Instant::now() + limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let expired = self
+            .timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+        if expired {
+            Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let Some(read) = &mut this.read else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && read.phase.load() & 3 == IDLE {
+                    // The first byte of the next request: the head timer starts now.
+                    read.phase.set(HEAD);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => read.poll_expired(cx).map(Err),
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check_write(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check_write(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
