@@ -40,6 +40,11 @@ enum Command {
     },
 }
 
+/// glibc's allocator kept ~80 MB resident after a soak of slow clients ended (per-thread
+/// arenas hold freed pages); mimalloc returns freed pages to the OS. Figures: BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());

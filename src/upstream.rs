@@ -23,7 +23,7 @@ pub type Sender = http1::SendRequest<UpstreamBody>;
 
 /// Largest read from a backend, and so the most response data read ahead of a slow client
 /// per connection (hyper would grow it to 400 KiB); also the limit on a response head.
-pub const READ_BUFFER: usize = 64 * 1024;
+pub const READ_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -132,6 +132,8 @@ pub async fn connect(
         Err(_) => return Err(ConnectError::Timeout(timeout)),
     };
     let _ = stream.set_nodelay(true);
+    // A backend that reads a request body slowly holds a bounded send queue here too.
+    crate::listener::limit_unsent(&stream, READ_BUFFER);
     let (sender, conn) = http1::Builder::new()
         .writev(false)
         .max_buf_size(READ_BUFFER)

@@ -30,12 +30,12 @@ pub mod defaults {
     pub const REQUEST_BUFFERING: usize = 64 * 1024;
     /// Keeps `request_buffering` × concurrent slow uploads within reason.
     pub const MAX_REQUEST_BUFFERING: usize = 64 * 1024 * 1024;
-    pub const RESPONSE_BUFFER: usize = 64 * 1024;
+    pub const RESPONSE_BUFFER: usize = 32 * 1024;
     /// hyper's smallest buffer.
     pub const MIN_RESPONSE_BUFFER: usize = 8 * 1024;
     pub const MAX_RESPONSE_BUFFER: usize = 16 * 1024 * 1024;
     pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const MAX_HEADER_SIZE: u32 = 64 * 1024;
+    pub const MAX_HEADER_SIZE: u32 = 32 * 1024;
     pub const MAX_HEADERS: u32 = 100;
     pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -81,6 +81,10 @@ impl Backend {
                     continue;
                 };
                 accepted2.fetch_add(1, Ordering::SeqCst);
+                // Like a well-run server: a slow reader's backlog waits in the process, not
+                // in a 4 MiB kernel send queue (many of those push loopback into TCP memory
+                // pressure, which drops packets for every test on the machine).
+                let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(128 * 1024);
                 let state = state.clone();
                 let task = tokio::spawn(async move {
                     let svc = service_fn(move |req| respond(req, state.clone()));
@@ -127,6 +131,11 @@ impl Backend {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The live in-flight counter, for sampling from another task.
+    pub fn in_flight_counter(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
     }
 
     /// Delays every answer (except `/health`) by `ms`.
@@ -270,10 +279,12 @@ impl hyper::body::Body for TestBody {
                 if *left == 0 {
                     return std::task::Poll::Ready(None);
                 }
-                let n = (*left).min(64 * 1024);
+                // One shared chunk: a download costs the backend no allocation per chunk.
+                static CHUNK: [u8; 64 * 1024] = [b'y'; 64 * 1024];
+                let n = (*left).min(CHUNK.len() as u64);
                 *left -= n;
-                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
-                    vec![b'y'; n as usize],
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+                    &CHUNK[..n as usize],
                 )))))
             }
         }
@@ -320,6 +331,14 @@ impl Ballast {
         Self::launch(dir, config_path, &[], env)
     }
 
+    /// Starts ballast with the log filter production runs with (`info`).
+    pub fn start_production_logging(config: &str) -> Ballast {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("ballast.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        Self::launch(dir, config_path, &["--log", "info"], &[])
+    }
+
     /// Starts a second process on the same config file with `--upgrade`: it takes this
     /// one's listening sockets over.
     pub fn upgrade(&self) -> Ballast {
@@ -327,18 +346,22 @@ impl Ballast {
         Self::launch(dir, self.config_path.clone(), &["--upgrade"], &[])
     }
 
+    /// Runs `$BALLAST_TEST_BIN` when set (to measure another build with the same tests),
+    /// else the binary cargo built.
     fn launch(
         dir: tempfile::TempDir,
         config_path: PathBuf,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Ballast {
-        let mut cmd = Command::new(ballast_bin());
+        let bin = std::env::var("BALLAST_TEST_BIN").unwrap_or_else(|_| ballast_bin().into());
+        let mut cmd = Command::new(bin);
         cmd.args(args);
+        if !args.contains(&"--log") {
+            cmd.args(["--log", "info,ballast=debug"]);
+        }
         cmd.arg("--config")
             .arg(&config_path)
-            .arg("--log")
-            .arg("info,ballast=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -446,12 +469,21 @@ impl Ballast {
 
     /// Peak resident memory of the daemon in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    /// Resident memory of the daemon now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM")
+            .unwrap_or_else(|| panic!("{field} in /proc/{}/status", self.pid()))
     }
 }
 
@@ -647,6 +679,41 @@ pub async fn backend_state(admin: SocketAddr, pool: &str, address: SocketAddr) -
         .and_then(|bs| bs.iter().find(|b| b["address"] == address.to_string()))
         .map(|b| b["state"].as_str().unwrap_or("").to_string())
         .unwrap_or_else(|| "absent".into())
+}
+
+/// Backends on a runtime of their own threads, so that a test's crowd of clients does not
+/// starve them (as it would a real backend on another host).
+pub struct BackendRuntime {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl BackendRuntime {
+    pub fn new(threads: usize) -> BackendRuntime {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("test-backends")
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        BackendRuntime { rt: Some(rt) }
+    }
+
+    pub async fn start(&self, name: &str) -> Backend {
+        let name = name.to_string();
+        let rt = self.rt.as_ref().expect("runtime");
+        rt.spawn(async move { Backend::start(&name).await })
+            .await
+            .expect("start backend")
+    }
+}
+
+impl Drop for BackendRuntime {
+    fn drop(&mut self) {
+        // A runtime may not be dropped (blocking) inside the test's async context.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Starts one backend per name, in order.
