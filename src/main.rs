@@ -47,7 +47,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log.as_deref());
+    // Flushes what is still queued when main returns.
+    let _log_flush = init_logging(cli.log.as_deref());
     raise_fd_limit();
 
     let (config, path) = match (&cli.command, &cli.config) {
@@ -135,15 +136,20 @@ fn raise_fd_limit() {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
+/// Logs go to stderr through a queue drained by a thread of their own: a slow journal or a
+/// full pipe must never block a worker thread (it would stall every connection on it). When
+/// the queue is full, lines are dropped rather than waited for.
+fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = match filter {
         Some(f) => EnvFilter::new(f),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    guard
 }

@@ -493,3 +493,22 @@ async fn max_connections_per_client_refuses_the_extra_connection() {
     .await;
     assert!(ok.is_some(), "a freed slot was not given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_never_stalls_requests() {
+    // Each malformed connection logs a debug line; after a few hundred the 64 KiB pipe is
+    // full, and a blocking logger would then stop every worker thread. ballast drops lines
+    // instead and keeps serving.
+    let a = Backend::start("a").await;
+    let lb = Ballast::start_with_unread_log(&TestConfig::new(&[&a]).build(), "debug");
+    let mut c = support::Client::connect(lb.addr("web")).await.unwrap();
+    for i in 0..1500 {
+        let mut bad = TcpStream::connect(lb.addr("web")).await.unwrap();
+        bad.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), c.get("/"))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} stalled behind the log"))
+            .expect("request");
+        assert_eq!(r.status, 200);
+    }
+}

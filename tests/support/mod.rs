@@ -339,6 +339,15 @@ impl Ballast {
         Self::launch(dir, config_path, &["--log", "info"], &[])
     }
 
+    /// Starts ballast with `--log filter` and stops reading its log once it is ready,
+    /// keeping the pipe open: whatever it logs next fills the pipe and then stays unwritten.
+    pub fn start_with_unread_log(config: &str, filter: &str) -> Ballast {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("ballast.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        Self::launch_reading(dir, config_path, &["--log", filter], &[], false)
+    }
+
     /// Starts a second process on the same config file with `--upgrade`: it takes this
     /// one's listening sockets over.
     pub fn upgrade(&self) -> Ballast {
@@ -353,6 +362,16 @@ impl Ballast {
         config_path: PathBuf,
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> Ballast {
+        Self::launch_reading(dir, config_path, args, env, true)
+    }
+
+    fn launch_reading(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep_reading: bool,
     ) -> Ballast {
         let bin = std::env::var("BALLAST_TEST_BIN").unwrap_or_else(|_| ballast_bin().into());
         let mut cmd = Command::new(bin);
@@ -373,11 +392,19 @@ impl Ballast {
         let log: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
         let log2 = log.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
+            let mut reader = BufReader::new(stderr);
+            for line in (&mut reader).lines() {
                 let Ok(line) = line else { break };
+                let ready = line.contains("ballast is ready");
                 let (lines, cv) = &*log2;
                 lines.lock().unwrap().push(line);
                 cv.notify_all();
+                if ready && !keep_reading {
+                    // Hold the pipe open, unread, for as long as the test process lives.
+                    loop {
+                        std::thread::park();
+                    }
+                }
             }
         });
         let mut b = Ballast {
