@@ -215,3 +215,30 @@ fn missing_file_is_an_error() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("/nonexistent/ballast.toml:0:0: cannot read file"));
 }
+
+#[test]
+fn hardening_keys_are_checked() {
+    let text = format!(
+        "{BASE}request_buffering = \"64 parsecs\"\n[listeners.web2]\nbind = \"127.0.0.1:8081\"\npool = \"app\"\nrequest_buffering = \"1GiB\"\nresponse_buffer = 100\nmax_request_body = 0\nkeepalive_timeout = \"0s\"\nupgrade = [\"web socket\"]\nmax_connections_per_client = 0\n[[listeners.web2.routes]]\npool = \"app\"\nupgrade = [\"\"]\n"
+    );
+    assert_error(
+        &text,
+        &[
+            "F:7:21: pools.app.request_buffering: invalid size: unknown unit \"parsecs\"",
+            "F:11:21: listeners.web2.request_buffering: must be between 1 and 67108864 bytes (or 0)",
+            "F:12:19: listeners.web2.response_buffer: must be between 8192 and 16777216 bytes",
+            "F:13:20: listeners.web2.max_request_body: must be between 1 and",
+            "F:14:21: listeners.web2.keepalive_timeout: duration must be greater than zero",
+            "F:15:12: listeners.web2.upgrade: invalid protocol \"web socket\"",
+            "F:16:30: listeners.web2.max_connections_per_client: must be at least 1",
+            "F:19:12: listeners.web2.routes[0].upgrade: invalid protocol \"\"",
+        ],
+    );
+    // And the good spellings pass.
+    let good = format!(
+        "{BASE}request_buffering = 0\n[listeners.web2]\nbind = \"127.0.0.1:8081\"\npool = \"app\"\nrequest_buffering = \"1 MiB\"\nresponse_buffer = \"16k\"\nmax_request_body = \"10MB\"\nkeepalive_timeout = \"75s\"\nrequest_body_timeout = \"1m\"\nupgrade = [\"websocket\", \"h2c\"]\nallow_connect = true\nmax_connections_per_client = 50\n"
+    );
+    let (code, out, err) = check(&good);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+}

@@ -381,6 +381,21 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
     }
 
     #[test]
+    fn sizes_take_binary_units() {
+        use validate::parse_size;
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size(" 1 MiB "), Ok(1 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("1.5MiB").is_err());
+        assert!(parse_size("10 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
     fn line_col_counts_characters() {
         assert_eq!(validate::line_col("ab\ncé\nx", 7), (3, 1));
         assert_eq!(validate::line_col("ab\ncé\nx", 3), (2, 1));
