@@ -512,3 +512,33 @@ async fn a_log_pipe_nobody_reads_never_stalls_requests() {
         assert_eq!(r.status, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_cannot_carry_a_request_past_its_route() {
+    let [app, api] = start_backends(["app", "api"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener("[[listeners.web.routes]]\npath_prefix = \"/echo-path/api/\"\npool = \"api\"")
+            .pool(&format!("[pools.api]\nbackends = [\"{}\"]", api.addr))
+            .build(),
+    );
+    let cases = [
+        // (sent, pool that must answer, path the backend must see)
+        ("/echo-path/api/../other?q=1", "app", "/echo-path/other?q=1"),
+        ("/echo-path/other/../api/x", "api", "/echo-path/api/x"),
+        ("/echo-path/other/%2e%2E/api/x", "api", "/echo-path/api/x"),
+        ("/echo-path/api/./x", "api", "/echo-path/api/x"),
+    ];
+    for (sent, pool, seen) in cases {
+        let r = support::get(lb.addr("web"), sent).await;
+        assert_eq!((r.backend(), r.body.as_str()), (pool, seen), "{sent}");
+    }
+    let r = raw_request(
+        lb.addr("web"),
+        b"GET /../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, 400, "{}", r.head);
+    assert_eq!(app.hits() + api.hits(), 4);
+}

@@ -1,5 +1,6 @@
 //! Arbitrary header fields through the proxy's header rules: never panics, and no
-//! hop-by-hop field survives `remove_hop_by_hop`.
+//! hop-by-hop field survives `remove_hop_by_hop`. The input's first line also goes through
+//! `normalize_path`: no panic, and what comes out has no dot-segment left.
 #![no_main]
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -8,6 +9,12 @@ use libfuzzer_sys::fuzz_target;
 use ballast::proxy::headers;
 
 fuzz_target!(|data: &[u8]| {
+    if let Some(first) = data.split(|b| *b == b'\n').next() {
+        if let Ok(Some(path)) = std::str::from_utf8(first).map(headers::normalize_path).unwrap_or(Ok(None)) {
+            assert!(path.starts_with('/'));
+            assert_eq!(headers::normalize_path(&path), Ok(None), "{path} still has dot-segments");
+        }
+    }
     let mut map = HeaderMap::new();
     for line in data.split(|b| *b == b'\n') {
         let Some(colon) = line.iter().position(|b| *b == b':') else { continue };

@@ -97,6 +97,54 @@ pub fn host_without_port(host: &str) -> &str {
         .map_or(host, |(h, _)| h)
 }
 
+/// A request path that climbs above the root with `..`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PathAboveRoot;
+
+/// The path with its dot-segments removed (RFC 3986 §5.2.4), `%2e` counting as a dot, so a
+/// route's path prefix means what it says: `/api/../admin` would otherwise be routed to the
+/// `/api/` pool and then resolve to `/admin` on its backend. `Ok(None)` when there is
+/// nothing to remove (the common case, found without allocating); an error when `..` climbs
+/// above the root. Paths not starting with `/` (`*`, CONNECT's authority) are left alone.
+pub fn normalize_path(path: &str) -> Result<Option<String>, PathAboveRoot> {
+    fn dot(seg: &str) -> bool {
+        seg == "." || seg.eq_ignore_ascii_case("%2e")
+    }
+    fn dot_dot(seg: &str) -> bool {
+        matches!(seg.len(), 2 | 4 | 6) && {
+            let rest = seg.strip_prefix('.').or_else(|| {
+                seg.get(..3)
+                    .filter(|p| p.eq_ignore_ascii_case("%2e"))
+                    .map(|_| &seg[3..])
+            });
+            rest.is_some_and(dot)
+        }
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Ok(None);
+    };
+    if !rest.contains(['.', '%']) || !rest.split('/').any(|s| dot(s) || dot_dot(s)) {
+        return Ok(None);
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        if dot(seg) {
+        } else if dot_dot(seg) {
+            out.pop().ok_or(PathAboveRoot)?;
+        } else {
+            out.push(seg);
+            continue;
+        }
+        if last {
+            // `/a/b/..` is the directory `/a/`.
+            out.push("");
+        }
+    }
+    Ok(Some(format!("/{}", out.join("/"))))
+}
+
 /// The value of cookie `name` in the request's `Cookie` fields.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -152,6 +200,24 @@ mod tests {
         assert_eq!(host_without_port("a.example.com:8080"), "a.example.com");
         assert_eq!(host_without_port("a.example.com"), "a.example.com");
         assert_eq!(host_without_port("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn dot_segments_are_removed_and_may_not_climb_above_the_root() {
+        let n = |p: &str| normalize_path(p);
+        assert_eq!(n("/api/users"), Ok(None));
+        assert_eq!(n("/a.b/c%20d/v1.2"), Ok(None));
+        assert_eq!(n("/api/../admin"), Ok(Some("/admin".into())));
+        assert_eq!(n("/api/%2e%2E/admin"), Ok(Some("/admin".into())));
+        assert_eq!(n("/api/.%2e/admin"), Ok(Some("/admin".into())));
+        assert_eq!(n("/a/./b/."), Ok(Some("/a/b/".into())));
+        assert_eq!(n("/a/b/.."), Ok(Some("/a/".into())));
+        assert_eq!(n("/a/%2E/b"), Ok(Some("/a/b".into())));
+        assert_eq!(n("/a//../b"), Ok(Some("/a/b".into())));
+        assert_eq!(n("/.."), Err(PathAboveRoot));
+        assert_eq!(n("/a/../../etc/passwd"), Err(PathAboveRoot));
+        assert_eq!(n("*"), Ok(None));
+        assert_eq!(n("/..."), Ok(None));
     }
 
     #[test]

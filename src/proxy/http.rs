@@ -104,7 +104,15 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().host())
         .map(headers::host_without_port);
-    let target = router.route(host, req.uri().path());
+    // Route and forward the path the backend will act on, not one that dot-segments change.
+    let normalized = match headers::normalize_path(req.uri().path()) {
+        Ok(n) => n,
+        Err(headers::PathAboveRoot) => {
+            return reject(ctx, StatusCode::BAD_REQUEST, "path climbs above the root")
+        }
+    };
+    let path = normalized.as_deref().unwrap_or(req.uri().path());
+    let target = router.route(host, path);
     let pool = &target.pool;
     let key = pool
         .hash_key()
@@ -113,6 +121,11 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     let upgrade = tunnel::requested_upgrade(req.headers(), &target.upgrade);
     let client_upgrade = (upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if let Some(path) = normalized {
+        let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
+        parts.uri =
+            Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
+    }
     headers::remove_hop_by_hop(&mut parts.headers);
     // ballast answers `Expect: 100-continue` itself, when it starts reading the body.
     parts.headers.remove(http::header::EXPECT);

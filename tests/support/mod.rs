@@ -33,7 +33,8 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
 /// - `/download/N`: streams N bytes (chunked)
 /// - `/upgrade`: switches to an echo protocol (101, `Upgrade: websocket`)
-/// - `/headers`: answers with the request headers, one `name: value` a line
+/// - `/headers...`: answers with the request headers, one `name: value` a line
+/// - `/echo-path...`: answers with the path and query it received
 /// - anything else: answers with the backend's name
 ///
 /// Every response carries `x-backend: NAME`.
@@ -247,6 +248,10 @@ async fn respond(
             }
         }
         return reply(200, format!("{name} {n}"));
+    }
+    if path.starts_with("/echo-path") {
+        let pq = req.uri().path_and_query().map_or("", |pq| pq.as_str());
+        return reply(200, pq.to_string());
     }
     if path.starts_with("/headers") {
         let mut text = String::new();
