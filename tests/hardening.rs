@@ -181,6 +181,28 @@ async fn connect_is_refused_unless_allowed() {
     .expect("answer");
     assert_eq!(r.status, 405, "{}", r.head);
     assert_eq!(a.connections(), 0, "CONNECT reached the backend");
+
+    // Allowed: forwarded to the route's backend, and a 2xx opens a tunnel to it.
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("allow_connect = true")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    s.write_all(b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 200, "{}", r.head);
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo through the tunnel")
+        .unwrap();
+    assert_eq!(&got, b"ping");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,7 +65,7 @@ pub async fn handle(
     let resp = respond(req, &ctx).await;
     // A switched connection belongs to its tunnel now: no keep-alive timer on it.
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        || (resp.status().is_success() && resp.extensions().get::<Tunnel>().is_some());
+        || resp.extensions().get::<Tunnel>().is_some();
     let idle_on_drop = (!tunnel).then_some(ctx);
     Ok(resp.map(|inner| ProxyBody {
         inner,

@@ -32,7 +32,8 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// - `/status/NNN`: answers with that status
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
 /// - `/download/N`: streams N bytes (chunked)
-/// - `/upgrade`: switches to an echo protocol (101, `Upgrade: websocket`)
+/// - `/upgrade`: switches to an echo protocol (101, `Upgrade: websocket`); so does any
+///   `CONNECT` (200)
 /// - `/headers...`: answers with the request headers, one `name: value` a line
 /// - `/echo-path...`: answers with the path and query it received
 /// - anything else: answers with the backend's name
@@ -207,8 +208,9 @@ async fn respond(
     if let Some(code) = path.strip_prefix("/status/") {
         return reply(code.parse().unwrap_or(500), name.clone());
     }
-    if path == "/upgrade" {
-        // Echo protocol: after 101, every byte comes back.
+    let connect = req.method() == http::Method::CONNECT;
+    if path == "/upgrade" || connect {
+        // Echo protocol: after 101 (or a 200 to CONNECT), every byte comes back.
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(io) = on.await {
@@ -223,6 +225,10 @@ async fn respond(
             }
         });
         let mut r = http::Response::new(TestBody::Full(Full::default()));
+        if connect {
+            r.headers_mut().insert("x-backend", name.parse().unwrap());
+            return Ok(r);
+        }
         *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
