@@ -4,6 +4,7 @@
 #
 #   bash benches/compare.sh            # 3 rounds x 10 s per proxy
 #   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
+#   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -93,6 +94,7 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 start_proxy() {
   case $1 in
     ballast) taskset -c 0 "$BALLAST" --config "$work/ballast.toml" --log warn & ;;
+    ballast-base) taskset -c 0 "$BALLAST_BASELINE" --config "$work/ballast.toml" --log warn & ;;
     haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
     nginx)   taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
   esac
@@ -109,8 +111,10 @@ stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
 hz=$(getconf CLK_TCK)
 results="$work/results"
 : > "$results"
+proxies="ballast haproxy nginx"
+if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
 for round in $(seq 1 "$ROUNDS"); do
-  for proxy in ballast haproxy nginx; do
+  for proxy in $proxies; do
     start_proxy $proxy
     wpid=$(worker_pid $proxy)
     taskset -c 1 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
@@ -144,9 +148,11 @@ for line in open(sys.argv[1]):
 med = {p: {k: statistics.median(v) for k, v in r.items()} for p, r in rows.items()}
 h = med["haproxy"]
 print(f"\nmedian of {len(rows['haproxy']['rps'])} rounds; ratio = proxy / haproxy (req/s: higher is better; latency, cpu: lower is better)")
-print(f"{'proxy':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
-for p in ("ballast", "haproxy", "nginx"):
+print(f"{'proxy':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
+for p in ("ballast", "ballast-base", "haproxy", "nginx"):
+    if p not in med:
+        continue
     m = med[p]
-    print(f"{p:8} {m['rps']:10.0f} {m['p50']:8.3f} {m['p99']:8.3f} {m['cpu']:10.2f} | "
+    print(f"{p:12} {m['rps']:10.0f} {m['p50']:8.3f} {m['p99']:8.3f} {m['cpu']:10.2f} | "
           f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f}")
 PY

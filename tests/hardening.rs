@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use support::{
     backend_state, closed_within, raw_request, read_response, start_backends, Backend, Ballast,
@@ -419,15 +419,7 @@ async fn a_long_upload_with_steady_progress_outlives_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_breaks_off_an_upload_is_ejected() {
     // The other side of the line: the client sends correctly, the backend closes mid-body.
-    let rude = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rude_addr = rude.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = rude.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            drop(s);
-        }
-    });
+    let rude_addr = support::rude_backend().await;
     let lb = Ballast::start(&TestConfig::addresses([rude_addr]).admin().build());
     let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\n\r\n")
@@ -453,15 +445,7 @@ async fn a_backend_that_breaks_off_an_upload_is_ejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffered_body_is_retried_on_another_backend() {
-    // Reads the request and closes without answering.
-    let rude = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rude_addr = rude.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = rude.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-        }
-    });
+    let rude_addr = support::rude_backend().await;
     let good = Backend::start("good").await;
     let lb = Ballast::start(
         &TestConfig::addresses([rude_addr, good.addr])

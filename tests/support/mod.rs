@@ -754,6 +754,20 @@ impl Drop for BackendRuntime {
     }
 }
 
+/// A backend that accepts, reads the start of a request and closes without answering.
+pub async fn rude_backend() -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let rude = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = rude.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = rude.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+        }
+    });
+    addr
+}
+
 /// Starts one backend per name, in order.
 pub async fn start_backends<const N: usize>(names: [&str; N]) -> [Backend; N] {
     let mut started = Vec::with_capacity(N);
