@@ -166,7 +166,7 @@ pub async fn prepare(body: Incoming, limits: BodyLimits) -> Result<UpstreamBody,
     if declared.is_some_and(|len| len > limits.buffer as u64) || limits.buffer == 0 {
         return Ok(UpstreamBody::Stream(stream));
     }
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     loop {
         match std::future::poll_fn(|cx| Pin::new(&mut stream).poll_frame(cx)).await {
             None => return Ok(UpstreamBody::Full(Some(buf.freeze()))),

@@ -548,3 +548,29 @@ async fn dot_segments_cannot_carry_a_request_past_its_route() {
     assert_eq!(r.status, 400, "{}", r.head);
     assert_eq!(app.hits() + api.hits(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_while_buffering() {
+    // curl sends `Expect: 100-continue` and waits for the 100 before the body; ballast
+    // reads the body itself (buffering), so it must say 100 itself.
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(&TestConfig::new(&[&a]).build());
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("an interim 100");
+    assert_eq!(r.status, 100, "{}", r.head);
+    s.write_all(b"hello").await.unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answer");
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        (200, "a 5".into())
+    );
+}
