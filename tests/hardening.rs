@@ -574,3 +574,33 @@ async fn expect_100_continue_is_answered_while_buffering() {
         (200, "a 5".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_is_strict_and_backends_get_one_unambiguous_length() {
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(&TestConfig::new(&[&a]).build());
+    // Refused before any backend sees them: conflicting or malformed lengths, and transfer
+    // codings that do not end in chunked (the body's end would be unknowable).
+    for bad in [
+        &b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n",
+    ] {
+        let r = raw_request(lb.addr("web"), bad).await.expect("answer");
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(a.hits(), 0, "a malformed message reached the backend");
+    // Both Content-Length and chunked: chunked decides (RFC 9112 §6.3) and the backend
+    // gets the decoded body with its own, correct length, never the client's claim.
+    for both in [
+        &b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let r = raw_request(lb.addr("web"), both).await.expect("answer");
+        assert_eq!((r.status, String::from_utf8_lossy(&r.body).into_owned()), (200, "a 5".into()));
+    }
+}
