@@ -4,7 +4,8 @@
 //! Modules depend only on modules above them in this list. The hot path
 //! (`listener` → `proxy` → `balance` → `upstream`) reads shared state through one `ArcSwap`
 //! load per request plus atomics; its only lock is a backend's idle-connection list, held for
-//! a push or a pop.
+//! a push or a pop. Off the happy path: the warning limiter's table on failures, and the
+//! per-client connection table at accept when `max_connections_per_client` is set.
 //!
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.

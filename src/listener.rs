@@ -102,7 +102,7 @@ pub async fn run(
             None => None,
         };
         let _ = stream.set_nodelay(true);
-        limit_unsent(&stream, config.response_buffer);
+        crate::net::limit_unsent(&stream, config.response_buffer);
         let phase = Arc::new(ConnPhase::default());
         let ctx = Arc::new(ConnCtx {
             live: Arc::clone(&live),
@@ -140,19 +140,6 @@ pub async fn run(
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
-}
-
-/// Caps the data queued in the kernel but not yet sent on `stream` (`TCP_NOTSENT_LOWAT`).
-/// The kernel otherwise grows a socket's send buffer to `tcp_wmem`'s maximum (4 MiB) even
-/// for a client whose window is nearly shut: measured, 300 slow readers held 1.1 GiB of
-/// ballast's send queues, pushed the machine's TCP memory into pressure, and the dropped
-/// packets timed out health probes of healthy backends. Data in flight is not capped, so a
-/// fast client over a long link keeps its full window.
-pub fn limit_unsent(stream: &TcpStream, bytes: usize) {
-    let lowat = u32::try_from(bytes).unwrap_or(u32::MAX);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(lowat) {
-        tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
-    }
 }
 
 /// Open connections per client address, for `max_connections_per_client`.

@@ -133,7 +133,7 @@ pub async fn connect(
     };
     let _ = stream.set_nodelay(true);
     // A backend that reads a request body slowly holds a bounded send queue here too.
-    crate::listener::limit_unsent(&stream, READ_BUFFER);
+    crate::net::limit_unsent(&stream, READ_BUFFER);
     let (sender, conn) = http1::Builder::new()
         .writev(false)
         .max_buf_size(READ_BUFFER)
