@@ -145,7 +145,11 @@ fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerG
         Some(f) => EnvFilter::new(f),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // At most this many lines wait for a stalled sink (a few MB), then new ones are dropped.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(16 * 1024)
+        .lossy(true)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
