@@ -459,10 +459,7 @@ async fn a_buffered_body_is_retried_on_another_backend() {
         )
         .await
         .expect("answer");
-        assert_eq!(
-            (r.status, String::from_utf8_lossy(&r.body).into_owned()),
-            (200, "good 5".into())
-        );
+        assert_eq!(r.status_text(), (200, "good 5".into()));
     }
 }
 
@@ -569,10 +566,7 @@ async fn expect_100_continue_is_answered_while_buffering() {
     let r = read_response(&mut s, Duration::from_secs(5))
         .await
         .expect("answer");
-    assert_eq!(
-        (r.status, String::from_utf8_lossy(&r.body).into_owned()),
-        (200, "a 5".into())
-    );
+    assert_eq!(r.status_text(), (200, "a 5".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,6 +595,6 @@ async fn framing_is_strict_and_backends_get_one_unambiguous_length() {
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ] {
         let r = raw_request(lb.addr("web"), both).await.expect("answer");
-        assert_eq!((r.status, String::from_utf8_lossy(&r.body).into_owned()), (200, "a 5".into()));
+        assert_eq!(r.status_text(), (200, "a 5".into()));
     }
 }

@@ -915,6 +915,16 @@ pub struct RawReply {
     pub body: Vec<u8>,
 }
 
+impl RawReply {
+    /// (status, body as text), for one-line assertions.
+    pub fn status_text(&self) -> (u16, String) {
+        (
+            self.status,
+            String::from_utf8_lossy(&self.body).into_owned(),
+        )
+    }
+}
+
 /// Reads one response (head, then a `Content-Length` body) from `s`; `None` if the
 /// connection closed or nothing complete arrived within `limit`.
 pub async fn read_response(s: &mut TcpStream, limit: Duration) -> Option<RawReply> {
