@@ -117,4 +117,32 @@ mod tests {
             assert_eq!(e.status().as_u16(), status, "{e}");
         }
     }
+
+    #[test]
+    fn only_backend_failures_are_the_backends() {
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cases = [
+            (ProxyError::Connect(ConnectError::Io(io())), Side::Backend),
+            (
+                ProxyError::ResponseTimeout(Duration::from_secs(1)),
+                Side::Backend,
+            ),
+            (
+                ProxyError::NoHealthyBackend { pool: "p".into() },
+                Side::Proxy,
+            ),
+            (ProxyError::DrainCut, Side::Proxy),
+            (ProxyError::ListenerGone, Side::Proxy),
+            (ProxyError::Client(ClientFault::Malformed), Side::Client),
+            (ProxyError::Client(ClientFault::Aborted), Side::Client),
+            (
+                ProxyError::Client(ClientFault::Timeout(Duration::from_secs(1))),
+                Side::Client,
+            ),
+            (ProxyError::Client(ClientFault::TooLarge(1)), Side::Client),
+        ];
+        for (e, side) in cases {
+            assert_eq!(e.side(), side, "{e}");
+        }
+    }
 }
