@@ -359,5 +359,11 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
         lb.logs()
     );
     drop(s);
+    // The client's slowness, not the backend's: nothing marked, nothing ejected.
+    assert_eq!(
+        support::backend_state(lb.admin(), "app", a.addr).await,
+        "healthy"
+    );
+    assert!(!lb.logs().contains("backend failed"), "{}", lb.logs());
     assert_eq!(get(lb.addr("web"), "/").await.status, 200);
 }

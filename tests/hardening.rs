@@ -598,3 +598,34 @@ async fn framing_is_strict_and_backends_get_one_unambiguous_length() {
         assert_eq!(r.status_text(), (200, "a 5".into()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_truncates_its_response_is_ejected() {
+    // Promises 1000 bytes, sends 10, closes: an invalid response is the backend's failure.
+    let short = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let short_addr = short.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = short.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                .await;
+        }
+    });
+    let lb = Ballast::start(&TestConfig::addresses([short_addr]).admin().build());
+    let r = raw_request(lb.addr("web"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        r.is_none(),
+        "a truncated body must not look complete: {r:?}"
+    );
+    assert!(
+        lb.wait_for_log("reason=response_truncated", Duration::from_secs(2)),
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(
+        backend_state(lb.admin(), "app", short_addr).await,
+        "ejected"
+    );
+}

@@ -212,7 +212,7 @@ pub enum Probe {
 
 /// Passive ejection (nginx `max_fails`/`fail_timeout`): after `max_fails` consecutive
 /// failed connections a backend gets no traffic for `fail_timeout`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PassiveConfig {
     pub max_fails: u32,
     pub fail_timeout: Duration,

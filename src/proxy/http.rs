@@ -209,7 +209,14 @@ async fn forward(
             Ok(s) => s,
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);
-                log_backend_failure(pool, &backend.label, "connect_failed", &e, ejected, attempt);
+                log_backend_failure(
+                    &pool.name,
+                    &backend.label,
+                    "connect_failed",
+                    &e,
+                    ejected,
+                    attempt,
+                );
                 last_error = Some((ProxyError::Connect(e), label()));
                 continue;
             }
@@ -226,7 +233,15 @@ async fn forward(
                         return Ok(switch_protocols(resp, client, lease, tracker));
                     }
                 }
-                return Ok(upstream_response(resp, lease, sender, settings));
+                return Ok(upstream_response(
+                    resp,
+                    lease,
+                    sender,
+                    settings,
+                    pool,
+                    cuts,
+                    watch.clone(),
+                ));
             }
             Some(Err(_)) if backend.cuts() != cuts => {
                 // Our own drain timeout ended it; the work may have run, don't resend it.
@@ -242,7 +257,7 @@ async fn forward(
                 let error = e.into_error();
                 let ejected = backend.record_failure(&cfg.passive);
                 log_backend_failure(
-                    pool,
+                    &pool.name,
                     &backend.label,
                     "upstream_failed",
                     &error,
@@ -306,15 +321,15 @@ async fn send(
 
 /// Logs a backend's failure, at most once a second per (pool, backend, reason).
 fn log_backend_failure(
-    pool: &Pool,
+    pool: &str,
     backend: &str,
     reason: &'static str,
     error: &dyn std::fmt::Display,
     ejected: bool,
     attempt: usize,
 ) {
-    if let Some(suppressed) = crate::log_limit::allow((&*pool.name, backend, reason, "backend")) {
-        tracing::warn!(pool = %pool.name, backend = %backend, reason = %reason, error = %error, ejected, attempt, suppressed, "backend failed");
+    if let Some(suppressed) = crate::log_limit::allow((pool, backend, reason, "backend")) {
+        tracing::warn!(pool = %pool, backend = %backend, reason = %reason, error = %error, ejected, attempt, suppressed, "backend failed");
     }
 }
 
@@ -323,6 +338,9 @@ fn upstream_response(
     lease: Lease,
     sender: Sender,
     settings: ConnSettings,
+    pool: &Pool,
+    cuts: u64,
+    watch: Option<Arc<BodyWatch>>,
 ) -> Response<Inner> {
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
@@ -330,6 +348,10 @@ fn upstream_response(
         inner: body,
         conn: Some((sender, settings)),
         lease,
+        pool: Arc::clone(&pool.name),
+        passive: pool.config.passive,
+        cuts,
+        watch,
     };
     Response::from_parts(parts, Either::Left(body))
 }
@@ -448,6 +470,14 @@ pub struct UpstreamResponseBody {
     inner: Incoming,
     conn: Option<(Sender, ConnSettings)>,
     lease: Lease,
+    /// For reporting a body the backend broke off: it counts against the backend.
+    pool: Arc<str>,
+    passive: crate::config::PassiveConfig,
+    /// The backend's cut count when the response began, to tell our drain cut apart.
+    cuts: u64,
+    /// A request body still streaming when the response began: if it fails, the upstream
+    /// connection (and so this body) breaks by the client's fault.
+    watch: Option<Arc<BodyWatch>>,
 }
 
 impl UpstreamResponseBody {
@@ -470,8 +500,25 @@ impl Body for UpstreamResponseBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release_conn(),
-            // A broken body leaves the connection unusable.
-            Poll::Ready(Some(Err(_))) => this.conn = None,
+            Poll::Ready(Some(Err(e))) => {
+                // A broken body leaves the connection unusable. A client that leaves just stops
+                // polling, so unless our own drain timeout cut it or the client's streamed
+                // request body failed under it, the backend broke it: a truncated response.
+                this.conn = None;
+                let backend = this.lease.backend();
+                let client_fault = this.watch.as_ref().is_some_and(|w| w.fault().is_some());
+                if backend.cuts() == this.cuts && !client_fault {
+                    let ejected = backend.record_failure(&this.passive);
+                    log_backend_failure(
+                        &this.pool,
+                        &backend.label,
+                        "response_truncated",
+                        e,
+                        ejected,
+                        0,
+                    );
+                }
+            }
             _ => {}
         }
         polled
