@@ -13,6 +13,7 @@
 //! there, and a buffered body can be re-sent on a retry. Larger bodies stream after the
 //! buffered prefix.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -309,5 +310,3 @@ fn classify(e: &hyper::Error) -> ClientFault {
         ClientFault::Aborted
     }
 }
-
-use std::future::Future as _;

@@ -247,12 +247,11 @@ async fn forward(
                 // Our own drain timeout ended it; the work may have run, don't resend it.
                 return Err((ProxyError::DrainCut, label()));
             }
-            Some(Err(e)) => {
+            Some(Err(mut e)) => {
                 if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
                     // The client's body failed, not the backend: no mark, no retry.
                     return Err((ProxyError::Client(fault), label()));
                 }
-                let mut e = e;
                 let message = e.take_message();
                 let error = e.into_error();
                 let ejected = backend.record_failure(&cfg.passive);
@@ -265,12 +264,15 @@ async fn forward(
                     attempt,
                 );
                 last_error = Some((ProxyError::Upstream(error), label()));
-                req = match (message, &resend) {
-                    (Some(m), _) => m,
-                    (None, Some((p, b))) => {
-                        Request::from_parts(p.clone(), b.try_clone().unwrap_or(UpstreamBody::Empty))
-                    }
-                    (None, None) => break,
+                // `resend` only ever holds a body in hand, so its copy always exists; never
+                // fall back to another body (that would send the wrong request).
+                let copy = || {
+                    let (p, b) = resend.as_ref()?;
+                    Some(Request::from_parts(p.clone(), b.try_clone()?))
+                };
+                req = match message.or_else(copy) {
+                    Some(r) => r,
+                    None => break,
                 };
             }
             None => {
