@@ -144,9 +144,33 @@ fn status(daemon: &Daemon) -> serde_json::Value {
             json!({"algorithm": pool.config.algorithm, "backends": backends}),
         );
     }
+    let mut listeners = serde_json::Map::new();
+    for l in &snap.config.listeners {
+        let tls = l.tls.as_ref().map(|t| {
+            let certs: Vec<_> = t
+                .certificates
+                .iter()
+                .map(|c| {
+                    json!({
+                        "cert": c.cert_path,
+                        "names": c.names,
+                        "not_after": c.not_after,
+                        "days_left": c.days_left(),
+                        "warning": c.expiry_warning(),
+                    })
+                })
+                .collect();
+            json!({"certificates": certs, "min_version": t.min_version, "alpn": t.alpn, "client_ca": t.client_ca.as_ref().map(|c| &c.path)})
+        });
+        listeners.insert(
+            l.name.clone(),
+            json!({"bind": l.bind.to_string(), "pool": l.default_pool, "tls": tls}),
+        );
+    }
     json!({
         "generation": snap.generation,
         "ready": !daemon.is_shutting_down(),
+        "listeners": listeners,
         "pools": pools,
         "reload": daemon.reload_status(),
     })

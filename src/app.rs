@@ -114,15 +114,12 @@ pub async fn run(
     if let Some(every) = systemd::watchdog_interval() {
         tokio::spawn(systemd::watchdog(every));
     }
+    for w in snapshot.config.warnings() {
+        tracing::warn!("{w}");
+    }
     // Kept alive for the life of the daemon; dropping it stops the watch.
-    let mut file_events = match config_path.as_deref().map(crate::config::watch::watch) {
-        Some(Ok((watcher, rx))) => Some((watcher, rx)),
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or the admin API");
-            None
-        }
-        None => None,
-    };
+    let mut watched = watched_files(config_path.as_deref(), &snapshot.config);
+    let mut file_events = watch_files(&watched);
     tracing::info!(summary = %snapshot.config.summary(), "ballast is ready");
     systemd::ready(&format!("serving: {}", snapshot.config.summary()));
     if let Some(conn) = predecessor {
@@ -168,6 +165,12 @@ pub async fn run(
                 break;
             }
         }
+        // A reload (from anywhere) may name other certificate files: follow them.
+        let now = watched_files(config_path.as_deref(), &live.load().config);
+        if now != watched {
+            file_events = watch_files(&now);
+            watched = now;
+        }
     }
 
     systemd::stopping();
@@ -185,6 +188,30 @@ pub async fn run(
     }
     daemon.stop_health_checks().await;
     Ok(())
+}
+
+/// The config file and every file it names.
+fn watched_files(config_path: Option<&std::path::Path>, config: &Config) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = config_path.map(PathBuf::from).into_iter().collect();
+    if config_path.is_some() {
+        files.extend(config.referenced_files());
+    }
+    files
+}
+
+type FileEvents = (notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>);
+
+fn watch_files(files: &[PathBuf]) -> Option<FileEvents> {
+    if files.is_empty() {
+        return None;
+    }
+    match crate::config::watch::watch(files) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file or its certificates; reload with SIGHUP or the admin API");
+            None
+        }
+    }
 }
 
 /// Binds the hand-over socket, replacing a stale file (or a predecessor's, which no longer

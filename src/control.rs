@@ -217,6 +217,9 @@ impl Daemon {
     async fn apply_file(&self) -> Result<bool, ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let config = Config::load(path)?;
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
         let mut control = self.control.lock().await;
         let current = self.live.load_full();
         if *current.config == config {

@@ -11,6 +11,7 @@
 //! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `health::threshold`: the pure rise/fall counter.
 //! - `net`: a TCP stream with write-stall, request-head and keep-alive timeouts.
+//! - `tls`: rustls configurations: certificate by SNI, versions, ALPN, client certificates.
 //! - `request_body`: request bodies buffered or streamed upstream, with read timeout, size
 //!   limit, and a record of the client's faults so they are never blamed on a backend.
 //! - `upstream`: connections to backends and the per-backend idle pool.
@@ -44,4 +45,5 @@ pub mod proxy;
 pub mod request_body;
 pub mod state;
 pub mod systemd;
+pub mod tls;
 pub mod upstream;

@@ -12,9 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
-use crate::net::{ConnPhase, ReadLimits, TimedStream};
+use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::state::Live;
 
@@ -56,14 +56,18 @@ pub async fn run(
     let per_client = config
         .max_connections_per_client
         .map(|max| Arc::new(PerClient::new(max)));
-    let mut builder = http1::Builder::new();
-    builder
-        .writev(false)
-        .max_header_size(config.max_header_size)
-        .max_headers(config.max_headers)
-        // One knob for both directions in hyper: the read buffer must hold a request head,
-        // the write buffer is what a slow reader can make ballast hold.
-        .max_buf_size(config.response_buffer.max(config.max_header_size));
+    let tls = match &config.tls {
+        None => None,
+        Some(t) => match crate::tls::server_config(t) {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e, "cannot set up TLS: not accepting");
+                return;
+            }
+        },
+    };
+    let h1 = h1_builder(&config);
+    let h2 = h2_builder(&config);
     let read_limits = ReadLimits {
         header_timeout: config.request_header_timeout,
         keepalive_timeout: config.keepalive_timeout,
@@ -109,37 +113,213 @@ pub async fn run(
             listener: Arc::clone(&name),
             config: Arc::clone(&config),
             peer,
-            proto: "http",
+            proto: if tls.is_some() { "https" } else { "http" },
             tracker: tracker.clone(),
             phase: Arc::clone(&phase),
         });
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
         let io = TimedStream::downstream(stream, config.send_timeout, phase, read_limits);
+        let conn = Conn {
+            ctx,
+            h1: h1.clone(),
+            h2: h2.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let _slot = slot;
-            let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-            let conn = builder
-                .serve_connection(TokioIo::new(io), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    // Finish the request in progress, answer it with `Connection: close`.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match tls {
+                None if conn.ctx.config.h2c => conn.serve_auto(io).await,
+                None => conn.serve_h1(io).await,
+                Some(acceptor) => {
+                    // The same timer as a request head: a handshake that stalls is cut.
+                    let limit = conn.ctx.config.request_header_timeout;
+                    let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+                            return;
+                        }
+                    };
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        conn.serve_h2(stream).await
+                    } else {
+                        conn.serve_h1(stream).await
+                    }
                 }
-            };
-            if let Err(e) = result {
-                // hyper's message names the step; the cause (e.g. one of our timeouts) is its source.
-                let cause = std::error::Error::source(&e).map(|c| c.to_string());
-                tracing::debug!(client = %peer, error = %e, cause = cause.as_deref().unwrap_or("-"), "client connection ended with an error");
             }
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
+}
+
+fn h1_builder(config: &ListenerConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .writev(false)
+        .max_header_size(config.max_header_size)
+        .max_headers(config.max_headers)
+        // One knob for both directions in hyper: the read buffer must hold a request head,
+        // the write buffer is what a slow reader can make ballast hold.
+        .max_buf_size(config.response_buffer.max(config.max_header_size));
+    builder
+}
+
+/// HTTP/2 server limits. Each bounds a known abuse:
+/// - many streams at once: `max_concurrent_streams` (RFC 9113 §5.1.2);
+/// - huge or endless header blocks, CONTINUATION floods: `max_header_list_size`, which h2
+///   enforces while the block is still arriving;
+/// - rapid reset (CVE-2023-44487): at most `max_pending_accept_reset_streams` streams reset
+///   before ballast accepted them, and `max_local_error_reset_streams` streams ballast had to
+///   reset for the peer's errors; past either the connection gets GOAWAY;
+/// - SETTINGS and PING floods: h2 answers each with one ACK queued behind a bounded send
+///   buffer, and stops reading while it cannot write, so a peer that floods without reading
+///   stalls itself and meets `send_timeout`;
+/// - a slow reader: `max_send_buf_size` caps what one stream queues for it.
+fn h2_builder(config: &ListenerConfig) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS))
+        .max_send_buf_size(config.response_buffer)
+        // A peer that stops answering PINGs is gone; its streams are cancelled.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+const H2_MAX_PENDING_RESETS: usize = 32;
+const H2_MAX_LOCAL_RESETS: usize = 256;
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One accepted client connection and what it needs to be served.
+struct Conn {
+    ctx: Arc<ConnCtx>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    shutdown: CancellationToken,
+}
+
+impl Conn {
+    /// HTTP/1.1. On shutdown the request in progress finishes, answered with
+    /// `Connection: close`.
+    async fn serve_h1<I: Io>(self, io: I) {
+        let ctx = Arc::clone(&self.ctx);
+        let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+        let conn = self
+            .h1
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        self.log_end(result.err());
+    }
+
+    /// HTTP/2. On shutdown, or after `keepalive_timeout` with no open stream, GOAWAY: the
+    /// client opens no new stream here, the open ones finish.
+    async fn serve_h2<I: Io>(self, io: I) {
+        self.ctx.phase.multiplexed();
+        let ctx = Arc::clone(&self.ctx);
+        let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+        let conn = self.h2.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = self.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = idle(&self.ctx.phase, self.ctx.config.keepalive_timeout) => {
+                tracing::debug!(client = %self.ctx.peer, "HTTP/2 connection idle for keepalive_timeout: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        self.log_end(result.err());
+    }
+
+    /// `h2c = true`: HTTP/2 with prior knowledge (the connection preface) or HTTP/1.1.
+    async fn serve_auto<I: Io>(self, mut io: I) {
+        let (h2, seen) = match sniff_h2_preface(&mut io).await {
+            Ok(sniffed) => sniffed,
+            Err(e) => {
+                tracing::debug!(client = %self.ctx.peer, error = %e, "client connection ended before a request");
+                return;
+            }
+        };
+        let io = Prefixed::new(seen, io);
+        if h2 {
+            self.serve_h2(io).await
+        } else {
+            self.serve_h1(io).await
+        }
+    }
+
+    fn log_end(&self, error: Option<hyper::Error>) {
+        if let Some(e) = error {
+            // hyper's message names the step; the cause (e.g. one of our timeouts) is its source.
+            let cause = std::error::Error::source(&e).map(|c| c.to_string());
+            tracing::debug!(client = %self.ctx.peer, error = %e, cause = cause.as_deref().unwrap_or("-"), "client connection ended with an error");
+        }
+    }
+}
+
+/// What a client connection can be served over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Reads until the bytes seen either are the HTTP/2 connection preface or cannot become it;
+/// returns which, with the bytes read (to be replayed to the server).
+async fn sniff_h2_preface<I: Io>(io: &mut I) -> std::io::Result<(bool, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut seen = Vec::with_capacity(PREFACE.len());
+    let mut buf = [0u8; 24];
+    while seen.len() < PREFACE.len() {
+        let want = PREFACE.len() - seen.len();
+        let n = io.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if !PREFACE.starts_with(&seen) {
+            return Ok((false, seen));
+        }
+    }
+    Ok((true, seen))
+}
+
+/// Resolves once a multiplexed connection has had no open request for `timeout`.
+async fn idle(phase: &ConnPhase, timeout: Duration) {
+    // Sampled four times per timeout: an idle connection closes after 1 to 1.25 timeouts.
+    let tick = (timeout / 4).max(Duration::from_millis(10));
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(tick).await;
+        if phase.active() == 0 {
+            quiet += tick;
+            if quiet >= timeout {
+                return;
+            }
+        } else {
+            quiet = Duration::ZERO;
+        }
+    }
 }
 
 /// Open connections per client address, for `max_connections_per_client`.

@@ -71,6 +71,9 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
+        for w in config.warnings() {
+            eprintln!("{}: warning: {w}", path.display());
+        }
         println!("{}: ok: {}", path.display(), config.summary());
         return ExitCode::SUCCESS;
     }

@@ -31,10 +31,18 @@ const IDLE: u64 = 2;
 /// head, serving a request, or idle. The request path moves it to busy and back to idle; the
 /// stream moves it from idle to head when a byte arrives. Each change also bumps a counter,
 /// so the stream re-arms its timer even when it missed a round trip through busy.
+///
+/// An HTTP/2 connection carries many requests at once, so it has no single phase: once
+/// [`ConnPhase::multiplexed`] it stays busy for the read timers (HTTP/2 frames such as PINGs
+/// flow at any time) and instead counts its open requests, for the connection's own idle
+/// timeout.
 #[derive(Debug, Default)]
 pub struct ConnPhase {
-    /// `changes << 2 | state`. Only the connection's own task writes it.
+    /// `changes << 2 | state`. Only the connection's own task writes it, until multiplexed.
     word: AtomicU64,
+    multiplexed: std::sync::atomic::AtomicBool,
+    /// Open requests on a multiplexed connection.
+    active: std::sync::atomic::AtomicUsize,
 }
 
 impl ConnPhase {
@@ -44,14 +52,37 @@ impl ConnPhase {
             .store(((changes + 1) << 2) | state, Ordering::Relaxed);
     }
 
+    /// The connection speaks HTTP/2 from now on: no more per-request read timers.
+    pub fn multiplexed(&self) {
+        self.multiplexed.store(true, Ordering::Relaxed);
+        self.set(BUSY);
+    }
+
     /// A request head was received.
     pub fn busy(&self) {
-        self.set(BUSY);
+        if self.multiplexed.load(Ordering::Relaxed) {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.set(BUSY);
+        }
     }
 
     /// The response to the current request is complete; the next one may come.
     pub fn idle(&self) {
-        self.set(IDLE);
+        if self.multiplexed.load(Ordering::Relaxed) {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.set(IDLE);
+        }
+    }
+
+    pub fn is_multiplexed(&self) -> bool {
+        self.multiplexed.load(Ordering::Relaxed)
+    }
+
+    /// Requests open on a multiplexed connection.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 
     fn load(&self) -> u64 {
@@ -234,5 +265,63 @@ pub fn limit_unsent(stream: &TcpStream, bytes: usize) {
     let lowat = u32::try_from(bytes).unwrap_or(u32::MAX);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(lowat) {
         tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+    }
+}
+
+/// A stream with bytes already read from it put back in front: what a protocol sniff (the
+/// HTTP/2 preface) or a PROXY header read consumed beyond what it needed.
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: Vec<u8>, inner: T) -> Prefixed<T> {
+        Prefixed {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -59,6 +59,27 @@ pub struct FileListener {
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub allow_connect: Option<bool>,
     pub max_connections_per_client: Option<Spanned<u32>>,
+    pub tls: Option<FileTls>,
+    pub redirect_https: Option<bool>,
+    pub redirect_https_port: Option<Spanned<u16>>,
+    pub h2c: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub certificates: Spanned<Vec<FileCertificate>>,
+    pub min_version: Option<Text>,
+    pub alpn: Option<Spanned<Vec<Text>>>,
+    pub client_ca: Option<Text>,
+    pub strict_sni: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertificate {
+    pub cert: Text,
+    pub key: Text,
 }
 
 /// A byte size, written as an integer or as text with a unit (`"64KiB"`, `"1MiB"`, `"0"`).

@@ -8,6 +8,7 @@
 //! that nothing changed.
 
 mod file;
+pub mod tls;
 mod validate;
 pub mod watch;
 
@@ -117,6 +118,37 @@ pub struct ListenerConfig {
     pub allow_connect: bool,
     /// Connections one client address may hold open at once; `None`: no limit.
     pub max_connections_per_client: Option<usize>,
+    /// TLS termination; `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// Answer every request with a 308 to the same URL on `https://` (a plain listener).
+    pub redirect_https: bool,
+    /// Port written into those redirects; `None`: the default port (443).
+    pub redirect_https_port: Option<u16>,
+    /// Accept cleartext HTTP/2 with prior knowledge (next to HTTP/1.1) on a plain listener.
+    pub h2c: bool,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// The first is the default, for clients without SNI or with an unknown name.
+    pub certificates: Vec<tls::CertPair>,
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in order of preference.
+    pub alpn: Vec<String>,
+    /// Mutual TLS: a client certificate signed by one of these is required.
+    pub client_ca: Option<tls::CaBundle>,
+    /// Refuse a handshake whose SNI matches no certificate (or that has none) instead of
+    /// answering with the default certificate (HAProxy's `strict-sni`).
+    pub strict_sni: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -274,6 +306,7 @@ impl Config {
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let mut v = validate::Validator {
             text,
+            base: file.parent().unwrap_or(Path::new("")),
             problems: Vec::new(),
         };
         let config = match toml::from_str::<FileConfig>(text) {
@@ -292,6 +325,38 @@ impl Config {
                 problems: v.problems,
             }),
         }
+    }
+
+    /// Every file besides the config file whose contents are part of the config (TLS
+    /// certificates, keys, CA bundles): an edit of one reloads like an edit of the config.
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                for c in &t.certificates {
+                    files.push(c.cert_path.clone());
+                    files.push(c.key_path.clone());
+                }
+                files.extend(t.client_ca.as_ref().map(|c| c.path.clone()));
+            }
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// Warnings about what loaded but needs attention soon (certificates near expiry).
+    pub fn warnings(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref().map(|t| (l, t)))
+            .flat_map(|(l, t)| {
+                t.certificates.iter().filter_map(move |c| {
+                    c.expiry_warning()
+                        .map(|w| format!("listeners.{}.tls: {w}", l.name))
+                })
+            })
+            .collect()
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {

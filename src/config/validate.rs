@@ -12,11 +12,15 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, FileSize, Text};
+use super::file::{
+    self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, FileSize, FileTls, Text,
+};
 use super::*;
 
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
+    /// Relative file paths (certificates, keys) are relative to the config file's folder.
+    pub(super) base: &'a std::path::Path,
     pub(super) problems: Vec<Problem>,
 }
 
@@ -266,6 +270,18 @@ impl Validator<'_> {
                 Some(v) => *v.get_ref(),
                 None => defaults::MAX_HEADER_SIZE,
             };
+            if l.tls.is_some() && l.redirect_https == Some(true) {
+                self.push(
+                    name.span(),
+                    format!("{key}: redirect_https is for plain listeners; this one has tls"),
+                );
+            }
+            if l.tls.is_some() && l.h2c == Some(true) {
+                self.push(
+                    name.span(),
+                    format!("{key}: h2c is for plain listeners; with tls, HTTP/2 is negotiated by ALPN"),
+                );
+            }
             listeners.push(ListenerConfig {
                 name: name.get_ref().clone(),
                 bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
@@ -331,6 +347,10 @@ impl Validator<'_> {
                     None => vec!["websocket".to_string()],
                 },
                 allow_connect: l.allow_connect.unwrap_or(false),
+                tls: l.tls.as_ref().and_then(|t| self.tls(t, &key)),
+                redirect_https: l.redirect_https.unwrap_or(false),
+                redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
+                h2c: l.h2c.unwrap_or(false),
                 max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
                     if *n.get_ref() == 0 {
                         self.push(
@@ -349,6 +369,84 @@ impl Validator<'_> {
             admin,
             listeners,
             pools,
+        })
+    }
+
+    /// A path from the file, resolved against the config file's folder.
+    fn path(&self, p: &Text) -> PathBuf {
+        let path = std::path::Path::new(p.get_ref());
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    /// `[listeners.NAME.tls]`: reads and checks every file it names.
+    fn tls(&mut self, t: &FileTls, key: &str) -> Option<TlsConfig> {
+        let tkey = format!("{key}.tls");
+        let mut certificates = Vec::new();
+        if t.certificates.get_ref().is_empty() {
+            self.push(
+                t.certificates.span(),
+                format!("{tkey}.certificates: at least one certificate is needed"),
+            );
+        }
+        for (i, c) in t.certificates.get_ref().iter().enumerate() {
+            match tls::load_pair(&self.path(&c.cert), &self.path(&c.key)) {
+                Ok(pair) => certificates.push(pair),
+                Err(e) => {
+                    // Point at the key when the key file is at fault, else at the cert.
+                    let at = if e.starts_with(&self.path(&c.key).display().to_string()) {
+                        c.key.span()
+                    } else {
+                        c.cert.span()
+                    };
+                    self.push(at, format!("{tkey}.certificates[{i}]: {e}"));
+                }
+            }
+        }
+        let min_version = match t.min_version.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "1.2")) => TlsVersion::Tls12,
+            Some((_, "1.3")) => TlsVersion::Tls13,
+            Some((v, other)) => {
+                self.push(
+                    v.span(),
+                    format!("{tkey}.min_version: {other:?} is not allowed: write \"1.2\" or \"1.3\" (older versions are never offered)"),
+                );
+                TlsVersion::Tls12
+            }
+        };
+        let alpn = match &t.alpn {
+            None => vec!["h2".to_string(), "http/1.1".to_string()],
+            Some(list) => {
+                let mut out = Vec::new();
+                for p in list.get_ref() {
+                    match p.get_ref().as_str() {
+                        proto @ ("h2" | "http/1.1") => out.push(proto.to_string()),
+                        other => self.push(
+                            p.span(),
+                            format!("{tkey}.alpn: unknown protocol {other:?}: ballast speaks \"h2\" and \"http/1.1\""),
+                        ),
+                    }
+                }
+                if list.get_ref().is_empty() {
+                    self.push(list.span(), format!("{tkey}.alpn: must not be empty"));
+                }
+                out
+            }
+        };
+        let client_ca = t.client_ca.as_ref().and_then(|p| {
+            tls::load_ca(&self.path(p))
+                .map_err(|e| self.push(p.span(), format!("{tkey}.client_ca: {e}")))
+                .ok()
+        });
+        Some(TlsConfig {
+            certificates,
+            min_version,
+            alpn,
+            client_ca,
+            strict_sni: t.strict_sni.unwrap_or(false),
         })
     }
 

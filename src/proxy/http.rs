@@ -50,10 +50,22 @@ pub struct ConnCtx {
 type Inner = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// A response body on its way to the client. Once hyper has finished with it (dropped it),
-/// the connection is idle and its keep-alive timer runs.
+/// the request is over: the connection is idle and its keep-alive timer runs.
 pub struct ProxyBody {
     inner: Inner,
-    idle_on_drop: Option<Arc<ConnCtx>>,
+    _busy: Busy,
+}
+
+/// A request in progress on its connection, from the head to the end of the response, or to
+/// hyper dropping the request (an HTTP/2 stream the client reset).
+struct Busy(Option<Arc<ConnCtx>>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(ctx) = &self.0 {
+            ctx.phase.idle();
+        }
+    }
 }
 
 /// Proxies one request. Never fails: errors become 4xx/5xx responses.
@@ -62,15 +74,16 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
+    let mut busy = Busy(Some(Arc::clone(&ctx)));
     let resp = respond(req, &ctx).await;
-    // A switched connection belongs to its tunnel now: no keep-alive timer on it.
+    // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
+    // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
-    let idle_on_drop = (!tunnel).then_some(ctx);
-    Ok(resp.map(|inner| ProxyBody {
-        inner,
-        idle_on_drop,
-    }))
+    if tunnel && !ctx.phase.is_multiplexed() {
+        busy.0 = None;
+    }
+    Ok(resp.map(|inner| ProxyBody { inner, _busy: busy }))
 }
 
 /// Marks a response whose connection was handed to a tunnel (CONNECT).
@@ -91,6 +104,9 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     if host_field.is_none() && req.version() == Version::HTTP_11 {
         // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
         return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
+    }
+    if ctx.config.redirect_https {
+        return redirect_https(&req, ctx);
     }
     let connect = req.method() == Method::CONNECT;
     if connect && !ctx.config.allow_connect {
@@ -131,6 +147,16 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     parts.headers.remove(http::header::EXPECT);
     if let Some(protocol) = upgrade {
         tunnel::restore_upgrade_headers(&mut parts.headers, protocol);
+    }
+    if !parts.headers.contains_key(http::header::HOST) {
+        // HTTP/2 carries the host in `:authority`; an HTTP/1.1 backend needs `Host`.
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
     }
     headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto);
     if parts.uri.scheme().is_some() {
@@ -422,6 +448,43 @@ fn error_response(
     resp
 }
 
+/// `redirect_https`: a 308 to the same host and path on `https://` (308 keeps the method
+/// and body, unlike 301).
+fn redirect_https(req: &Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(headers::host_without_port)
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        });
+    let Some(host) = host else {
+        return reject(ctx, StatusCode::BAD_REQUEST, "no valid Host to redirect to");
+    };
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let location = match ctx.config.redirect_https_port {
+        Some(port) if port != 443 => format!("https://{host}:{port}{pq}"),
+        _ => format!("https://{host}{pq}"),
+    };
+    let mut resp = plain_response(StatusCode::PERMANENT_REDIRECT);
+    match HeaderValue::try_from(location) {
+        Ok(v) => {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+            resp
+        }
+        Err(_) => reject(ctx, StatusCode::BAD_REQUEST, "unusable redirect target"),
+    }
+}
+
 /// Refuses a request ballast will not forward (debug log: clients get this wrong all day).
 fn reject(ctx: &ConnCtx, status: StatusCode, why: &str) -> Response<Inner> {
     tracing::debug!(listener = %ctx.listener, client = %ctx.peer, status = status.as_u16(), why, "rejected request");
@@ -556,14 +619,6 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for ProxyBody {
-    fn drop(&mut self) {
-        if let Some(ctx) = &self.idle_on_drop {
-            ctx.phase.idle();
-        }
     }
 }
 
