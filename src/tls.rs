@@ -29,7 +29,8 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> 
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let builder = ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
     let builder = match &t.client_ca {
         Some(ca) => {
             let verifier =
@@ -120,7 +121,10 @@ mod tests {
             let ecdhe_aead = name.starts_with("TLS_ECDHE_")
                 && (name.contains("_GCM_") || name.contains("CHACHA20_POLY1305"));
             assert!(tls13 || ecdhe_aead, "weak suite offered: {name}");
-            assert!(!name.contains("CBC") && !name.starts_with("TLS_RSA_"), "{name}");
+            assert!(
+                !name.contains("CBC") && !name.starts_with("TLS_RSA_"),
+                "{name}"
+            );
         }
     }
 }

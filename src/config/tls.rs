@@ -62,7 +62,10 @@ impl CertPair {
     pub fn expiry_warning(&self) -> Option<String> {
         let days = self.days_left();
         if self.not_after <= unix_now() {
-            Some(format!("certificate {} has expired", self.cert_path.display()))
+            Some(format!(
+                "certificate {} has expired",
+                self.cert_path.display()
+            ))
         } else if days < EXPIRY_WARNING_DAYS {
             Some(format!(
                 "certificate {} expires in {days} day(s)",
@@ -120,7 +123,8 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertPair, String> 
             cert_path.display()
         ));
     };
-    let (names, not_after) = leaf_facts(leaf).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let (names, not_after) =
+        leaf_facts(leaf).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     if names.is_empty() {
         return Err(format!(
             "{}: the certificate has no DNS names in subjectAltName; clients match SAN names, not the CN",

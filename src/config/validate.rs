@@ -279,7 +279,9 @@ impl Validator<'_> {
             if l.tls.is_some() && l.h2c == Some(true) {
                 self.push(
                     name.span(),
-                    format!("{key}: h2c is for plain listeners; with tls, HTTP/2 is negotiated by ALPN"),
+                    format!(
+                        "{key}: h2c is for plain listeners; with tls, HTTP/2 is negotiated by ALPN"
+                    ),
                 );
             }
             listeners.push(ListenerConfig {

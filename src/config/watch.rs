@@ -18,7 +18,9 @@ pub const QUIET: Duration = Duration::from_millis(100);
 
 /// Starts watching `paths`; each coalesced edit of any of them sends `()` on the returned
 /// channel. The watcher lives as long as the returned guard.
-pub fn watch(paths: &[PathBuf]) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+pub fn watch(
+    paths: &[PathBuf],
+) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     let dir_of = |path: &Path| match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -24,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
+pub mod tls;
+
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A real HTTP/1.1 backend. Routes:

@@ -1,0 +1,563 @@
+//! TLS termination: certificate by SNI, ALPN, versions and suites, live certificate
+//! reload, mutual TLS, hostile handshakes, the https redirect, WebSocket over TLS.
+//! Certificates are made per test with rcgen; the daemon and backends are real.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::tls::{alpn, connect, get_h1, served_cert, Leaf, Pki};
+use support::{start_backends, Backend, Ballast, TestConfig, WAIT};
+
+/// `[listeners.web.tls]` with these certificates, plus `extra` keys.
+fn tls_listener(certs: &[&Leaf], extra: &str) -> String {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|c| {
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                c.cert.display(),
+                c.key.display()
+            )
+        })
+        .collect();
+    format!(
+        "[listeners.web.tls]\ncertificates = [{}]\n{extra}",
+        list.join(", ")
+    )
+}
+
+fn start(backends: &[&Backend], certs: &[&Leaf], extra: &str) -> Ballast {
+    Ballast::start(
+        &TestConfig::new(backends)
+            .admin()
+            .listener(&tls_listener(certs, extra))
+            .build(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_exact_then_wildcard_then_the_default() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("sni");
+    let first = pki.issue("first", &["www.example.com", "example.com"]);
+    let wild = pki.issue("wild", &["*.example.org"]);
+    let exact = pki.issue("exact", &["api.example.org"]);
+    let lb = start(&[&a], &[&first, &wild, &exact], "");
+    // Checks which certificate is served, whether or not it covers the name asked for.
+    let any = support::tls::any_name(&pki);
+    let cases: [(Option<&str>, &Leaf); 6] = [
+        (Some("www.example.com"), &first),
+        (Some("example.com"), &first),
+        (Some("x.example.org"), &wild),
+        // An exact name wins over a wildcard that also covers it.
+        (Some("api.example.org"), &exact),
+        // A wildcard covers one label only; unknown names get the default (the first).
+        (Some("a.b.example.org"), &first),
+        (None, &first),
+    ];
+    for (sni, want) in cases {
+        let s = connect(lb.addr("web"), sni, &any).await.expect("handshake");
+        assert_eq!(served_cert(&s), want.der, "sni {sni:?}");
+    }
+    // A verifying client accepts the wildcard for its name, and the request goes through,
+    // marked as https.
+    let client = pki.client(&["http/1.1"]);
+    connect(lb.addr("web"), Some("x.example.org"), &client)
+        .await
+        .expect("wildcard verifies");
+    let s = connect(lb.addr("web"), Some("www.example.com"), &client)
+        .await
+        .expect("handshake");
+    let r = get_h1(s, "www.example.com", "/headers")
+        .await
+        .expect("request");
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("x-forwarded-proto: https"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_negotiates_h2_and_http11() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("alpn");
+    let cert = pki.issue("c", &["localhost"]);
+    let lb = start(&[&a], &[&cert], "");
+    let both = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client(&["h2", "http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(alpn(&both).as_deref(), Some("h2"));
+    let h1 = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client(&["http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(alpn(&h1).as_deref(), Some("http/1.1"));
+    assert_eq!(get_h1(h1, "localhost", "/").await.expect("h1").body, "a");
+    // No ALPN at all: HTTP/1.1.
+    let none = connect(lb.addr("web"), Some("localhost"), &pki.client(&[]))
+        .await
+        .expect("handshake");
+    assert_eq!(alpn(&none), None);
+    assert_eq!(
+        get_h1(none, "localhost", "/").await.expect("h1").status,
+        200
+    );
+    // Only what the listener offers: `alpn = ["http/1.1"]` never agrees to h2.
+    drop(lb);
+    let lb = start(&[&a], &[&cert], "alpn = [\"http/1.1\"]\n");
+    let s = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client(&["h2", "http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(alpn(&s).as_deref(), Some("http/1.1"));
+}
+
+/// Runs `openssl s_client` with `args` against `addr`; true if a session was established.
+fn openssl_connects(addr: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let established = out.status.success() && !text.contains("Cipher is (NONE)");
+    (established, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_versions_and_weak_suites_are_refused() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: openssl is not installed (.ci/run installs it)");
+        return;
+    }
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("versions");
+    let cert = pki.issue("c", &["localhost"]);
+    let lb = start(&[&a], &[&cert], "");
+    let addr = lb.addr("web");
+    // Controls: what must work does.
+    let (ok, out) = openssl_connects(addr, &["-tls1_3"]);
+    assert!(ok, "TLS 1.3 refused:\n{out}");
+    let (ok, out) = openssl_connects(
+        addr,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+    );
+    assert!(ok, "TLS 1.2 ECDHE-GCM refused:\n{out}");
+    // TLS 1.1 and 1.0 (the client allowed to offer them): the server answers with a
+    // protocol_version alert.
+    for v in ["-tls1_1", "-tls1"] {
+        let (ok, out) = openssl_connects(addr, &[v, "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(!ok, "{v} accepted:\n{out}");
+        // The server's refusal is an alert (rustls sends handshake_failure).
+        assert!(
+            out.contains("SSL alert number"),
+            "{v}: not refused by the server:\n{out}"
+        );
+    }
+    // TLS 1.2 with only CBC or RSA key exchange on offer: no shared suite.
+    for suite in ["ECDHE-ECDSA-AES128-SHA", "AES128-GCM-SHA256", "AES256-SHA"] {
+        let (ok, out) = openssl_connects(addr, &["-tls1_2", "-cipher", suite]);
+        assert!(!ok, "{suite} accepted:\n{out}");
+        assert!(
+            out.contains("SSL alert number"),
+            "{suite}: not refused by the server:\n{out}"
+        );
+    }
+    // min_version = "1.3": a TLS 1.2-only client is refused.
+    drop(lb);
+    let lb = start(&[&a], &[&cert], "min_version = \"1.3\"\n");
+    let r = connect(lb.addr("web"), Some("localhost"), &pki.client_tls12()).await;
+    assert!(r.is_err(), "TLS 1.2 accepted with min_version 1.3");
+    assert!(connect(lb.addr("web"), Some("localhost"), &pki.client(&[]))
+        .await
+        .is_ok());
+}
+
+/// Writes `contents` to `path` the way editors and certbot do: a new file renamed over it.
+fn rename_save(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).expect("write tmp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_replaced_on_disk_serves_the_next_handshake_and_a_broken_one_is_refused() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("reload");
+    let first = pki.issue("site", &["localhost"]);
+    let lb = start(&[&a], &[&first], "");
+    let client = pki.client(&["http/1.1"]);
+    let held = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("handshake");
+    assert_eq!(served_cert(&held), first.der);
+
+    // Renewal: new certificate and key, saved by rename (key first, then cert, as certbot
+    // does; the moment in between is refused and the old pair keeps serving).
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(90);
+    let second = pki.make_leaf(&["localhost"], later);
+    rename_save(&first.key, &second.key_pem);
+    rename_save(&first.cert, &second.cert_pem);
+    let served = support::eventually(WAIT, async || {
+        let s = connect(lb.addr("web"), Some("localhost"), &client).await;
+        s.is_ok_and(|s| served_cert(&s) == second.der)
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "new certificate not served:\n{}",
+        lb.logs()
+    );
+    // The connection opened before keeps working on its old session.
+    assert_eq!(
+        get_h1(held, "localhost", "/")
+            .await
+            .expect("old conn")
+            .status,
+        200
+    );
+
+    // A broken replacement: refused with the file named, the second keeps serving.
+    let rejected_before = lb.logs().matches("reload rejected").count();
+    rename_save(
+        &first.cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+    );
+    assert!(
+        lb.wait_for_log_count("reload rejected", rejected_before + 1, WAIT),
+        "no rejection:\n{}",
+        lb.logs()
+    );
+    let line = lb
+        .lines()
+        .into_iter()
+        .rfind(|l| l.contains("reload rejected"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&first.cert.display().to_string()),
+        "file not named: {line}"
+    );
+    let s = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("still serving");
+    assert_eq!(served_cert(&s), second.der);
+
+    // A key that does not match: refused, naming the key file.
+    let third = pki.make_leaf(&["localhost"], later);
+    rename_save(&first.cert, &third.cert_pem);
+    assert!(lb.wait_for_log_count("reload rejected", rejected_before + 2, WAIT));
+    let line = lb
+        .lines()
+        .into_iter()
+        .rfind(|l| l.contains("reload rejected"))
+        .unwrap_or_default();
+    assert!(line.contains("does not match"), "{line}");
+    let s = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("still serving");
+    assert_eq!(served_cert(&s), second.der);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_swap_like_kubernetes_secrets_reloads_the_certificate() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("k8s");
+    // A Kubernetes secret volume: tls.crt -> ..data/tls.crt, ..data -> ..v1; an update
+    // writes ..v2 and renames a new ..data symlink over the old one.
+    let vol = pki.dir.path().join("secret");
+    let write_version = |v: &str, leaf: &Leaf| {
+        let d = vol.join(v);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("tls.crt"), &leaf.cert_pem).unwrap();
+        std::fs::write(d.join("tls.key"), &leaf.key_pem).unwrap();
+    };
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(90);
+    let v1 = pki.make_leaf(&["localhost"], later);
+    let v2 = pki.make_leaf(&["localhost"], later);
+    write_version("..v1", &v1);
+    std::os::unix::fs::symlink("..v1", vol.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", vol.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", vol.join("tls.key")).unwrap();
+    let files = Leaf {
+        cert: vol.join("tls.crt"),
+        key: vol.join("tls.key"),
+        der: v1.der.clone(),
+        cert_pem: String::new(),
+        key_pem: String::new(),
+    };
+    let lb = start(&[&a], &[&files], "");
+    let client = pki.client(&[]);
+    let s = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("handshake");
+    assert_eq!(served_cert(&s), v1.der);
+    write_version("..v2", &v2);
+    std::os::unix::fs::symlink("..v2", vol.join("..data_tmp")).unwrap();
+    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    let served = support::eventually(WAIT, async || {
+        let s = connect(lb.addr("web"), Some("localhost"), &client).await;
+        s.is_ok_and(|s| served_cert(&s) == v2.der)
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "swapped certificate not served:\n{}",
+        lb.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_accepts_a_good_client_and_rejects_others() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("mtls");
+    let server = pki.issue("server", &["localhost"]);
+    let clients_ca = Pki::new("clients");
+    let extra = format!("client_ca = \"{}\"\n", clients_ca.ca_path.display());
+    let lb = start(&[&a], &[&server], &extra);
+    let year = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+
+    let good = clients_ca.make_leaf(&["client.example"], year);
+    let s = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client_with_cert(&good),
+    )
+    .await
+    .expect("handshake with a good client certificate");
+    assert_eq!(
+        get_h1(s, "localhost", "/").await.expect("request").body,
+        "a"
+    );
+
+    // No certificate, and one from another CA: no request gets through. (With TLS 1.3 the
+    // client learns it was refused on its first read, so check the request, not the
+    // handshake.)
+    let stranger = pki.make_leaf(&["client.example"], year);
+    let without = pki.client(&["http/1.1"]);
+    let with_other = pki.client_with_cert(&stranger);
+    for (what, client) in [("no certificate", &without), ("another CA", &with_other)] {
+        let refused = match connect(lb.addr("web"), Some("localhost"), client).await {
+            Err(_) => true,
+            Ok(s) => get_h1(s, "localhost", "/").await.is_err(),
+        };
+        assert!(refused, "{what}: request got through");
+    }
+    assert_eq!(a.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_handshakes_are_closed_and_touch_no_backend() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("hostile");
+    let cert = pki.issue("c", &["localhost"]);
+    let lb = start(&[&a], &[&cert], "strict_sni = true\n");
+    drop(lb);
+    // Short head timeout so the stalled handshake is cut quickly.
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .admin()
+            .listener("request_header_timeout = \"500ms\"")
+            .listener(&tls_listener(&[&cert], "strict_sni = true\n"))
+            .build(),
+    );
+    let addr = lb.addr("web");
+    let closed = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 512];
+        // Whatever the server answers (an alert at most), the connection ends.
+        let mut total = 0;
+        loop {
+            match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(n)) => {
+                    total += n;
+                    assert!(total < 4096, "server kept talking");
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    // Plain HTTP to the TLS port.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(s).await, "plain HTTP not closed");
+    // Garbage where a ClientHello should be.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ])
+    .await
+    .unwrap();
+    assert!(closed(s).await, "garbage ClientHello not closed");
+    // A truncated ClientHello, then silence: cut by request_header_timeout.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed(s).await, "stalled handshake not cut");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut too late: {:?}",
+        started.elapsed()
+    );
+    let cut = support::eventually(WAIT, async || {
+        lb.lines()
+            .iter()
+            .any(|l| l.contains("TLS handshake") && l.contains("request_header_timeout"))
+    })
+    .await;
+    assert!(cut.is_some(), "{}", lb.logs());
+    // strict_sni: an unknown name, and no name at all, are refused.
+    let client = support::tls::any_name(&pki);
+    assert!(connect(addr, Some("unknown.example"), &client)
+        .await
+        .is_err());
+    assert!(connect(addr, None, &client).await.is_err());
+    // A known name still works, and no backend saw any of the above.
+    let s = connect(addr, Some("localhost"), &pki.client(&[]))
+        .await
+        .expect("handshake");
+    assert_eq!(
+        get_h1(s, "localhost", "/").await.expect("request").status,
+        200
+    );
+    assert_eq!(a.hits(), 1);
+    assert_eq!(
+        support::backend_state(lb.admin(), "app", a.addr).await,
+        "healthy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_listener_can_redirect_everything_to_https() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("redirect_https = true\nredirect_https_port = 8443")
+            .build(),
+    );
+    let r = support::get_with(
+        lb.addr("web"),
+        "/some/path?q=1",
+        &[("host", "shop.example:8080")],
+    )
+    .await;
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("https://shop.example:8443/some/path?q=1")
+    );
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_echo_works_over_tls() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("ws");
+    let cert = pki.issue("c", &["localhost"]);
+    let lb = start(&[&a], &[&cert], "");
+    let mut s = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client(&["http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
+            .await
+            .expect("head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in [&b"hello over tls"[..], &[0u8, 1, 2, 255][..]] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_certificate_loads_with_a_warning_in_the_log_and_status() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("expiry");
+    let soon = pki.issue_until(
+        "soon",
+        &["localhost"],
+        time::OffsetDateTime::now_utc() + time::Duration::days(5),
+    );
+    let lb = start(&[&a], &[&soon], "");
+    assert!(lb.wait_for_log("expires in", WAIT), "{}", lb.logs());
+    let (status, body) = support::admin_call(lb.admin(), "GET", "/status", None).await;
+    assert_eq!(status, 200);
+    let cert = &body["listeners"]["web"]["tls"]["certificates"][0];
+    assert!(
+        cert["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("expires in")),
+        "{body}"
+    );
+    assert!(
+        cert["days_left"]
+            .as_i64()
+            .is_some_and(|d| (3..=5).contains(&d)),
+        "{body}"
+    );
+    // It serves all the same.
+    let s = connect(lb.addr("web"), Some("localhost"), &pki.client(&[]))
+        .await
+        .expect("handshake");
+    assert_eq!(
+        get_h1(s, "localhost", "/").await.expect("request").status,
+        200
+    );
+}
