@@ -242,3 +242,88 @@ fn hardening_keys_are_checked() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok"), "{out}");
 }
+
+#[test]
+fn tls_files_are_checked_and_errors_point_at_their_key() {
+    let pki = support::tls::Pki::new("check");
+    let good = pki.issue("good", &["localhost"]);
+    let other = pki.issue("other", &["localhost"]);
+    let year = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let nosan = pki.make_leaf(&[], year);
+    let dir = pki.dir.path();
+    std::fs::write(dir.join("nosan.pem"), &nosan.cert_pem).unwrap();
+    std::fs::write(dir.join("nosan.key"), &nosan.key_pem).unwrap();
+    std::fs::write(dir.join("garbage.pem"), "hello\n").unwrap();
+    let d = dir.display();
+    let text = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n[listeners.web.tls]\ncertificates = [\n  {{ cert = \"{d}/missing.pem\", key = \"{k}\" }},\n  {{ cert = \"{d}/garbage.pem\", key = \"{k}\" }},\n  {{ cert = \"{c}\", key = \"{ok}\" }},\n  {{ cert = \"{d}/nosan.pem\", key = \"{d}/nosan.key\" }},\n]\nmin_version = \"1.1\"\nalpn = [\"h3\"]\nclient_ca = \"{d}/garbage.pem\"\n\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+        k = good.key.display(),
+        c = good.cert.display(),
+        ok = other.key.display(),
+    );
+    let (code, _, err) = check(&text);
+    assert_eq!(code, 1, "{err}");
+    let expect = [
+        (
+            "F:6:12: listeners.web.tls.certificates[0]: cannot read",
+            "missing.pem",
+        ),
+        (
+            "F:7:12: listeners.web.tls.certificates[1]:",
+            "no PEM certificate",
+        ),
+        // The mismatched key is blamed on the key, at its own column.
+        ("listeners.web.tls.certificates[2]:", "does not match"),
+        (
+            "F:9:12: listeners.web.tls.certificates[3]:",
+            "no DNS names in subjectAltName",
+        ),
+        (
+            "F:11:15: listeners.web.tls.min_version: \"1.1\" is not allowed",
+            "",
+        ),
+        (
+            "F:12:9: listeners.web.tls.alpn: unknown protocol \"h3\"",
+            "",
+        ),
+        (
+            "F:13:13: listeners.web.tls.client_ca:",
+            "no PEM certificate",
+        ),
+    ];
+    for (at, what) in expect {
+        assert!(
+            err.lines().any(|l| l.contains(at) && l.contains(what)),
+            "expected {at:?} … {what:?} in:\n{err}"
+        );
+    }
+    let key_line = err.lines().find(|l| l.contains("does not match")).unwrap();
+    let col = 12 + good.cert.display().to_string().len() + 2 + 8;
+    assert!(
+        key_line.contains(&format!("F:8:{col}:")),
+        "{key_line} (want column {col})"
+    );
+    assert_eq!(err.lines().count(), expect.len(), "{err}");
+}
+
+#[test]
+fn an_expiring_certificate_passes_the_check_with_a_warning() {
+    let pki = support::tls::Pki::new("check");
+    let soon = pki.issue_until(
+        "soon",
+        &["localhost"],
+        time::OffsetDateTime::now_utc() + time::Duration::days(3),
+    );
+    let text = format!(
+        "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n[listeners.web.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+        soon.cert.display(),
+        soon.key.display()
+    );
+    let (code, out, err) = check(&text);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+    assert!(
+        err.contains("warning") && err.contains("expires in"),
+        "{err}"
+    );
+}
