@@ -95,7 +95,8 @@ pub struct BodyError(ClientFault);
 pub enum UpstreamBody {
     Empty,
     /// Read completely before sending: can be sent again on a retry.
-    Full(Option<Bytes>),
+    /// The data, then the trailers (gRPC and other HTTP/2 clients may send some).
+    Full(Option<Bytes>, Option<http::HeaderMap>),
     Stream(ClientBody),
 }
 
@@ -104,7 +105,7 @@ impl UpstreamBody {
     pub fn try_clone(&self) -> Option<UpstreamBody> {
         match self {
             UpstreamBody::Empty => Some(UpstreamBody::Empty),
-            UpstreamBody::Full(b) => Some(UpstreamBody::Full(b.clone())),
+            UpstreamBody::Full(b, t) => Some(UpstreamBody::Full(b.clone(), t.clone())),
             UpstreamBody::Stream(_) => None,
         }
     }
@@ -128,7 +129,10 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Full(b, t) => Poll::Ready(match b.take() {
+                Some(b) => Some(Ok(Frame::data(b))),
+                None => t.take().map(|t| Ok(Frame::trailers(t))),
+            }),
             UpstreamBody::Stream(s) => Pin::new(s).poll_frame(cx),
         }
     }
@@ -136,7 +140,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Full(b, t) => b.is_none() && t.is_none(),
             UpstreamBody::Stream(s) => s.is_end_stream(),
         }
     }
@@ -144,7 +148,9 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Full(b, _) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
             UpstreamBody::Stream(s) => s.size_hint(),
         }
     }
@@ -168,15 +174,20 @@ pub async fn prepare(body: Incoming, limits: BodyLimits) -> Result<UpstreamBody,
         return Ok(UpstreamBody::Stream(stream));
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    let mut trailers = None;
     loop {
         match std::future::poll_fn(|cx| Pin::new(&mut stream).poll_frame(cx)).await {
-            None => return Ok(UpstreamBody::Full(Some(buf.freeze()))),
+            None => return Ok(UpstreamBody::Full(Some(buf.freeze()), trailers)),
             Some(Err(BodyError(fault))) => return Err(fault),
             Some(Ok(frame)) => {
-                // Trailers end a body; hyper's client would not forward them (the `Trailer`
-                // field is hop-by-hop and removed), so they are dropped here too.
-                let Ok(data) = frame.into_data() else {
-                    continue;
+                // Trailers end a body. They reach an HTTP/2 backend; an HTTP/1.1 backend gets
+                // them only in a chunked body (hyper's rule).
+                let data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                        continue;
+                    }
                 };
                 buf.extend_from_slice(&data);
                 if buf.len() > limits.buffer {

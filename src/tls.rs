@@ -1,5 +1,6 @@
 //! rustls configurations built from the validated config: the server side of a TLS
-//! listener (certificate by SNI, versions, ALPN, client certificates).
+//! listener (certificate by SNI, versions, ALPN, client certificates), and the client side
+//! of TLS to backends.
 //!
 //! A listener builds its [`rustls::ServerConfig`] once per accept loop. A reload that
 //! changes a certificate (or its file's contents) starts a new accept loop with a new
@@ -16,7 +17,10 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
-use crate::config::{TlsConfig, TlsVersion};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+
+use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
 /// The crypto provider every TLS config uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -46,6 +50,111 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> 
     // Stateless resumption: a returning client skips the expensive signature.
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
+}
+
+/// TLS to a pool's backends: the connector and the name to send and verify.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// `None`: verify the backend's IP address (and send no SNI).
+    pub sni: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendTls")
+            .field("sni", &self.sni)
+            .finish()
+    }
+}
+
+impl BackendTls {
+    pub fn new(t: &UpstreamTls, protocol: UpstreamProtocol) -> Result<BackendTls, rustls::Error> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?;
+        let mut config = if t.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                .with_no_client_auth()
+        } else {
+            let roots =
+                t.ca.as_ref()
+                    .map(|c| Arc::clone(&c.roots))
+                    .unwrap_or_else(|| Arc::new(rustls::RootCertStore::empty()));
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        config.alpn_protocols = vec![match protocol {
+            UpstreamProtocol::H2 => b"h2".to_vec(),
+            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+        }];
+        let sni = match &t.sni {
+            Some(name) => Some(
+                ServerName::try_from(name.clone())
+                    .map_err(|e| rustls::Error::General(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(BackendTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            sni,
+        })
+    }
+
+    /// The name to present to and verify for the backend at `ip`.
+    pub fn server_name(&self, ip: std::net::IpAddr) -> ServerName<'static> {
+        self.sni.clone().unwrap_or(ServerName::IpAddress(ip.into()))
+    }
+}
+
+/// `insecure_skip_verify`: signatures are still checked (the handshake needs them), the
+/// certificate's chain and name are not.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Picks the certificate for a handshake by SNI: an exact SAN name first, then a wildcard

@@ -1,5 +1,6 @@
-//! Connections to backends: connect with a deadline, HTTP/1.1 handshake, and a small
-//! per-backend pool of idle keep-alive connections.
+//! Connections to backends: connect with a deadline, TLS when the pool asks for it, the
+//! HTTP/1.1 or HTTP/2 handshake, and per backend a small pool of idle HTTP/1.1 connections
+//! or one shared HTTP/2 connection that carries many requests at once.
 //!
 //! We drive hyper's low-level client connection ourselves (instead of hyper-util's pooled
 //! client) for three reasons: `try_send_request` hands back a request that never reached the
@@ -11,15 +12,58 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::UpstreamProtocol;
 use crate::net::TimedStream;
 pub use crate::request_body::UpstreamBody;
+use crate::tls::BackendTls;
 
-pub type Sender = http1::SendRequest<UpstreamBody>;
+/// A connection to a backend, ready to carry a request.
+pub enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    /// A handle on the backend's shared HTTP/2 connection.
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+impl Sender {
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    /// Sends `req`; a request that never reached the wire comes back in the error.
+    pub async fn try_send_request(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
 
 /// Largest read from a backend, and so the most response data read ahead of a slow client
 /// per connection (hyper would grow it to 400 KiB); also the limit on a response head.
@@ -31,6 +75,8 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Io(#[source] io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] io::Error),
     #[error("HTTP handshake failed: {0}")]
     Handshake(#[source] hyper::Error),
 }
@@ -43,12 +89,16 @@ pub struct ConnSettings {
     pub max_idle: usize,
     /// A write to the backend (a request body) blocked this long fails the connection.
     pub send_timeout: Duration,
+    pub protocol: UpstreamProtocol,
 }
 
 #[derive(Debug, Default)]
 pub struct ConnPool {
-    /// Most recently used last (LIFO keeps a few connections hot; old ones age out).
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    /// HTTP/1.1: most recently used last (LIFO keeps a few connections hot; old ones age
+    /// out).
+    idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
+    /// HTTP/2: the connection new requests are multiplexed onto.
+    shared: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
 }
 
 impl ConnPool {
@@ -59,25 +109,37 @@ impl ConnPool {
         &self,
         addr: SocketAddr,
         s: &ConnSettings,
+        tls: Option<&BackendTls>,
         cut: impl FnOnce() -> CancellationToken,
     ) -> Result<Sender, ConnectError> {
+        if s.protocol == UpstreamProtocol::H2 {
+            let shared = self.shared_lock().clone();
+            if let Some(sender) = shared.filter(|c| !c.is_closed()) {
+                return Ok(Sender::H2(sender));
+            }
+            let sender = connect(addr, s, tls, cut()).await?;
+            if let Sender::H2(h2) = &sender {
+                *self.shared_lock() = Some(h2.clone());
+            }
+            return Ok(sender);
+        }
         while let Some(mut sender) = self.pop(s.idle_timeout) {
             // A connection goes back to the pool as its response body ends; hyper may need a
             // moment to settle it into idle. `ready` is immediate for a healthy idle one and
             // errors for a closed one.
             if sender.is_ready() {
-                return Ok(sender);
+                return Ok(Sender::H1(sender));
             }
             // Bounded: a connection that does not settle quickly is dropped, not waited on.
             let settle = s.connect_timeout.min(Duration::from_millis(100));
             if let Ok(Ok(())) = tokio::time::timeout(settle, sender.ready()).await {
-                return Ok(sender);
+                return Ok(Sender::H1(sender));
             }
         }
-        connect(addr, s, cut()).await
+        connect(addr, s, tls, cut()).await
     }
 
-    fn pop(&self, idle_timeout: Duration) -> Option<Sender> {
+    fn pop(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.lock();
         while let Some((sender, since)) = idle.pop() {
             if !sender.is_closed() && since.elapsed() < idle_timeout {
@@ -89,6 +151,8 @@ impl ConnPool {
 
     /// Returns a connection whose last response has been read completely.
     pub fn put(&self, sender: Sender, s: &ConnSettings) {
+        // An HTTP/2 handle is just dropped: the shared connection stays in `shared`.
+        let Sender::H1(sender) = sender else { return };
         if sender.is_closed() || s.max_idle == 0 {
             return;
         }
@@ -103,29 +167,43 @@ impl ConnPool {
     pub fn evict_expired(&self, idle_timeout: Duration) {
         self.lock()
             .retain(|(s, since)| !s.is_closed() && since.elapsed() < idle_timeout);
+        let mut shared = self.shared_lock();
+        if shared.as_ref().is_some_and(|s| s.is_closed()) {
+            *shared = None;
+        }
     }
 
-    /// Closes every idle connection (dropping the sender ends hyper's connection task).
+    /// Closes every idle connection (dropping the sender ends hyper's connection task), and
+    /// stops handing out the shared HTTP/2 one (it closes when its last request ends).
     pub fn clear(&self) {
         self.lock().clear();
+        *self.shared_lock() = None;
     }
 
+    /// Idle HTTP/1.1 connections, plus the shared HTTP/2 one.
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().len() + usize::from(self.shared_lock().is_some())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(http1::SendRequest<UpstreamBody>, Instant)>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shared_lock(&self) -> std::sync::MutexGuard<'_, Option<http2::SendRequest<UpstreamBody>>> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Opens a fresh HTTP/1.1 connection to `addr`.
+/// Opens a fresh connection to `addr`: TCP, then TLS if the pool has it, then the HTTP/1.1
+/// or HTTP/2 handshake. `connect_timeout` bounds TCP and TLS.
 pub async fn connect(
     addr: SocketAddr,
     s: &ConnSettings,
+    tls: Option<&BackendTls>,
     cut: CancellationToken,
 ) -> Result<Sender, ConnectError> {
     let timeout = s.connect_timeout;
+    let started = Instant::now();
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
@@ -134,15 +212,68 @@ pub async fn connect(
     let _ = stream.set_nodelay(true);
     // A backend that reads a request body slowly holds a bounded send queue here too.
     crate::net::limit_unsent(&stream, READ_BUFFER);
-    let (sender, conn) = http1::Builder::new()
-        .writev(false)
-        .max_buf_size(READ_BUFFER)
-        .handshake(TokioIo::new(TimedStream::upstream(stream, s.send_timeout)))
-        .await
-        .map_err(ConnectError::Handshake)?;
+    let stream = TimedStream::upstream(stream, s.send_timeout);
+    match tls {
+        None => handshake(stream, addr, s.protocol, cut).await,
+        Some(tls) => {
+            let left = timeout.saturating_sub(started.elapsed());
+            let name = tls.server_name(addr.ip());
+            let stream = match tokio::time::timeout(left, tls.connector.connect(name, stream)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Err(_) => return Err(ConnectError::Timeout(timeout)),
+            };
+            handshake(stream, addr, s.protocol, cut).await
+        }
+    }
+}
+
+async fn handshake<I>(
+    io: I,
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    cut: CancellationToken,
+) -> Result<Sender, ConnectError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            let (sender, conn) = http1::Builder::new()
+                .writev(false)
+                .max_buf_size(READ_BUFFER)
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            spawn_conn(conn.with_upgrades(), addr, cut);
+            Ok(Sender::H1(sender))
+        }
+        UpstreamProtocol::H2 => {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // A backend that stops answering PINGs fails its streams instead of hanging.
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .max_send_buf_size(READ_BUFFER * 4)
+                .handshake(io)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            spawn_conn(conn, addr, cut);
+            Ok(Sender::H2(sender))
+        }
+    }
+}
+
+/// Drives a connection until it ends or `cut` (a drain timeout) fires.
+fn spawn_conn<F>(conn: F, addr: SocketAddr, cut: CancellationToken)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         tokio::select! {
-            r = conn.with_upgrades() => if let Err(e) = r {
+            r = conn => if let Err(e) = r {
                 tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
             },
             _ = cut.cancelled() => {
@@ -150,5 +281,4 @@ pub async fn connect(
             }
         }
     });
-    Ok(sender)
 }

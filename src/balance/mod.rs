@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::config::{HashKey, PoolConfig};
 use crate::health::threshold::HealthState;
+use crate::tls::BackendTls;
 use backend::{Backend, Lease};
 use policy::Selector;
 
@@ -21,6 +22,8 @@ pub struct Pool {
     pub name: Arc<str>,
     pub config: PoolConfig,
     pub backends: Vec<Arc<Backend>>,
+    /// TLS to the backends, built once per config generation.
+    pub tls: Option<BackendTls>,
     selector: Selector,
 }
 
@@ -56,6 +59,19 @@ impl Pool {
                 None => {}
             }
         }
+        if let Some(prev) = previous {
+            let transport_changed =
+                prev.config.protocol != config.protocol || prev.config.tls != config.tls;
+            if transport_changed {
+                // Pooled connections speak the old protocol or TLS settings: open new ones.
+                backends.iter().for_each(|b| b.conns.clear());
+            }
+        }
+        let tls = config.tls.as_ref().and_then(|t| {
+            BackendTls::new(t, config.protocol)
+                .map_err(|e| tracing::error!(pool = %config.name, error = %e, "cannot set up TLS to backends"))
+                .ok()
+        });
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
         let ids: Vec<&str> = backends.iter().map(|b| &*b.label).collect();
         let selector = Selector::build(config.algorithm, &weights, &ids);
@@ -63,6 +79,7 @@ impl Pool {
             name: config.name.as_str().into(),
             config: config.clone(),
             backends,
+            tls,
             selector,
         }
     }

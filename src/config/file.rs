@@ -123,6 +123,24 @@ pub struct FilePool {
     pub retries: Option<Spanned<u32>>,
     pub max_idle_per_backend: Option<Spanned<u32>>,
     pub request_buffering: Option<Spanned<FileSize>>,
+    pub protocol: Option<FileProtocol>,
+    pub tls: Option<FileUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileProtocol {
+    #[serde(rename = "http1")]
+    Http1,
+    H2,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    pub ca: Option<Text>,
+    pub sni: Option<Text>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 /// A backend is written either as `"ip:port"` or as `{ address = "ip:port", weight = 3 }`.

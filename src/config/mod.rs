@@ -214,6 +214,29 @@ pub struct PoolConfig {
     pub max_idle_per_backend: usize,
     /// Overrides the listener's `request_buffering` for this pool.
     pub request_buffering: Option<usize>,
+    /// What the backends speak.
+    pub protocol: UpstreamProtocol,
+    /// TLS to the backends; `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, one request at a time per pooled connection.
+    Http1,
+    /// HTTP/2 (prior knowledge, or ALPN over TLS): requests multiplexed on one connection.
+    H2,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// Trust anchors for the backends' certificates.
+    pub ca: Option<tls::CaBundle>,
+    /// Name sent as SNI and verified; `None`: the backend's IP address is verified.
+    pub sni: Option<String>,
+    /// Accept any certificate (warned about at every load).
+    pub insecure_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -340,13 +363,27 @@ impl Config {
                 files.extend(t.client_ca.as_ref().map(|c| c.path.clone()));
             }
         }
+        for p in &self.pools {
+            files.extend(
+                p.tls
+                    .as_ref()
+                    .and_then(|t| t.ca.as_ref())
+                    .map(|c| c.path.clone()),
+            );
+        }
         files.sort();
         files.dedup();
         files
     }
 
-    /// Warnings about what loaded but needs attention soon (certificates near expiry).
+    /// Warnings about what loaded but needs attention (certificates near expiry, backends
+    /// whose certificates are not verified).
     pub fn warnings(&self) -> Vec<String> {
+        let insecure = self
+            .pools
+            .iter()
+            .filter(|p| p.tls.as_ref().is_some_and(|t| t.insecure_skip_verify))
+            .map(|p| format!("pools.{}.tls: insecure_skip_verify = true: backend certificates are NOT verified; anyone on the path can impersonate these backends", p.name));
         self.listeners
             .iter()
             .filter_map(|l| l.tls.as_ref().map(|t| (l, t)))
@@ -356,6 +393,7 @@ impl Config {
                         .map(|w| format!("listeners.{}.tls: {w}", l.name))
                 })
             })
+            .chain(insecure)
             .collect()
     }
 

@@ -670,7 +670,45 @@ impl Validator<'_> {
                 as usize,
             request_buffering: self
                 .request_buffering(&p.request_buffering, &format!("{key}.request_buffering")),
+            protocol: match p.protocol {
+                None | Some(file::FileProtocol::Http1) => UpstreamProtocol::Http1,
+                Some(file::FileProtocol::H2) => UpstreamProtocol::H2,
+            },
+            tls: p.tls.as_ref().map(|t| self.upstream_tls(t, name, &key)),
         })
+    }
+
+    fn upstream_tls(&mut self, t: &file::FileUpstreamTls, name: &Text, key: &str) -> UpstreamTls {
+        let tkey = format!("{key}.tls");
+        let ca = t.ca.as_ref().and_then(|p| {
+            tls::load_ca(&self.path(p))
+                .map_err(|e| self.push(p.span(), format!("{tkey}.ca: {e}")))
+                .ok()
+        });
+        let insecure_skip_verify = t.insecure_skip_verify.unwrap_or(false);
+        if t.ca.is_none() && !insecure_skip_verify {
+            self.push(
+                name.span(),
+                format!("{tkey}: set ca (a PEM bundle the backends' certificates chain to), or insecure_skip_verify = true"),
+            );
+        }
+        let sni = t.sni.as_ref().and_then(|s| {
+            match rustls::pki_types::DnsName::try_from(s.get_ref().as_str()) {
+                Ok(_) => Some(s.get_ref().to_ascii_lowercase()),
+                Err(_) => {
+                    self.push(
+                        s.span(),
+                        format!("{tkey}.sni: {:?} is not a DNS name", s.get_ref()),
+                    );
+                    None
+                }
+            }
+        });
+        UpstreamTls {
+            ca,
+            sni,
+            insecure_skip_verify,
+        }
     }
 
     fn hash_key(&mut self, k: &Text, key: &str) -> Option<HashKey> {

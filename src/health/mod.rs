@@ -13,16 +13,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::balance::backend::Backend;
-use crate::config::{HealthCheckConfig, Probe};
+use crate::config::{HealthCheckConfig, Probe, UpstreamProtocol, UpstreamTls};
 use crate::state::Snapshot;
+use crate::tls::BackendTls;
+use crate::upstream::{self, ConnSettings, UpstreamBody};
 use threshold::Transition;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum ProbeError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("{0}")]
+    Upstream(#[source] upstream::ConnectError),
     #[error("HTTP error: {0}")]
     Http(#[source] hyper::Error),
     #[error("bad request: {0}")]
@@ -39,9 +41,19 @@ pub enum ProbeError {
     Status(u16),
 }
 
+/// How a probe reaches the backend: the pool's protocol and TLS.
+#[derive(Clone)]
+pub struct Transport {
+    pub protocol: UpstreamProtocol,
+    pub tls: Option<BackendTls>,
+    /// The settings `tls` was built from, to tell when they change.
+    tls_config: Option<UpstreamTls>,
+}
+
 struct Task {
     backend: Arc<Backend>,
     check: HealthCheckConfig,
+    transport: (UpstreamProtocol, Option<UpstreamTls>),
     handle: JoinHandle<()>,
 }
 
@@ -56,29 +68,36 @@ impl HealthChecks {
     /// stops tasks of removed backends. Returns one receiver per started task that fires after
     /// its first probe, for readiness.
     pub fn reconcile(&mut self, snap: &Snapshot) -> Vec<oneshot::Receiver<()>> {
-        let mut wanted: HashMap<(Arc<str>, SocketAddr), (Arc<Backend>, HealthCheckConfig)> =
-            HashMap::new();
+        type Wanted = (Arc<Backend>, HealthCheckConfig, Transport);
+        let mut wanted: HashMap<(Arc<str>, SocketAddr), Wanted> = HashMap::new();
         for pool in snap.pools.values() {
             if let Some(check) = &pool.config.health_check {
+                let transport = Transport {
+                    protocol: pool.config.protocol,
+                    tls: pool.tls.clone(),
+                    tls_config: pool.config.tls.clone(),
+                };
                 for b in &pool.backends {
                     wanted.insert(
                         (Arc::clone(&pool.name), b.addr),
-                        (Arc::clone(b), check.clone()),
+                        (Arc::clone(b), check.clone(), transport.clone()),
                     );
                 }
             }
         }
         self.tasks.retain(|key, task| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(b, check)| Arc::ptr_eq(b, &task.backend) && *check == task.check);
+            let keep = wanted.get(key).is_some_and(|(b, check, t)| {
+                Arc::ptr_eq(b, &task.backend)
+                    && *check == task.check
+                    && (t.protocol, &t.tls_config) == (task.transport.0, &task.transport.1)
+            });
             if !keep {
                 task.handle.abort();
             }
             keep
         });
         let mut first_rounds = Vec::new();
-        for (key, (backend, check)) in wanted {
+        for (key, (backend, check, transport)) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -88,6 +107,7 @@ impl HealthChecks {
                 Arc::clone(&key.0),
                 Arc::clone(&backend),
                 check.clone(),
+                transport.clone(),
                 tx,
             ));
             self.tasks.insert(
@@ -95,6 +115,7 @@ impl HealthChecks {
                 Task {
                     backend,
                     check,
+                    transport: (transport.protocol, transport.tls_config),
                     handle,
                 },
             );
@@ -119,6 +140,7 @@ async fn run(
     pool: Arc<str>,
     backend: Arc<Backend>,
     check: HealthCheckConfig,
+    transport: Transport,
     first: oneshot::Sender<()>,
 ) {
     let mut first = Some(first);
@@ -129,7 +151,7 @@ async fn run(
         .mul_f64(fastrand::f64() / 10.0);
     loop {
         tokio::time::sleep(delay).await;
-        let result = probe(backend.addr, &check).await;
+        let result = probe(backend.addr, &check, &transport).await;
         let transition = backend.record_probe(result.is_ok());
         match (transition, &result) {
             (Some(Transition::Up), _) => {
@@ -151,43 +173,73 @@ async fn run(
 }
 
 /// Runs one probe against `addr`, bounded by the check's timeout.
-pub async fn probe(addr: SocketAddr, check: &HealthCheckConfig) -> Result<(), ProbeError> {
-    match tokio::time::timeout(check.timeout, probe_inner(addr, &check.probe)).await {
+pub async fn probe(
+    addr: SocketAddr,
+    check: &HealthCheckConfig,
+    transport: &Transport,
+) -> Result<(), ProbeError> {
+    match tokio::time::timeout(check.timeout, probe_inner(addr, check, transport)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(check.timeout)),
     }
 }
 
-async fn probe_inner(addr: SocketAddr, probe: &Probe) -> Result<(), ProbeError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(ProbeError::Connect)?;
+async fn probe_inner(
+    addr: SocketAddr,
+    check: &HealthCheckConfig,
+    transport: &Transport,
+) -> Result<(), ProbeError> {
     let Probe::Http {
         path,
         host,
         expect_status,
-    } = probe
+    } = &check.probe
     else {
+        TcpStream::connect(addr)
+            .await
+            .map_err(ProbeError::Connect)?;
         return Ok(());
     };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(ProbeError::Http)?;
-    let conn = tokio::spawn(conn);
+    // The same way requests go: TLS and HTTP/2 when the pool uses them.
+    let settings = ConnSettings {
+        connect_timeout: check.timeout,
+        idle_timeout: check.timeout,
+        max_idle: 0,
+        send_timeout: check.timeout,
+        protocol: transport.protocol,
+    };
+    let cut = CancellationToken::new();
+    // Ends the probe's connection however the probe ends.
+    let _close = cut.clone().drop_guard();
+    let mut sender = upstream::connect(addr, &settings, transport.tls.as_ref(), cut)
+        .await
+        .map_err(ProbeError::Upstream)?;
     let host = match host {
         Some(h) => h.clone(),
         None => addr.to_string(),
     };
-    let req = http::Request::get(path.as_str())
-        .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "ballast-health-check")
-        .header(http::header::CONNECTION, "close")
-        .body(Empty::new())
-        .map_err(ProbeError::Request)?;
-    let resp = sender.send_request(req).await.map_err(ProbeError::Http);
-    conn.abort();
-    let status = resp?.status().as_u16();
+    let mut req =
+        http::Request::get(path.as_str()).header(http::header::USER_AGENT, "ballast-health-check");
+    req = match transport.protocol {
+        UpstreamProtocol::Http1 => req
+            .header(http::header::HOST, host)
+            .header(http::header::CONNECTION, "close"),
+        UpstreamProtocol::H2 => {
+            let scheme = if transport.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            req.uri(format!("{scheme}://{host}{path}"))
+                .version(http::Version::HTTP_2)
+        }
+    };
+    let req = req.body(UpstreamBody::Empty).map_err(ProbeError::Request)?;
+    let resp = sender
+        .try_send_request(req)
+        .await
+        .map_err(|e| ProbeError::Http(e.into_error()))?;
+    let status = resp.status().as_u16();
     if expect_status.contains(&status) {
         Ok(())
     } else {

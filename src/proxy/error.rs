@@ -42,9 +42,9 @@ impl ProxyError {
         match self {
             ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Connect(ConnectError::Io(_) | ConnectError::Handshake(_)) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect(
+                ConnectError::Io(_) | ConnectError::Tls(_) | ConnectError::Handshake(_),
+            ) => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +76,7 @@ impl ProxyError {
             ProxyError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
             ProxyError::Connect(ConnectError::Io(_)) => "connect_failed",
             ProxyError::Connect(ConnectError::Handshake(_)) => "handshake_failed",
+            ProxyError::Connect(ConnectError::Tls(_)) => "tls_failed",
             ProxyError::Upstream(_) => "upstream_failed",
             ProxyError::ResponseTimeout(_) => "response_timeout",
             ProxyError::ListenerGone => "listener_gone",

@@ -22,7 +22,7 @@ use super::tunnel;
 use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
 use crate::balance::Pool;
-use crate::config::{HashKey, ListenerConfig};
+use crate::config::{HashKey, ListenerConfig, UpstreamProtocol};
 use crate::net::ConnPhase;
 use crate::request_body::{self, BodyLimits, BodyWatch, UpstreamBody};
 use crate::state::Live;
@@ -134,7 +134,18 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
         .hash_key()
         .and_then(|k| request_hash(k, &req, ctx.peer));
 
-    let upgrade = tunnel::requested_upgrade(req.headers(), &target.upgrade);
+    let h2_backend = pool.config.protocol == UpstreamProtocol::H2;
+    // An HTTP/1.1 upgrade cannot cross to an HTTP/2 backend; it is dropped like any other
+    // protocol the route does not allow.
+    let upgrade = tunnel::requested_upgrade(req.headers(), &target.upgrade).filter(|_| !h2_backend);
+    // `TE: trailers` is hop-by-hop, yet gRPC servers require it on HTTP/2: keep that one.
+    let te_trailers = h2_backend
+        && req.headers().get_all(http::header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     let client_upgrade = (upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Some(path) = normalized {
@@ -159,12 +170,29 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
         }
     }
     headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto);
-    if parts.uri.scheme().is_some() {
-        // Absolute-form from the client: backends expect origin-form.
+    if h2_backend {
+        // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
+        let scheme = if pool.tls.is_some() { "https" } else { "http" };
+        let authority = parts
+            .headers
+            .remove(http::header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| "localhost".to_owned());
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    if parts.version != Version::HTTP_11 {
+        parts.uri = Uri::try_from(format!("{scheme}://{authority}{pq}"))
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        parts.version = Version::HTTP_2;
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else {
+        if parts.uri.scheme().is_some() {
+            // Absolute-form from the client: backends expect origin-form.
+            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        }
         parts.version = Version::HTTP_11;
     }
 
@@ -206,6 +234,7 @@ async fn forward(
         idle_timeout: cfg.idle_timeout,
         max_idle: cfg.max_idle_per_backend,
         send_timeout: cfg.response_timeout,
+        protocol: cfg.protocol,
     };
     let connect = parts.method == Method::CONNECT;
     let watch = body.watch();
@@ -229,7 +258,9 @@ async fn forward(
         let label = || Some(Arc::clone(&backend.label));
         let mut sender = match backend
             .conns
-            .get(backend.addr, &settings, || backend.cut_token())
+            .get(backend.addr, &settings, pool.tls.as_ref(), || {
+                backend.cut_token()
+            })
             .await
         {
             Ok(s) => s,
