@@ -99,6 +99,11 @@ pub struct ConnPool {
     idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
     /// HTTP/2: the connection new requests are multiplexed onto.
     shared: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// HTTP/2: held while the shared connection is being opened, so that a burst of requests
+    /// opens one connection, not one each. Counts the failed attempts, so that requests that
+    /// waited on a failing one fail with it instead of each waiting out its own timeout.
+    connecting: tokio::sync::Mutex<()>,
+    failed_connects: std::sync::atomic::AtomicU64,
 }
 
 impl ConnPool {
@@ -113,15 +118,7 @@ impl ConnPool {
         cut: impl FnOnce() -> CancellationToken,
     ) -> Result<Sender, ConnectError> {
         if s.protocol == UpstreamProtocol::H2 {
-            let shared = self.shared_lock().clone();
-            if let Some(sender) = shared.filter(|c| !c.is_closed()) {
-                return Ok(Sender::H2(sender));
-            }
-            let sender = connect(addr, s, tls, cut()).await?;
-            if let Sender::H2(h2) = &sender {
-                *self.shared_lock() = Some(h2.clone());
-            }
-            return Ok(sender);
+            return self.get_shared(addr, s, tls, cut).await;
         }
         while let Some(mut sender) = self.pop(s.idle_timeout) {
             // A connection goes back to the pool as its response body ends; hyper may need a
@@ -137,6 +134,41 @@ impl ConnPool {
             }
         }
         connect(addr, s, tls, cut()).await
+    }
+
+    async fn get_shared(
+        &self,
+        addr: SocketAddr,
+        s: &ConnSettings,
+        tls: Option<&BackendTls>,
+        cut: impl FnOnce() -> CancellationToken,
+    ) -> Result<Sender, ConnectError> {
+        let open = || self.shared_lock().clone().filter(|c| !c.is_closed());
+        if let Some(sender) = open() {
+            return Ok(Sender::H2(sender));
+        }
+        use std::sync::atomic::Ordering;
+        let failures_before = self.failed_connects.load(Ordering::Acquire);
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = open() {
+            return Ok(Sender::H2(sender));
+        }
+        if self.failed_connects.load(Ordering::Acquire) != failures_before {
+            return Err(ConnectError::Io(io::Error::other(
+                "the connection this request waited for failed",
+            )));
+        }
+        match connect(addr, s, tls, cut()).await {
+            Ok(Sender::H2(h2)) => {
+                *self.shared_lock() = Some(h2.clone());
+                Ok(Sender::H2(h2))
+            }
+            Ok(other) => Ok(other),
+            Err(e) => {
+                self.failed_connects.fetch_add(1, Ordering::Release);
+                Err(e)
+            }
+        }
     }
 
     fn pop(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {

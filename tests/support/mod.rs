@@ -38,6 +38,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 ///   `CONNECT` (200)
 /// - `/headers...`: answers with the request headers, one `name: value` a line
 /// - `/echo-path...`: answers with the path and query it received
+/// - `/version`: answers with the HTTP version it was asked in (`HTTP/1.1`, `HTTP/2.0`)
 /// - anything else: answers with the backend's name
 ///
 /// Every response carries `x-backend: NAME`.
@@ -61,8 +62,20 @@ impl Backend {
         Self::serve(name, listener)
     }
 
+    /// A backend that also speaks HTTP/2 with prior knowledge (h2c), as gRPC servers do.
+    pub async fn start_h2(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        Self::serve_with(name, listener, true)
+    }
+
     /// Serves on an already bound listener (used to bring a backend back on its old port).
     pub fn serve(name: &str, listener: TcpListener) -> Backend {
+        Self::serve_with(name, listener, false)
+    }
+
+    fn serve_with(name: &str, listener: TcpListener, h2: bool) -> Backend {
         let addr = listener.local_addr().expect("local addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -92,6 +105,14 @@ impl Backend {
                 let state = state.clone();
                 let task = tokio::spawn(async move {
                     let svc = service_fn(move |req| respond(req, state.clone()));
+                    if h2 {
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                        return;
+                    }
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades()
@@ -256,6 +277,9 @@ async fn respond(
             }
         }
         return reply(200, format!("{name} {n}"));
+    }
+    if path == "/version" {
+        return reply(200, format!("{:?}", req.version()));
     }
     if path.starts_with("/echo-path") {
         let pq = req.uri().path_and_query().map_or("", |pq| pq.as_str());
