@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerMode};
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::state::Live;
@@ -99,12 +99,24 @@ pub async fn run(
             Some(table) => match PerClient::acquire(table, peer.ip()) {
                 Some(slot) => Some(slot),
                 None => {
-                    refuse_over_limit(&stream, &name, peer, table.max);
+                    refuse_over_limit(&stream, &config, peer, table.max);
                     continue;
                 }
             },
             None => None,
         };
+        if config.mode == ListenerMode::Tcp {
+            let _ = stream.set_nodelay(true);
+            let (live, config) = (Arc::clone(&live), Arc::clone(&config));
+            // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
+            // graceful shutdown waits for it (up to shutdown_timeout).
+            tracker.spawn(async move {
+                let _permit = permit;
+                let _slot = slot;
+                crate::proxy::tcp::serve(stream, peer, live, config).await;
+            });
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         crate::net::limit_unsent(&stream, config.response_buffer);
         let phase = Arc::new(ConnPhase::default());
@@ -374,11 +386,14 @@ impl Drop for ClientSlot {
 }
 
 /// Answers a connection over its address's limit with 429 (best effort, without reading or
-/// waiting) and closes it.
-fn refuse_over_limit(stream: &TcpStream, listener: &str, peer: SocketAddr, max: usize) {
-    let _ = stream.try_write(
+/// waiting; a TCP listener just closes) and closes it.
+fn refuse_over_limit(stream: &TcpStream, config: &ListenerConfig, peer: SocketAddr, max: usize) {
+    let listener = config.name.as_str();
+    if config.mode == ListenerMode::Http {
+        let _ = stream.try_write(
         b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 22\r\nconnection: close\r\n\r\n429 Too Many Requests\n",
-    );
+        );
+    }
     if let Some(suppressed) = crate::log_limit::allow((listener, "max_connections_per_client")) {
         tracing::info!(listener, client = %peer, max, suppressed, reason = %"too_many_connections", "connection refused: client is at max_connections_per_client");
     }

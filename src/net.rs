@@ -127,6 +127,15 @@ impl TimedStream {
         }
     }
 
+    /// A client connection of a TCP listener: only writes are timed (idle connections are
+    /// the TCP proxy's business).
+    pub fn tcp_client(inner: TcpStream, write_timeout: Duration) -> TimedStream {
+        TimedStream {
+            write_names: ("client", "send_timeout"),
+            ..TimedStream::upstream(inner, write_timeout)
+        }
+    }
+
     /// A client connection, its reads bounded by `phase` and `limits`.
     pub fn downstream(
         inner: TcpStream,

@@ -63,6 +63,14 @@ pub struct FileListener {
     pub redirect_https: Option<bool>,
     pub redirect_https_port: Option<Spanned<u16>>,
     pub h2c: Option<bool>,
+    pub mode: Option<Spanned<FileMode>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileMode {
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]

@@ -126,6 +126,16 @@ pub struct ListenerConfig {
     pub redirect_https_port: Option<u16>,
     /// Accept cleartext HTTP/2 with prior knowledge (next to HTTP/1.1) on a plain listener.
     pub h2c: bool,
+    /// HTTP (parsed, routed per request) or TCP (bytes forwarded per connection).
+    pub mode: ListenerMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerMode {
+    Http,
+    /// L4: each client connection is joined to one backend connection, bytes both ways.
+    Tcp,
 }
 
 /// TLS termination on a listener.

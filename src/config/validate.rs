@@ -270,6 +270,13 @@ impl Validator<'_> {
                 Some(v) => *v.get_ref(),
                 None => defaults::MAX_HEADER_SIZE,
             };
+            let mode = match l.mode.as_ref().map(|m| *m.get_ref()) {
+                Some(file::FileMode::Tcp) => ListenerMode::Tcp,
+                _ => ListenerMode::Http,
+            };
+            if mode == ListenerMode::Tcp {
+                self.tcp_listener(name, l, &key, &raw.pools);
+            }
             if l.tls.is_some() && l.redirect_https == Some(true) {
                 self.push(
                     name.span(),
@@ -353,6 +360,7 @@ impl Validator<'_> {
                 redirect_https: l.redirect_https.unwrap_or(false),
                 redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
                 h2c: l.h2c.unwrap_or(false),
+                mode,
                 max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
                     if *n.get_ref() == 0 {
                         self.push(
@@ -372,6 +380,65 @@ impl Validator<'_> {
             listeners,
             pools,
         })
+    }
+
+    /// `mode = "tcp"`: HTTP-only keys are refused, and its pool must not need HTTP.
+    fn tcp_listener(
+        &mut self,
+        name: &Text,
+        l: &file::FileListener,
+        key: &str,
+        pools: &BTreeMap<Text, file::FilePool>,
+    ) {
+        let http_only: [(&str, bool); 12] = [
+            ("routes", !l.routes.is_empty()),
+            ("tls", l.tls.is_some()),
+            ("redirect_https", l.redirect_https.is_some()),
+            ("h2c", l.h2c.is_some()),
+            ("upgrade", l.upgrade.is_some()),
+            ("allow_connect", l.allow_connect.is_some()),
+            ("request_buffering", l.request_buffering.is_some()),
+            ("max_request_body", l.max_request_body.is_some()),
+            ("request_body_timeout", l.request_body_timeout.is_some()),
+            ("keepalive_timeout", l.keepalive_timeout.is_some()),
+            ("max_header_size", l.max_header_size.is_some()),
+            ("max_headers", l.max_headers.is_some()),
+        ];
+        for (field, set) in http_only {
+            if set {
+                self.push(
+                    name.span(),
+                    format!("{key}.{field}: only used with mode = \"http\" (this listener is mode = \"tcp\")"),
+                );
+            }
+        }
+        let Some(pool) = pools
+            .iter()
+            .find(|(n, _)| n.get_ref() == l.pool.get_ref())
+            .map(|(_, p)| p)
+        else {
+            return;
+        };
+        let pkey = format!("pools.{}", l.pool.get_ref());
+        if let Some(k) = pool
+            .hash_key
+            .as_ref()
+            .filter(|k| k.get_ref() != "client_ip")
+        {
+            self.push(
+                k.span(),
+                format!("{pkey}.hash_key: listener {} is mode = \"tcp\", where only client_ip can be hashed", name.get_ref()),
+            );
+        }
+        if pool.protocol == Some(file::FileProtocol::H2) || pool.tls.is_some() {
+            self.push(
+                l.pool.span(),
+                format!(
+                    "{key}.pool: pool {:?} sets protocol or tls, which mode = \"tcp\" does not use",
+                    l.pool.get_ref()
+                ),
+            );
+        }
     }
 
     /// A path from the file, resolved against the config file's folder.

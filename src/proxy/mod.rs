@@ -1,6 +1,8 @@
-//! The data plane's request handling: header rules, errors, and the HTTP forwarding path.
+//! The data plane: header rules, errors, the HTTP forwarding path, upgrade tunnels, and the
+//! TCP (L4) forwarding path.
 
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod tcp;
 pub mod tunnel;

@@ -1,0 +1,195 @@
+//! TCP (L4) mode: one client connection joined to one backend connection, bytes copied both
+//! ways with no parsing.
+//!
+//! - A connect that fails (refused, timed out) counts against the backend and is retried on
+//!   another one: nothing has been sent yet, so that is always safe. Once joined, whatever
+//!   happens to the bytes is nobody's fault that ballast could tell, so nothing more is
+//!   counted, like HAProxy's `mode tcp`.
+//! - A half-close is passed on: when one side shuts down its write side, the other side's
+//!   write side is shut down and the opposite direction keeps flowing.
+//! - The connection holds a lease on its backend for its whole life: `least_conn` counts it,
+//!   a drain waits for it (and cuts it at `drain_timeout`), a graceful shutdown waits for it
+//!   (up to `shutdown_timeout`).
+//! - It closes after the pool's `idle_timeout` without a byte in either direction, and when a
+//!   write stays blocked for the listener's `send_timeout` (client) or the pool's
+//!   `response_timeout` (backend).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::balance::backend::Lease;
+use crate::balance::policy::hash_key;
+use crate::balance::Pool;
+use crate::config::{HashKey, ListenerConfig};
+use crate::net::TimedStream;
+use crate::state::Live;
+
+/// Copy buffer per direction: large enough for bulk transfers, small enough that ten
+/// thousand connections stay within a few hundred MiB.
+const COPY_BUFFER: usize = 32 * 1024;
+
+/// Serves one client connection of a TCP listener.
+pub async fn serve(client: TcpStream, peer: SocketAddr, live: Live, config: Arc<ListenerConfig>) {
+    let snap = live.load_full();
+    let Some(router) = snap.routers.get(config.name.as_str()) else {
+        return;
+    };
+    let pool = Arc::clone(&router.route(None, "/").pool);
+    drop(snap);
+    let key = match pool.hash_key() {
+        Some(HashKey::ClientIp) => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
+        }),
+        _ => None,
+    };
+    let Some((backend_stream, lease)) = connect(&pool, key, &config.name, peer).await else {
+        return;
+    };
+    let backend = Arc::clone(lease.backend());
+    let cut = backend.cut_token();
+    let activity = Arc::new(Activity::new());
+    let mut client = Tracked {
+        inner: TimedStream::tcp_client(client, config.send_timeout),
+        activity: Arc::clone(&activity),
+    };
+    let mut upstream = Tracked {
+        inner: TimedStream::upstream(backend_stream, pool.config.response_timeout),
+        activity: Arc::clone(&activity),
+    };
+    let idle_timeout = pool.config.idle_timeout;
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    let outcome = tokio::select! {
+        r = copied => match r {
+            Ok((up, down)) => format!("closed: {up} bytes up, {down} bytes down"),
+            Err(e) => format!("ended: {e}"),
+        },
+        () = activity.idle_for(idle_timeout) => format!("idle for {idle_timeout:?} (idle_timeout)"),
+        () = cut.cancelled() => "cut by drain_timeout".to_string(),
+    };
+    tracing::debug!(listener = %config.name, client = %peer, pool = %pool.name, backend = %backend.label, "tcp connection {outcome}");
+    drop(lease);
+}
+
+/// Connects to a backend of `pool`, trying others when a connect fails.
+async fn connect(
+    pool: &Arc<Pool>,
+    key: Option<u64>,
+    listener: &str,
+    peer: SocketAddr,
+) -> Option<(TcpStream, Lease)> {
+    let cfg = &pool.config;
+    let attempts = (cfg.retries as usize + 1).min(8);
+    let mut tried = Vec::with_capacity(attempts);
+    for attempt in 0..attempts {
+        let (idx, lease) = pool.select(key, &tried)?;
+        tried.push(idx);
+        let backend = lease.backend();
+        let error =
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(backend.addr)).await
+            {
+                Ok(Ok(stream)) => {
+                    backend.record_success();
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, lease));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("connect timed out after {:?}", cfg.connect_timeout),
+            };
+        let ejected = backend.record_failure(&cfg.passive);
+        if let Some(suppressed) =
+            crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
+        {
+            tracing::warn!(pool = %pool.name, backend = %backend.label, reason = "connect_failed", error = %error, ejected, attempt, suppressed, "backend failed");
+        }
+    }
+    if let Some(suppressed) = crate::log_limit::allow((listener, &*pool.name, "tcp_no_backend")) {
+        tracing::warn!(listener, client = %peer, pool = %pool.name, reason = "no_backend", suppressed, "tcp connection refused: no backend could be reached");
+    }
+    None
+}
+
+/// When either side last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A stream that records activity on every successful read.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
