@@ -7,6 +7,7 @@
 //! a push or a pop. Off the happy path: the warning limiter's table on failures, and the
 //! per-client connection table at accept when `max_connections_per_client` is set.
 //!
+//! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `health::threshold`: the pure rise/fall counter.
@@ -42,6 +43,7 @@ pub mod listener;
 pub mod log_limit;
 pub mod net;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod request_body;
 pub mod state;
 pub mod systemd;

@@ -53,9 +53,6 @@ pub async fn run(
     let config = Arc::new(config);
     let name: Arc<str> = config.name.as_str().into();
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    let per_client = config
-        .max_connections_per_client
-        .map(|max| Arc::new(PerClient::new(max)));
     let tls = match &config.tls {
         None => None,
         Some(t) => match crate::tls::server_config(t) {
@@ -66,12 +63,23 @@ pub async fn run(
             }
         },
     };
-    let h1 = h1_builder(&config);
-    let h2 = h2_builder(&config);
-    let read_limits = ReadLimits {
-        header_timeout: config.request_header_timeout,
-        keepalive_timeout: config.keepalive_timeout,
-    };
+    let env = Arc::new(Env {
+        h1: h1_builder(&config),
+        h2: h2_builder(&config),
+        read_limits: ReadLimits {
+            header_timeout: config.request_header_timeout,
+            keepalive_timeout: config.keepalive_timeout,
+        },
+        live,
+        name: Arc::clone(&name),
+        config: Arc::clone(&config),
+        tls,
+        per_client: config
+            .max_connections_per_client
+            .map(|max| Arc::new(PerClient::new(max))),
+        tracker: tracker.clone(),
+        shutdown,
+    });
     loop {
         // `biased`: once told to stop, never accept again, even if a connection is ready.
         let permit = tokio::select! {
@@ -95,78 +103,152 @@ pub async fn run(
                 }
             },
         };
-        let slot = match &per_client {
-            Some(table) => match PerClient::acquire(table, peer.ip()) {
-                Some(slot) => Some(slot),
-                None => {
-                    refuse_over_limit(&stream, &config, peer, table.max);
-                    continue;
-                }
-            },
-            None => None,
-        };
-        if config.mode == ListenerMode::Tcp {
-            let _ = stream.set_nodelay(true);
-            let (live, config) = (Arc::clone(&live), Arc::clone(&config));
-            // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
-            // graceful shutdown waits for it (up to shutdown_timeout).
+        let local = stream.local_addr().unwrap_or(config.bind);
+        let Some(trusted) = &config.accept_proxy else {
+            let Some(slot) = env.admit(&stream, peer) else {
+                continue;
+            };
+            let env = Arc::clone(&env);
             tracker.spawn(async move {
                 let _permit = permit;
-                let _slot = slot;
-                crate::proxy::tcp::serve(stream, peer, live, config).await;
+                env.serve(stream, peer, local, Vec::new(), slot).await;
             });
             continue;
-        }
-        let _ = stream.set_nodelay(true);
-        crate::net::limit_unsent(&stream, config.response_buffer);
-        let phase = Arc::new(ConnPhase::default());
-        let ctx = Arc::new(ConnCtx {
-            live: Arc::clone(&live),
-            listener: Arc::clone(&name),
-            config: Arc::clone(&config),
-            peer,
-            proto: if tls.is_some() { "https" } else { "http" },
-            tracker: tracker.clone(),
-            phase: Arc::clone(&phase),
-        });
-        let io = TimedStream::downstream(stream, config.send_timeout, phase, read_limits);
-        let conn = Conn {
-            ctx,
-            h1: h1.clone(),
-            h2: h2.clone(),
-            shutdown: shutdown.clone(),
         };
-        let tls = tls.clone();
+        if !trusted.iter().any(|range| range.contains(peer.ip())) {
+            // Refused before a byte is read: only a trusted balancer may speak for clients.
+            if let Some(suppressed) = crate::log_limit::allow((&*name, "accept_proxy")) {
+                tracing::info!(listener = %name, client = %peer, suppressed, reason = "untrusted_proxy_source", "connection refused: not from an accept_proxy range");
+            }
+            continue;
+        }
+        let env = Arc::clone(&env);
         tracker.spawn(async move {
             let _permit = permit;
-            let _slot = slot;
-            match tls {
-                None if conn.ctx.config.h2c => conn.serve_auto(io).await,
-                None => conn.serve_h1(io).await,
-                Some(acceptor) => {
-                    // The same timer as a request head: a handshake that stalls is cut.
-                    let limit = conn.ctx.config.request_header_timeout;
-                    let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
-                            return;
-                        }
-                    };
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        conn.serve_h2(stream).await
-                    } else {
-                        conn.serve_h1(stream).await
+            let mut stream = stream;
+            let limit = env.config.request_header_timeout;
+            let (header, rest) = match crate::proxy_protocol::read_header(&mut stream, limit).await {
+                Ok(h) => h,
+                Err(e) => {
+                    if let Some(suppressed) = crate::log_limit::allow((&*env.name, "proxy_header")) {
+                        tracing::info!(listener = %env.name, client = %peer, error = %e, suppressed, reason = "bad_proxy_header", "connection refused: no valid PROXY header");
                     }
+                    return;
                 }
-            }
+            };
+            // LOCAL / UNKNOWN: the balancer's own connection (a health check); its address stands.
+            let (peer, local) = match (header.source, header.destination) {
+                (Some(src), Some(dst)) if header.proxied => (src, dst),
+                _ => (peer, local),
+            };
+            let Some(slot) = env.admit(&stream, peer) else {
+                return;
+            };
+            env.serve(stream, peer, local, rest, slot).await;
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
+}
+
+/// What every connection of one accept loop shares.
+struct Env {
+    live: Live,
+    name: Arc<str>,
+    config: Arc<ListenerConfig>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    read_limits: ReadLimits,
+    per_client: Option<Arc<PerClient>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Env {
+    /// Applies `max_connections_per_client` to `peer`: `None` if refused (and answered),
+    /// else the slot to hold while the connection lives.
+    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> Option<Option<ClientSlot>> {
+        let Some(table) = &self.per_client else {
+            return Some(None);
+        };
+        match PerClient::acquire(table, peer.ip()) {
+            Some(slot) => Some(Some(slot)),
+            None => {
+                refuse_over_limit(stream, &self.config, peer, table.max);
+                None
+            }
+        }
+    }
+
+    /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
+    /// header when there was one); `prefix` holds bytes read past that header.
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        prefix: Vec<u8>,
+        _slot: Option<ClientSlot>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        if self.config.mode == ListenerMode::Tcp {
+            let client = Prefixed::new(
+                prefix,
+                TimedStream::tcp_client(stream, self.config.send_timeout),
+            );
+            // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
+            // graceful shutdown waits for it (up to shutdown_timeout).
+            let live = Arc::clone(&self.live);
+            crate::proxy::tcp::serve(client, peer, local, live, Arc::clone(&self.config)).await;
+            return;
+        }
+        crate::net::limit_unsent(&stream, self.config.response_buffer);
+        let phase = Arc::new(ConnPhase::default());
+        let ctx = Arc::new(ConnCtx {
+            live: Arc::clone(&self.live),
+            listener: Arc::clone(&self.name),
+            config: Arc::clone(&self.config),
+            peer,
+            local,
+            proto: if self.tls.is_some() { "https" } else { "http" },
+            tracker: self.tracker.clone(),
+            phase: Arc::clone(&phase),
+            private: Default::default(),
+        });
+        let timed =
+            TimedStream::downstream(stream, self.config.send_timeout, phase, self.read_limits);
+        let io = Prefixed::new(prefix, timed);
+        let conn = Conn {
+            ctx,
+            h1: self.h1.clone(),
+            h2: self.h2.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        match &self.tls {
+            None if conn.ctx.config.h2c => conn.serve_auto(io).await,
+            None => conn.serve_h1(io).await,
+            Some(acceptor) => {
+                // The same timer as a request head: a handshake that stalls is cut.
+                let limit = conn.ctx.config.request_header_timeout;
+                let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+                        return;
+                    }
+                };
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    conn.serve_h2(stream).await
+                } else {
+                    conn.serve_h1(stream).await
+                }
+            }
+        }
+    }
 }
 
 fn h1_builder(config: &ListenerConfig) -> http1::Builder {

@@ -133,7 +133,7 @@ impl ConnPool {
                 return Ok(Sender::H1(sender));
             }
         }
-        connect(addr, s, tls, cut()).await
+        connect(addr, s, tls, None, cut()).await
     }
 
     async fn get_shared(
@@ -158,7 +158,7 @@ impl ConnPool {
                 "the connection this request waited for failed",
             )));
         }
-        match connect(addr, s, tls, cut()).await {
+        match connect(addr, s, tls, None, cut()).await {
             Ok(Sender::H2(h2)) => {
                 *self.shared_lock() = Some(h2.clone());
                 Ok(Sender::H2(h2))
@@ -226,22 +226,19 @@ impl ConnPool {
     }
 }
 
-/// Opens a fresh connection to `addr`: TCP, then TLS if the pool has it, then the HTTP/1.1
-/// or HTTP/2 handshake. `connect_timeout` bounds TCP and TLS.
+/// Opens a fresh connection to `addr`: TCP, the PROXY header if one is given, TLS if the
+/// pool has it, then the HTTP/1.1 or HTTP/2 handshake. `connect_timeout` bounds all but the
+/// last.
 pub async fn connect(
     addr: SocketAddr,
     s: &ConnSettings,
     tls: Option<&BackendTls>,
+    proxy_header: Option<&[u8]>,
     cut: CancellationToken,
 ) -> Result<Sender, ConnectError> {
     let timeout = s.connect_timeout;
     let started = Instant::now();
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Err(_) => return Err(ConnectError::Timeout(timeout)),
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(addr, timeout, proxy_header).await?;
     // A backend that reads a request body slowly holds a bounded send queue here too.
     crate::net::limit_unsent(&stream, READ_BUFFER);
     let stream = TimedStream::upstream(stream, s.send_timeout);
@@ -258,6 +255,27 @@ pub async fn connect(
             };
             handshake(stream, addr, s.protocol, cut).await
         }
+    }
+}
+
+/// A TCP connection to `addr` within `timeout`, with `proxy_header` sent first.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    proxy_header: Option<&[u8]>,
+) -> Result<TcpStream, ConnectError> {
+    let connecting = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        if let Some(header) = proxy_header {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
+        }
+        Ok(stream)
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(ConnectError::Io(e)),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
     }
 }
 

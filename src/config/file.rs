@@ -64,6 +64,7 @@ pub struct FileListener {
     pub redirect_https_port: Option<Spanned<u16>>,
     pub h2c: Option<bool>,
     pub mode: Option<Spanned<FileMode>>,
+    pub accept_proxy: Option<Spanned<Vec<Text>>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +134,7 @@ pub struct FilePool {
     pub request_buffering: Option<Spanned<FileSize>>,
     pub protocol: Option<FileProtocol>,
     pub tls: Option<FileUpstreamTls>,
+    pub send_proxy: Option<Text>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -128,6 +128,10 @@ pub struct ListenerConfig {
     pub h2c: bool,
     /// HTTP (parsed, routed per request) or TCP (bytes forwarded per connection).
     pub mode: ListenerMode,
+    /// Trusted sources of PROXY protocol headers. When set, every connection must come from
+    /// one of these ranges and start with a v1 or v2 header, whose client address then
+    /// replaces the socket's everywhere.
+    pub accept_proxy: Option<Vec<crate::proxy_protocol::Cidr>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -228,6 +232,9 @@ pub struct PoolConfig {
     pub protocol: UpstreamProtocol,
     /// TLS to the backends; `None`: plain TCP.
     pub tls: Option<UpstreamTls>,
+    /// Send a PROXY protocol header with the client's address on each backend connection;
+    /// such connections then serve one client connection only.
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -361,6 +361,21 @@ impl Validator<'_> {
                 redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
                 h2c: l.h2c.unwrap_or(false),
                 mode,
+                accept_proxy: l.accept_proxy.as_ref().map(|list| {
+                    if list.get_ref().is_empty() {
+                        self.push(list.span(), format!("{key}.accept_proxy: list at least one trusted range, or remove the key"));
+                    }
+                    list.get_ref()
+                        .iter()
+                        .filter_map(|c| {
+                            let parsed = crate::proxy_protocol::Cidr::parse(c.get_ref());
+                            if parsed.is_none() {
+                                self.push(c.span(), format!("{key}.accept_proxy: invalid range {:?}: write e.g. \"10.0.0.0/8\" or \"127.0.0.1\"", c.get_ref()));
+                            }
+                            parsed
+                        })
+                        .collect()
+                }),
                 max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
                     if *n.get_ref() == 0 {
                         self.push(
@@ -742,6 +757,20 @@ impl Validator<'_> {
                 Some(file::FileProtocol::H2) => UpstreamProtocol::H2,
             },
             tls: p.tls.as_ref().map(|t| self.upstream_tls(t, name, &key)),
+            send_proxy: p
+                .send_proxy
+                .as_ref()
+                .and_then(|v| match v.get_ref().as_str() {
+                    "v1" => Some(crate::proxy_protocol::Version::V1),
+                    "v2" => Some(crate::proxy_protocol::Version::V2),
+                    other => {
+                        self.push(
+                            v.span(),
+                            format!("{key}.send_proxy: {other:?}: write \"v1\" or \"v2\""),
+                        );
+                        None
+                    }
+                }),
         })
     }
 

@@ -48,12 +48,18 @@ pub struct Transport {
     pub tls: Option<BackendTls>,
     /// The settings `tls` was built from, to tell when they change.
     tls_config: Option<UpstreamTls>,
+    /// Backends that expect a PROXY header get a LOCAL one with each HTTP probe.
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 struct Task {
     backend: Arc<Backend>,
     check: HealthCheckConfig,
-    transport: (UpstreamProtocol, Option<UpstreamTls>),
+    transport: (
+        UpstreamProtocol,
+        Option<UpstreamTls>,
+        Option<crate::proxy_protocol::Version>,
+    ),
     handle: JoinHandle<()>,
 }
 
@@ -76,6 +82,7 @@ impl HealthChecks {
                     protocol: pool.config.protocol,
                     tls: pool.tls.clone(),
                     tls_config: pool.config.tls.clone(),
+                    send_proxy: pool.config.send_proxy,
                 };
                 for b in &pool.backends {
                     wanted.insert(
@@ -89,7 +96,8 @@ impl HealthChecks {
             let keep = wanted.get(key).is_some_and(|(b, check, t)| {
                 Arc::ptr_eq(b, &task.backend)
                     && *check == task.check
-                    && (t.protocol, &t.tls_config) == (task.transport.0, &task.transport.1)
+                    && (t.protocol, &t.tls_config, t.send_proxy)
+                        == (task.transport.0, &task.transport.1, task.transport.2)
             });
             if !keep {
                 task.handle.abort();
@@ -115,7 +123,11 @@ impl HealthChecks {
                 Task {
                     backend,
                     check,
-                    transport: (transport.protocol, transport.tls_config),
+                    transport: (
+                        transport.protocol,
+                        transport.tls_config,
+                        transport.send_proxy,
+                    ),
                     handle,
                 },
             );
@@ -211,9 +223,18 @@ async fn probe_inner(
     let cut = CancellationToken::new();
     // Ends the probe's connection however the probe ends.
     let _close = cut.clone().drop_guard();
-    let mut sender = upstream::connect(addr, &settings, transport.tls.as_ref(), cut)
-        .await
-        .map_err(ProbeError::Upstream)?;
+    let header = transport
+        .send_proxy
+        .map(crate::proxy_protocol::encode_local);
+    let mut sender = upstream::connect(
+        addr,
+        &settings,
+        transport.tls.as_ref(),
+        header.as_deref(),
+        cut,
+    )
+    .await
+    .map_err(ProbeError::Upstream)?;
     let host = match host {
         Some(h) => h.clone(),
         None => addr.to_string(),

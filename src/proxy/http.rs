@@ -39,12 +39,44 @@ pub struct ConnCtx {
     /// The listener's settings when the connection was accepted.
     pub config: Arc<ListenerConfig>,
     pub peer: SocketAddr,
+    /// The address the client connected to (from a PROXY header when there was one).
+    pub local: SocketAddr,
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
     /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
     pub tracker: tokio_util::task::TaskTracker,
     /// Busy while a request is served, idle after: the socket's read timers follow it.
     pub phase: Arc<ConnPhase>,
+    /// This client connection's own upstream connection, for pools with `send_proxy`.
+    pub private: Arc<PrivateConn>,
+}
+
+/// An upstream connection that belongs to one client connection: with `send_proxy` its
+/// PROXY header names that client, so it must never carry another client's requests. It is
+/// kept for the client's next request to the same backend, and closes with the client.
+#[derive(Default)]
+pub struct PrivateConn(std::sync::Mutex<Option<(SocketAddr, Sender)>>);
+
+impl PrivateConn {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some((a, s)) if a == addr && s.is_ready() => Some(s),
+            _ => None,
+        }
+    }
+
+    fn put(&self, addr: SocketAddr, sender: Sender) {
+        if !sender.is_closed() {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
+        }
+    }
+}
+
+impl std::fmt::Debug for PrivateConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateConn")
+    }
 }
 
 type Inner = Either<UpstreamResponseBody, Full<Bytes>>;
@@ -209,7 +241,7 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
         Ok(b) => b,
         Err(fault) => return error_response(&ProxyError::Client(fault), ctx, Some(pool), None),
     };
-    match forward(parts, body, pool, key, client_upgrade, &ctx.tracker).await {
+    match forward(parts, body, pool, key, client_upgrade, ctx).await {
         Ok(resp) => resp,
         Err((e, backend)) => error_response(&e, ctx, Some(pool), backend.as_deref()),
     }
@@ -226,8 +258,16 @@ async fn forward(
     pool: &Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    tracker: &tokio_util::task::TaskTracker,
+    ctx: &ConnCtx,
 ) -> Result<Response<Inner>, (ProxyError, Option<Arc<str>>)> {
+    let tracker = &ctx.tracker;
+    // With `send_proxy`, connections are this client's own (see `PrivateConn`).
+    let private = cfg_send_proxy(pool).map(|v| {
+        (
+            crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
+            &ctx.private,
+        )
+    });
     let cfg = &pool.config;
     let settings = ConnSettings {
         connect_timeout: cfg.connect_timeout,
@@ -256,13 +296,30 @@ async fn forward(
         tried[attempt] = idx;
         let backend = lease.backend();
         let label = || Some(Arc::clone(&backend.label));
-        let mut sender = match backend
-            .conns
-            .get(backend.addr, &settings, pool.tls.as_ref(), || {
-                backend.cut_token()
-            })
-            .await
-        {
+        let got = match &private {
+            Some((header, slot)) => match slot.take(backend.addr) {
+                Some(s) => Ok(s),
+                None => {
+                    crate::upstream::connect(
+                        backend.addr,
+                        &settings,
+                        pool.tls.as_ref(),
+                        Some(header),
+                        backend.cut_token(),
+                    )
+                    .await
+                }
+            },
+            None => {
+                backend
+                    .conns
+                    .get(backend.addr, &settings, pool.tls.as_ref(), || {
+                        backend.cut_token()
+                    })
+                    .await
+            }
+        };
+        let mut sender = match got {
             Ok(s) => s,
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);
@@ -290,11 +347,11 @@ async fn forward(
                         return Ok(switch_protocols(resp, client, lease, tracker));
                     }
                 }
+                let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
                 return Ok(upstream_response(
                     resp,
                     lease,
-                    sender,
-                    settings,
+                    (sender, settings, home),
                     pool,
                     cuts,
                     watch.clone(),
@@ -392,11 +449,14 @@ fn log_backend_failure(
     }
 }
 
+fn cfg_send_proxy(pool: &Pool) -> Option<crate::proxy_protocol::Version> {
+    pool.config.send_proxy
+}
+
 fn upstream_response(
     resp: Response<Incoming>,
     lease: Lease,
-    sender: Sender,
-    settings: ConnSettings,
+    (sender, settings, home): (Sender, ConnSettings, Option<Arc<PrivateConn>>),
     pool: &Pool,
     cuts: u64,
     watch: Option<Arc<BodyWatch>>,
@@ -406,6 +466,7 @@ fn upstream_response(
     let body = UpstreamResponseBody {
         inner: body,
         conn: Some((sender, settings)),
+        home,
         lease,
         pool: Arc::clone(&pool.name),
         passive: pool.config.passive,
@@ -565,6 +626,9 @@ fn request_hash(key: &HashKey, req: &Request<Incoming>, peer: SocketAddr) -> Opt
 pub struct UpstreamResponseBody {
     inner: Incoming,
     conn: Option<(Sender, ConnSettings)>,
+    /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
+    /// backend's pool.
+    home: Option<Arc<PrivateConn>>,
     lease: Lease,
     /// For reporting a body the backend broke off: it counts against the backend.
     pool: Arc<str>,
@@ -579,7 +643,11 @@ pub struct UpstreamResponseBody {
 impl UpstreamResponseBody {
     fn release_conn(&mut self) {
         if let Some((sender, settings)) = self.conn.take() {
-            self.lease.backend().conns.put(sender, &settings);
+            let backend = self.lease.backend();
+            match &self.home {
+                Some(slot) => slot.put(backend.addr, sender),
+                None => backend.conns.put(sender, &settings),
+            }
         }
     }
 }

@@ -36,8 +36,17 @@ use crate::state::Live;
 /// thousand connections stay within a few hundred MiB.
 const COPY_BUFFER: usize = 32 * 1024;
 
-/// Serves one client connection of a TCP listener.
-pub async fn serve(client: TcpStream, peer: SocketAddr, live: Live, config: Arc<ListenerConfig>) {
+/// Serves one client connection of a TCP listener. `peer` is the client and `local` the
+/// address it connected to (both from a PROXY header when the listener accepts one).
+pub async fn serve<C>(
+    client: C,
+    peer: SocketAddr,
+    local: SocketAddr,
+    live: Live,
+    config: Arc<ListenerConfig>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     let snap = live.load_full();
     let Some(router) = snap.routers.get(config.name.as_str()) else {
         return;
@@ -51,14 +60,20 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, live: Live, config: Arc<
         }),
         _ => None,
     };
-    let Some((backend_stream, lease)) = connect(&pool, key, &config.name, peer).await else {
+    let header = pool
+        .config
+        .send_proxy
+        .map(|v| crate::proxy_protocol::encode(v, peer, local));
+    let Some((backend_stream, lease)) =
+        connect(&pool, key, &config.name, peer, header.as_deref()).await
+    else {
         return;
     };
     let backend = Arc::clone(lease.backend());
     let cut = backend.cut_token();
     let activity = Arc::new(Activity::new());
     let mut client = Tracked {
-        inner: TimedStream::tcp_client(client, config.send_timeout),
+        inner: client,
         activity: Arc::clone(&activity),
     };
     let mut upstream = Tracked {
@@ -90,6 +105,7 @@ async fn connect(
     key: Option<u64>,
     listener: &str,
     peer: SocketAddr,
+    proxy_header: Option<&[u8]>,
 ) -> Option<(TcpStream, Lease)> {
     let cfg = &pool.config;
     let attempts = (cfg.retries as usize + 1).min(8);
@@ -98,17 +114,15 @@ async fn connect(
         let (idx, lease) = pool.select(key, &tried)?;
         tried.push(idx);
         let backend = lease.backend();
-        let error =
-            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(backend.addr)).await
-            {
-                Ok(Ok(stream)) => {
-                    backend.record_success();
-                    let _ = stream.set_nodelay(true);
-                    return Some((stream, lease));
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("connect timed out after {:?}", cfg.connect_timeout),
-            };
+        let connected =
+            crate::upstream::connect_tcp(backend.addr, cfg.connect_timeout, proxy_header).await;
+        let error = match connected {
+            Ok(stream) => {
+                backend.record_success();
+                return Some((stream, lease));
+            }
+            Err(e) => e.to_string(),
+        };
         let ejected = backend.record_failure(&cfg.passive);
         if let Some(suppressed) =
             crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
