@@ -3,8 +3,9 @@
 //! # Layout
 //! Modules depend only on modules above them in this list. The hot path
 //! (`listener` → `proxy` → `balance` → `upstream`) reads shared state through one `ArcSwap`
-//! load per request plus atomics; its only lock is a backend's idle-connection list, held for
-//! a push or a pop. Off the happy path: the warning limiter's table on failures, and the
+//! load per request plus atomics; its only locks are a backend's idle-connection list (or its
+//! shared HTTP/2 handle, or a `send_proxy` client's own connection), each held for a push
+//! or a pop. Off the happy path: the warning limiter's table on failures, and the
 //! per-client connection table at accept when `max_connections_per_client` is set.
 //!
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
@@ -15,12 +16,15 @@
 //! - `tls`: rustls configurations: certificate by SNI, versions, ALPN, client certificates.
 //! - `request_body`: request bodies buffered or streamed upstream, with read timeout, size
 //!   limit, and a record of the client's faults so they are never blamed on a backend.
-//! - `upstream`: connections to backends and the per-backend idle pool.
+//! - `upstream`: connections to backends (TLS, PROXY header, HTTP/1.1 or HTTP/2) and the
+//!   per-backend idle pool.
 //! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
 //! - `health`: probe tasks, reconciled against each new snapshot.
-//! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels.
-//! - `listener`: accept loops and per-connection limits.
+//! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels, the
+//!   TCP (L4) forwarding path.
+//! - `listener`: accept loops, per-connection limits, PROXY headers in, TLS handshakes, and
+//!   the HTTP/1.1 or HTTP/2 server for each connection.
 //! - `handover`: listening sockets passed to a successor process or from systemd.
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
 //! - `control`: the control plane: reload, listener reconciliation, drain, shutdown state.
