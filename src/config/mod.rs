@@ -492,6 +492,14 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
     }
 
     #[test]
+    fn an_empty_file_is_refused() {
+        // What a reload reads mid-save (truncated, not yet written): never applied.
+        let errs = errors("");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("t.toml:1:1: no listeners"), "{errs:?}");
+    }
+
+    #[test]
     fn host_match_is_case_insensitive_and_suffix_needs_a_label() {
         let m = HostMatch::Suffix(".example.com".into());
         assert!(m.matches("a.EXAMPLE.com"));

@@ -389,6 +389,14 @@ impl Validator<'_> {
                 }),
             });
         }
+        if listeners.is_empty() {
+            // Never meant: an empty file is also what a reload sees when it reads a file
+            // mid-save (truncated, not yet written). Applying it would close every listener.
+            self.push(
+                0..0,
+                "no listeners: a config needs at least one [listeners.NAME] table".into(),
+            );
+        }
         Some(Config {
             global,
             admin,
