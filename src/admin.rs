@@ -164,7 +164,7 @@ fn status(daemon: &Daemon) -> serde_json::Value {
         });
         listeners.insert(
             l.name.clone(),
-            json!({"bind": l.bind.to_string(), "pool": l.default_pool, "tls": tls}),
+            json!({"bind": l.bind.to_string(), "mode": l.mode, "pool": l.default_pool, "tls": tls}),
         );
     }
     json!({

@@ -75,7 +75,7 @@ impl BackendTls {
         let mut config = if t.insecure_skip_verify {
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                .with_custom_certificate_verifier(Arc::new(NoVerify::new()))
                 .with_no_client_auth()
         } else {
             let roots =
@@ -108,9 +108,22 @@ impl BackendTls {
 }
 
 /// `insecure_skip_verify`: signatures are still checked (the handshake needs them), the
-/// certificate's chain and name are not.
+/// certificate's chain and name are not. (Tests use it too, to see which certificate a
+/// server picked whatever name it carries.)
 #[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+pub struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl NoVerify {
+    pub fn new() -> NoVerify {
+        NoVerify(provider())
+    }
+}
+
+impl Default for NoVerify {
+    fn default() -> NoVerify {
+        NoVerify::new()
+    }
+}
 
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn verify_server_cert(

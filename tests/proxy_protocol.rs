@@ -325,20 +325,10 @@ async fn tcp_mode_passes_the_address_from_an_incoming_header_to_the_backend() {
 
 #[test]
 fn bad_proxy_settings_are_config_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("b.toml");
-    std::fs::write(
-        &path,
+    let (ok, err) = support::check_config(
         "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\naccept_proxy = [\"10.0.0.0/33\"]\n\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\nsend_proxy = \"v3\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::ballast_bin())
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert!(!ok);
     assert!(
         err.contains(":4:17: listeners.web.accept_proxy: invalid range \"10.0.0.0/33\""),
         "{err}"

@@ -413,21 +413,10 @@ async fn an_idle_connection_is_closed_after_idle_timeout() {
 
 #[test]
 fn http_only_keys_are_refused_on_a_tcp_listener() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("b.toml");
-    std::fs::write(
-        &path,
+    let (ok, err) = support::check_config(
         "[listeners.db]\nbind = \"127.0.0.1:5432\"\npool = \"pg\"\nmode = \"tcp\"\nh2c = true\n\n[pools.pg]\nalgorithm = \"hash\"\nhash_key = \"header:x-user\"\nbackends = [\"127.0.0.1:5433\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(support::ballast_bin())
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
+    assert!(!ok);
     assert!(
         err.contains(":1:12: listeners.db.h2c: only used with mode = \"http\""),
         "{err}"

@@ -561,3 +561,91 @@ async fn an_expiring_certificate_loads_with_a_warning_in_the_log_and_status() {
         200
     );
 }
+
+/// An HTTP/1.1 backend behind TLS with `leaf`, answering `tls-backend` and the SNI it saw.
+async fn tls_backend(leaf: &Leaf) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = format!("tls-backend sni={sni}");
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_over_tls_are_verified_against_the_pool_ca() {
+    let pki = Pki::new("backend");
+    let leaf = pki.issue("backend", &["backend.internal"]);
+    let backend = tls_backend(&leaf).await;
+    let config = |tls: &str| {
+        TestConfig::addresses([backend])
+            .admin()
+            .pool(&format!("retries = 0\n[pools.app.tls]\n{tls}"))
+            .build()
+    };
+    // The right CA and name: verified, and the name is sent as SNI.
+    let ok = format!(
+        "ca = \"{}\"\nsni = \"backend.internal\"",
+        pki.ca_path.display()
+    );
+    let lb = Ballast::start(&config(&ok));
+    let r = support::get(lb.addr("web"), "/").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "tls-backend sni=backend.internal")
+    );
+    drop(lb);
+    // Another CA: the handshake fails, 502, blamed on the backend.
+    let other = Pki::new("other");
+    let wrong = format!(
+        "ca = \"{}\"\nsni = \"backend.internal\"",
+        other.ca_path.display()
+    );
+    let lb = Ballast::start(&config(&wrong));
+    assert_eq!(support::get(lb.addr("web"), "/").await.status, 502);
+    assert!(lb.wait_for_log("reason=tls_failed", WAIT), "{}", lb.logs());
+    drop(lb);
+    // A name the certificate does not carry: refused too.
+    let wrong_name = format!(
+        "ca = \"{}\"\nsni = \"other.internal\"",
+        pki.ca_path.display()
+    );
+    let lb = Ballast::start(&config(&wrong_name));
+    assert_eq!(support::get(lb.addr("web"), "/").await.status, 502);
+    drop(lb);
+    // insecure_skip_verify: works with any certificate, and says so loudly at load.
+    let lb = Ballast::start(&config("insecure_skip_verify = true"));
+    assert_eq!(support::get(lb.addr("web"), "/").await.status, 200);
+    assert!(lb.logs().contains("NOT verified"), "{}", lb.logs());
+}

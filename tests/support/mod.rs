@@ -875,6 +875,24 @@ impl TestConfig {
     }
 }
 
+/// Runs `ballast --check` on `text` (written to a temporary file); returns whether it
+/// passed and its stderr.
+pub fn check_config(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("b.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(ballast_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .expect("run ballast --check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// An address that refuses connections for as long as the returned socket lives: bound,
 /// never listening, so no other test can be handed the port meanwhile (a listener bound
 /// and dropped frees its port for the next `bind(0)`).
