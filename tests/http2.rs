@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -560,4 +561,75 @@ async fn an_h2_client_that_resets_its_upload_blames_no_backend_but_a_broken_back
     assert_eq!(status, 502);
     assert!(lb.wait_for_log("backend failed", WAIT));
     assert!(lb.logs().contains("ejected=true"), "{}", lb.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_concurrency_limit_are_refused() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(&TestConfig::new(&[&a]).listener("h2c = true").build());
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let (peak, counter) = (peak.clone(), a.in_flight_counter());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(
+                    counter.load(std::sync::atomic::Ordering::SeqCst),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // 300 slow requests opened at once, ignoring the server's SETTINGS (128 streams).
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    let mut burst = PREFACE.to_vec();
+    burst.extend(frame(SETTINGS, 0, 0, &[]));
+    let mut block = vec![0x82, 0x86, 0x04, 10];
+    block.extend_from_slice(b"/slow/1500");
+    block.extend_from_slice(&[0x01, 10]);
+    block.extend_from_slice(b"test.local");
+    for i in 0..300u32 {
+        burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * i + 1, &block));
+    }
+    s.write_all(&burst).await.unwrap();
+    // Read frames until every stream was answered one way or the other.
+    let (mut refused, mut answered, mut buf) = (0, 0, Vec::new());
+    let started = Instant::now();
+    while refused + answered < 300 && started.elapsed() < WAIT {
+        let mut chunk = [0u8; 16384];
+        let n = match tokio::time::timeout(WAIT, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while at + 9 <= buf.len() {
+            let len =
+                ((buf[at] as usize) << 16) | ((buf[at + 1] as usize) << 8) | buf[at + 2] as usize;
+            if at + 9 + len > buf.len() {
+                break;
+            }
+            let (kind, flags) = (buf[at + 3], buf[at + 4]);
+            if kind == RST_STREAM {
+                refused += 1;
+            } else if kind == HEADERS && flags & END_STREAM != 0
+                || kind == 0 && flags & END_STREAM != 0
+            {
+                answered += 1;
+            }
+            at += 9 + len;
+        }
+        buf.drain(..at);
+    }
+    watcher.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak <= 128, "{peak} requests in flight on one connection");
+    assert!(answered >= 100, "only {answered} answered");
+    assert!(
+        refused >= 300 - 128,
+        "only {refused} streams refused (answered {answered})"
+    );
+    // The connection survives the client's mistake for what was accepted, and others are
+    // served.
+    assert_eq!(support::get(lb.addr("web"), "/").await.status, 200);
 }

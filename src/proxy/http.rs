@@ -323,15 +323,16 @@ async fn forward(
             Ok(s) => s,
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);
+                let error = ProxyError::Connect(e);
                 log_backend_failure(
                     &pool.name,
                     &backend.label,
-                    "connect_failed",
-                    &e,
+                    error.reason(),
+                    &error,
                     ejected,
                     attempt,
                 );
-                last_error = Some((ProxyError::Connect(e), label()));
+                last_error = Some((error, label()));
                 continue;
             }
         };
