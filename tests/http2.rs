@@ -612,9 +612,7 @@ async fn streams_beyond_the_concurrency_limit_are_refused() {
             let (kind, flags) = (buf[at + 3], buf[at + 4]);
             if kind == RST_STREAM {
                 refused += 1;
-            } else if kind == HEADERS && flags & END_STREAM != 0
-                || kind == 0 && flags & END_STREAM != 0
-            {
+            } else if (kind == HEADERS || kind == 0) && flags & END_STREAM != 0 {
                 answered += 1;
             }
             at += 9 + len;
