@@ -7,7 +7,7 @@
 #   tls-keepalive    TLS, keep-alive: req/s and proxy CPU per request
 #   h2               HTTP/2 over TLS (h2load, 10 streams per connection): req/s
 #   l4               TCP mode, iperf3 bulk transfer: Gbit/s and proxy CPU s/GB
-#                    (plus HAProxy with `option splice-auto`, to show what splice(2) buys)
+#                    (plus ballast with `splice = true` and HAProxy with `option splice-auto`)
 #
 #   bash benches/protocols.sh                       # every scenario, 3 rounds x 8 s
 #   SCENARIOS="h2 l4" ROUNDS=5 DURATION=10 bash benches/protocols.sh
@@ -103,6 +103,7 @@ mode = "tcp"
 [pools.iperf]
 backends = ["127.0.0.1:$iperf_port"]
 CONF
+    sed 's/^mode = "tcp"$/mode = "tcp"\nsplice = true/' "$work/ballast.toml" > "$work/ballast-splice.toml"
     return
   fi
   cat > "$work/haproxy.cfg" <<CONF
@@ -166,6 +167,7 @@ hz=$(getconf CLK_TCK)
 start_proxy() {
   case $1 in
     ballast) taskset -c 0 "$BALLAST" --config "$work/ballast.toml" --log warn & ;;
+    ballast-splice) taskset -c 0 "$BALLAST" --config "$work/ballast-splice.toml" --log warn & ;;
     haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
     haproxy-splice) taskset -c 0 haproxy -db -f "$work/haproxy-splice.cfg" & ;;
     nginx) taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
@@ -217,7 +219,7 @@ for scenario in $SCENARIOS; do
     l4) write_configs tcp ;;
   esac
   proxies="ballast haproxy nginx"
-  [ "$scenario" = l4 ] && proxies="ballast haproxy haproxy-splice nginx"
+  [ "$scenario" = l4 ] && proxies="ballast ballast-splice haproxy haproxy-splice nginx"
   for round in $(seq 1 "$ROUNDS"); do
     for proxy in $proxies; do
       start_proxy $proxy

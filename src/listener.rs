@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, ListenerMode};
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
+use crate::proxy::tcp::ClientConn;
 use crate::state::Live;
 
 /// Binds `addr` with `SO_REUSEADDR` and a deep backlog.
@@ -192,10 +193,14 @@ impl Env {
     ) {
         let _ = stream.set_nodelay(true);
         if self.config.mode == ListenerMode::Tcp {
-            let client = Prefixed::new(
-                prefix,
-                TimedStream::tcp_client(stream, self.config.send_timeout),
-            );
+            let client = if self.config.splice {
+                ClientConn::Splice(stream, prefix)
+            } else {
+                ClientConn::Copy(Prefixed::new(
+                    prefix,
+                    TimedStream::tcp_client(stream, self.config.send_timeout),
+                ))
+            };
             // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
             // graceful shutdown waits for it (up to shutdown_timeout).
             let live = Arc::clone(&self.live);

@@ -679,3 +679,78 @@ async fn redis_through_ballast_has_zero_errors() {
     assert!(incr.status.success());
     assert_eq!(cli(&["get", "n"]), "5000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_moves_the_same_bytes_with_half_close_and_idle_timeout() {
+    let (a, b) = (Echo::start("a").await, Echo::start("b").await);
+    let lb = Ballast::start(&tcp_config(
+        &[&a, &b],
+        "splice = true\naccept_proxy = [\"127.0.0.1\"]",
+        "idle_timeout = \"600ms\"",
+    ));
+    let addr = lb.addr("web");
+    let header = ballast::proxy_protocol::encode(
+        ballast::proxy_protocol::Version::V1,
+        "192.0.2.1:1000".parse().unwrap(),
+        "192.0.2.2:5432".parse().unwrap(),
+    );
+    let connect = || async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The header and the first bytes in one write: what came after the header is sent
+        // to the backend before splicing starts.
+        let mut first = header.clone();
+        first.extend_from_slice(b"hello");
+        s.write_all(&first).await.unwrap();
+        let name = read_line(&mut s).await;
+        let mut echoed = [0u8; 5];
+        tokio::time::timeout(WAIT, s.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echoed, b"hello");
+        (s, name)
+    };
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let (mut s, name) = connect().await;
+        // 4 MB both ways, a pattern that shows reordering or loss.
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut rd, mut wr) = s.split();
+        let send = async {
+            wr.write_all(&data).await.unwrap();
+        };
+        let recv = async {
+            let mut got = vec![0u8; data.len()];
+            tokio::time::timeout(WAIT, rd.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            got
+        };
+        let ((), got) = tokio::join!(send, recv);
+        assert!(got == data, "bytes changed on the way");
+        // Half-close: the reply to our EOF still arrives.
+        s.shutdown().await.unwrap();
+        let mut rest = String::new();
+        tokio::time::timeout(WAIT, s.read_to_string(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rest, "bye 4000005\n");
+        names.push(name);
+    }
+    assert_eq!(names, ["a", "b"]);
+    // Idle timeout applies to spliced connections too.
+    let (mut s, _) = connect().await;
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -65,6 +65,7 @@ pub struct FileListener {
     pub h2c: Option<bool>,
     pub mode: Option<Spanned<FileMode>>,
     pub accept_proxy: Option<Spanned<Vec<Text>>>,
+    pub splice: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -132,6 +132,8 @@ pub struct ListenerConfig {
     /// one of these ranges and start with a v1 or v2 header, whose client address then
     /// replaces the socket's everywhere.
     pub accept_proxy: Option<Vec<crate::proxy_protocol::Cidr>>,
+    /// TCP mode: move bytes with splice(2) through a pipe instead of userspace buffers.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -276,6 +276,11 @@ impl Validator<'_> {
             };
             if mode == ListenerMode::Tcp {
                 self.tcp_listener(name, l, &key, &raw.pools);
+            } else if l.splice.is_some() {
+                self.push(
+                    name.span(),
+                    format!("{key}.splice: only used with mode = \"tcp\""),
+                );
             }
             if l.tls.is_some() && l.redirect_https == Some(true) {
                 self.push(
@@ -360,6 +365,7 @@ impl Validator<'_> {
                 redirect_https: l.redirect_https.unwrap_or(false),
                 redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
                 h2c: l.h2c.unwrap_or(false),
+                splice: l.splice.unwrap_or(false),
                 mode,
                 accept_proxy: l.accept_proxy.as_ref().map(|list| {
                     if list.get_ref().is_empty() {

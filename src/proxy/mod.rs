@@ -1,8 +1,9 @@
 //! The data plane: header rules, errors, the HTTP forwarding path, upgrade tunnels, and the
-//! TCP (L4) forwarding path.
+//! TCP (L4) forwarding path (userspace copy, or splice(2)).
 
 pub mod error;
 pub mod headers;
 pub mod http;
+pub mod splice;
 pub mod tcp;
 pub mod tunnel;

@@ -29,24 +29,31 @@ use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
 use crate::balance::Pool;
 use crate::config::{HashKey, ListenerConfig};
-use crate::net::TimedStream;
+use crate::net::{Prefixed, TimedStream};
 use crate::state::Live;
 
 /// Copy buffer per direction: large enough for bulk transfers, small enough that ten
 /// thousand connections stay within a few hundred MiB.
 const COPY_BUFFER: usize = 32 * 1024;
 
+/// A TCP listener's client connection, as the copy method wants it.
+pub enum ClientConn {
+    /// Copied through userspace buffers (the default).
+    Copy(Prefixed<TimedStream>),
+    /// Moved with splice(2) (`splice = true`); the bytes are those read past a PROXY header,
+    /// sent to the backend first.
+    Splice(TcpStream, Vec<u8>),
+}
+
 /// Serves one client connection of a TCP listener. `peer` is the client and `local` the
 /// address it connected to (both from a PROXY header when the listener accepts one).
-pub async fn serve<C>(
-    client: C,
+pub async fn serve(
+    client: ClientConn,
     peer: SocketAddr,
     local: SocketAddr,
     live: Live,
     config: Arc<ListenerConfig>,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let snap = live.load_full();
     let Some(router) = snap.routers.get(config.name.as_str()) else {
         return;
@@ -72,21 +79,44 @@ pub async fn serve<C>(
     let backend = Arc::clone(lease.backend());
     let cut = backend.cut_token();
     let activity = Arc::new(Activity::new());
-    let mut client = Tracked {
-        inner: client,
-        activity: Arc::clone(&activity),
-    };
-    let mut upstream = Tracked {
-        inner: TimedStream::upstream(backend_stream, pool.config.response_timeout),
-        activity: Arc::clone(&activity),
+    let copied = async {
+        match client {
+            ClientConn::Copy(client) => {
+                let mut client = Tracked {
+                    inner: client,
+                    activity: Arc::clone(&activity),
+                };
+                let mut upstream = Tracked {
+                    inner: TimedStream::upstream(backend_stream, pool.config.response_timeout),
+                    activity: Arc::clone(&activity),
+                };
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await
+            }
+            ClientConn::Splice(client, prefix) => {
+                let mut upstream = backend_stream;
+                if !prefix.is_empty() {
+                    tokio::io::AsyncWriteExt::write_all(&mut upstream, &prefix).await?;
+                }
+                let touch = || activity.touch();
+                tokio::try_join!(
+                    super::splice::one_way(
+                        &client,
+                        &upstream,
+                        pool.config.response_timeout,
+                        &touch
+                    ),
+                    super::splice::one_way(&upstream, &client, config.send_timeout, &touch),
+                )
+            }
+        }
     };
     let idle_timeout = pool.config.idle_timeout;
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    );
     let outcome = tokio::select! {
         r = copied => match r {
             Ok((up, down)) => format!("closed: {up} bytes up, {down} bytes down"),
