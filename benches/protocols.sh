@@ -8,6 +8,8 @@
 #   h2               HTTP/2 over TLS (h2load, 10 streams per connection): req/s
 #   l4               TCP mode, iperf3 bulk transfer: Gbit/s and proxy CPU s/GB
 #                    (plus ballast with `splice = true` and HAProxy with `option splice-auto`)
+#   l4-small         TCP mode, many small exchanges: redis-benchmark PING over 50
+#                    connections (closed loop, so req/s is the inverse of latency)
 #
 #   bash benches/protocols.sh                       # every scenario, 3 rounds x 8 s
 #   SCENARIOS="h2 l4" ROUNDS=5 DURATION=10 bash benches/protocols.sh
@@ -25,14 +27,14 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-50}
 BASE_PORT=${BASE_PORT:-18600}
-SCENARIOS=${SCENARIOS:-"handshake-ecdsa handshake-rsa tls-keepalive h2 l4"}
+SCENARIOS=${SCENARIOS:-"handshake-ecdsa handshake-rsa tls-keepalive h2 l4 l4-small"}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need iperf3 \
-  || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+  || ! need redis-server || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light libnginx-mod-stream \
-    wrk nghttp2-client iperf3 openssl >/dev/null
+    wrk nghttp2-client iperf3 openssl redis-server redis-tools >/dev/null
 fi
 cargo build --release --quiet
 BALLAST=$PWD/target/release/ballast
@@ -43,7 +45,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 b1=$((BASE_PORT+1)); b2=$((BASE_PORT+2)); b3=$((BASE_PORT+3)); lb=$((BASE_PORT+10))
-iperf_port=$((BASE_PORT+20))
+iperf_port=$((BASE_PORT+20)); redis_port=$((BASE_PORT+21))
 
 # --- certificates ------------------------------------------------------------------------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost \
@@ -64,11 +66,13 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 taskset -c 1 iperf3 -s -B 127.0.0.1 -p $iperf_port >/dev/null 2>&1 & pids+=($!)
+taskset -c 1 redis-server --bind 127.0.0.1 --port $redis_port --save "" --appendonly no \
+  --dir "$work" >/dev/null 2>&1 & pids+=($!)
 
 # --- proxy configs per scenario ------------------------------------------------------------
-# $1 = cert kind (ecdsa|rsa) or "tcp".
+# $1 = cert kind (ecdsa|rsa), or "tcp" with $2 = the backend port.
 write_configs() {
-  local kind=$1
+  local kind=$1 tcp_port=${2:-}
   if [ "$kind" = tcp ]; then
     cat > "$work/haproxy.cfg" <<CONF
 global
@@ -83,14 +87,14 @@ frontend l4
   bind 127.0.0.1:$lb
   default_backend iperf
 backend iperf
-  server s1 127.0.0.1:$iperf_port
+  server s1 127.0.0.1:$tcp_port
 CONF
     sed 's/^defaults$/defaults\n  option splice-auto/' "$work/haproxy.cfg" > "$work/haproxy-splice.cfg"
     cat > "$work/nginx.conf" <<CONF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1; daemon off; error_log $work/nginx.err; pid $work/nginx.pid;
 events { worker_connections 10000; }
-stream { upstream iperf { server 127.0.0.1:$iperf_port; }
+stream { upstream iperf { server 127.0.0.1:$tcp_port; }
   server { listen 127.0.0.1:$lb; proxy_pass iperf; } }
 CONF
     cat > "$work/ballast.toml" <<CONF
@@ -101,7 +105,7 @@ bind = "127.0.0.1:$lb"
 pool = "iperf"
 mode = "tcp"
 [pools.iperf]
-backends = ["127.0.0.1:$iperf_port"]
+backends = ["127.0.0.1:$tcp_port"]
 CONF
     sed 's/^mode = "tcp"$/mode = "tcp"\nsplice = true/' "$work/ballast.toml" > "$work/ballast-splice.toml"
     return
@@ -181,6 +185,7 @@ stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
 
 wait_port $b1
 wait_port $iperf_port
+wait_port $redis_port
 results="$work/results"
 : > "$results"
 
@@ -206,6 +211,10 @@ run_load() {
       out=$(taskset -c 1 h2load -c "$CONNS" -m 10 -D "$DURATION" "https://localhost:$lb/" 2>&1)
       ok=$(awk '/^requests:/ {print $8}' <<<"$out")
       echo "$(awk '/^finished in/ {print $4}' <<<"$out") $ok" ;;
+    l4-small)
+      n=$((DURATION * 25000))
+      out=$(taskset -c 1 redis-benchmark -p "$lb" -t ping_mbulk -n "$n" -c 50 --csv 2>/dev/null)
+      echo "$(awk -F'"' '/PING_MBULK/ {print $4}' <<<"$out") $n" ;;
     l4)
       out=$(taskset -c 1 iperf3 -c 127.0.0.1 -p "$lb" -t "$DURATION" -J)
       python3 -c 'import json,sys; e=json.load(sys.stdin)["end"]["sum_received"]; print("%.3f %.3f" % (e["bits_per_second"]/1e9, e["bytes"]/1e9))' <<<"$out" ;;
@@ -216,15 +225,16 @@ for scenario in $SCENARIOS; do
   case $scenario in
     handshake-ecdsa|tls-keepalive|h2) write_configs ecdsa ;;
     handshake-rsa) write_configs rsa ;;
-    l4) write_configs tcp ;;
+    l4) write_configs tcp $iperf_port ;;
+    l4-small) write_configs tcp $redis_port ;;
   esac
   proxies="ballast haproxy nginx"
-  [ "$scenario" = l4 ] && proxies="ballast ballast-splice haproxy haproxy-splice nginx"
+  case $scenario in l4*) proxies="ballast ballast-splice haproxy haproxy-splice nginx" ;; esac
   for round in $(seq 1 "$ROUNDS"); do
     for proxy in $proxies; do
       start_proxy $proxy
       wpid=$(worker_pid $proxy)
-      [ "$scenario" != l4 ] && taskset -c 1 wrk -t1 -c8 -d1s "https://localhost:$lb/" >/dev/null 2>&1 || true
+      case $scenario in l4*) ;; *) taskset -c 1 wrk -t1 -c8 -d1s "https://localhost:$lb/" >/dev/null 2>&1 || true ;; esac
       t0=$(cpu_ticks "$wpid")
       read -r rate units < <(run_load "$scenario")
       t1=$(cpu_ticks "$wpid")
