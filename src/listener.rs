@@ -334,7 +334,10 @@ impl Conn {
     async fn serve_h2<I: Io>(self, io: I) {
         self.ctx.phase.multiplexed();
         let ctx = Arc::clone(&self.ctx);
-        let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+        // hyper spawns a task per stream and moves the service future into it: boxed, that
+        // move is a pointer, not the whole request path's state (measured: the copies were
+        // ~4% of CPU under h2load).
+        let svc = service_fn(move |req| Box::pin(handle(req, Arc::clone(&ctx))));
         let conn = self.h2.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let result = tokio::select! {
