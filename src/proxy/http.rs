@@ -90,12 +90,16 @@ pub struct ProxyBody {
 
 /// A request in progress on its connection, from the head to the end of the response, or to
 /// hyper dropping the request (an HTTP/2 stream the client reset).
-struct Busy(Option<Arc<ConnCtx>>);
+struct Busy {
+    ctx: Arc<ConnCtx>,
+    /// Whether ending it marks the connection idle (not for a connection a tunnel took).
+    armed: bool,
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(ctx) = &self.0 {
-            ctx.phase.idle();
+        if self.armed {
+            self.ctx.phase.idle();
         }
     }
 }
@@ -106,14 +110,14 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
-    let mut busy = Busy(Some(Arc::clone(&ctx)));
-    let resp = respond(req, &ctx).await;
+    let mut busy = Busy { ctx, armed: true };
+    let resp = respond(req, &busy.ctx).await;
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
-    if tunnel && !ctx.phase.is_multiplexed() {
-        busy.0 = None;
+    if tunnel && !busy.ctx.phase.is_multiplexed() {
+        busy.armed = false;
     }
     Ok(resp.map(|inner| ProxyBody { inner, _busy: busy }))
 }
