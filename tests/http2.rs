@@ -631,3 +631,43 @@ async fn streams_beyond_the_concurrency_limit_are_refused() {
     // served.
     assert_eq!(support::get(lb.addr("web"), "/").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_gets_goaway_after_keepalive_timeout() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("h2c = true\nkeepalive_timeout = \"400ms\"")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    let mut first = PREFACE.to_vec();
+    first.extend(frame(SETTINGS, 0, 0, &[]));
+    first.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block()));
+    s.write_all(&first).await.unwrap();
+    let started = Instant::now();
+    // Read frames (the answer, SETTINGS, ...) until GOAWAY or the close.
+    let mut buf = Vec::new();
+    let mut goaway_at = None;
+    while goaway_at.is_none() && started.elapsed() < WAIT {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(WAIT, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+        let mut at = 0;
+        while at + 9 <= buf.len() {
+            let len =
+                ((buf[at] as usize) << 16) | ((buf[at + 1] as usize) << 8) | buf[at + 2] as usize;
+            if buf[at + 3] == GOAWAY {
+                goaway_at = Some(started.elapsed());
+            }
+            at += 9 + len;
+        }
+    }
+    let at = goaway_at.expect("no GOAWAY on an idle connection");
+    // Sampled four times per timeout: between 1 and 1.25 timeouts after the last stream.
+    assert!(at >= Duration::from_millis(350), "GOAWAY too early: {at:?}");
+    assert!(at < Duration::from_secs(5), "GOAWAY too late: {at:?}");
+    assert_eq!(a.hits(), 1);
+}

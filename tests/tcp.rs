@@ -387,11 +387,11 @@ async fn shutdown_waits_for_open_tcp_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_after_idle_timeout() {
     let a = Echo::start("a").await;
-    let lb = Ballast::start(&tcp_config(&[&a], "", "idle_timeout = \"400ms\""));
+    let lb = Ballast::start(&tcp_config(&[&a], "", "idle_timeout = \"1s\""));
     let (mut s, _) = open(lb.addr("web"), None).await;
-    // Activity keeps it open past the timeout...
+    // Activity keeps it open past the timeout (pauses shorter than it, 1.2 s in all)...
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         echo_roundtrip(&mut s, b"tick").await;
     }
     // ...silence closes it.
@@ -402,7 +402,7 @@ async fn an_idle_connection_is_closed_after_idle_timeout() {
         .expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(
-        started.elapsed() >= Duration::from_millis(350),
+        started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );
@@ -686,7 +686,7 @@ async fn splice_moves_the_same_bytes_with_half_close_and_idle_timeout() {
     let lb = Ballast::start(&tcp_config(
         &[&a, &b],
         "splice = true\naccept_proxy = [\"127.0.0.1\"]",
-        "idle_timeout = \"600ms\"",
+        "idle_timeout = \"1s\"",
     ));
     let addr = lb.addr("web");
     let header = ballast::proxy_protocol::encode(
@@ -749,7 +749,7 @@ async fn splice_moves_the_same_bytes_with_half_close_and_idle_timeout() {
         .expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(
-        started.elapsed() >= Duration::from_millis(500),
+        started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );
