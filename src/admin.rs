@@ -136,12 +136,19 @@ fn status(daemon: &Daemon) -> serde_json::Value {
                     "requests_total": b.requests_total(),
                     "failures_total": b.failures_total(),
                     "idle_connections": b.conns.idle_count(),
+                    // Slow start: the share of its weight it takes now (1 when not ramping).
+                    "weight_share": b.ramp_share(pool.config.slow_start),
                 })
             })
             .collect();
         pools.insert(
             name.to_string(),
-            json!({"algorithm": pool.config.algorithm, "backends": backends}),
+            json!({
+                "algorithm": pool.config.algorithm,
+                "backends": backends,
+                // Backends written as HOST:PORT, followed by DNS.
+                "names": pool.config.names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            }),
         );
     }
     let mut listeners = serde_json::Map::new();

@@ -1,22 +1,23 @@
-//! Composition root: bind (or inherit) the sockets, build the first snapshot, start health
-//! checks, accept loops, the admin endpoint and the config watcher, then turn signals, file
-//! edits and hand-over requests into control-plane calls until it is time to stop.
+//! Composition root: wire the parts together and run them until it is time to stop.
+//!
+//! Startup order: signals, inherited sockets (systemd or a predecessor), the admin socket,
+//! the first config through the control plane's apply sequence, the admin endpoint, the
+//! idle-connection sweeper, then READY. The main loop turns its four inputs (SIGHUP, file
+//! edits, DNS updates; admin calls go to the control plane directly) into control-plane
+//! calls, and SIGTERM or a successor's take-over into the shutdown order below.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::{bind_named, BindError, Daemon};
+use crate::control::Daemon;
 use crate::handover::{self, Inherited};
-use crate::health::HealthChecks;
-use crate::state::{Live, Snapshot};
-use crate::{admin, systemd};
+use crate::listener::{bind_named, BindError};
+use crate::{admin, systemd, upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -25,6 +26,9 @@ pub enum AppError {
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
+
+/// How long startup waits for named backends' first DNS answer before READY.
+const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs the daemon until SIGTERM or SIGINT (or until a successor took over), then shuts
 /// down gracefully. With `upgrade`, the listening sockets are taken over from the process
@@ -35,9 +39,6 @@ pub async fn run(
     upgrade: bool,
 ) -> Result<(), AppError> {
     let shutdown_timeout = config.global.shutdown_timeout;
-    let snapshot = Arc::new(Snapshot::build(Arc::new(config), None));
-    let live: Live = Arc::new(ArcSwap::new(Arc::clone(&snapshot)));
-
     // Signals first, so a SIGHUP or SIGTERM during startup is not the default (fatal) one.
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
@@ -46,63 +47,37 @@ pub async fn run(
     let mut inherited = Inherited::from_systemd();
     let mut predecessor = None;
     if upgrade {
-        match snapshot.config.global.handover_socket.clone() {
-            Some(path) => match tokio::task::spawn_blocking(move || handover::request(&path)).await
-            {
-                Ok(Ok((sockets, conn))) => {
-                    inherited = sockets;
-                    predecessor = Some(conn);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "upgrade: no running ballast handed over its sockets; binding fresh")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "upgrade: hand-over task failed; binding fresh")
-                }
-            },
-            None => tracing::warn!("upgrade: global.handover_socket is not set; binding fresh"),
+        if let Some((sockets, conn)) = take_over(config.global.handover_socket.clone()).await {
+            inherited = sockets;
+            predecessor = Some(conn);
         }
     }
-    let mut sockets = HashMap::new();
-    for l in &snapshot.config.listeners {
-        sockets.insert(
-            l.name.clone(),
-            Arc::new(bind_named(&l.name, l.bind, &mut inherited)?),
-        );
-    }
-    let admin_socket = match &snapshot.config.admin {
+    let admin_socket = match &config.admin {
         Some(a) => Some(Arc::new(bind_named("admin", a.bind, &mut inherited)?)),
         None => None,
     };
+    let admin_config = config.admin.clone();
+    let handover_path = config.global.handover_socket.clone();
 
-    let mut health = HealthChecks::default();
-    let first_round = health.reconcile(&snapshot);
-    // READY waits for the first probe of every backend, bounded by the longest timeout.
-    let bound_wait = snapshot
-        .config
-        .pools
-        .iter()
-        .filter_map(|p| p.health_check.as_ref().map(|h| h.timeout + h.interval / 10))
-        .max()
-        .unwrap_or_default()
-        + Duration::from_millis(100);
-    let _ = tokio::time::timeout(bound_wait, async {
-        for rx in first_round {
-            let _ = rx.await;
+    let (daemon, mut dns_updates) = Daemon::new(config_path.clone(), admin_socket.clone());
+    let daemon = Arc::new(daemon);
+    daemon.start(config, &mut inherited).await?;
+    // Named backends: give DNS a moment so the first requests find them.
+    let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, async {
+        while daemon.unresolved_names().await > 0 {
+            match dns_updates.recv().await {
+                Some(update) => daemon.apply_discovery(update).await,
+                None => break,
+            }
         }
     })
     .await;
+    let live = Arc::clone(&daemon.live);
+    let snapshot = live.load_full();
 
-    let daemon = Arc::new(Daemon::new(
-        Arc::clone(&live),
-        config_path.clone(),
-        health,
-        admin_socket.clone(),
-    ));
-    daemon.start_listeners(&snapshot, sockets).await;
     let shutdown = daemon.shutdown_token();
     let admin_stop = CancellationToken::new();
-    if let (Some(sock), Some(a)) = (admin_socket, &snapshot.config.admin) {
+    if let (Some(sock), Some(a)) = (admin_socket, &admin_config) {
         tokio::spawn(admin::run(
             sock,
             a.token.clone(),
@@ -110,7 +85,10 @@ pub async fn run(
             admin_stop.clone(),
         ));
     }
-    tokio::spawn(evict_idle_connections(Arc::clone(&live), shutdown.clone()));
+    let sweep_live = Arc::clone(&live);
+    tokio::spawn(upstream::evict_idle(shutdown.clone(), move || {
+        sweep_live.load().evict_idle_connections()
+    }));
     if let Some(every) = systemd::watchdog_interval() {
         tokio::spawn(systemd::watchdog(every));
     }
@@ -134,10 +112,15 @@ pub async fn run(
         }
     }
     let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel(1);
-    if let Some(path) = &snapshot.config.global.handover_socket {
-        match handover_listener(path) {
+    if let Some(path) = &handover_path {
+        match handover::listen(path) {
             Ok(l) => {
-                tokio::spawn(serve_handover(l, Arc::clone(&daemon), handover_tx));
+                let d = Arc::clone(&daemon);
+                let current = move || {
+                    let d = Arc::clone(&d);
+                    async move { d.handover_sockets().await }
+                };
+                tokio::spawn(handover::serve(l, current, handover_tx));
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot listen for hand-over; upgrades will bind fresh")
@@ -158,6 +141,7 @@ pub async fn run(
             _ = int.recv() => break,
             _ = hup.recv() => { let _ = daemon.reload().await; }
             Some(()) = file_changed => { let _ = daemon.reload().await; }
+            Some(update) = dns_updates.recv() => daemon.apply_discovery(update).await,
             Some(conn) = handover_rx.recv() => {
                 tracing::info!("a successor took over the listening sockets: draining and exiting");
                 successor = Some(conn);
@@ -186,7 +170,7 @@ pub async fn run(
         _ = term.recv() => tracing::warn!("second signal: exiting now"),
         _ = int.recv() => tracing::warn!("second signal: exiting now"),
     }
-    daemon.stop_health_checks().await;
+    daemon.stop_background_tasks().await;
     Ok(())
 }
 
@@ -214,71 +198,22 @@ fn watch_files(files: &[PathBuf]) -> Option<FileEvents> {
     }
 }
 
-/// Binds the hand-over socket, replacing a stale file (or a predecessor's, which no longer
-/// needs it once it handed over).
-fn handover_listener(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    // Whoever can connect can take the sockets and stop this process: owner only.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
-/// Answers hand-over requests: sends the current listening sockets and, once the successor
-/// says it is ready, passes the connection to the main loop, which shuts this process down.
-async fn serve_handover(
-    listener: tokio::net::UnixListener,
-    daemon: Arc<Daemon>,
-    done: tokio::sync::mpsc::Sender<std::os::unix::net::UnixStream>,
-) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(conn) = conn
-            .into_std()
-            .and_then(|c| c.set_nonblocking(false).map(|()| c))
-        else {
-            continue;
-        };
-        let sockets = daemon.handover_sockets().await;
-        tracing::info!(
-            sockets = sockets.len(),
-            "hand-over requested: sending listening sockets"
-        );
-        match tokio::task::spawn_blocking(move || handover::serve_one(conn, &sockets)).await {
-            Ok(Ok(Some(conn))) => {
-                let _ = done.send(conn).await;
-                return;
-            }
-            Ok(Ok(None)) => tracing::warn!(
-                "hand-over: the successor went away before it was ready; still serving"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "hand-over failed; still serving"),
-            Err(e) => tracing::warn!(error = %e, "hand-over task failed; still serving"),
+/// Asks the process serving `path` for its listening sockets (`--upgrade`); `None` (with
+/// a warning) when there is none: this process then binds fresh.
+async fn take_over(path: Option<PathBuf>) -> Option<(Inherited, std::os::unix::net::UnixStream)> {
+    let Some(path) = path else {
+        tracing::warn!("upgrade: global.handover_socket is not set; binding fresh");
+        return None;
+    };
+    match tokio::task::spawn_blocking(move || handover::request(&path)).await {
+        Ok(Ok(taken)) => Some(taken),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upgrade: no running ballast handed over its sockets; binding fresh");
+            None
         }
-    }
-}
-
-/// Closes idle upstream connections that outlived their pool's idle timeout.
-async fn evict_idle_connections(live: Live, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let snap = live.load_full();
-        for pool in snap.pools.values() {
-            for b in &pool.backends {
-                b.conns.evict_expired(pool.config.idle_timeout);
-            }
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade: hand-over task failed; binding fresh");
+            None
         }
     }
 }

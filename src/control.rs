@@ -1,10 +1,13 @@
-//! The control plane: reloads, listener reconciliation, drains and shutdown state.
+//! The control plane: startup, reloads, DNS updates, listener reconciliation, drains and
+//! shutdown state.
 //!
-//! [`Daemon::reload`] is the single writer of [`Live`]: it parses and validates the whole
-//! file, binds any new listener, builds a new snapshot that reuses every backend it keeps,
-//! swaps it in atomically, then reconciles health checks and accept loops. If any step
-//! before the swap fails, nothing changes. Admin requests, SIGHUP and file edits all come
-//! through here; one reload runs at a time.
+//! [`Daemon`] is the single writer of [`Live`]. Every change goes through one sequence
+//! (`Daemon::commit`): bind the sockets of new listeners, build a snapshot that reuses every
+//! backend it keeps, store it atomically, drain the backends that left, reconcile health
+//! checks, then accept loops and DNS discovery. Startup is the same sequence with no
+//! previous snapshot and the inherited sockets. If a step before the store fails, nothing
+//! changes. Four inputs feed it, one at a time: the file watch, SIGHUP, the admin API and
+//! DNS discovery ([`Daemon::apply_discovery`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -20,8 +23,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::backend::Backend;
 use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::discovery::{Discovery, Resolved, Update};
 use crate::handover::Inherited;
 use crate::health::HealthChecks;
+use crate::listener::{bind_named, BindError};
 use crate::state::{Live, Snapshot};
 use crate::{listener, systemd};
 
@@ -33,16 +38,6 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
     #[error("{0}")]
     Bind(#[from] BindError),
-}
-
-/// A listening socket could not be bound (or adopted).
-#[derive(Debug, thiserror::Error)]
-#[error("listener {listener}: cannot bind {addr}: {source}")]
-pub struct BindError {
-    pub listener: String,
-    pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
 }
 
 /// What the last reload did, for `/status`.
@@ -70,10 +65,13 @@ struct RunningListener {
     conns: CancellationToken,
 }
 
-/// What only the control plane touches; one reload at a time holds it.
+/// What only the control plane touches; one change at a time holds it.
 struct Control {
     health: HealthChecks,
     listeners: HashMap<String, RunningListener>,
+    discovery: Discovery,
+    /// The addresses DNS last gave each named backend; part of every snapshot build.
+    resolved: Resolved,
 }
 
 /// The running daemon's control plane: the single writer of [`Live`], the owner of accept
@@ -92,37 +90,58 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon serving `live`, with `health` checks already started. No listener runs
-    /// until [`Daemon::start_listeners`].
+    /// A daemon that serves nothing yet; [`Daemon::start`] applies the first config. DNS
+    /// updates arrive on the returned receiver: pass each to [`Daemon::apply_discovery`].
     pub fn new(
-        live: Live,
         config_path: Option<PathBuf>,
-        health: HealthChecks,
         admin_socket: Option<Arc<TcpListener>>,
-    ) -> Daemon {
-        Daemon {
-            live,
+    ) -> (Daemon, tokio::sync::mpsc::Receiver<Update>) {
+        let (discovery, updates) = Discovery::new();
+        let daemon = Daemon {
+            live: Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::empty())),
             config_path,
             control: Mutex::new(Control {
-                health,
+                health: HealthChecks::default(),
                 listeners: HashMap::new(),
+                discovery,
+                resolved: Resolved::new(),
             }),
             reload_status: Default::default(),
             shutting_down: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             admin_socket,
+        };
+        (daemon, updates)
+    }
+
+    /// Applies the first config: the reload sequence with no previous snapshot, adopting
+    /// `inherited` sockets where they match. Returns once the first health probes answered
+    /// (bounded by the longest probe timeout) and every listener accepts.
+    pub async fn start(&self, config: Config, inherited: &mut Inherited) -> Result<(), BindError> {
+        let mut control = self.control.lock().await;
+        match self.apply(&mut control, config, inherited).await {
+            Ok(_) => Ok(()),
+            Err(ReloadError::Bind(e)) => Err(e),
+            // Unreachable: apply only fails to bind, and there is no file to read here.
+            Err(e) => Err(BindError {
+                listener: String::new(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source: std::io::Error::other(e.to_string()),
+            }),
         }
     }
 
-    /// Starts an accept loop on each of `sockets` (listener name → bound socket).
-    pub async fn start_listeners(
-        &self,
-        snap: &Snapshot,
-        sockets: HashMap<String, Arc<TcpListener>>,
-    ) {
-        let mut control = self.control.lock().await;
-        self.reconcile_listeners(&mut control, snap, sockets);
+    /// How many named backends have had no DNS answer yet (startup waits a little for them).
+    pub async fn unresolved_names(&self) -> usize {
+        let control = self.control.lock().await;
+        let snap = self.live.load();
+        snap.config
+            .pools
+            .iter()
+            .flat_map(|p| p.names.iter().map(move |n| crate::discovery::NameKey::new(&p.name, n)))
+            .filter(|k| !control.resolved.contains_key(k))
+            .count()
     }
 
     /// Fires when shutdown begins.
@@ -163,8 +182,11 @@ impl Daemon {
         self.tracker.len()
     }
 
-    pub async fn stop_health_checks(&self) {
-        self.control.lock().await.health.stop_all();
+    /// Stops health checks and DNS discovery (at the very end of a shutdown).
+    pub async fn stop_background_tasks(&self) {
+        let mut control = self.control.lock().await;
+        control.health.stop_all();
+        control.discovery.stop_all();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -221,12 +243,45 @@ impl Daemon {
             tracing::warn!("{w}");
         }
         let mut control = self.control.lock().await;
-        let current = self.live.load_full();
-        if *current.config == config {
-            return Ok(false);
+        self.apply(&mut control, config, &mut Inherited::default())
+            .await
+    }
+
+    /// "Pool P's name N now has addresses X", from DNS discovery: applied like a file edit
+    /// (same build, same backend reuse, same draining), with the file's config unchanged.
+    pub async fn apply_discovery(&self, update: Update) {
+        let mut control = self.control.lock().await;
+        // An update from a task that a reload has since stopped describes a name that is no
+        // longer in the config.
+        if !control.discovery.is_current(&update.key)
+            || control.resolved.get(&update.key) == Some(&update.addrs)
+        {
+            return;
         }
-        if current.config.admin != config.admin {
-            tracing::warn!("admin settings changed: restart ballast to apply them");
+        let (pool, host) = (update.key.pool.clone(), update.key.host.clone());
+        control.resolved.insert(update.key, update.addrs);
+        let config = Arc::clone(&self.live.load().config);
+        let next = self.commit(&mut control, config, HashMap::new()).await;
+        tracing::info!(generation = next.0, pool = %pool, name = %host, changes = %next.1, "DNS changed the backends");
+    }
+
+    /// Applies `config` unless it is what runs already. The first call (generation 0)
+    /// is startup.
+    async fn apply(
+        &self,
+        control: &mut Control,
+        config: Config,
+        inherited: &mut Inherited,
+    ) -> Result<bool, ReloadError> {
+        let current = self.live.load_full();
+        let startup = current.generation == 0;
+        if !startup {
+            if *current.config == config {
+                return Ok(false);
+            }
+            if current.config.admin != config.admin {
+                tracing::warn!("admin settings changed: restart ballast to apply them");
+            }
         }
         // Bind new sockets first: if one fails, nothing has changed yet.
         let mut new_sockets = HashMap::new();
@@ -236,13 +291,41 @@ impl Daemon {
                 .get(&l.name)
                 .is_some_and(|r| r.config.bind == l.bind);
             if !same_socket {
-                new_sockets.insert(l.name.clone(), Arc::new(bind(l)?));
+                new_sockets.insert(
+                    l.name.clone(),
+                    Arc::new(bind_named(&l.name, l.bind, inherited)?),
+                );
             }
         }
+        let (generation, changes) = self.commit(control, Arc::new(config), new_sockets).await;
+        if !startup {
+            tracing::info!(generation, changes = %changes, "config reloaded");
+        }
+        Ok(true)
+    }
 
-        let next = Arc::new(Snapshot::build(Arc::new(config), Some(&current)));
+    /// The one sequence every change goes through: build, store, drain what left,
+    /// reconcile health checks, accept loops and DNS tasks. Returns the new generation and
+    /// a one-line summary of the change.
+    async fn commit(
+        &self,
+        control: &mut Control,
+        config: Arc<Config>,
+        new_sockets: HashMap<String, Arc<TcpListener>>,
+    ) -> (u64, String) {
+        let current = self.live.load_full();
+        let previous = (current.generation > 0).then_some(&*current);
+        // Names that left the config forget their addresses; new ones start resolving.
+        control.discovery.reconcile(&config);
+        let Control {
+            discovery,
+            resolved,
+            ..
+        } = &mut *control;
+        resolved.retain(|k, _| discovery.is_current(k));
+        let next = Arc::new(Snapshot::build(config, previous, &control.resolved));
         let changes = describe_changes(&current, &next);
-        // Backends that left the config drain: no new requests, in-flight ones finish.
+        // Backends that left drain: no new requests, in-flight ones finish.
         for pool in current.pools.values() {
             for b in &pool.backends {
                 let kept = next
@@ -260,10 +343,27 @@ impl Daemon {
             }
         }
         self.live.store(Arc::clone(&next));
-        control.health.reconcile(&next);
-        self.reconcile_listeners(&mut control, &next, new_sockets);
-        tracing::info!(generation = next.generation, changes = %changes, "config reloaded");
-        Ok(true)
+        let first_round = control.health.reconcile(&next);
+        if previous.is_none() {
+            // Startup: listeners open once every backend had its first probe, bounded by
+            // the longest probe timeout.
+            let bound = next
+                .config
+                .pools
+                .iter()
+                .filter_map(|p| p.health_check.as_ref().map(|h| h.timeout + h.interval / 10))
+                .max()
+                .unwrap_or_default()
+                + Duration::from_millis(100);
+            let _ = tokio::time::timeout(bound, async {
+                for rx in first_round {
+                    let _ = rx.await;
+                }
+            })
+            .await;
+        }
+        self.reconcile_listeners(control, &next, new_sockets);
+        (next.generation, changes)
     }
 
     /// Starts, restarts and stops accept loops to match `snap`.
@@ -352,34 +452,6 @@ impl Daemon {
         }
         Ok(())
     }
-}
-
-fn bind(l: &ListenerConfig) -> Result<TcpListener, BindError> {
-    bind_named(&l.name, l.bind, &mut Inherited::default())
-}
-
-/// Binds `addr` for listener `name`, or adopts the socket a predecessor or systemd passed.
-pub fn bind_named(
-    name: &str,
-    addr: SocketAddr,
-    inherited: &mut Inherited,
-) -> Result<TcpListener, BindError> {
-    let err = |source| BindError {
-        listener: name.to_string(),
-        addr,
-        source,
-    };
-    let (sock, adopted) = match inherited.take(name, addr) {
-        Some(std) => {
-            // Sockets from systemd arrive in blocking mode; tokio needs non-blocking.
-            std.set_nonblocking(true).map_err(err)?;
-            (TcpListener::from_std(std).map_err(err)?, true)
-        }
-        None => (listener::bind(addr).map_err(err)?, false),
-    };
-    let local = sock.local_addr().unwrap_or(addr);
-    tracing::info!(listener = %name, addr = %local, inherited = adopted, "listener bound");
-    Ok(sock)
 }
 
 /// Waits for a draining backend's in-flight work to finish; after `timeout` cuts what is

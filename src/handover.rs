@@ -25,6 +25,63 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
+/// Binds the hand-over socket, replacing a stale file (or a predecessor's, which no longer
+/// needs it once it handed over).
+pub fn listen(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Whoever can connect can take the sockets and stop this process: owner only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers hand-over requests on `listener`: sends the sockets `current()` returns (the
+/// listeners of the moment, which reloads change) and, once the successor says it is
+/// ready, passes its connection to `done` (whose receiver shuts this process down) and
+/// returns.
+pub async fn serve<F, Fut, S>(
+    listener: tokio::net::UnixListener,
+    current: F,
+    done: tokio::sync::mpsc::Sender<UnixStream>,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<(String, S)>>,
+    S: AsFd + Send + 'static,
+{
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(conn) = conn
+            .into_std()
+            .and_then(|c| c.set_nonblocking(false).map(|()| c))
+        else {
+            continue;
+        };
+        let sockets = current().await;
+        tracing::info!(
+            sockets = sockets.len(),
+            "hand-over requested: sending listening sockets"
+        );
+        match tokio::task::spawn_blocking(move || serve_one(conn, &sockets)).await {
+            Ok(Ok(Some(conn))) => {
+                let _ = done.send(conn).await;
+                return;
+            }
+            Ok(Ok(None)) => tracing::warn!(
+                "hand-over: the successor went away before it was ready; still serving"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "hand-over failed; still serving"),
+            Err(e) => tracing::warn!(error = %e, "hand-over task failed; still serving"),
+        }
+    }
+}
+
 /// Most sockets one handover carries (listeners plus admin).
 const MAX_FDS: usize = 64;
 const REQUEST: &[u8] = b"FDS\n";

@@ -18,16 +18,21 @@
 //!   limit, and a record of the client's faults so they are never blamed on a backend.
 //! - `upstream`: connections to backends (TLS, PROXY header, HTTP/1.1 or HTTP/2) and the
 //!   per-backend idle pool.
+//! - `discovery`: DNS discovery: one task per `HOST:PORT` backend entry turns the name's
+//!   records into address sets for the control plane, riding out DNS outages.
 //! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
 //! - `health`: probe tasks, reconciled against each new snapshot.
 //! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels, the
 //!   TCP (L4) forwarding path.
-//! - `listener`: accept loops, per-connection limits, PROXY headers in, TLS handshakes, and
+//! - `handover`: listening sockets passed to a successor process or from systemd, and the
+//!   Unix socket that serves them.
+//! - `listener`: socket binding (or adoption), accept loops, per-connection limits, PROXY headers in, TLS handshakes, and
 //!   the HTTP/1.1 or HTTP/2 server for each connection.
-//! - `handover`: listening sockets passed to a successor process or from systemd.
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
-//! - `control`: the control plane: reload, listener reconciliation, drain, shutdown state.
+//! - `control`: the control plane, single writer of the live snapshot: startup and reloads
+//!   (file watch, SIGHUP, admin API) and DNS updates go through one apply sequence; drain,
+//!   shutdown state.
 //! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `app`: the composition root: startup, signals, file watch, hand-over, shutdown order.
 //! - `demo`: built-in backends for `ballast demo`.
@@ -41,6 +46,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod discovery;
 pub mod handover;
 pub mod health;
 pub mod listener;

@@ -22,10 +22,45 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerMode};
+use crate::handover::Inherited;
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::proxy::tcp::ClientConn;
 use crate::state::Live;
+
+/// A listening socket could not be bound (or adopted).
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener}: cannot bind {addr}: {source}")]
+pub struct BindError {
+    pub listener: String,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` for listener `name`, or adopts the socket a predecessor or systemd passed.
+pub fn bind_named(
+    name: &str,
+    addr: SocketAddr,
+    inherited: &mut Inherited,
+) -> Result<TcpListener, BindError> {
+    let err = |source| BindError {
+        listener: name.to_string(),
+        addr,
+        source,
+    };
+    let (sock, adopted) = match inherited.take(name, addr) {
+        Some(std) => {
+            // Sockets from systemd arrive in blocking mode; tokio needs non-blocking.
+            std.set_nonblocking(true).map_err(err)?;
+            (TcpListener::from_std(std).map_err(err)?, true)
+        }
+        None => (bind(addr).map_err(err)?, false),
+    };
+    let local = sock.local_addr().unwrap_or(addr);
+    tracing::info!(listener = %name, addr = %local, inherited = adopted, "listener bound");
+    Ok(sock)
+}
 
 /// Binds `addr` with `SO_REUSEADDR` and a deep backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::balance::Pool;
 use crate::config::{Config, HostMatch};
+use crate::discovery::{NameKey, Resolved};
 
 pub type Live = Arc<ArcSwap<Snapshot>>;
 
@@ -25,15 +26,31 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the snapshot for `config`. Backends of `previous` are reused by (pool, address)
-    /// so their state survives (see `Pool::build`).
-    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+    /// What [`Live`] holds before the first config is applied: nothing to serve.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            generation: 0,
+            config: Arc::new(Config::empty()),
+            pools: HashMap::new(),
+            routers: HashMap::new(),
+        }
+    }
+
+    /// Builds the snapshot for `config`, with the addresses DNS gave each named backend.
+    /// Backends of `previous` are reused by (pool, address) so their state survives (see
+    /// `Pool::build`); `None` means startup.
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>, resolved: &Resolved) -> Snapshot {
         let pools: HashMap<Arc<str>, Arc<Pool>> = config
             .pools
             .iter()
             .map(|pc| {
                 let old = previous.and_then(|s| s.pools.get(pc.name.as_str()));
-                let pool = Pool::build(pc, old.map(|p| &**p), previous.is_none());
+                let pc = pc.with_resolved(|n| {
+                    resolved
+                        .get(&NameKey::new(&pc.name, n))
+                        .map(Vec::as_slice)
+                });
+                let pool = Pool::build(&pc, old.map(|p| &**p), previous.is_none());
                 (Arc::clone(&pool.name), Arc::new(pool))
             })
             .collect();
@@ -68,6 +85,17 @@ impl Snapshot {
             config,
             pools,
             routers,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Closes idle upstream connections that outlived their pool's idle timeout.
+    pub fn evict_idle_connections(&self) {
+        for pool in self.pools.values() {
+            for b in &pool.backends {
+                b.conns.evict_expired(pool.config.idle_timeout);
+            }
         }
     }
 }

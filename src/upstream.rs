@@ -226,6 +226,20 @@ impl ConnPool {
     }
 }
 
+/// Every 5 s until `shutdown`, calls `sweep`, which closes the idle connections that
+/// outlived their pool's idle timeout (it visits the pools of the moment: reloads change
+/// them).
+pub async fn evict_idle(shutdown: CancellationToken, sweep: impl Fn()) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => sweep(),
+        }
+    }
+}
+
 /// Opens a fresh connection to `addr`: TCP, the PROXY header if one is given, TLS if the
 /// pool has it, then the HTTP/1.1 or HTTP/2 handshake. `connect_timeout` bounds all but the
 /// last.

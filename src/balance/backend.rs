@@ -52,7 +52,14 @@ pub struct Backend {
     cut: Mutex<CancellationToken>,
     /// Bumped by every cut, so the data path can tell our cut from a backend failure.
     cuts: AtomicU64,
+    /// Slow start: when (ms since [`clock_start`]) this backend last became healthy; 0 when
+    /// it is not ramping. Cleared by the first pick after the ramp is over.
+    ramp_start_ms: AtomicU64,
 }
+
+/// Where a slow-start ramp begins: a backend back from the dead takes this share of its
+/// weight at once, and grows linearly to all of it.
+const RAMP_FIRST_SHARE: f64 = 0.05;
 
 impl Backend {
     pub fn new(addr: SocketAddr, initial: HealthState) -> Backend {
@@ -70,6 +77,52 @@ impl Backend {
             conns: ConnPool::default(),
             cut: Mutex::new(CancellationToken::new()),
             cuts: AtomicU64::new(0),
+            ramp_start_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts this backend's slow-start ramp now (it just became healthy, or was just
+    /// added healthy to a running pool).
+    pub fn start_ramp(&self) {
+        self.ramp_start_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Slow start: whether one pick may go to this backend, given how far it is through a
+    /// ramp of `ramp`. Ramping backends are admitted with a probability equal to their
+    /// current share of their weight, so each policy keeps its own order and the backend's
+    /// traffic grows with the share; the others take what it is not admitted for.
+    #[inline]
+    pub fn ramp_admits(&self, ramp: std::time::Duration) -> bool {
+        let start = self.ramp_start_ms.load(Ordering::Relaxed);
+        if start == 0 {
+            return true;
+        }
+        let elapsed = now_ms().saturating_sub(start);
+        let total = ramp.as_millis().max(1) as u64;
+        if elapsed >= total {
+            // Only this ramp's start is cleared, not one that began meanwhile.
+            let _ = self.ramp_start_ms.compare_exchange(
+                start,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return true;
+        }
+        let share = (elapsed as f64 / total as f64).max(RAMP_FIRST_SHARE);
+        fastrand::f64() < share
+    }
+
+    /// The share of its weight a ramping backend gets now (1.0 when not ramping), for
+    /// `/status`.
+    pub fn ramp_share(&self, ramp: Option<std::time::Duration>) -> f64 {
+        let start = self.ramp_start_ms.load(Ordering::Relaxed);
+        match ramp {
+            Some(ramp) if start != 0 => {
+                let elapsed = now_ms().saturating_sub(start) as f64;
+                (elapsed / ramp.as_millis().max(1) as f64).clamp(RAMP_FIRST_SHARE, 1.0)
+            }
+            _ => 1.0,
         }
     }
 
@@ -177,6 +230,9 @@ impl Backend {
     pub fn record_probe(&self, ok: bool) -> Option<Transition> {
         let mut h = self.lock_health();
         let t = h.record(ok);
+        if t == Some(Transition::Up) {
+            self.start_ramp();
+        }
         self.healthy
             .store(h.state() == HealthState::Healthy, Ordering::Relaxed);
         if ok {

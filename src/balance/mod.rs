@@ -46,7 +46,15 @@ impl Pool {
             .iter()
             .map(|b| match old.get(&b.address) {
                 Some(existing) => Arc::clone(existing),
-                None => Arc::new(Backend::new(b.address, new_state)),
+                None => {
+                    let backend = Backend::new(b.address, new_state);
+                    // Added healthy to a running pool (no checks to pass first): it ramps
+                    // from now. With checks, its first passing one starts the ramp.
+                    if !startup && new_state == HealthState::Healthy {
+                        backend.start_ramp();
+                    }
+                    Arc::new(backend)
+                }
             })
             .collect();
         for b in &backends {
@@ -100,8 +108,21 @@ impl Pool {
                 }
             })
         };
-        let i =
-            pick(Backend::load_if_available).or_else(|| pick(Backend::load_ignoring_ejection))?;
+        let ramped = self.config.slow_start.and_then(|ramp| {
+            self.selector.pick(key, |i| {
+                let b = &self.backends[i];
+                if tried.contains(&i) || !b.ramp_admits(ramp) {
+                    None
+                } else {
+                    b.load_if_available()
+                }
+            })
+        });
+        // Without slow start (or when every ramping backend said no this time) the plain
+        // passes decide; a ramp never turns a pick into a 503.
+        let i = ramped
+            .or_else(|| pick(Backend::load_if_available))
+            .or_else(|| pick(Backend::load_ignoring_ejection))?;
         Some((i, Lease::new(Arc::clone(&self.backends[i]))))
     }
 }

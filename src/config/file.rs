@@ -136,6 +136,10 @@ pub struct FilePool {
     pub protocol: Option<FileProtocol>,
     pub tls: Option<FileUpstreamTls>,
     pub send_proxy: Option<Text>,
+    pub resolve_interval: Option<Text>,
+    pub resolve_grace: Option<Text>,
+    pub resolvers: Option<Spanned<Vec<Text>>>,
+    pub slow_start: Option<Text>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +158,8 @@ pub struct FileUpstreamTls {
     pub insecure_skip_verify: Option<bool>,
 }
 
-/// A backend is written either as `"ip:port"` or as `{ address = "ip:port", weight = 3 }`.
+/// A backend is written either as `"ip:port"` / `"host:port"` or as
+/// `{ address = "ip:port", weight = 3 }`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum FileBackend {

@@ -53,6 +53,10 @@ pub mod defaults {
     /// hyper refuses a read buffer below 8 KiB, so headers can't be limited below that.
     pub const MIN_HEADER_SIZE: u32 = 8 * 1024;
     pub const MAX_WEIGHT: i64 = 1000;
+    pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+    /// Resolving more often than this would only hammer the resolver.
+    pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+    pub const RESOLVE_GRACE: Duration = Duration::from_secs(30);
     /// Longest duration accepted anywhere: keeps timer arithmetic far from overflow.
     pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 }
@@ -237,6 +241,65 @@ pub struct PoolConfig {
     /// Send a PROXY protocol header with the client's address on each backend connection;
     /// such connections then serve one client connection only.
     pub send_proxy: Option<crate::proxy_protocol::Version>,
+    /// Backends written as `HOST:PORT`: each A/AAAA record of the name is a backend. Their
+    /// addresses are not part of the file; the control plane adds them (see
+    /// [`PoolConfig::with_resolved`]).
+    pub names: Vec<NamedBackend>,
+    /// How names are resolved (ignored when `names` is empty).
+    pub dns: DnsConfig,
+    /// A backend that becomes healthy ramps from a small share of its weight to all of it
+    /// over this time; `None`: full weight at once.
+    pub slow_start: Option<Duration>,
+}
+
+impl PoolConfig {
+    /// This pool with the resolved addresses of its names appended as ordinary backends, in
+    /// name order then address order; an address already listed keeps its first entry.
+    pub fn with_resolved<'a>(
+        &self,
+        resolved: impl Fn(&NamedBackend) -> Option<&'a [std::net::IpAddr]>,
+    ) -> PoolConfig {
+        let mut out = self.clone();
+        for n in &self.names {
+            for ip in resolved(n).unwrap_or_default() {
+                let address = SocketAddr::new(*ip, n.port);
+                if !out.backends.iter().any(|b| b.address == address) {
+                    out.backends.push(BackendConfig {
+                        address,
+                        weight: n.weight,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A backend entry written as `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NamedBackend {
+    pub host: String,
+    pub port: u16,
+    /// The weight of every address the name resolves to.
+    pub weight: u32,
+}
+
+impl std::fmt::Display for NamedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// DNS discovery settings of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsConfig {
+    /// Re-resolve period (at least 1s).
+    pub interval: Duration,
+    /// How long an empty answer or NXDOMAIN for a name that resolved before is ignored
+    /// (the last good addresses stay) before the pool follows it.
+    pub grace: Duration,
+    /// Name servers; empty: /etc/resolv.conf.
+    pub resolvers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -416,6 +479,20 @@ impl Config {
             .collect()
     }
 
+    /// No listener, no pool: what runs before the first config is applied.
+    pub fn empty() -> Config {
+        Config {
+            global: Global {
+                worker_threads: None,
+                shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+                handover_socket: None,
+            },
+            admin: None,
+            listeners: Vec::new(),
+            pools: Vec::new(),
+        }
+    }
+
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
     }
@@ -423,8 +500,13 @@ impl Config {
     /// One line for `--check` and logs.
     pub fn summary(&self) -> String {
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
+        let names: usize = self.pools.iter().map(|p| p.names.len()).sum();
+        let names = match names {
+            0 => String::new(),
+            n => format!(", {n} name(s) resolved by DNS"),
+        };
         format!(
-            "{} listener(s), {} pool(s), {} backend(s)",
+            "{} listener(s), {} pool(s), {} backend(s){names}",
             self.listeners.len(),
             self.pools.len(),
             backends

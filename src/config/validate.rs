@@ -17,6 +17,49 @@ use super::file::{
 };
 use super::*;
 
+/// A backend entry: a literal address, or a name to resolve.
+#[derive(Debug, PartialEq)]
+enum BackendAddress {
+    Ip(SocketAddr),
+    Name(String, u16),
+}
+
+/// Parses `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (RFC 1123 host name); says what is wrong.
+fn backend_address(text: &str) -> Result<BackendAddress, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(BackendAddress::Ip(a));
+    }
+    const EXPECTED: &str = "expected IP:PORT or HOST:PORT, e.g. \"10.0.0.5:8000\" or \"app:8000\"";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("no port; {EXPECTED}"));
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("invalid port {port:?}; {EXPECTED}")),
+    };
+    if host.contains(':') || host.starts_with('[') {
+        return Err(format!("invalid IPv6 address; write it as \"[::1]:{port}\""));
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!(
+            "{host:?} is neither an IP address nor a valid host name (letters, digits, '-', '_' in dot-separated labels); {EXPECTED}"
+        ));
+    }
+    // All-numeric dotted names are mistyped IPv4 addresses, not names.
+    if host.split('.').all(|l| l.bytes().all(|c| c.is_ascii_digit())) {
+        return Err(format!("{host:?} is not a valid IPv4 address; {EXPECTED}"));
+    }
+    Ok(BackendAddress::Name(host.to_ascii_lowercase(), port))
+}
+
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     /// Relative file paths (certificates, keys) are relative to the config file's folder.
@@ -608,6 +651,7 @@ impl Validator<'_> {
         };
 
         let mut backends: Vec<BackendConfig> = Vec::new();
+        let mut names: Vec<NamedBackend> = Vec::new();
         if p.backends.get_ref().is_empty() {
             self.push(
                 p.backends.span(),
@@ -620,12 +664,12 @@ impl Validator<'_> {
                 FileBackend::Address(a) => (a, 1),
                 FileBackend::Detailed(t) => (&t.address, t.weight.unwrap_or(1)),
             };
-            let address = match addr.parse::<SocketAddr>() {
+            let parsed = match backend_address(addr) {
                 Ok(a) => a,
-                Err(_) => {
+                Err(why) => {
                     self.push(
                         b.span(),
-                        format!("{bkey}: invalid backend address {addr:?}: expected IP:PORT"),
+                        format!("{bkey}: invalid backend address {addr:?}: {why}"),
                     );
                     continue;
                 }
@@ -640,14 +684,37 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            if backends.iter().any(|x| x.address == address) {
-                self.push(b.span(), format!("{bkey}: duplicate backend {address}"));
-                continue;
+            let weight = weight as u32;
+            match parsed {
+                BackendAddress::Ip(address) => {
+                    if backends.iter().any(|x| x.address == address) {
+                        self.push(b.span(), format!("{bkey}: duplicate backend {address}"));
+                        continue;
+                    }
+                    backends.push(BackendConfig { address, weight });
+                }
+                BackendAddress::Name(host, port) => {
+                    if names.iter().any(|n| n.host == host && n.port == port) {
+                        self.push(b.span(), format!("{bkey}: duplicate backend {host}:{port}"));
+                        continue;
+                    }
+                    names.push(NamedBackend { host, port, weight });
+                }
             }
-            backends.push(BackendConfig {
-                address,
-                weight: weight as u32,
-            });
+        }
+        let dns = self.dns(p, &key, !names.is_empty());
+        let slow_start = p
+            .slow_start
+            .as_ref()
+            .map(|_| self.duration(&p.slow_start, &format!("{key}.slow_start"), Duration::ZERO))
+            .filter(|d| !d.is_zero());
+        if slow_start.is_some() && algorithm == Algorithm::Hash {
+            if let Some(v) = &p.slow_start {
+                self.push(
+                    v.span(),
+                    format!("{key}.slow_start: not used with algorithm = \"hash\" (a ramp would move keys between backends)"),
+                );
+            }
         }
 
         let health_check = p.health_check.as_ref().map(|h| {
@@ -731,6 +798,9 @@ impl Validator<'_> {
             algorithm,
             hash_key,
             backends,
+            names,
+            dns,
+            slow_start,
             health_check,
             passive,
             connect_timeout: self.duration(
@@ -786,6 +856,71 @@ impl Validator<'_> {
                     }
                 }),
         })
+    }
+
+    /// `resolve_interval`, `resolve_grace` and `resolvers`; only meaningful when the pool
+    /// names a backend by host name.
+    fn dns(&mut self, p: &file::FilePool, key: &str, has_names: bool) -> DnsConfig {
+        if !has_names {
+            for (field, span) in [
+                ("resolve_interval", p.resolve_interval.as_ref().map(|v| v.span())),
+                ("resolve_grace", p.resolve_grace.as_ref().map(|v| v.span())),
+                ("resolvers", p.resolvers.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(span) = span {
+                    self.push(
+                        span,
+                        format!("{key}.{field}: only used when a backend is written as HOST:PORT"),
+                    );
+                }
+            }
+        }
+        let ikey = format!("{key}.resolve_interval");
+        let mut interval = self.duration(&p.resolve_interval, &ikey, defaults::RESOLVE_INTERVAL);
+        if interval < defaults::MIN_RESOLVE_INTERVAL {
+            if let Some(v) = &p.resolve_interval {
+                self.push(
+                    v.span(),
+                    format!("{ikey}: must be at least 1s (more often only hammers the resolver)"),
+                );
+            }
+            interval = defaults::RESOLVE_INTERVAL;
+        }
+        let grace = self.duration(
+            &p.resolve_grace,
+            &format!("{key}.resolve_grace"),
+            defaults::RESOLVE_GRACE,
+        );
+        let mut resolvers = Vec::new();
+        if let Some(list) = &p.resolvers {
+            for (i, r) in list.get_ref().iter().enumerate() {
+                let rkey = format!("{key}.resolvers[{i}]");
+                // A bare IP means port 53, as in resolv.conf.
+                let parsed = r
+                    .get_ref()
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .or_else(|| r.get_ref().parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+                match parsed {
+                    Some(a) => resolvers.push(a),
+                    None => self.push(
+                        r.span(),
+                        format!("{rkey}: invalid resolver {:?}: expected IP or IP:PORT, e.g. \"127.0.0.11:53\"", r.get_ref()),
+                    ),
+                }
+            }
+            if list.get_ref().is_empty() {
+                self.push(
+                    list.span(),
+                    format!("{key}.resolvers: leave it out to use /etc/resolv.conf, or name at least one"),
+                );
+            }
+        }
+        DnsConfig {
+            interval,
+            grace,
+            resolvers,
+        }
     }
 
     fn upstream_tls(&mut self, t: &file::FileUpstreamTls, name: &Text, key: &str) -> UpstreamTls {
