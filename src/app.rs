@@ -72,6 +72,7 @@ pub async fn run(
         }
     })
     .await;
+    daemon.started();
     let live = Arc::clone(&daemon.live);
     let snapshot = live.load_full();
 

@@ -82,6 +82,10 @@ pub struct Daemon {
     control: Mutex<Control>,
     reload_status: std::sync::Mutex<ReloadStatus>,
     shutting_down: AtomicBool,
+    /// Until [`Daemon::started`]: changes are part of startup (new backends start healthy
+    /// and their first probes are awaited), so names resolved while starting count as if
+    /// they had been written in the file.
+    starting: AtomicBool,
     /// Parent of every listener's tokens: fires on shutdown.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -108,6 +112,7 @@ impl Daemon {
             }),
             reload_status: Default::default(),
             shutting_down: AtomicBool::new(false),
+            starting: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             admin_socket,
@@ -132,6 +137,11 @@ impl Daemon {
         }
     }
 
+    /// Ends startup: from now on new backends wait for their first passing check.
+    pub fn started(&self) {
+        self.starting.store(false, Ordering::Relaxed);
+    }
+
     /// How many named backends have had no DNS answer yet (startup waits a little for them).
     pub async fn unresolved_names(&self) -> usize {
         let control = self.control.lock().await;
@@ -139,7 +149,11 @@ impl Daemon {
         snap.config
             .pools
             .iter()
-            .flat_map(|p| p.names.iter().map(move |n| crate::discovery::NameKey::new(&p.name, n)))
+            .flat_map(|p| {
+                p.names
+                    .iter()
+                    .map(move |n| crate::discovery::NameKey::new(&p.name, n))
+            })
             .filter(|k| !control.resolved.contains_key(k))
             .count()
     }
@@ -315,6 +329,7 @@ impl Daemon {
     ) -> (u64, String) {
         let current = self.live.load_full();
         let previous = (current.generation > 0).then_some(&*current);
+        let startup = self.starting.load(Ordering::Relaxed);
         // Names that left the config forget their addresses; new ones start resolving.
         control.discovery.reconcile(&config);
         let Control {
@@ -323,7 +338,12 @@ impl Daemon {
             ..
         } = &mut *control;
         resolved.retain(|k, _| discovery.is_current(k));
-        let next = Arc::new(Snapshot::build(config, previous, &control.resolved));
+        let next = Arc::new(Snapshot::build(
+            config,
+            previous,
+            &control.resolved,
+            startup,
+        ));
         let changes = describe_changes(&current, &next);
         // Backends that left drain: no new requests, in-flight ones finish.
         for pool in current.pools.values() {
@@ -344,9 +364,9 @@ impl Daemon {
         }
         self.live.store(Arc::clone(&next));
         let first_round = control.health.reconcile(&next);
-        if previous.is_none() {
-            // Startup: listeners open once every backend had its first probe, bounded by
-            // the longest probe timeout.
+        if startup {
+            // Listeners open (and READY is sent) once every backend had its first probe,
+            // bounded by the longest probe timeout.
             let bound = next
                 .config
                 .pools

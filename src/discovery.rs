@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
+use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::TokioResolver;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -169,7 +171,8 @@ impl Follower {
     fn round(&mut self, answer: Answer, now: Instant, grace: Duration) -> Step {
         match answer {
             Answer::Addrs(addrs) if !addrs.is_empty() => {
-                let was_out = self.failing_since.take().is_some() | self.empty_since.take().is_some();
+                let was_out =
+                    self.failing_since.take().is_some() | self.empty_since.take().is_some();
                 if self.reported.as_ref() == Some(&addrs) {
                     return if was_out {
                         Step::Recovered(addrs, None)
@@ -299,7 +302,10 @@ fn resolver(dns: &DnsConfig) -> Result<TokioResolver, hickory_resolver::ResolveE
                 })
             })
             .collect();
-        TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], servers), provider)
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], servers),
+            provider,
+        )
     };
     let opts: &mut ResolverOpts = builder.options_mut();
     opts.cache_size = 0;
@@ -320,8 +326,19 @@ async fn lookup(resolver: &TokioResolver, host: &str) -> Answer {
             addrs.dedup();
             Answer::Addrs(addrs)
         }
-        Err(e) if e.is_nx_domain() || e.is_no_records_found() => Answer::Empty,
-        Err(e) => Answer::Failed(e.to_string()),
+        Err(e) => match e.proto().map(|p| p.kind()) {
+            // NXDOMAIN, or NOERROR without A/AAAA: the server's answer is "none". A
+            // SERVFAIL or REFUSED arrives in the same shape and is a failure.
+            Some(ProtoErrorKind::NoRecordsFound { response_code, .. })
+                if matches!(
+                    *response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ) =>
+            {
+                Answer::Empty
+            }
+            _ => Answer::Failed(e.to_string()),
+        },
     }
 }
 
@@ -340,7 +357,10 @@ mod tests {
         let mut f = Follower::default();
         let t = Instant::now();
         let a = ips(&["10.0.0.1", "10.0.0.2"]);
-        assert_eq!(f.round(Answer::Addrs(a.clone()), t, GRACE), Step::Report(a.clone()));
+        assert_eq!(
+            f.round(Answer::Addrs(a.clone()), t, GRACE),
+            Step::Report(a.clone())
+        );
         assert_eq!(f.round(Answer::Addrs(a.clone()), t, GRACE), Step::Nothing);
         let b = ips(&["10.0.0.2"]);
         assert_eq!(f.round(Answer::Addrs(b.clone()), t, GRACE), Step::Report(b));
@@ -352,15 +372,27 @@ mod tests {
         let t = Instant::now();
         let a = ips(&["10.0.0.1"]);
         f.round(Answer::Addrs(a.clone()), t, GRACE);
-        assert!(matches!(f.round(Answer::Failed("timeout".into()), t, GRACE), Step::WarnFailing(_)));
+        assert!(matches!(
+            f.round(Answer::Failed("timeout".into()), t, GRACE),
+            Step::WarnFailing(_)
+        ));
         for k in 1..100 {
             let later = t + Duration::from_secs(k * 60);
-            assert_eq!(f.round(Answer::Failed("SERVFAIL".into()), later, GRACE), Step::Nothing);
+            assert_eq!(
+                f.round(Answer::Failed("SERVFAIL".into()), later, GRACE),
+                Step::Nothing
+            );
         }
         // Back with the same set: logged, nothing to apply.
-        assert_eq!(f.round(Answer::Addrs(a.clone()), t, GRACE), Step::Recovered(a.clone(), None));
+        assert_eq!(
+            f.round(Answer::Addrs(a.clone()), t, GRACE),
+            Step::Recovered(a.clone(), None)
+        );
         // A second outage warns again.
-        assert!(matches!(f.round(Answer::Failed("timeout".into()), t, GRACE), Step::WarnFailing(_)));
+        assert!(matches!(
+            f.round(Answer::Failed("timeout".into()), t, GRACE),
+            Step::WarnFailing(_)
+        ));
     }
 
     #[test]
@@ -372,21 +404,39 @@ mod tests {
         assert_eq!(f.round(Answer::Empty, t, GRACE), Step::WarnEmpty);
         assert_eq!(f.round(Answer::Empty, t + GRACE / 2, GRACE), Step::Nothing);
         // A hiccup inside the grace period: back to normal, nothing changed.
-        assert_eq!(f.round(Answer::Addrs(a.clone()), t + GRACE / 2, GRACE), Step::Recovered(a.clone(), None));
+        assert_eq!(
+            f.round(Answer::Addrs(a.clone()), t + GRACE / 2, GRACE),
+            Step::Recovered(a.clone(), None)
+        );
         assert_eq!(f.round(Answer::Empty, t + GRACE, GRACE), Step::WarnEmpty);
-        assert_eq!(f.round(Answer::Addrs(vec![]), t + GRACE * 2, GRACE), Step::Report(vec![]));
+        assert_eq!(
+            f.round(Answer::Addrs(vec![]), t + GRACE * 2, GRACE),
+            Step::Report(vec![])
+        );
         assert_eq!(f.round(Answer::Empty, t + GRACE * 3, GRACE), Step::Nothing);
         // Names that come back are followed at once.
-        assert_eq!(f.round(Answer::Addrs(a.clone()), t + GRACE * 3, GRACE), Step::Report(a));
+        assert_eq!(
+            f.round(Answer::Addrs(a.clone()), t + GRACE * 3, GRACE),
+            Step::Report(a)
+        );
     }
 
     #[test]
     fn a_name_that_never_resolved_warns_once_and_waits() {
         let mut f = Follower::default();
         let t = Instant::now();
-        assert!(matches!(f.round(Answer::Failed("timeout".into()), t, GRACE), Step::WarnNeverResolved(_)));
-        assert_eq!(f.round(Answer::Failed("timeout".into()), t, GRACE), Step::Nothing);
+        assert!(matches!(
+            f.round(Answer::Failed("timeout".into()), t, GRACE),
+            Step::WarnNeverResolved(_)
+        ));
+        assert_eq!(
+            f.round(Answer::Failed("timeout".into()), t, GRACE),
+            Step::Nothing
+        );
         let a = ips(&["10.0.0.9"]);
-        assert_eq!(f.round(Answer::Addrs(a.clone()), t, GRACE), Step::Recovered(a.clone(), Some(a)));
+        assert_eq!(
+            f.round(Answer::Addrs(a.clone()), t, GRACE),
+            Step::Recovered(a.clone(), Some(a))
+        );
     }
 }

@@ -38,19 +38,22 @@ impl Snapshot {
 
     /// Builds the snapshot for `config`, with the addresses DNS gave each named backend.
     /// Backends of `previous` are reused by (pool, address) so their state survives (see
-    /// `Pool::build`); `None` means startup.
-    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>, resolved: &Resolved) -> Snapshot {
+    /// `Pool::build`). During `startup` new backends start healthy (the first probe round
+    /// runs before listeners open); afterwards they wait for their first passing check.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        resolved: &Resolved,
+        startup: bool,
+    ) -> Snapshot {
         let pools: HashMap<Arc<str>, Arc<Pool>> = config
             .pools
             .iter()
             .map(|pc| {
                 let old = previous.and_then(|s| s.pools.get(pc.name.as_str()));
-                let pc = pc.with_resolved(|n| {
-                    resolved
-                        .get(&NameKey::new(&pc.name, n))
-                        .map(Vec::as_slice)
-                });
-                let pool = Pool::build(&pc, old.map(|p| &**p), previous.is_none());
+                let pc = pc
+                    .with_resolved(|n| resolved.get(&NameKey::new(&pc.name, n)).map(Vec::as_slice));
+                let pool = Pool::build(&pc, old.map(|p| &**p), startup);
                 (Arc::clone(&pool.name), Arc::new(pool))
             })
             .collect();

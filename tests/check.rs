@@ -134,13 +134,13 @@ fn empty_pool() {
 fn bad_weight_and_bad_backend_address_and_duplicate() {
     let text = BASE.replace(
         "[\"127.0.0.1:9001\"]",
-        "[{ address = \"127.0.0.1:9001\", weight = 0 },\n  \"app:80\",\n  \"127.0.0.1:9002\", \"127.0.0.1:9002\"]",
+        "[{ address = \"127.0.0.1:9001\", weight = 0 },\n  \"app\",\n  \"127.0.0.1:9002\", \"127.0.0.1:9002\"]",
     );
     assert_error(
         &text,
         &[
             "F:6:13: pools.app.backends[0].weight: must be between 1 and 1000",
-            "F:7:3: pools.app.backends[1]: invalid backend address \"app:80\": expected IP:PORT",
+            "F:7:3: pools.app.backends[1]: invalid backend address \"app\": no port; expected IP:PORT or HOST:PORT",
             "F:8:21: pools.app.backends[3]: duplicate backend 127.0.0.1:9002",
         ],
     );

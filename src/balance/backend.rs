@@ -101,12 +101,9 @@ impl Backend {
         let total = ramp.as_millis().max(1) as u64;
         if elapsed >= total {
             // Only this ramp's start is cleared, not one that began meanwhile.
-            let _ = self.ramp_start_ms.compare_exchange(
-                start,
-                0,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.ramp_start_ms
+                    .compare_exchange(start, 0, Ordering::Relaxed, Ordering::Relaxed);
             return true;
         }
         let share = (elapsed as f64 / total as f64).max(RAMP_FIRST_SHARE);

@@ -38,13 +38,16 @@ fn backend_address(text: &str) -> Result<BackendAddress, String> {
         _ => return Err(format!("invalid port {port:?}; {EXPECTED}")),
     };
     if host.contains(':') || host.starts_with('[') {
-        return Err(format!("invalid IPv6 address; write it as \"[::1]:{port}\""));
+        return Err(format!(
+            "invalid IPv6 address; write it as \"[::1]:{port}\""
+        ));
     }
     let host = host.strip_suffix('.').unwrap_or(host);
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -54,7 +57,10 @@ fn backend_address(text: &str) -> Result<BackendAddress, String> {
         ));
     }
     // All-numeric dotted names are mistyped IPv4 addresses, not names.
-    if host.split('.').all(|l| l.bytes().all(|c| c.is_ascii_digit())) {
+    if host
+        .split('.')
+        .all(|l| l.bytes().all(|c| c.is_ascii_digit()))
+    {
         return Err(format!("{host:?} is not a valid IPv4 address; {EXPECTED}"));
     }
     Ok(BackendAddress::Name(host.to_ascii_lowercase(), port))
@@ -863,7 +869,10 @@ impl Validator<'_> {
     fn dns(&mut self, p: &file::FilePool, key: &str, has_names: bool) -> DnsConfig {
         if !has_names {
             for (field, span) in [
-                ("resolve_interval", p.resolve_interval.as_ref().map(|v| v.span())),
+                (
+                    "resolve_interval",
+                    p.resolve_interval.as_ref().map(|v| v.span()),
+                ),
                 ("resolve_grace", p.resolve_grace.as_ref().map(|v| v.span())),
                 ("resolvers", p.resolvers.as_ref().map(|v| v.span())),
             ] {
@@ -896,11 +905,12 @@ impl Validator<'_> {
             for (i, r) in list.get_ref().iter().enumerate() {
                 let rkey = format!("{key}.resolvers[{i}]");
                 // A bare IP means port 53, as in resolv.conf.
-                let parsed = r
-                    .get_ref()
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .or_else(|| r.get_ref().parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+                let parsed = r.get_ref().parse::<SocketAddr>().ok().or_else(|| {
+                    r.get_ref()
+                        .parse::<std::net::IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
                 match parsed {
                     Some(a) => resolvers.push(a),
                     None => self.push(

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
+pub mod dns;
 pub mod tls;
 
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -68,6 +69,32 @@ impl Backend {
             .await
             .expect("bind backend");
         Self::serve_with(name, listener, true)
+    }
+
+    /// One backend per loopback address in `ips`, all on the same port: what a name with
+    /// several A records stands for. The port is chosen by the kernel for the first address
+    /// and tried on the others (again with a new port if one of them has it taken).
+    pub async fn start_same_port(names: &[&str], ips: &[&str]) -> Vec<Backend> {
+        assert_eq!(names.len(), ips.len());
+        for _ in 0..20 {
+            let first = TcpListener::bind((ips[0], 0)).await.expect("bind backend");
+            let port = first.local_addr().expect("local addr").port();
+            let mut listeners = vec![first];
+            for ip in &ips[1..] {
+                match TcpListener::bind((*ip, port)).await {
+                    Ok(l) => listeners.push(l),
+                    Err(_) => break,
+                }
+            }
+            if listeners.len() == ips.len() {
+                return listeners
+                    .into_iter()
+                    .zip(names)
+                    .map(|(l, n)| Self::serve(n, l))
+                    .collect();
+            }
+        }
+        panic!("no port free on all of {ips:?}");
     }
 
     /// Serves on an already bound listener (used to bring a backend back on its old port).
