@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -25,6 +26,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Daemon;
+
+/// Longest `POST /lame-duck?wait=` accepted.
+const MAX_LAME_DUCK_WAIT: Duration = Duration::from_secs(300);
 
 /// Serves the admin API on `listener` until `stop` fires (a successor took the socket over).
 /// A plain shutdown leaves it up while connections drain, so `/ready` can say 503.
@@ -82,8 +86,30 @@ async fn handle(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["status"]) => reply(StatusCode::OK, status(daemon)),
+        (&Method::POST, ["lame-duck"]) => {
+            // `?wait=10s`: answer only after that long (at most 5 minutes), so that a
+            // preStop hook holds SIGTERM back while load balancers notice the 503.
+            let wait = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait=")))
+                .map(humantime::parse_duration);
+            let wait = match wait {
+                None => Duration::ZERO,
+                Some(Ok(d)) if d <= MAX_LAME_DUCK_WAIT => d,
+                Some(_) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": "wait: expected a duration of at most 5m, e.g. wait=10s"}),
+                    )
+                }
+            };
+            daemon.enter_lame_duck();
+            tokio::time::sleep(wait).await;
+            reply(StatusCode::OK, json!({"ready": false, "waited_ms": wait.as_millis() as u64}))
+        }
         (&Method::GET, ["ready"]) => {
-            if daemon.is_shutting_down() {
+            if !daemon.is_ready() {
                 reply(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false}))
             } else {
                 reply(StatusCode::OK, json!({"ready": true}))
@@ -108,7 +134,7 @@ async fn handle(
                 Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
             }
         }
-        (_, ["status" | "ready"]) | (_, ["reload"]) | (_, ["pools", _, "backends", _, _]) => reply(
+        (_, ["status" | "ready"]) | (_, ["reload" | "lame-duck"]) | (_, ["pools", _, "backends", _, _]) => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
@@ -176,7 +202,7 @@ fn status(daemon: &Daemon) -> serde_json::Value {
     }
     json!({
         "generation": snap.generation,
-        "ready": !daemon.is_shutting_down(),
+        "ready": daemon.is_ready(),
         "listeners": listeners,
         "pools": pools,
         "reload": daemon.reload_status(),

@@ -82,6 +82,8 @@ pub struct Daemon {
     control: Mutex<Control>,
     reload_status: std::sync::Mutex<ReloadStatus>,
     shutting_down: AtomicBool,
+    /// See [`Daemon::enter_lame_duck`].
+    lame_duck: AtomicBool,
     /// Until [`Daemon::started`]: changes are part of startup (new backends start healthy
     /// and their first probes are awaited), so names resolved while starting count as if
     /// they had been written in the file.
@@ -112,6 +114,7 @@ impl Daemon {
             }),
             reload_status: Default::default(),
             shutting_down: AtomicBool::new(false),
+            lame_duck: AtomicBool::new(false),
             starting: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -205,6 +208,20 @@ impl Daemon {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Lame duck: `/ready` answers 503 from now on while everything keeps serving, so that
+    /// an orchestrator takes this instance out of rotation before it sends SIGTERM
+    /// (Kubernetes' preStop hook). There is no way back short of a restart.
+    pub fn enter_lame_duck(&self) {
+        if !self.lame_duck.swap(true, Ordering::Relaxed) {
+            tracing::info!("lame duck: /ready answers 503, traffic is still served until SIGTERM");
+        }
+    }
+
+    /// Whether `/ready` should answer 200.
+    pub fn is_ready(&self) -> bool {
+        !self.is_shutting_down() && !self.lame_duck.load(Ordering::Relaxed)
     }
 
     pub fn reload_status(&self) -> ReloadStatus {

@@ -35,7 +35,8 @@
 //!   shutdown state.
 //! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
 //! - `app`: the composition root: startup, signals, file watch, hand-over, shutdown order.
-//! - `demo`: built-in backends for `ballast demo`.
+//! - `demo`: built-in backends for `ballast demo` and `ballast demo-backend`.
+//! - `probe`: `ballast probe URL`, the container image's health check.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -52,6 +53,7 @@ pub mod health;
 pub mod listener;
 pub mod log_limit;
 pub mod net;
+pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod request_body;

@@ -38,6 +38,26 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
     },
+    /// Run one demo backend that answers with its host name (a container's ID), until
+    /// SIGTERM; the replica of the docker-compose blueprint.
+    DemoBackend {
+        #[arg(long, default_value = "0.0.0.0:8000")]
+        bind: SocketAddr,
+        /// After SIGTERM, keep serving this long while /health fails, then drain.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        lame_duck: std::time::Duration,
+    },
+    /// Request an http:// URL once; exit 0 on a 2xx answer, 1 otherwise (container health
+    /// checks and hooks: the image has no curl).
+    Probe {
+        url: String,
+        /// e.g. POST, for `/lame-duck` in a preStop hook.
+        #[arg(long, default_value = "GET")]
+        method: http::Method,
+        /// Give up after this long, e.g. "2s".
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 /// glibc's allocator kept ~80 MB resident after a soak of slow clients ended (per-thread
@@ -56,6 +76,30 @@ fn main() -> ExitCode {
             let bind = *bind;
             return block_on(None, async move {
                 ballast::demo::run(bind).await.map_err(|e| e.to_string())
+            });
+        }
+        (Some(Command::DemoBackend { bind, lame_duck }), _) => {
+            let (bind, lame_duck) = (*bind, *lame_duck);
+            return block_on(Some(1), async move {
+                ballast::demo::run_backend(bind, lame_duck)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+        }
+        (Some(Command::Probe {
+            url,
+            method,
+            timeout,
+        }), _) => {
+            let (url, method, timeout) = (url.clone(), method.clone(), *timeout);
+            return block_on(Some(1), async move {
+                match ballast::probe::probe(method, &url, timeout).await {
+                    Ok(status) => {
+                        println!("{url}: {status}");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("probe {url}: {e}")),
+                }
             });
         }
         (None, Some(path)) => match Config::load(path) {
