@@ -106,7 +106,10 @@ async fn handle(
             };
             daemon.enter_lame_duck();
             tokio::time::sleep(wait).await;
-            reply(StatusCode::OK, json!({"ready": false, "waited_ms": wait.as_millis() as u64}))
+            reply(
+                StatusCode::OK,
+                json!({"ready": false, "waited_ms": wait.as_millis() as u64}),
+            )
         }
         (&Method::GET, ["ready"]) => {
             if !daemon.is_ready() {
@@ -134,7 +137,9 @@ async fn handle(
                 Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
             }
         }
-        (_, ["status" | "ready"]) | (_, ["reload" | "lame-duck"]) | (_, ["pools", _, "backends", _, _]) => reply(
+        (_, ["status" | "ready"])
+        | (_, ["reload" | "lame-duck"])
+        | (_, ["pools", _, "backends", _, _]) => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),

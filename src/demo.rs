@@ -26,7 +26,12 @@ pub async fn start_backend(name: String) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let healthy = Arc::new(AtomicBool::new(true));
-    tokio::spawn(serve_backend(listener, name, healthy, CancellationToken::new()));
+    tokio::spawn(serve_backend(
+        listener,
+        name,
+        healthy,
+        CancellationToken::new(),
+    ));
     Ok(addr)
 }
 
@@ -49,7 +54,12 @@ pub async fn run_backend(
     println!("demo backend {name} on {}", listener.local_addr()?);
     let stop = CancellationToken::new();
     let healthy = Arc::new(AtomicBool::new(true));
-    let served = tokio::spawn(serve_backend(listener, name, Arc::clone(&healthy), stop.clone()));
+    let served = tokio::spawn(serve_backend(
+        listener,
+        name,
+        Arc::clone(&healthy),
+        stop.clone(),
+    ));
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -54,6 +54,9 @@ enum Command {
         /// e.g. POST, for `/lame-duck` in a preStop hook.
         #[arg(long, default_value = "GET")]
         method: http::Method,
+        /// Print the response body (e.g. the admin endpoint's /status) instead of the status.
+        #[arg(long)]
+        body: bool,
         /// Give up after this long, e.g. "2s".
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -86,16 +89,25 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
             });
         }
-        (Some(Command::Probe {
-            url,
-            method,
-            timeout,
-        }), _) => {
-            let (url, method, timeout) = (url.clone(), method.clone(), *timeout);
+        (
+            Some(Command::Probe {
+                url,
+                method,
+                body,
+                timeout,
+            }),
+            _,
+        ) => {
+            let (url, method, timeout, print_body) = (url.clone(), method.clone(), *timeout, *body);
             return block_on(Some(1), async move {
                 match ballast::probe::probe(method, &url, timeout).await {
-                    Ok(status) => {
-                        println!("{url}: {status}");
+                    Ok(answer) if print_body => {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(&answer.body);
+                        Ok(())
+                    }
+                    Ok(answer) => {
+                        println!("{url}: {}", answer.status);
                         Ok(())
                     }
                     Err(e) => Err(format!("probe {url}: {e}")),

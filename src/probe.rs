@@ -20,22 +20,33 @@ pub enum ProbeError {
     Http(#[from] hyper::Error),
     #[error("status {0}")]
     Status(http::StatusCode),
+    #[error("the body broke off or is larger than 1 MiB")]
+    Body,
+}
+
+const MAX_BODY: usize = 1024 * 1024;
+
+/// What a successful probe got.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
 }
 
 /// Sends `method` to `url` (plain `http://` only) within `timeout`; `Ok` with the status
-/// when it is 2xx.
+/// and body when the status is 2xx.
 pub async fn probe(
     method: http::Method,
     url: &str,
     timeout: Duration,
-) -> Result<http::StatusCode, ProbeError> {
+) -> Result<Answer, ProbeError> {
     match tokio::time::timeout(timeout, request(method, url)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(timeout)),
     }
 }
 
-async fn request(method: http::Method, url: &str) -> Result<http::StatusCode, ProbeError> {
+async fn request(method: http::Method, url: &str) -> Result<Answer, ProbeError> {
     let bad = || ProbeError::Url(url.to_string());
     let uri: http::Uri = url.parse().map_err(|_| bad())?;
     if uri.scheme_str() != Some("http") {
@@ -54,10 +65,16 @@ async fn request(method: http::Method, url: &str) -> Result<http::StatusCode, Pr
         .header(http::header::USER_AGENT, "ballast-probe")
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|_| bad())?;
-    let status = sender.send_request(req).await?.status();
-    if status.is_success() {
-        Ok(status)
-    } else {
-        Err(ProbeError::Status(status))
+    let response = sender.send_request(req).await?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ProbeError::Status(status));
     }
+    // Bounded: a probe reads status pages, not downloads.
+    let limited = http_body_util::Limited::new(response.into_body(), MAX_BODY);
+    let body = http_body_util::BodyExt::collect(limited)
+        .await
+        .map_err(|_| ProbeError::Body)?
+        .to_bytes();
+    Ok(Answer { status, body })
 }

@@ -142,3 +142,57 @@ impl Router {
             .map_or(&self.default, |r| &r.target)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(toml: &str) -> Snapshot {
+        let config = Config::from_toml_str(toml, std::path::Path::new("t.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Snapshot::build(Arc::new(config), None, &Resolved::new(), true)
+    }
+
+    #[test]
+    fn routes_match_host_then_prefix_first_match_wins_then_default() {
+        let snap = snapshot(
+            r#"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "default"
+routes = [
+  { host = "api.example.com", path_prefix = "/v2/", pool = "v2" },
+  { host = "api.example.com", pool = "api" },
+  { path_prefix = "/static/", pool = "static" },
+  { host = "*.example.org", pool = "org" },
+  { path_prefix = "/static/never", pool = "never" },
+]
+[pools.default]
+backends = ["127.0.0.1:1"]
+[pools.v2]
+backends = ["127.0.0.1:2"]
+[pools.api]
+backends = ["127.0.0.1:3"]
+[pools.static]
+backends = ["127.0.0.1:4"]
+[pools.org]
+backends = ["127.0.0.1:5"]
+[pools.never]
+backends = ["127.0.0.1:6"]
+"#,
+        );
+        let router = &snap.routers["web"];
+        let pool = |host: Option<&str>, path: &str| router.route(host, path).pool.name.to_string();
+        assert_eq!(pool(Some("api.example.com"), "/v2/users"), "v2");
+        assert_eq!(pool(Some("api.example.com"), "/v1/users"), "api");
+        // File order: the host-only route comes before the /static/ one.
+        assert_eq!(pool(Some("api.example.com"), "/static/x"), "api");
+        assert_eq!(pool(Some("www.example.com"), "/static/x"), "static");
+        assert_eq!(pool(None, "/static/never"), "static", "first match wins");
+        assert_eq!(pool(Some("a.example.org"), "/"), "org");
+        assert_eq!(pool(Some("example.org"), "/"), "default", "a wildcard needs a label");
+        assert_eq!(pool(Some("b.a.example.org"), "/"), "org");
+        assert_eq!(pool(None, "/v2/users"), "default", "no host matches no host route");
+        assert_eq!(pool(Some("other"), "/"), "default");
+    }
+}

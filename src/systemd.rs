@@ -1,17 +1,53 @@
 //! The sd_notify protocol: READY, RELOADING (with MONOTONIC_USEC), STOPPING, STATUS and
 //! watchdog pings. Every call is a no-op when `NOTIFY_SOCKET` is not set, so the daemon
 //! behaves the same outside systemd.
+//!
+//! Messages are sent without blocking: the control plane calls this in the middle of a
+//! reload, and a notify socket whose reader is slow (its queue holds only
+//! `net.unix.max_dgram_qlen` datagrams, 10 by default) must never hold a reload up. A
+//! message that does not fit is dropped and logged at debug level; the next one carries
+//! the current state anyway.
 
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
 fn send(states: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
+    };
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    match send_nonblocking(path.as_bytes(), msg.as_bytes()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            tracing::debug!(message = %msg.trim_end(), "sd_notify: the notify socket is full; message dropped")
+        }
+        Err(e) => tracing::warn!(error = %e, "sd_notify failed"),
     }
-    if let Err(e) = sd_notify::notify(false, states) {
-        tracing::warn!(error = %e, "sd_notify failed");
+}
+
+/// One datagram to `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
+fn send_nonblocking(path: &[u8], msg: &[u8]) -> io::Result<()> {
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let sent = match path.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg, &addr)?
+        }
+        None => sock.send_to(msg, std::ffi::OsStr::from_bytes(path))?,
+    };
+    if sent == msg.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "incomplete sd_notify datagram",
+        ))
     }
 }
 

@@ -97,7 +97,11 @@ async fn an_upload_aborted_by_the_client_ejects_nothing_and_is_not_retried() {
         let hits = a.hits() + b.hits();
         let reached =
             support::eventually(Duration::from_secs(5), async || a.hits() + b.hits() > hits).await;
-        assert!(reached.is_some(), "the upload reached a backend\n{}", lb.logs());
+        assert!(
+            reached.is_some(),
+            "the upload reached a backend\n{}",
+            lb.logs()
+        );
         drop(s);
         support::eventually(Duration::from_secs(5), async || {
             a.in_flight() + b.in_flight() == 0

@@ -152,6 +152,28 @@ async fn sd_notify_sequence_ready_reloading_ready_stopping() {
     assert_eq!(order, ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_never_holds_a_reload_up() {
+    // Its queue takes net.unix.max_dgram_qlen datagrams (10 by default); every reload sends
+    // two. With a blocking send the eleventh message would stall the control plane.
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let _unread = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    let lb = Ballast::start_with(
+        &cfg(&[&a], ADMIN),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    for i in 0..100 {
+        let call = admin_call(lb.admin(), "POST", "/reload", None);
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .unwrap_or_else(|_| panic!("reload {i} hung on the notify socket"));
+        assert_eq!(status, 200);
+    }
+    assert_eq!(get(lb.addr("web"), "/").await.status, 200);
+}
+
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
     // The units name the installed paths; point them at this build so verify can check the

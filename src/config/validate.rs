@@ -260,189 +260,20 @@ impl Validator<'_> {
             binds.insert(a.bind, "admin".into());
         }
         for (name, l) in &raw.listeners {
-            let key = format!("listeners.{}", name.get_ref());
-            let bind = self.socket_addr(&l.bind, &format!("{key}.bind"));
-            if let Some(b) = bind {
-                if b.port() != 0 {
-                    if let Some(other) = binds.insert(b, name.get_ref().clone()) {
-                        self.push(
-                            l.bind.span(),
-                            format!("{key}.bind: address {b} is already used by {other}"),
-                        );
-                    }
-                }
-            }
-            let check_pool = |v: &mut Self, pool: &Text, what: &str| {
-                if !pool_names.contains_key(pool.get_ref().as_str()) {
-                    v.push(
-                        pool.span(),
-                        format!("{what}: unknown pool {:?}", pool.get_ref()),
-                    );
-                }
-            };
-            check_pool(self, &l.pool, &format!("{key}.pool"));
-            let mut routes = Vec::new();
-            for (i, r) in l.routes.iter().enumerate() {
-                let rkey = format!("{key}.routes[{i}]");
-                check_pool(self, &r.pool, &format!("{rkey}.pool"));
-                let host = r.host.as_ref().and_then(|h| self.host_match(h, &rkey));
-                let path_prefix = r.path_prefix.as_ref().and_then(|p| {
-                    if p.get_ref().starts_with('/') {
-                        Some(p.get_ref().clone())
-                    } else {
-                        self.push(p.span(), format!("{rkey}.path_prefix: must start with '/'"));
-                        None
-                    }
-                });
-                let upgrade = r
-                    .upgrade
-                    .as_ref()
-                    .map(|u| self.upgrade_list(u, &format!("{rkey}.upgrade")));
-                routes.push(RouteConfig {
-                    host,
-                    path_prefix,
-                    pool: r.pool.get_ref().clone(),
-                    upgrade,
-                });
-            }
-            let max_header_size = match &l.max_header_size {
-                Some(v) if *v.get_ref() < defaults::MIN_HEADER_SIZE => {
+            let listener = self.listener(name, l, &pool_names, &raw.pools);
+            if listener.bind.port() != 0 {
+                if let Some(other) = binds.insert(listener.bind, name.get_ref().clone()) {
                     self.push(
-                        v.span(),
+                        l.bind.span(),
                         format!(
-                            "{key}.max_header_size: must be at least {} bytes",
-                            defaults::MIN_HEADER_SIZE
+                            "listeners.{}.bind: address {} is already used by {other}",
+                            name.get_ref(),
+                            listener.bind
                         ),
                     );
-                    defaults::MAX_HEADER_SIZE
                 }
-                Some(v) => *v.get_ref(),
-                None => defaults::MAX_HEADER_SIZE,
-            };
-            let mode = match l.mode.as_ref().map(|m| *m.get_ref()) {
-                Some(file::FileMode::Tcp) => ListenerMode::Tcp,
-                _ => ListenerMode::Http,
-            };
-            if mode == ListenerMode::Tcp {
-                self.tcp_listener(name, l, &key, &raw.pools);
-            } else if l.splice.is_some() {
-                self.push(
-                    name.span(),
-                    format!("{key}.splice: only used with mode = \"tcp\""),
-                );
             }
-            if l.tls.is_some() && l.redirect_https == Some(true) {
-                self.push(
-                    name.span(),
-                    format!("{key}: redirect_https is for plain listeners; this one has tls"),
-                );
-            }
-            if l.tls.is_some() && l.h2c == Some(true) {
-                self.push(
-                    name.span(),
-                    format!(
-                        "{key}: h2c is for plain listeners; with tls, HTTP/2 is negotiated by ALPN"
-                    ),
-                );
-            }
-            listeners.push(ListenerConfig {
-                name: name.get_ref().clone(),
-                bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                default_pool: l.pool.get_ref().clone(),
-                routes,
-                max_connections: self.at_least(
-                    &l.max_connections,
-                    &format!("{key}.max_connections"),
-                    1,
-                    defaults::MAX_CONNECTIONS,
-                ) as usize,
-                send_timeout: self.duration(
-                    &l.send_timeout,
-                    &format!("{key}.send_timeout"),
-                    defaults::SEND_TIMEOUT,
-                ),
-                request_header_timeout: self.duration(
-                    &l.request_header_timeout,
-                    &format!("{key}.request_header_timeout"),
-                    defaults::REQUEST_HEADER_TIMEOUT,
-                ),
-                max_header_size: max_header_size as usize,
-                max_headers: self.at_least(
-                    &l.max_headers,
-                    &format!("{key}.max_headers"),
-                    1,
-                    defaults::MAX_HEADERS,
-                ) as usize,
-                keepalive_timeout: self.duration(
-                    &l.keepalive_timeout,
-                    &format!("{key}.keepalive_timeout"),
-                    defaults::KEEPALIVE_TIMEOUT,
-                ),
-                request_body_timeout: self.duration(
-                    &l.request_body_timeout,
-                    &format!("{key}.request_body_timeout"),
-                    defaults::REQUEST_BODY_TIMEOUT,
-                ),
-                request_buffering: self.request_buffering(
-                    &l.request_buffering,
-                    &format!("{key}.request_buffering"),
-                )
-                .unwrap_or(defaults::REQUEST_BUFFERING),
-                max_request_body: self.size(
-                    &l.max_request_body,
-                    &format!("{key}.max_request_body"),
-                    (1, u64::MAX),
-                    false,
-                ),
-                response_buffer: self
-                    .size(
-                        &l.response_buffer,
-                        &format!("{key}.response_buffer"),
-                        (
-                            defaults::MIN_RESPONSE_BUFFER as u64,
-                            defaults::MAX_RESPONSE_BUFFER as u64,
-                        ),
-                        false,
-                    )
-                    .map_or(defaults::RESPONSE_BUFFER, |n| n as usize),
-                upgrade: match &l.upgrade {
-                    Some(u) => self.upgrade_list(u, &format!("{key}.upgrade")),
-                    None => vec!["websocket".to_string()],
-                },
-                allow_connect: l.allow_connect.unwrap_or(false),
-                tls: l.tls.as_ref().and_then(|t| self.tls(t, &key)),
-                redirect_https: l.redirect_https.unwrap_or(false),
-                redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
-                h2c: l.h2c.unwrap_or(false),
-                splice: l.splice.unwrap_or(false),
-                mode,
-                accept_proxy: l.accept_proxy.as_ref().map(|list| {
-                    if list.get_ref().is_empty() {
-                        self.push(list.span(), format!("{key}.accept_proxy: list at least one trusted range, or remove the key"));
-                    }
-                    list.get_ref()
-                        .iter()
-                        .filter_map(|c| {
-                            let parsed = crate::proxy_protocol::Cidr::parse(c.get_ref());
-                            if parsed.is_none() {
-                                self.push(c.span(), format!("{key}.accept_proxy: invalid range {:?}: write e.g. \"10.0.0.0/8\" or \"127.0.0.1\"", c.get_ref()));
-                            }
-                            parsed
-                        })
-                        .collect()
-                }),
-                max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
-                    if *n.get_ref() == 0 {
-                        self.push(
-                            n.span(),
-                            format!("{key}.max_connections_per_client: must be at least 1 (omit it for no limit)"),
-                        );
-                        None
-                    } else {
-                        Some(*n.get_ref() as usize)
-                    }
-                }),
-            });
+            listeners.push(listener);
         }
         if listeners.is_empty() {
             // Never meant: an empty file is also what a reload sees when it reads a file
@@ -458,6 +289,190 @@ impl Validator<'_> {
             listeners,
             pools,
         })
+    }
+
+    /// One `[listeners.NAME]` table; `pools` are the file's pools (for references and for
+    /// what a TCP listener's pool may use).
+    fn listener(
+        &mut self,
+        name: &Text,
+        l: &file::FileListener,
+        pool_names: &HashMap<&str, ()>,
+        pools: &BTreeMap<Text, file::FilePool>,
+    ) -> ListenerConfig {
+        let key = format!("listeners.{}", name.get_ref());
+        let bind = self.socket_addr(&l.bind, &format!("{key}.bind"));
+        let check_pool = |v: &mut Self, pool: &Text, what: &str| {
+            if !pool_names.contains_key(pool.get_ref().as_str()) {
+                v.push(
+                    pool.span(),
+                    format!("{what}: unknown pool {:?}", pool.get_ref()),
+                );
+            }
+        };
+        check_pool(self, &l.pool, &format!("{key}.pool"));
+        let mut routes = Vec::new();
+        for (i, r) in l.routes.iter().enumerate() {
+            let rkey = format!("{key}.routes[{i}]");
+            check_pool(self, &r.pool, &format!("{rkey}.pool"));
+            let host = r.host.as_ref().and_then(|h| self.host_match(h, &rkey));
+            let path_prefix = r.path_prefix.as_ref().and_then(|p| {
+                if p.get_ref().starts_with('/') {
+                    Some(p.get_ref().clone())
+                } else {
+                    self.push(p.span(), format!("{rkey}.path_prefix: must start with '/'"));
+                    None
+                }
+            });
+            let upgrade = r
+                .upgrade
+                .as_ref()
+                .map(|u| self.upgrade_list(u, &format!("{rkey}.upgrade")));
+            routes.push(RouteConfig {
+                host,
+                path_prefix,
+                pool: r.pool.get_ref().clone(),
+                upgrade,
+            });
+        }
+        let max_header_size = match &l.max_header_size {
+            Some(v) if *v.get_ref() < defaults::MIN_HEADER_SIZE => {
+                self.push(
+                    v.span(),
+                    format!(
+                        "{key}.max_header_size: must be at least {} bytes",
+                        defaults::MIN_HEADER_SIZE
+                    ),
+                );
+                defaults::MAX_HEADER_SIZE
+            }
+            Some(v) => *v.get_ref(),
+            None => defaults::MAX_HEADER_SIZE,
+        };
+        let mode = match l.mode.as_ref().map(|m| *m.get_ref()) {
+            Some(file::FileMode::Tcp) => ListenerMode::Tcp,
+            _ => ListenerMode::Http,
+        };
+        if mode == ListenerMode::Tcp {
+            self.tcp_listener(name, l, &key, pools);
+        } else if l.splice.is_some() {
+            self.push(
+                name.span(),
+                format!("{key}.splice: only used with mode = \"tcp\""),
+            );
+        }
+        if l.tls.is_some() && l.redirect_https == Some(true) {
+            self.push(
+                name.span(),
+                format!("{key}: redirect_https is for plain listeners; this one has tls"),
+            );
+        }
+        if l.tls.is_some() && l.h2c == Some(true) {
+            self.push(
+                name.span(),
+                format!(
+                    "{key}: h2c is for plain listeners; with tls, HTTP/2 is negotiated by ALPN"
+                ),
+            );
+        }
+        ListenerConfig {
+            name: name.get_ref().clone(),
+            bind: bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            default_pool: l.pool.get_ref().clone(),
+            routes,
+            max_connections: self.at_least(
+                &l.max_connections,
+                &format!("{key}.max_connections"),
+                1,
+                defaults::MAX_CONNECTIONS,
+            ) as usize,
+            send_timeout: self.duration(
+                &l.send_timeout,
+                &format!("{key}.send_timeout"),
+                defaults::SEND_TIMEOUT,
+            ),
+            request_header_timeout: self.duration(
+                &l.request_header_timeout,
+                &format!("{key}.request_header_timeout"),
+                defaults::REQUEST_HEADER_TIMEOUT,
+            ),
+            max_header_size: max_header_size as usize,
+            max_headers: self.at_least(
+                &l.max_headers,
+                &format!("{key}.max_headers"),
+                1,
+                defaults::MAX_HEADERS,
+            ) as usize,
+            keepalive_timeout: self.duration(
+                &l.keepalive_timeout,
+                &format!("{key}.keepalive_timeout"),
+                defaults::KEEPALIVE_TIMEOUT,
+            ),
+            request_body_timeout: self.duration(
+                &l.request_body_timeout,
+                &format!("{key}.request_body_timeout"),
+                defaults::REQUEST_BODY_TIMEOUT,
+            ),
+            request_buffering: self.request_buffering(
+                &l.request_buffering,
+                &format!("{key}.request_buffering"),
+            )
+            .unwrap_or(defaults::REQUEST_BUFFERING),
+            max_request_body: self.size(
+                &l.max_request_body,
+                &format!("{key}.max_request_body"),
+                (1, u64::MAX),
+                false,
+            ),
+            response_buffer: self
+                .size(
+                    &l.response_buffer,
+                    &format!("{key}.response_buffer"),
+                    (
+                        defaults::MIN_RESPONSE_BUFFER as u64,
+                        defaults::MAX_RESPONSE_BUFFER as u64,
+                    ),
+                    false,
+                )
+                .map_or(defaults::RESPONSE_BUFFER, |n| n as usize),
+            upgrade: match &l.upgrade {
+                Some(u) => self.upgrade_list(u, &format!("{key}.upgrade")),
+                None => vec!["websocket".to_string()],
+            },
+            allow_connect: l.allow_connect.unwrap_or(false),
+            tls: l.tls.as_ref().and_then(|t| self.tls(t, &key)),
+            redirect_https: l.redirect_https.unwrap_or(false),
+            redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
+            h2c: l.h2c.unwrap_or(false),
+            splice: l.splice.unwrap_or(false),
+            mode,
+            accept_proxy: l.accept_proxy.as_ref().map(|list| {
+                if list.get_ref().is_empty() {
+                    self.push(list.span(), format!("{key}.accept_proxy: list at least one trusted range, or remove the key"));
+                }
+                list.get_ref()
+                    .iter()
+                    .filter_map(|c| {
+                        let parsed = crate::proxy_protocol::Cidr::parse(c.get_ref());
+                        if parsed.is_none() {
+                            self.push(c.span(), format!("{key}.accept_proxy: invalid range {:?}: write e.g. \"10.0.0.0/8\" or \"127.0.0.1\"", c.get_ref()));
+                        }
+                        parsed
+                    })
+                    .collect()
+            }),
+            max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
+                if *n.get_ref() == 0 {
+                    self.push(
+                        n.span(),
+                        format!("{key}.max_connections_per_client: must be at least 1 (omit it for no limit)"),
+                    );
+                    None
+                } else {
+                    Some(*n.get_ref() as usize)
+                }
+            }),
+        }
     }
 
     /// `mode = "tcp"`: HTTP-only keys are refused, and its pool must not need HTTP.

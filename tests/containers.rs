@@ -1,0 +1,173 @@
+//! What the container image and the Kubernetes manifests rely on: `ballast probe` (the
+//! image's health check), `ballast demo-backend` (the compose replica), the admin
+//! endpoint's lame-duck mode (the preStop hook), and the manifests themselves, validated
+//! offline. docker/e2e.sh runs the image itself under docker-compose.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn probe(args: &[&str]) -> (bool, String) {
+    let out = Command::new(ballast_bin())
+        .arg("probe")
+        .args(args)
+        .output()
+        .expect("run ballast probe");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exits_zero_only_on_a_2xx_answer() {
+    let b = Backend::start("b").await;
+    let (ok, err) = probe(&[&format!("http://{}/health", b.addr)]);
+    assert!(ok, "{err}");
+    let out = Command::new(ballast_bin())
+        .args(["probe", "--body", &format!("http://{}/echo-path?x=1", b.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/echo-path?x=1");
+    let (ok, err) = probe(&[&format!("http://{}/status/503", b.addr)]);
+    assert!(!ok);
+    assert!(err.contains("status 503"), "{err}");
+    let (_guard, refused) = refusing_addr();
+    let (ok, err) = probe(&[&format!("http://{refused}/")]);
+    assert!(!ok);
+    assert!(err.contains("probe http://"), "{err}");
+    let (ok, err) = probe(&["https://example.com/"]);
+    assert!(!ok);
+    assert!(err.contains("expected http://HOST:PORT/PATH"), "{err}");
+    // A server that accepts and never answers: the timeout ends it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = Instant::now();
+    let (ok, err) = probe(&[
+        "--timeout",
+        "300ms",
+        &format!("http://{}/", silent.local_addr().unwrap()),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no answer within 300ms"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lame_duck_fails_readiness_and_keeps_serving() {
+    let b = Backend::start("b").await;
+    let lb = Ballast::start(&TestConfig::new(&[&b]).admin().build());
+    let admin = lb.admin();
+    let ready = format!("http://{admin}/ready");
+    assert!(probe(&[&ready]).0);
+    // The preStop hook of config/kubernetes/deployment.yaml, with a shorter wait.
+    let started = Instant::now();
+    let (ok, err) = probe(&[
+        "--method",
+        "POST",
+        &format!("http://{admin}/lame-duck?wait=400ms"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the hook is held for the wait"
+    );
+    let (ok, err) = probe(&[&ready]);
+    assert!(!ok && err.contains("status 503"), "{err}");
+    // Still serving: only readiness changed.
+    assert_eq!(get(lb.addr("web"), "/").await.status, 200);
+    assert!(lb.wait_for_log("lame duck", WAIT));
+    let (status, _) = admin_call(admin, "POST", "/lame-duck?wait=1h", None).await;
+    assert_eq!(status, 400, "waits are bounded");
+}
+
+#[test]
+fn demo_backend_answers_with_its_host_name_and_drains_on_sigterm() {
+    let mut child = Command::new(ballast_bin())
+        .args([
+            "demo-backend",
+            "--bind",
+            "127.0.0.1:0",
+            "--lame-duck",
+            "300ms",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start demo-backend");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first line");
+    // "demo backend NAME on ADDR"
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr: std::net::SocketAddr = addr.parse().expect("address in the first line");
+    let r = rt.block_on(get(addr, "/x"));
+    assert_eq!(r.body, format!("hello from {} (path /x)\n", host.trim()));
+    assert_eq!(rt.block_on(get(addr, "/health")).status, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    line.clear();
+    out.read_line(&mut line).expect("lame duck line");
+    assert!(line.contains("failing /health"), "{line}");
+    // During the lame duck: still serving, health failing.
+    assert_eq!(rt.block_on(get(addr, "/health")).status, 503);
+    assert_eq!(rt.block_on(get(addr, "/")).status, 200);
+    let status = child.wait().expect("exit");
+    assert!(status.success(), "{status}");
+}
+
+const MANIFESTS: [&str; 4] = [
+    "configmap.yaml",
+    "deployment.yaml",
+    "service.yaml",
+    "pdb.yaml",
+];
+
+#[test]
+fn kubernetes_manifests_validate_offline() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for m in MANIFESTS {
+        assert!(kustomization.contains(m), "kustomization lists {m}");
+    }
+    // The config inside the ConfigMap is a valid ballast config.
+    let cm = std::fs::read_to_string(dir.join("configmap.yaml")).unwrap();
+    let toml: String = cm
+        .split_once("ballast.toml: |\n")
+        .expect("ballast.toml in the ConfigMap")
+        .1
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let (ok, err) = check_config(&toml);
+    assert!(ok, "the ConfigMap's ballast.toml: {err}");
+
+    let found = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output();
+    if !found.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: kubernetes-validate is not installed (.ci/run installs it with pip); only the embedded config was checked");
+        return;
+    }
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(MANIFESTS.map(|m| dir.join(m)))
+        .output()
+        .expect("run kubernetes-validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 5, "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
+}
