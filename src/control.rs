@@ -530,12 +530,11 @@ fn describe_changes(old: &Snapshot, new: &Snapshot) -> String {
                         parts.push(format!("-{name}/{}", b.label));
                     }
                 }
+                // Backends added or removed are listed above, weights below: the rest.
                 let settings_changed = {
                     let (mut a, mut b) = (o.config.clone(), pool.config.clone());
-                    a.backends.iter_mut().for_each(|x| x.weight = 0);
-                    b.backends.iter_mut().for_each(|x| x.weight = 0);
-                    a.backends.sort_by_key(|x| x.address);
-                    b.backends.sort_by_key(|x| x.address);
+                    a.backends.clear();
+                    b.backends.clear();
                     a != b
                 };
                 let weights_changed = pool.config.backends.iter().any(|nb| {

@@ -30,6 +30,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DnsConfig, NamedBackend};
 
+/// Most addresses one name adds to a pool. Each is a backend with its own health-check
+/// task; a name answering with more (a misconfigured or hostile zone) is cut here, sorted
+/// by address so every ballast instance keeps the same ones.
+pub const MAX_ADDRESSES_PER_NAME: usize = 512;
+
 /// Resolved addresses per (pool, name), as the control plane last applied them.
 pub type Resolved = HashMap<NameKey, Vec<IpAddr>>;
 
@@ -273,6 +278,9 @@ async fn follow(
             }
         };
         if let Some(addrs) = report {
+            if addrs.len() == MAX_ADDRESSES_PER_NAME {
+                tracing::warn!(pool = %pool, name = %name, limit = MAX_ADDRESSES_PER_NAME, "name has too many addresses: using the first (lowest) ones only");
+            }
             let update = Update {
                 key: key.clone(),
                 addrs,
@@ -324,6 +332,7 @@ async fn lookup(resolver: &TokioResolver, host: &str) -> Answer {
             let mut addrs: Vec<IpAddr> = found.iter().collect();
             addrs.sort();
             addrs.dedup();
+            addrs.truncate(MAX_ADDRESSES_PER_NAME);
             Answer::Addrs(addrs)
         }
         Err(e) => match e.proto().map(|p| p.kind()) {

@@ -190,9 +190,17 @@ backends = ["127.0.0.1:6"]
         assert_eq!(pool(Some("www.example.com"), "/static/x"), "static");
         assert_eq!(pool(None, "/static/never"), "static", "first match wins");
         assert_eq!(pool(Some("a.example.org"), "/"), "org");
-        assert_eq!(pool(Some("example.org"), "/"), "default", "a wildcard needs a label");
+        assert_eq!(
+            pool(Some("example.org"), "/"),
+            "default",
+            "a wildcard needs a label"
+        );
         assert_eq!(pool(Some("b.a.example.org"), "/"), "org");
-        assert_eq!(pool(None, "/v2/users"), "default", "no host matches no host route");
+        assert_eq!(
+            pool(None, "/v2/users"),
+            "default",
+            "no host matches no host route"
+        );
         assert_eq!(pool(Some("other"), "/"), "default");
     }
 }

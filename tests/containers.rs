@@ -29,7 +29,11 @@ async fn probe_exits_zero_only_on_a_2xx_answer() {
     let (ok, err) = probe(&[&format!("http://{}/health", b.addr)]);
     assert!(ok, "{err}");
     let out = Command::new(ballast_bin())
-        .args(["probe", "--body", &format!("http://{}/echo-path?x=1", b.addr)])
+        .args([
+            "probe",
+            "--body",
+            &format!("http://{}/echo-path?x=1", b.addr),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());

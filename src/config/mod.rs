@@ -541,6 +541,32 @@ backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
 "#;
 
     #[test]
+    fn names_expand_to_their_resolved_addresses_with_the_entry_weight() {
+        let text = "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n[pools.app]\nbackends = [\"10.0.0.1:80\", { address = \"app:80\", weight = 3 }, \"db.internal:5432\"]\n";
+        let c = Config::from_toml_str(text, Path::new("t.toml")).unwrap();
+        let p = &c.pools[0];
+        assert_eq!(p.backends.len(), 1);
+        assert_eq!(p.names.len(), 2);
+        let app: Vec<std::net::IpAddr> =
+            vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()];
+        let expanded = p.with_resolved(|n| (n.host == "app").then_some(app.as_slice()));
+        let got: Vec<(String, u32)> = expanded
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.weight))
+            .collect();
+        // 10.0.0.1:80 is listed already and keeps its own weight; the unresolved name adds
+        // nothing.
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:80".to_string(), 1),
+                ("10.0.0.2:80".to_string(), 3)
+            ]
+        );
+    }
+
+    #[test]
     fn parses_a_good_file() {
         let c = Config::from_toml_str(GOOD, Path::new("t.toml")).expect("valid");
         assert_eq!(
