@@ -77,7 +77,7 @@ hosts() {
 
 wait_for 60 container_healthy || fail "the image's HEALTHCHECK (ballast probe) never passed"
 echo "ok: HEALTHCHECK passes inside the image"
-uids=$(docker top "$lb" -eo uid | tail -n +2 | sort -u | tr '\n' ' ')
+uids=$(docker top "$lb" -eo pid,uid | tail -n +2 | awk '{print $2}' | sort -u | tr '\n' ' ')
 [ "$uids" = "10001 " ] || fail "ballast runs as uid(s) $uids, expected 10001"
 echo "ok: ballast runs as uid 10001"
 wait_for 30 has_healthy 5 || fail "ballast did not find 5 healthy replicas: $(healthy_backends)"
@@ -109,11 +109,12 @@ start_load() {
     loads+=($!)
   done
 }
+# Stops the loops and sets $sent and $failed (not in a subshell: it waits for its children).
 stop_load() {
   touch "$work/stop"
   for p in "${loads[@]}"; do wait "$p"; done
   loads=()
-  cat "$work"/load.* | awk '{s += $1; f += $2} END {print s, f}'
+  read -r sent failed < <(cat "$work"/load.* | awk '{s += $1; f += $2} END {print s, f}')
 }
 
 # --- docker stop one replica under load -----------------------------------------------------
@@ -125,7 +126,7 @@ sleep 1
 docker stop "$victim" >/dev/null
 wait_for 20 has_healthy 4 || fail "ballast still counts $(healthy_backends) healthy replicas"
 sleep 1
-read -r sent failed <<<"$(stop_load)"
+stop_load
 [ "$failed" -eq 0 ] || fail "$failed of $sent requests failed while a replica stopped"
 list=$(hosts 40)
 distinct=$(sort -u <<<"$list" | wc -l)
@@ -148,7 +149,7 @@ sleep 1
 dc up -d --scale app=2 --no-recreate 2>&1 | tail -n 1
 wait_for 30 has_healthy 2 || fail "ballast counts $(healthy_backends) healthy replicas, expected 2"
 sleep 1
-read -r sent failed <<<"$(stop_load)"
+stop_load
 [ "$failed" -eq 0 ] || fail "$failed of $sent requests failed during the scale-down"
 distinct=$(hosts 20 | sort -u | wc -l)
 [ "$distinct" -eq 2 ] || fail "after scale-down: $distinct replicas answer, expected 2"
