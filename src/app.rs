@@ -62,7 +62,8 @@ pub async fn run(
     let (daemon, mut dns_updates) = Daemon::new(config_path.clone(), admin_socket.clone());
     let daemon = Arc::new(daemon);
     daemon.start(config, &mut inherited).await?;
-    // Named backends: give DNS a moment so the first requests find them.
+    // Named backends: give DNS a moment so the first requests find them (connections that
+    // arrive meanwhile wait in the accept queue).
     let _ = tokio::time::timeout(FIRST_RESOLUTION_WAIT, async {
         while daemon.unresolved_names().await > 0 {
             match dns_updates.recv().await {
@@ -72,7 +73,7 @@ pub async fn run(
         }
     })
     .await;
-    daemon.started();
+    daemon.started().await;
     let live = Arc::clone(&daemon.live);
     let snapshot = live.load_full();
 

@@ -72,6 +72,10 @@ struct Control {
     discovery: Discovery,
     /// The addresses DNS last gave each named backend; part of every snapshot build.
     resolved: Resolved,
+    /// Sockets bound during startup, served once startup ends ([`Daemon::started`]):
+    /// meanwhile connections wait in the kernel's accept queue instead of meeting a pool
+    /// whose names are not resolved yet.
+    startup_sockets: HashMap<String, Arc<TcpListener>>,
 }
 
 /// The running daemon's control plane: the single writer of [`Live`], the owner of accept
@@ -111,6 +115,7 @@ impl Daemon {
                 listeners: HashMap::new(),
                 discovery,
                 resolved: Resolved::new(),
+                startup_sockets: HashMap::new(),
             }),
             reload_status: Default::default(),
             shutting_down: AtomicBool::new(false),
@@ -125,7 +130,8 @@ impl Daemon {
 
     /// Applies the first config: the reload sequence with no previous snapshot, adopting
     /// `inherited` sockets where they match. Returns once the first health probes answered
-    /// (bounded by the longest probe timeout) and every listener accepts.
+    /// (bounded by the longest probe timeout); the listeners are bound (connections queue)
+    /// and start accepting at [`Daemon::started`].
     pub async fn start(&self, config: Config, inherited: &mut Inherited) -> Result<(), BindError> {
         let mut control = self.control.lock().await;
         match self.apply(&mut control, config, inherited).await {
@@ -140,9 +146,14 @@ impl Daemon {
         }
     }
 
-    /// Ends startup: from now on new backends wait for their first passing check.
-    pub fn started(&self) {
+    /// Ends startup: the listeners start accepting, and from now on new backends wait for
+    /// their first passing check.
+    pub async fn started(&self) {
+        let mut control = self.control.lock().await;
         self.starting.store(false, Ordering::Relaxed);
+        let sockets = std::mem::take(&mut control.startup_sockets);
+        let snap = self.live.load_full();
+        self.reconcile_listeners(&mut control, &snap, sockets);
     }
 
     /// How many named backends have had no DNS answer yet (startup waits a little for them).
@@ -399,7 +410,11 @@ impl Daemon {
             })
             .await;
         }
-        self.reconcile_listeners(control, &next, new_sockets);
+        if startup {
+            control.startup_sockets.extend(new_sockets);
+        } else {
+            self.reconcile_listeners(control, &next, new_sockets);
+        }
         (next.generation, changes)
     }
 
