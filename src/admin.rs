@@ -208,6 +208,8 @@ fn status(daemon: &Daemon) -> serde_json::Value {
     json!({
         "generation": snap.generation,
         "ready": daemon.is_ready(),
+        // Client connections open on all listeners (draining ones included).
+        "open_connections": daemon.open_connections(),
         "listeners": listeners,
         "pools": pools,
         "reload": daemon.reload_status(),

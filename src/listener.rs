@@ -254,6 +254,7 @@ impl Env {
             tracker: self.tracker.clone(),
             phase: Arc::clone(&phase),
             private: Default::default(),
+            shutdown: self.shutdown.clone(),
         });
         let timed =
             TimedStream::downstream(stream, self.config.send_timeout, phase, self.read_limits);
@@ -329,6 +330,10 @@ fn h2_builder(config: &ListenerConfig) -> http2::Builder<TokioExecutor> {
     builder
 }
 
+/// On shutdown, how long a just-accepted HTTP/1 connection may take to send its first
+/// request (which then gets `Connection: close`) before it is closed.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_RESETS: usize = 32;
 const H2_MAX_LOCAL_RESETS: usize = 256;
@@ -357,6 +362,25 @@ impl Conn {
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = self.shutdown.cancelled() => {
+                // A connection accepted just before shutdown (or before a hand-over to a
+                // successor) whose first request is still on its way gets a moment for it:
+                // the client reached a listening socket, so it was never refused and must
+                // not be dropped. hyper would close it at once as idle.
+                let phase = &self.ctx.phase;
+                let grace = FIRST_REQUEST_GRACE.min(self.ctx.config.request_header_timeout);
+                let first_request = async {
+                    let start = tokio::time::Instant::now();
+                    while phase.untouched() && start.elapsed() < grace {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        self.log_end(r.err());
+                        return;
+                    }
+                    _ = first_request => {}
+                }
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

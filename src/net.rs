@@ -76,6 +76,11 @@ impl ConnPhase {
         }
     }
 
+    /// No request has begun on this connection yet (it was just accepted).
+    pub fn untouched(&self) -> bool {
+        self.load() == 0 && !self.is_multiplexed()
+    }
+
     pub fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)
     }

@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{admin_call, get, Backend, Ballast, Client, TestConfig};
+use support::{admin_call, get, Backend, Ballast, Client, TestConfig, WAIT};
 
 fn cfg(backends: &[&Backend], admin: &str) -> String {
     TestConfig::new(backends)
@@ -79,6 +79,42 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
         "{}",
         lb.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_before_sigterm_still_gets_its_first_request_served() {
+    // The race of every shutdown and hand-over: the client's connection was accepted, its
+    // request is on the way. It reached a listening socket, so it must be served.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let mut lb = Ballast::start(&cfg(&[&a], ADMIN));
+    let mut s = tokio::net::TcpStream::connect(lb.addr("web"))
+        .await
+        .unwrap();
+    let admin = lb.admin();
+    support::eventually(WAIT, async || {
+        admin_call(admin, "GET", "/status", None).await.1["open_connections"] == 1
+    })
+    .await
+    .expect("ballast accepted the connection");
+    lb.signal("TERM");
+    assert!(
+        lb.wait_for_log("listener stopped accepting", WAIT),
+        "{}",
+        lb.logs()
+    );
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

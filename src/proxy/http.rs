@@ -49,6 +49,8 @@ pub struct ConnCtx {
     pub phase: Arc<ConnPhase>,
     /// This client connection's own upstream connection, for pools with `send_proxy`.
     pub private: Arc<PrivateConn>,
+    /// Fires when the connection must close after its current request (shutdown).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// An upstream connection that belongs to one client connection: with `send_proxy` its
@@ -111,13 +113,18 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
     let mut busy = Busy { ctx, armed: true };
-    let resp = respond(req, &busy.ctx).await;
+    let mut resp = respond(req, &busy.ctx).await;
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
     if tunnel && !busy.ctx.phase.is_multiplexed() {
         busy.armed = false;
+    }
+    // Shutting down: this is the connection's last response; say so (hyper does too when
+    // told before the head is written, but a quick response can beat that).
+    if !tunnel && !busy.ctx.phase.is_multiplexed() && busy.ctx.shutdown.is_cancelled() {
+        close_after(&mut resp);
     }
     Ok(resp.map(|inner| ProxyBody { inner, _busy: busy }))
 }
