@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::Daemon;
+use crate::control::{Daemon, ReloadError};
 use crate::handover::{self, Inherited};
 use crate::listener::{bind_named, BindError};
 use crate::{admin, systemd, upstream};
@@ -23,6 +23,8 @@ use crate::{admin, systemd, upstream};
 pub enum AppError {
     #[error("{0}")]
     Bind(#[from] BindError),
+    #[error("{0}")]
+    Start(#[from] ReloadError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }

@@ -132,18 +132,15 @@ impl Daemon {
     /// `inherited` sockets where they match. Returns once the first health probes answered
     /// (bounded by the longest probe timeout); the listeners are bound (connections queue)
     /// and start accepting at [`Daemon::started`].
-    pub async fn start(&self, config: Config, inherited: &mut Inherited) -> Result<(), BindError> {
+    pub async fn start(
+        &self,
+        config: Config,
+        inherited: &mut Inherited,
+    ) -> Result<(), ReloadError> {
         let mut control = self.control.lock().await;
-        match self.apply(&mut control, config, inherited).await {
-            Ok(_) => Ok(()),
-            Err(ReloadError::Bind(e)) => Err(e),
-            // Unreachable: apply only fails to bind, and there is no file to read here.
-            Err(e) => Err(BindError {
-                listener: String::new(),
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source: std::io::Error::other(e.to_string()),
-            }),
-        }
+        self.apply(&mut control, config, inherited)
+            .await
+            .map(|_| ())
     }
 
     /// Ends startup: the listeners start accepting, and from now on new backends wait for
