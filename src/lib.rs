@@ -27,14 +27,14 @@
 //!   TCP (L4) forwarding path.
 //! - `handover`: listening sockets passed to a successor process or from systemd, and the
 //!   Unix socket that serves them.
-//! - `listener`: socket binding (or adoption), accept loops, per-connection limits, PROXY headers in, TLS handshakes, and
-//!   the HTTP/1.1 or HTTP/2 server for each connection.
+//! - `listener`: socket binding (or adoption), accept loops, per-connection limits, PROXY
+//!   headers in, TLS handshakes, and the HTTP/1.1 or HTTP/2 server for each connection.
 //! - `systemd`: sd_notify readiness, reload and watchdog messages.
 //! - `control`: the control plane, single writer of the live snapshot: startup and reloads
 //!   (file watch, SIGHUP, admin API) and DNS updates go through one apply sequence; drain,
 //!   shutdown state.
-//! - `admin`: the admin HTTP endpoint (status, ready, reload, drain).
-//! - `app`: the composition root: startup, signals, file watch, hand-over, shutdown order.
+//! - `admin`: the admin HTTP endpoint (status, ready, lame duck, reload, drain).
+//! - `app`: the composition root: wiring, signals, file watch, DNS updates, shutdown order.
 //! - `demo`: built-in backends for `ballast demo` and `ballast demo-backend`.
 //! - `probe`: `ballast probe URL`, the container image's health check.
 
