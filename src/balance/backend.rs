@@ -82,7 +82,7 @@ impl Backend {
     }
 
     /// Starts this backend's slow-start ramp now (it just became healthy, or was just
-    /// added healthy to a running pool).
+    /// added healthy to a running pool). A passive ejection starts one at its end.
     pub fn start_ramp(&self) {
         self.ramp_start_ms.store(now_ms(), Ordering::Relaxed);
     }
@@ -252,6 +252,9 @@ impl Backend {
             self.passive_fails.store(0, Ordering::Relaxed);
             let until = now_ms() + passive.fail_timeout.as_millis() as u64;
             self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+            // Slow start (when the pool has it) begins when the ejection ends: a backend
+            // that was failing comes back gently, as after a failed health check.
+            self.ramp_start_ms.store(until.max(1), Ordering::Relaxed);
             return true;
         }
         false
@@ -303,4 +306,40 @@ fn clock_start() -> Instant {
 fn now_ms() -> u64 {
     // +1 so that 0 can mean "not ejected" even in the first millisecond.
     clock_start().elapsed().as_millis() as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn slow_start_ramps_after_a_check_comes_up_and_after_an_ejection_ends() {
+        let ramp = Some(Duration::from_secs(60));
+        let b = Backend::new("10.0.0.1:80".parse().unwrap(), HealthState::Unhealthy);
+        assert_eq!(b.ramp_share(ramp), 1.0, "no ramp before it is healthy");
+        assert_eq!(b.record_probe(true), Some(Transition::Up));
+        assert!(b.ramp_share(ramp) < 0.1, "just came up: a small share");
+        assert_eq!(
+            b.ramp_share(None),
+            1.0,
+            "pools without slow_start ignore it"
+        );
+
+        let c = Backend::new("10.0.0.2:80".parse().unwrap(), HealthState::Healthy);
+        assert_eq!(c.ramp_share(ramp), 1.0);
+        let passive = PassiveConfig {
+            max_fails: 1,
+            fail_timeout: Duration::from_millis(1),
+        };
+        assert!(c.record_failure(&passive), "ejected");
+        assert!(
+            c.ramp_share(ramp) < 0.1,
+            "ramps from the end of the ejection"
+        );
+        // Once a ramp is over (1 ms ejection, 1 ms ramp), the first pick clears it.
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.ramp_admits(Duration::from_millis(1)));
+        assert_eq!(c.ramp_share(ramp), 1.0);
+    }
 }
