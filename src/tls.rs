@@ -102,8 +102,18 @@ impl BackendTls {
     }
 
     /// The name to present to and verify for the backend at `ip`.
-    pub fn server_name(&self, ip: std::net::IpAddr) -> ServerName<'static> {
-        self.sni.clone().unwrap_or(ServerName::IpAddress(ip.into()))
+    /// The name sent as SNI and verified: the pool's `sni` if set, else the DNS name the
+    /// backend was found by (as nginx's `proxy_ssl_name` defaults to the upstream's host),
+    /// else its IP address.
+    pub fn server_name(
+        &self,
+        ip: std::net::IpAddr,
+        backend_name: Option<&ServerName<'static>>,
+    ) -> ServerName<'static> {
+        self.sni
+            .clone()
+            .or_else(|| backend_name.cloned())
+            .unwrap_or(ServerName::IpAddress(ip.into()))
     }
 }
 

@@ -23,6 +23,7 @@ use crate::config::UpstreamProtocol;
 use crate::net::TimedStream;
 pub use crate::request_body::UpstreamBody;
 use crate::tls::BackendTls;
+use rustls::pki_types::ServerName;
 
 /// A connection to a backend, ready to carry a request.
 pub enum Sender {
@@ -115,10 +116,11 @@ impl ConnPool {
         addr: SocketAddr,
         s: &ConnSettings,
         tls: Option<&BackendTls>,
+        tls_name: Option<&ServerName<'static>>,
         cut: impl FnOnce() -> CancellationToken,
     ) -> Result<Sender, ConnectError> {
         if s.protocol == UpstreamProtocol::H2 {
-            return self.get_shared(addr, s, tls, cut).await;
+            return self.get_shared(addr, s, tls, tls_name, cut).await;
         }
         while let Some(mut sender) = self.pop(s.idle_timeout) {
             // A connection goes back to the pool as its response body ends; hyper may need a
@@ -133,7 +135,7 @@ impl ConnPool {
                 return Ok(Sender::H1(sender));
             }
         }
-        connect(addr, s, tls, None, cut()).await
+        connect(addr, s, tls, tls_name, None, cut()).await
     }
 
     async fn get_shared(
@@ -141,6 +143,7 @@ impl ConnPool {
         addr: SocketAddr,
         s: &ConnSettings,
         tls: Option<&BackendTls>,
+        tls_name: Option<&ServerName<'static>>,
         cut: impl FnOnce() -> CancellationToken,
     ) -> Result<Sender, ConnectError> {
         let open = || self.shared_lock().clone().filter(|c| !c.is_closed());
@@ -158,7 +161,7 @@ impl ConnPool {
                 "the connection this request waited for failed",
             )));
         }
-        match connect(addr, s, tls, None, cut()).await {
+        match connect(addr, s, tls, tls_name, None, cut()).await {
             Ok(Sender::H2(h2)) => {
                 *self.shared_lock() = Some(h2.clone());
                 Ok(Sender::H2(h2))
@@ -247,6 +250,7 @@ pub async fn connect(
     addr: SocketAddr,
     s: &ConnSettings,
     tls: Option<&BackendTls>,
+    tls_name: Option<&ServerName<'static>>,
     proxy_header: Option<&[u8]>,
     cut: CancellationToken,
 ) -> Result<Sender, ConnectError> {
@@ -260,7 +264,7 @@ pub async fn connect(
         None => handshake(stream, addr, s.protocol, cut).await,
         Some(tls) => {
             let left = timeout.saturating_sub(started.elapsed());
-            let name = tls.server_name(addr.ip());
+            let name = tls.server_name(addr.ip(), tls_name);
             let stream = match tokio::time::timeout(left, tls.connector.connect(name, stream)).await
             {
                 Ok(Ok(s)) => s,

@@ -309,3 +309,43 @@ fn check_reports_a_bad_host_name_but_needs_no_dns() {
         "underscores (compose project names) are fine: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_discovered_backend_verifies_the_name_it_was_found_by() {
+    // nginx's proxy_ssl_name default: the certificate is checked against the DNS name in
+    // the config, not the resolved IP address, and that name is sent as SNI.
+    let dns = DnsServer::start().await;
+    let pki = support::tls::Pki::new("discovery");
+    let leaf = pki.issue("api", &["api.test"]);
+    let backend = support::tls::backend(&leaf, "127.0.7.31:0").await;
+    dns.set_addrs("api.test", &[backend]);
+    let lb = Ballast::start(&config(
+        &dns,
+        &format!("\"api.test:{}\"", backend.port()),
+        &format!(
+            "retries = 0\n[pools.app.tls]\nca = \"{}\"\n",
+            pki.ca_path.display()
+        ),
+    ));
+    let r = get(lb.addr("web"), "/").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "tls-backend sni=api.test"),
+        "{}",
+        lb.logs()
+    );
+    // A certificate for another name is refused as before.
+    let other = pki.issue("other", &["other.test"]);
+    let wrong = support::tls::backend(&other, "127.0.7.32:0").await;
+    dns.set_addrs("wrong.test", &[wrong]);
+    let lb = Ballast::start(&config(
+        &dns,
+        &format!("\"wrong.test:{}\"", wrong.port()),
+        &format!(
+            "retries = 0\n[pools.app.tls]\nca = \"{}\"\n",
+            pki.ca_path.display()
+        ),
+    ));
+    assert_eq!(get(lb.addr("web"), "/").await.status, 502);
+    assert!(lb.wait_for_log("reason=tls_failed", WAIT), "{}", lb.logs());
+}

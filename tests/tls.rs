@@ -563,52 +563,11 @@ async fn an_expiring_certificate_loads_with_a_warning_in_the_log_and_status() {
     );
 }
 
-/// An HTTP/1.1 backend behind TLS with `leaf`, answering `tls-backend` and the SNI it saw.
-async fn tls_backend(leaf: &Leaf) -> std::net::SocketAddr {
-    use rustls::pki_types::pem::PemObject;
-    let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = format!("tls-backend sni={sni}");
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_over_tls_are_verified_against_the_pool_ca() {
     let pki = Pki::new("backend");
     let leaf = pki.issue("backend", &["backend.internal"]);
-    let backend = tls_backend(&leaf).await;
+    let backend = support::tls::backend(&leaf, "127.0.0.1:0").await;
     let config = |tls: &str| {
         TestConfig::addresses([backend])
             .admin()

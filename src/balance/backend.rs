@@ -30,6 +30,8 @@ pub enum BackendState {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// The DNS name this backend was found by, if any: the default TLS server name.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     /// The address as text, for logs, metrics and hashing.
     pub label: Arc<str>,
     /// Written by health checks (through `health`); read per request.
@@ -65,6 +67,7 @@ impl Backend {
     pub fn new(addr: SocketAddr, initial: HealthState) -> Backend {
         Backend {
             addr,
+            tls_name: None,
             label: addr.to_string().into(),
             healthy: AtomicBool::new(initial == HealthState::Healthy),
             draining: AtomicBool::new(false),
@@ -79,6 +82,13 @@ impl Backend {
             cuts: AtomicU64::new(0),
             ramp_start_ms: AtomicU64::new(0),
         }
+    }
+
+    /// This backend was found by resolving `host`: TLS verifies that name by default.
+    pub fn found_by(mut self, host: Option<&str>) -> Backend {
+        self.tls_name =
+            host.and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok());
+        self
     }
 
     /// Starts this backend's slow-start ramp now (it just became healthy, or was just

@@ -47,7 +47,7 @@ impl Pool {
             .map(|b| match old.get(&b.address) {
                 Some(existing) => Arc::clone(existing),
                 None => {
-                    let backend = Backend::new(b.address, new_state);
+                    let backend = Backend::new(b.address, new_state).found_by(b.host.as_deref());
                     // Added healthy to a running pool (no checks to pass first): it ramps
                     // from now. With checks, its first passing one starts the ramp.
                     if !startup && new_state == HealthState::Healthy {

@@ -267,6 +267,7 @@ impl PoolConfig {
                     out.backends.push(BackendConfig {
                         address,
                         weight: n.weight,
+                        host: Some(n.host.clone()),
                     });
                 }
             }
@@ -325,6 +326,9 @@ pub struct UpstreamTls {
 pub struct BackendConfig {
     pub address: SocketAddr,
     pub weight: u32,
+    /// The DNS name this address was resolved from (a `HOST:PORT` entry); `None` for an
+    /// address written in the file. TLS to the backend verifies this name by default.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -712,7 +712,11 @@ impl Validator<'_> {
                         self.push(b.span(), format!("{bkey}: duplicate backend {address}"));
                         continue;
                     }
-                    backends.push(BackendConfig { address, weight });
+                    backends.push(BackendConfig {
+                        address,
+                        weight,
+                        host: None,
+                    });
                 }
                 BackendAddress::Name(host, port) => {
                     if names.iter().any(|n| n.host == host && n.port == port) {

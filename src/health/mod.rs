@@ -163,7 +163,7 @@ async fn run(
         .mul_f64(fastrand::f64() / 10.0);
     loop {
         tokio::time::sleep(delay).await;
-        let result = probe(backend.addr, &check, &transport).await;
+        let result = probe(backend.addr, backend.tls_name.as_ref(), &check, &transport).await;
         let transition = backend.record_probe(result.is_ok());
         match (transition, &result) {
             (Some(Transition::Up), _) => {
@@ -187,10 +187,11 @@ async fn run(
 /// Runs one probe against `addr`, bounded by the check's timeout.
 pub async fn probe(
     addr: SocketAddr,
+    tls_name: Option<&rustls::pki_types::ServerName<'static>>,
     check: &HealthCheckConfig,
     transport: &Transport,
 ) -> Result<(), ProbeError> {
-    match tokio::time::timeout(check.timeout, probe_inner(addr, check, transport)).await {
+    match tokio::time::timeout(check.timeout, probe_inner(addr, tls_name, check, transport)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(check.timeout)),
     }
@@ -198,6 +199,7 @@ pub async fn probe(
 
 async fn probe_inner(
     addr: SocketAddr,
+    tls_name: Option<&rustls::pki_types::ServerName<'static>>,
     check: &HealthCheckConfig,
     transport: &Transport,
 ) -> Result<(), ProbeError> {
@@ -230,6 +232,7 @@ async fn probe_inner(
         addr,
         &settings,
         transport.tls.as_ref(),
+        tls_name,
         header.as_deref(),
         cut,
     )

@@ -315,6 +315,7 @@ async fn forward(
                         backend.addr,
                         &settings,
                         pool.tls.as_ref(),
+                        backend.tls_name.as_ref(),
                         Some(header),
                         backend.cut_token(),
                     )
@@ -324,9 +325,13 @@ async fn forward(
             None => {
                 backend
                     .conns
-                    .get(backend.addr, &settings, pool.tls.as_ref(), || {
-                        backend.cut_token()
-                    })
+                    .get(
+                        backend.addr,
+                        &settings,
+                        pool.tls.as_ref(),
+                        backend.tls_name.as_ref(),
+                        || backend.cut_token(),
+                    )
                     .await
             }
         };
