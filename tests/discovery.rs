@@ -136,7 +136,13 @@ async fn dns_answers_add_remove_and_drain_backends_with_no_failed_request() {
     dns.set_addrs("app.test", &[bs[0].addr, bs[1].addr, bs[2].addr]);
     let added = format!("+app/{}", bs[2].addr);
     assert!(lb.wait_for_log(&added, WAIT), "{}", lb.logs());
-    tokio::time::sleep(Duration::from_millis(300)).await; // several failing probes
+    // Three failed probes (every 100 ms) with traffic flowing all along.
+    let probe_failed = format!("health probe failed pool=app backend={}", bs[2].addr);
+    assert!(
+        lb.wait_for_log_count(&probe_failed, 3, WAIT),
+        "{}",
+        lb.logs()
+    );
     assert_eq!(
         bs[2].hits(),
         0,
@@ -161,7 +167,13 @@ async fn dns_answers_add_remove_and_drain_backends_with_no_failed_request() {
     assert!(line.contains("DNS changed the backends"), "{line}");
     assert!(lb.wait_for_log("backend drained", WAIT), "{}", lb.logs());
     let r1_after_drain = bs[0].hits();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another 100 requests served by the others while r1 is out.
+    let others = bs[1].hits() + bs[2].hits();
+    assert!(
+        eventually(WAIT, async || bs[1].hits() + bs[2].hits() > others + 100)
+            .await
+            .is_some()
+    );
     stop.store(true, Ordering::SeqCst);
     let mut failures = Vec::new();
     for c in clients {
@@ -319,14 +331,18 @@ async fn tls_to_a_discovered_backend_verifies_the_name_it_was_found_by() {
     let leaf = pki.issue("api", &["api.test"]);
     let backend = support::tls::backend(&leaf, "127.0.7.31:0").await;
     dns.set_addrs("api.test", &[backend]);
-    let lb = Ballast::start(&config(
-        &dns,
-        &format!("\"api.test:{}\"", backend.port()),
-        &format!(
-            "retries = 0\n[pools.app.tls]\nca = \"{}\"\n",
-            pki.ca_path.display()
-        ),
-    ));
+    // The pool names the backend by DNS name and trusts the test CA; no `sni` is set.
+    let start = |name: &str, at: SocketAddr| {
+        Ballast::start(&config(
+            &dns,
+            &format!("\"{name}:{}\"", at.port()),
+            &format!(
+                "retries = 0\n[pools.app.tls]\nca = \"{}\"\n",
+                pki.ca_path.display()
+            ),
+        ))
+    };
+    let lb = start("api.test", backend);
     let r = get(lb.addr("web"), "/").await;
     assert_eq!(
         (r.status, r.body.as_str()),
@@ -338,14 +354,7 @@ async fn tls_to_a_discovered_backend_verifies_the_name_it_was_found_by() {
     let other = pki.issue("other", &["other.test"]);
     let wrong = support::tls::backend(&other, "127.0.7.32:0").await;
     dns.set_addrs("wrong.test", &[wrong]);
-    let lb = Ballast::start(&config(
-        &dns,
-        &format!("\"wrong.test:{}\"", wrong.port()),
-        &format!(
-            "retries = 0\n[pools.app.tls]\nca = \"{}\"\n",
-            pki.ca_path.display()
-        ),
-    ));
+    let lb = start("wrong.test", wrong);
     assert_eq!(get(lb.addr("web"), "/").await.status, 502);
     assert!(lb.wait_for_log("reason=tls_failed", WAIT), "{}", lb.logs());
 }
