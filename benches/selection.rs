@@ -1,6 +1,6 @@
 //! Backend selection per algorithm, for pools of 3 and 1000 backends: the per-request cost
-//! (`Pool::select`, which includes the availability checks and the in-flight lease) and the
-//! per-reload cost (`Pool::build`).
+//! (`Pool::select`, which includes the availability checks and the in-flight lease), the
+//! cost of slow start, and the per-reload cost (`Pool::build`).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -53,6 +53,25 @@ fn select(c: &mut Criterion) {
     group.finish();
 }
 
+/// Slow start's cost per pick: a pool with `slow_start` set and no backend ramping (the
+/// steady state), and with one of three backends ramping (a random draw per visit).
+fn select_slow_start(c: &mut Criterion) {
+    let mut group = c.benchmark_group("select_slow_start");
+    for algorithm in ["round_robin", "least_conn"] {
+        let mut config = pool_config(algorithm, 3);
+        config.pools[0].slow_start = Some(std::time::Duration::from_secs(3600));
+        let pool = Pool::build(&config.pools[0], None, true);
+        group.bench_function(BenchmarkId::new(algorithm, "none_ramping"), |b| {
+            b.iter(|| black_box(pool.select(None, &[])))
+        });
+        pool.backends[0].start_ramp();
+        group.bench_function(BenchmarkId::new(algorithm, "one_ramping"), |b| {
+            b.iter(|| black_box(pool.select(None, &[])))
+        });
+    }
+    group.finish();
+}
+
 fn build(c: &mut Criterion) {
     let mut group = c.benchmark_group("build");
     for algorithm in ["round_robin", "hash"] {
@@ -64,5 +83,5 @@ fn build(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, select, build);
+criterion_group!(benches, select, select_slow_start, build);
 criterion_main!(benches);
