@@ -39,7 +39,7 @@ fn select(c: &mut Criterion) {
     for algorithm in ["round_robin", "least_conn", "random", "hash"] {
         for n in [3usize, 1000] {
             let config = pool_config(algorithm, n);
-            let pool = Pool::build(&config.pools[0], None, true);
+            let pool = Pool::build(&config.pools[0], None, true, false);
             let mut k = 0u64;
             group.bench_with_input(BenchmarkId::new(algorithm, n), &pool, |b, pool| {
                 b.iter(|| {
@@ -60,7 +60,7 @@ fn select_slow_start(c: &mut Criterion) {
     for algorithm in ["round_robin", "least_conn"] {
         let mut config = pool_config(algorithm, 3);
         config.pools[0].slow_start = Some(std::time::Duration::from_secs(3600));
-        let pool = Pool::build(&config.pools[0], None, true);
+        let pool = Pool::build(&config.pools[0], None, true, false);
         group.bench_function(BenchmarkId::new(algorithm, "none_ramping"), |b| {
             b.iter(|| black_box(pool.select(None, &[])))
         });
@@ -77,7 +77,7 @@ fn build(c: &mut Criterion) {
     for algorithm in ["round_robin", "hash"] {
         let config = pool_config(algorithm, 1000);
         group.bench_function(BenchmarkId::new(algorithm, 1000), |b| {
-            b.iter(|| black_box(Pool::build(&config.pools[0], None, true)))
+            b.iter(|| black_box(Pool::build(&config.pools[0], None, true, false)))
         });
     }
     group.finish();

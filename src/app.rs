@@ -45,6 +45,7 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(AppError::Signal)?;
 
     let mut inherited = Inherited::from_systemd();
     let mut predecessor = None;
@@ -61,6 +62,11 @@ pub async fn run(
     let admin_config = config.admin.clone();
     let handover_path = config.global.handover_socket.clone();
 
+    // Before the first config: pools take their histogram handles when they are built.
+    let metrics = match &admin_config {
+        Some(a) if a.metrics => admin::Metrics::On(crate::prometheus::install()),
+        _ => admin::Metrics::Off,
+    };
     let (daemon, mut dns_updates) = Daemon::new(config_path.clone(), admin_socket.clone());
     let daemon = Arc::new(daemon);
     daemon.start(config, &mut inherited).await?;
@@ -87,6 +93,7 @@ pub async fn run(
             a.token.clone(),
             Arc::clone(&daemon),
             admin_stop.clone(),
+            metrics,
         ));
     }
     let sweep_live = Arc::clone(&live);
@@ -144,6 +151,10 @@ pub async fn run(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => { let _ = daemon.reload().await; }
+            _ = usr1.recv() => match &live.load().access_log {
+                Some(log) => log.reopen(),
+                None => tracing::info!("SIGUSR1: there is no access log to reopen"),
+            },
             Some(()) = file_changed => { let _ = daemon.reload().await; }
             Some(update) = dns_updates.recv() => daemon.apply_discovery(update).await,
             Some(conn) = handover_rx.recv() => {

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::balance::backend::Backend;
 use crate::config::{Config, ConfigError, ListenerConfig};
 use crate::discovery::{Discovery, Resolved, Update};
@@ -38,6 +39,8 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
     #[error("{0}")]
     Bind(#[from] BindError),
+    #[error("access_log.path: cannot open {path}: {error}")]
+    AccessLog { path: String, error: std::io::Error },
 }
 
 /// What the last reload did, for `/status`.
@@ -46,6 +49,8 @@ pub struct ReloadStatus {
     pub applied: u64,
     pub rejected: u64,
     pub last: Option<LastReload>,
+    /// When a reload last succeeded (applied or unchanged), seconds since the Unix epoch.
+    pub last_success_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,6 +59,8 @@ pub struct LastReload {
     pub result: &'static str,
     /// Seconds since the Unix epoch.
     pub at: u64,
+    /// The generation served after it.
+    pub generation: u64,
     pub error: Option<String>,
 }
 
@@ -97,6 +104,7 @@ pub struct Daemon {
     tracker: TaskTracker,
     /// The admin socket, kept so it can be handed to a successor.
     admin_socket: Option<Arc<TcpListener>>,
+    started_at: SystemTime,
 }
 
 impl Daemon {
@@ -124,6 +132,7 @@ impl Daemon {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             admin_socket,
+            started_at: SystemTime::now(),
         };
         (daemon, updates)
     }
@@ -203,6 +212,11 @@ impl Daemon {
         self.tracker.wait().await
     }
 
+    /// When this process started (the daemon was created).
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
     pub fn open_connections(&self) -> usize {
         self.tracker.len()
     }
@@ -256,12 +270,14 @@ impl Daemon {
             };
             if result.is_ok() {
                 st.applied += 1;
+                st.last_success_at = Some(at);
             } else {
                 st.rejected += 1;
             }
             st.last = Some(LastReload {
                 result: outcome,
                 at,
+                generation: self.live.load().generation,
                 error,
             });
         }
@@ -299,8 +315,10 @@ impl Daemon {
         }
         let (pool, host) = (update.key.pool.clone(), update.key.host.clone());
         control.resolved.insert(update.key, update.addrs);
-        let config = Arc::clone(&self.live.load().config);
-        let next = self.commit(&mut control, config, HashMap::new()).await;
+        let current = self.live.load_full();
+        let (config, log) = (Arc::clone(&current.config), current.access_log.clone());
+        drop(current);
+        let next = self.commit(&mut control, config, HashMap::new(), log).await;
         tracing::info!(generation = next.0, pool = %pool, name = %host, changes = %next.1, "DNS changed the backends");
     }
 
@@ -336,7 +354,24 @@ impl Daemon {
                 );
             }
         }
-        let (generation, changes) = self.commit(control, Arc::new(config), new_sockets).await;
+        // The access log's writer is kept unless its settings changed; a file that cannot be
+        // opened rejects the change.
+        let access_log = match (&config.access_log, &current.access_log) {
+            (None, _) => None,
+            (Some(wanted), Some(running)) if running.config == *wanted => Some(running.clone()),
+            (Some(wanted), _) => Some(AccessLog::start(wanted).map_err(|error| {
+                ReloadError::AccessLog {
+                    path: wanted
+                        .path
+                        .as_ref()
+                        .map_or("standard output".into(), |p| p.display().to_string()),
+                    error,
+                }
+            })?),
+        };
+        let (generation, changes) = self
+            .commit(control, Arc::new(config), new_sockets, access_log)
+            .await;
         if !startup {
             tracing::info!(generation, changes = %changes, "config reloaded");
         }
@@ -351,6 +386,7 @@ impl Daemon {
         control: &mut Control,
         config: Arc<Config>,
         new_sockets: HashMap<String, Arc<TcpListener>>,
+        access_log: Option<AccessLog>,
     ) -> (u64, String) {
         let current = self.live.load_full();
         let previous = (current.generation > 0).then_some(&*current);
@@ -368,6 +404,7 @@ impl Daemon {
             previous,
             &control.resolved,
             startup,
+            access_log,
         ));
         let changes = describe_changes(&current, &next);
         // Backends that left drain: no new requests, in-flight ones finish.

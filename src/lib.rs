@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
@@ -54,10 +55,12 @@ pub mod listener;
 pub mod log_limit;
 pub mod net;
 pub mod probe;
+pub mod prometheus;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod request_body;
 pub mod state;
+pub mod stats;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;

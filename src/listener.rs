@@ -27,6 +27,7 @@ use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::proxy::tcp::ClientConn;
 use crate::state::Live;
+use crate::stats::ListenerStats;
 
 /// A listening socket could not be bound (or adopted).
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +100,13 @@ pub async fn run(
             }
         },
     };
+    // Carried from one snapshot to the next by name, so every accept loop this listener
+    // has (old and new across a reload) counts into the same one.
+    let stats = live
+        .load()
+        .routers
+        .get(&*name)
+        .map_or_else(Default::default, |r| Arc::clone(&r.stats));
     let env = Arc::new(Env {
         h1: h1_builder(&config),
         h2: h2_builder(&config),
@@ -115,6 +123,7 @@ pub async fn run(
             .map(|max| Arc::new(PerClient::new(max))),
         tracker: tracker.clone(),
         shutdown,
+        stats,
     });
     loop {
         // `biased`: once told to stop, never accept again, even if a connection is ready.
@@ -198,6 +207,7 @@ struct Env {
     per_client: Option<Arc<PerClient>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    stats: Arc<ListenerStats>,
 }
 
 impl Env {
@@ -226,6 +236,7 @@ impl Env {
         prefix: Vec<u8>,
         _slot: Option<ClientSlot>,
     ) {
+        let _open = self.stats.open();
         let _ = stream.set_nodelay(true);
         if self.config.mode == ListenerMode::Tcp {
             let client = if self.config.splice {
@@ -239,7 +250,9 @@ impl Env {
             // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
             // graceful shutdown waits for it (up to shutdown_timeout).
             let live = Arc::clone(&self.live);
-            crate::proxy::tcp::serve(client, peer, local, live, Arc::clone(&self.config)).await;
+            let stats = Arc::clone(&self.stats);
+            crate::proxy::tcp::serve(client, peer, local, live, Arc::clone(&self.config), stats)
+                .await;
             return;
         }
         crate::net::limit_unsent(&stream, self.config.response_buffer);
@@ -255,6 +268,7 @@ impl Env {
             phase: Arc::clone(&phase),
             private: Default::default(),
             shutdown: self.shutdown.clone(),
+            stats: Arc::clone(&self.stats),
         });
         let timed =
             TimedStream::downstream(stream, self.config.send_timeout, phase, self.read_limits);
@@ -272,12 +286,17 @@ impl Env {
                 // The same timer as a request head: a handshake that stalls is cut.
                 let limit = conn.ctx.config.request_header_timeout;
                 let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(s)) => {
+                        self.stats.tls_handshakes.incr();
+                        s
+                    }
                     Ok(Err(e)) => {
+                        self.stats.tls_failures.incr();
                         tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
+                        self.stats.tls_failures.incr();
                         tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
                         return;
                     }

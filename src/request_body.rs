@@ -51,12 +51,19 @@ pub struct BodyLimits {
 /// Shared between a streamed body (owned by hyper's client) and the request path.
 #[derive(Debug, Default)]
 pub struct BodyWatch {
+    /// Body bytes read from the client so far (for the access log and metrics).
+    received: std::sync::atomic::AtomicU64,
     fault: OnceLock<ClientFault>,
     done: OnceLock<()>,
     finished: Notify,
 }
 
 impl BodyWatch {
+    /// Body bytes read from the client so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The client's fault, if its body failed.
     pub fn fault(&self) -> Option<ClientFault> {
         self.fault.get().copied()
@@ -248,6 +255,9 @@ impl Body for ClientBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
+                    this.watch
+                        .received
+                        .store(this.received, std::sync::atomic::Ordering::Relaxed);
                     if let Some(max) = this.limits.max_size.filter(|m| this.received > *m) {
                         return Poll::Ready(Some(Err(this.watch.fail(ClientFault::TooLarge(max)))));
                     }

@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access_log::AccessLog;
 use crate::balance::Pool;
 use crate::config::{Config, HostMatch};
 use crate::discovery::{NameKey, Resolved};
+use crate::stats::ListenerStats;
 
 pub type Live = Arc<ArcSwap<Snapshot>>;
 
@@ -23,6 +25,9 @@ pub struct Snapshot {
     pub pools: HashMap<Arc<str>, Arc<Pool>>,
     /// Routing table per listener name.
     pub routers: HashMap<Arc<str>, Router>,
+    /// The access log's writer, when the config has one (kept across reloads that leave
+    /// `[access_log]` as it is).
+    pub access_log: Option<AccessLog>,
 }
 
 impl Snapshot {
@@ -33,6 +38,7 @@ impl Snapshot {
             config: Arc::new(Config::empty()),
             pools: HashMap::new(),
             routers: HashMap::new(),
+            access_log: None,
         }
     }
 
@@ -45,7 +51,9 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         resolved: &Resolved,
         startup: bool,
+        access_log: Option<AccessLog>,
     ) -> Snapshot {
+        let metrics = config.admin.as_ref().is_some_and(|a| a.metrics);
         let pools: HashMap<Arc<str>, Arc<Pool>> = config
             .pools
             .iter()
@@ -53,7 +61,7 @@ impl Snapshot {
                 let old = previous.and_then(|s| s.pools.get(pc.name.as_str()));
                 let pc = pc
                     .with_resolved(|n| resolved.get(&NameKey::new(&pc.name, n)).map(Vec::as_slice));
-                let pool = Pool::build(&pc, old.map(|p| &**p), startup);
+                let pool = Pool::build(&pc, old.map(|p| &**p), startup, metrics);
                 (Arc::clone(&pool.name), Arc::new(pool))
             })
             .collect();
@@ -80,7 +88,17 @@ impl Snapshot {
                     pool: default,
                     upgrade: l.upgrade.clone(),
                 };
-                Some((l.name.as_str().into(), Router { routes, default }))
+                let stats = previous
+                    .and_then(|p| p.routers.get(l.name.as_str()))
+                    .map_or_else(Default::default, |r| Arc::clone(&r.stats));
+                Some((
+                    l.name.as_str().into(),
+                    Router {
+                        routes,
+                        default,
+                        stats,
+                    },
+                ))
             })
             .collect();
         Snapshot {
@@ -88,6 +106,7 @@ impl Snapshot {
             config,
             pools,
             routers,
+            access_log,
         }
     }
 }
@@ -124,6 +143,8 @@ pub struct Target {
 pub struct Router {
     routes: Vec<Route>,
     default: Target,
+    /// The listener's counters, carried over from the previous router of the same name.
+    pub stats: Arc<ListenerStats>,
 }
 
 impl Router {
@@ -150,7 +171,7 @@ mod tests {
     fn snapshot(toml: &str) -> Snapshot {
         let config = Config::from_toml_str(toml, std::path::Path::new("t.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
-        Snapshot::build(Arc::new(config), None, &Resolved::new(), true)
+        Snapshot::build(Arc::new(config), None, &Resolved::new(), true, None)
     }
 
     #[test]

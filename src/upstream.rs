@@ -108,7 +108,7 @@ pub struct ConnPool {
 }
 
 impl ConnPool {
-    /// An idle connection that is still open, or a new one.
+    /// An idle connection that is still open, or a new one (with the time it took to open).
     /// `cut` gives the token that ends a new connection when fired (a drain timeout),
     /// mid-request or not; it is only called when a connection is opened.
     pub async fn get(
@@ -118,7 +118,7 @@ impl ConnPool {
         tls: Option<&BackendTls>,
         tls_name: Option<&ServerName<'static>>,
         cut: impl FnOnce() -> CancellationToken,
-    ) -> Result<Sender, ConnectError> {
+    ) -> Result<(Sender, Option<Duration>), ConnectError> {
         if s.protocol == UpstreamProtocol::H2 {
             return self.get_shared(addr, s, tls, tls_name, cut).await;
         }
@@ -127,15 +127,17 @@ impl ConnPool {
             // moment to settle it into idle. `ready` is immediate for a healthy idle one and
             // errors for a closed one.
             if sender.is_ready() {
-                return Ok(Sender::H1(sender));
+                return Ok((Sender::H1(sender), None));
             }
             // Bounded: a connection that does not settle quickly is dropped, not waited on.
             let settle = s.connect_timeout.min(Duration::from_millis(100));
             if let Ok(Ok(())) = tokio::time::timeout(settle, sender.ready()).await {
-                return Ok(Sender::H1(sender));
+                return Ok((Sender::H1(sender), None));
             }
         }
-        connect(addr, s, tls, tls_name, None, cut()).await
+        let started = Instant::now();
+        let sender = connect(addr, s, tls, tls_name, None, cut()).await?;
+        Ok((sender, Some(started.elapsed())))
     }
 
     async fn get_shared(
@@ -145,28 +147,29 @@ impl ConnPool {
         tls: Option<&BackendTls>,
         tls_name: Option<&ServerName<'static>>,
         cut: impl FnOnce() -> CancellationToken,
-    ) -> Result<Sender, ConnectError> {
+    ) -> Result<(Sender, Option<Duration>), ConnectError> {
         let open = || self.shared_lock().clone().filter(|c| !c.is_closed());
         if let Some(sender) = open() {
-            return Ok(Sender::H2(sender));
+            return Ok((Sender::H2(sender), None));
         }
         use std::sync::atomic::Ordering;
         let failures_before = self.failed_connects.load(Ordering::Acquire);
         let _connecting = self.connecting.lock().await;
         if let Some(sender) = open() {
-            return Ok(Sender::H2(sender));
+            return Ok((Sender::H2(sender), None));
         }
         if self.failed_connects.load(Ordering::Acquire) != failures_before {
             return Err(ConnectError::Io(io::Error::other(
                 "the connection this request waited for failed",
             )));
         }
+        let started = Instant::now();
         match connect(addr, s, tls, tls_name, None, cut()).await {
             Ok(Sender::H2(h2)) => {
                 *self.shared_lock() = Some(h2.clone());
-                Ok(Sender::H2(h2))
+                Ok((Sender::H2(h2), Some(started.elapsed())))
             }
-            Ok(other) => Ok(other),
+            Ok(other) => Ok((other, Some(started.elapsed()))),
             Err(e) => {
                 self.failed_connects.fetch_add(1, Ordering::Release);
                 Err(e)

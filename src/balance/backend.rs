@@ -45,6 +45,15 @@ pub struct Backend {
     in_flight: AtomicUsize,
     requests_total: AtomicU64,
     failures_total: AtomicU64,
+    /// Traffic counters for `/metrics` and the status page.
+    pub stats: BackendStats,
+    /// When (ms since [`clock_start`]) the state last changed by an event (check, drain,
+    /// ejection); an ejection's end is derived in [`Backend::state_since_ms`].
+    changed_ms: AtomicU64,
+    /// The last active check: when (ms since [`clock_start`]), 0 for never; and whether it
+    /// passed.
+    last_check_ms: AtomicU64,
+    last_check_ok: AtomicBool,
     /// Rise/fall state of active checks. Only the control plane and failure reports lock it.
     health: Mutex<HealthCounter>,
     /// Idle keep-alive connections to this backend.
@@ -57,6 +66,20 @@ pub struct Backend {
     /// Slow start: when (ms since [`clock_start`]) this backend last became healthy; 0 when
     /// it is not ramping. Cleared by the first pick after the ramp is over.
     ramp_start_ms: AtomicU64,
+}
+
+/// What a backend served and how its checks went, for `/metrics` and the status page.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Responses by status class.
+    pub responses: crate::stats::ByClass,
+    /// Request body bytes sent to it (TCP: all bytes).
+    pub bytes_in: crate::stats::Counter,
+    /// Response body bytes received from it (TCP: all bytes).
+    pub bytes_out: crate::stats::Counter,
+    pub ejections: crate::stats::Counter,
+    pub checks_passed: crate::stats::Counter,
+    pub checks_failed: crate::stats::Counter,
 }
 
 /// Where a slow-start ramp begins: a backend back from the dead takes this share of its
@@ -76,6 +99,10 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             requests_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
+            stats: BackendStats::default(),
+            changed_ms: AtomicU64::new(now_ms()),
+            last_check_ms: AtomicU64::new(0),
+            last_check_ok: AtomicBool::new(false),
             health: Mutex::new(HealthCounter::new(1, 1, initial)),
             conns: ConnPool::default(),
             cut: Mutex::new(CancellationToken::new()),
@@ -174,7 +201,9 @@ impl Backend {
     /// Stops (or resumes) new traffic to this backend. Draining also closes idle upstream
     /// connections; requests in flight finish normally.
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        if self.draining.swap(draining, Ordering::Relaxed) != draining {
+            self.changed_ms.store(now_ms(), Ordering::Relaxed);
+        }
         if draining {
             self.conns.clear();
         }
@@ -216,6 +245,30 @@ impl Backend {
         }
     }
 
+    /// How long ago the state last changed (an ejection's end counts as a change).
+    pub fn state_age(&self) -> std::time::Duration {
+        let now = now_ms();
+        let changed = self.changed_ms.load(Ordering::Relaxed);
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let since = if until > changed && until <= now {
+            until
+        } else {
+            changed
+        };
+        std::time::Duration::from_millis(now.saturating_sub(since))
+    }
+
+    /// The last active check: how long ago, and whether it passed. `None`: no check yet.
+    pub fn last_check(&self) -> Option<(std::time::Duration, bool)> {
+        let at = self.last_check_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| {
+            (
+                std::time::Duration::from_millis(now_ms().saturating_sub(at)),
+                self.last_check_ok.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     pub fn health_state(&self) -> HealthState {
         self.lock_health().state()
     }
@@ -228,6 +281,9 @@ impl Backend {
     /// Forces the active-check state (used when a reload turns checks off).
     pub fn set_health_state(&self, state: HealthState) {
         let mut h = self.lock_health();
+        if h.state() != state {
+            self.changed_ms.store(now_ms(), Ordering::Relaxed);
+        }
         h.set_state(state);
         self.healthy
             .store(state == HealthState::Healthy, Ordering::Relaxed);
@@ -237,8 +293,19 @@ impl Backend {
     pub fn record_probe(&self, ok: bool) -> Option<Transition> {
         let mut h = self.lock_health();
         let t = h.record(ok);
+        let now = now_ms();
         if t == Some(Transition::Up) {
             self.start_ramp();
+        }
+        if t.is_some() {
+            self.changed_ms.store(now, Ordering::Relaxed);
+        }
+        self.last_check_ms.store(now, Ordering::Relaxed);
+        self.last_check_ok.store(ok, Ordering::Relaxed);
+        if ok {
+            self.stats.checks_passed.incr();
+        } else {
+            self.stats.checks_failed.incr();
         }
         self.healthy
             .store(h.state() == HealthState::Healthy, Ordering::Relaxed);
@@ -260,7 +327,10 @@ impl Backend {
         let fails = self.passive_fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= passive.max_fails {
             self.passive_fails.store(0, Ordering::Relaxed);
-            let until = now_ms() + passive.fail_timeout.as_millis() as u64;
+            self.stats.ejections.incr();
+            let now = now_ms();
+            self.changed_ms.store(now, Ordering::Relaxed);
+            let until = now + passive.fail_timeout.as_millis() as u64;
             self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
             // Slow start (when the pool has it) begins when the ejection ends: a backend
             // that was failing comes back gently, as after a failed health check.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::config::{HashKey, PoolConfig};
 use crate::health::threshold::HealthState;
+use crate::stats::{Latency, PoolStats};
 use crate::tls::BackendTls;
 use backend::{Backend, Lease};
 use policy::Selector;
@@ -24,6 +25,10 @@ pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     /// TLS to the backends, built once per config generation.
     pub tls: Option<BackendTls>,
+    /// Request counters, carried over from the previous pool of the same name.
+    pub stats: Arc<PoolStats>,
+    /// Latency histogram handles (no-ops when metrics are off).
+    pub latency: Latency,
     selector: Selector,
 }
 
@@ -31,8 +36,13 @@ impl Pool {
     /// Builds a pool, reusing backends from `previous` (same address in the same pool) so
     /// their health, counters and connections carry over. New backends start healthy at
     /// startup, and pending (no traffic until the first passing check) when added later to a
-    /// pool with health checks.
-    pub fn build(config: &PoolConfig, previous: Option<&Pool>, startup: bool) -> Pool {
+    /// pool with health checks. `metrics`: record latency histograms.
+    pub fn build(
+        config: &PoolConfig,
+        previous: Option<&Pool>,
+        startup: bool,
+        metrics: bool,
+    ) -> Pool {
         let old: HashMap<SocketAddr, &Arc<Backend>> = previous
             .map(|p| p.backends.iter().map(|b| (b.addr, b)).collect())
             .unwrap_or_default();
@@ -88,6 +98,8 @@ impl Pool {
             config: config.clone(),
             backends,
             tls,
+            stats: previous.map_or_else(Default::default, |p| Arc::clone(&p.stats)),
+            latency: Latency::new(&config.name, metrics),
             selector,
         }
     }

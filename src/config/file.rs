@@ -18,6 +18,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub global: FileGlobal,
     pub admin: Option<FileAdmin>,
+    pub access_log: Option<FileAccessLog>,
     #[serde(default)]
     pub listeners: BTreeMap<Text, FileListener>,
     #[serde(default)]
@@ -37,6 +38,15 @@ pub struct FileGlobal {
 pub struct FileAdmin {
     pub bind: Text,
     pub token: Option<Text>,
+    pub metrics: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccessLog {
+    pub path: Option<Text>,
+    pub format: Option<Text>,
+    pub buffer: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +76,7 @@ pub struct FileListener {
     pub mode: Option<Spanned<FileMode>>,
     pub accept_proxy: Option<Spanned<Vec<Text>>>,
     pub splice: Option<bool>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

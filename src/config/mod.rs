@@ -32,6 +32,7 @@ pub mod defaults {
     /// Keeps `request_buffering` × concurrent slow uploads within reason.
     pub const MAX_REQUEST_BUFFERING: usize = 64 * 1024 * 1024;
     pub const RESPONSE_BUFFER: usize = 32 * 1024;
+    pub const ACCESS_LOG_BUFFER: u32 = 16_384;
     /// hyper's smallest buffer.
     pub const MIN_RESPONSE_BUFFER: usize = 8 * 1024;
     pub const MAX_RESPONSE_BUFFER: usize = 16 * 1024 * 1024;
@@ -65,6 +66,8 @@ pub mod defaults {
 pub struct Config {
     pub global: Global,
     pub admin: Option<AdminConfig>,
+    /// `None`: no access log.
+    pub access_log: Option<AccessLogConfig>,
     /// Sorted by name.
     pub listeners: Vec<ListenerConfig>,
     /// Sorted by name.
@@ -85,6 +88,27 @@ pub struct Global {
 pub struct AdminConfig {
     pub bind: SocketAddr,
     pub token: Option<String>,
+    /// Serve `GET /metrics` and record the latency histograms behind it.
+    pub metrics: bool,
+}
+
+/// The `[access_log]` table: one line per HTTP request or TCP connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    /// `None`: standard output.
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+    /// Lines held for the writer thread; beyond that, lines are dropped (and counted)
+    /// rather than slowing requests down.
+    pub buffer: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Apache/nginx "combined" format.
+    Common,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +162,8 @@ pub struct ListenerConfig {
     pub accept_proxy: Option<Vec<crate::proxy_protocol::Cidr>>,
     /// TCP mode: move bytes with splice(2) through a pipe instead of userspace buffers.
     pub splice: bool,
+    /// Whether this listener's requests go to the access log (when there is one).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -492,6 +518,7 @@ impl Config {
                 handover_socket: None,
             },
             admin: None,
+            access_log: None,
             listeners: Vec::new(),
             pools: Vec::new(),
         }

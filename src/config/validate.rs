@@ -241,8 +241,13 @@ impl Validator<'_> {
                     ),
                 );
             }
-            Some(AdminConfig { bind, token })
+            Some(AdminConfig {
+                bind,
+                token,
+                metrics: a.metrics.unwrap_or(true),
+            })
         });
+        let access_log = raw.access_log.as_ref().map(|a| self.access_log(a));
 
         let pool_names: HashMap<&str, ()> = raw
             .pools
@@ -286,6 +291,7 @@ impl Validator<'_> {
         Some(Config {
             global,
             admin,
+            access_log,
             listeners,
             pools,
         })
@@ -445,6 +451,7 @@ impl Validator<'_> {
             redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
             h2c: l.h2c.unwrap_or(false),
             splice: l.splice.unwrap_or(false),
+            access_log: l.access_log.unwrap_or(true),
             mode,
             accept_proxy: l.accept_proxy.as_ref().map(|list| {
                 if list.get_ref().is_empty() {
@@ -472,6 +479,43 @@ impl Validator<'_> {
                     Some(*n.get_ref() as usize)
                 }
             }),
+        }
+    }
+
+    /// The `[access_log]` table.
+    fn access_log(&mut self, a: &file::FileAccessLog) -> AccessLogConfig {
+        let format = match a.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "json")) => AccessLogFormat::Json,
+            Some((_, "common")) => AccessLogFormat::Common,
+            Some((f, other)) => {
+                self.push(
+                    f.span(),
+                    format!("access_log.format: expected \"json\" or \"common\", got {other:?}"),
+                );
+                AccessLogFormat::Json
+            }
+        };
+        let path = a.path.as_ref().and_then(|p| match p.get_ref().as_str() {
+            "" => {
+                self.push(
+                    p.span(),
+                    "access_log.path: must not be empty (omit it for standard output)".into(),
+                );
+                None
+            }
+            "-" | "stdout" => None,
+            _ => Some(self.path(p)),
+        });
+        let buffer = self.at_least(
+            &a.buffer,
+            "access_log.buffer",
+            1,
+            defaults::ACCESS_LOG_BUFFER,
+        );
+        AccessLogConfig {
+            path,
+            format,
+            buffer: buffer as usize,
         }
     }
 

@@ -17,6 +17,7 @@ use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::error::{ProxyError, Side};
+use super::exchange::{BytesIn, Exchange};
 use super::headers;
 use super::tunnel;
 use crate::balance::backend::Lease;
@@ -25,7 +26,7 @@ use crate::balance::Pool;
 use crate::config::{HashKey, ListenerConfig, UpstreamProtocol};
 use crate::net::ConnPhase;
 use crate::request_body::{self, BodyLimits, BodyWatch, UpstreamBody};
-use crate::state::Live;
+use crate::state::{Live, Snapshot};
 use crate::upstream::{ConnSettings, Sender};
 
 /// Upper bound on attempts per request, whatever `retries` says.
@@ -51,6 +52,8 @@ pub struct ConnCtx {
     pub private: Arc<PrivateConn>,
     /// Fires when the connection must close after its current request (shutdown).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The listener's counters.
+    pub stats: Arc<crate::stats::ListenerStats>,
 }
 
 /// An upstream connection that belongs to one client connection: with `send_proxy` its
@@ -84,24 +87,18 @@ impl std::fmt::Debug for PrivateConn {
 type Inner = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// A response body on its way to the client. Once hyper has finished with it (dropped it),
-/// the request is over: the connection is idle and its keep-alive timer runs.
+/// the request is over: the connection is idle and its keep-alive timer runs, and the
+/// request is counted and logged (see [`Exchange`]).
 pub struct ProxyBody {
     inner: Inner,
-    _busy: Busy,
+    ex: Exchange,
 }
 
-/// A request in progress on its connection, from the head to the end of the response, or to
-/// hyper dropping the request (an HTTP/2 stream the client reset).
-struct Busy {
-    ctx: Arc<ConnCtx>,
-    /// Whether ending it marks the connection idle (not for a connection a tunnel took).
-    armed: bool,
-}
-
-impl Drop for Busy {
+impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if self.armed {
-            self.ctx.phase.idle();
+        // Bodies that are empty by framing (HEAD, 204, 304) are never polled to the end.
+        if self.inner.is_end_stream() {
+            self.ex.complete = true;
         }
     }
 }
@@ -112,31 +109,45 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
-    let mut busy = Busy { ctx, armed: true };
-    let mut resp = respond(req, &busy.ctx).await;
+    let snap = ctx.live.load_full();
+    let log = snap
+        .access_log
+        .as_ref()
+        .filter(|_| ctx.config.access_log)
+        .cloned();
+    // Lives inside this future until the response exists: a client that leaves before that
+    // (an HTTP/2 reset) drops it here, and it is counted as 499.
+    let mut ex = Exchange::start(ctx, &req, log);
+    let mut resp = respond(req, &snap, &mut ex).await;
+    drop(snap);
+    ex.status = resp.status().as_u16();
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
-    if tunnel && !busy.ctx.phase.is_multiplexed() {
-        busy.armed = false;
+    if tunnel && !ex.ctx.phase.is_multiplexed() {
+        ex.armed = false;
     }
     // Shutting down: this is the connection's last response; say so (hyper does too when
     // told before the head is written, but a quick response can beat that).
-    if !tunnel && !busy.ctx.phase.is_multiplexed() && busy.ctx.shutdown.is_cancelled() {
+    if !tunnel && !ex.ctx.phase.is_multiplexed() && ex.ctx.shutdown.is_cancelled() {
         close_after(&mut resp);
     }
-    Ok(resp.map(|inner| ProxyBody { inner, _busy: busy }))
+    Ok(resp.map(|inner| ProxyBody { inner, ex }))
 }
 
 /// Marks a response whose connection was handed to a tunnel (CONNECT).
 #[derive(Clone, Copy)]
 struct Tunnel;
 
-async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
-    let snap = ctx.live.load_full();
+async fn respond(
+    mut req: Request<Incoming>,
+    snap: &Snapshot,
+    ex: &mut Exchange,
+) -> Response<Inner> {
+    let ctx = &*Arc::clone(&ex.ctx);
     let Some(router) = snap.routers.get(&*ctx.listener) else {
-        return error_response(&ProxyError::ListenerGone, ctx, None, None);
+        return error_response(&ProxyError::ListenerGone, ex);
     };
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host_field = hosts.next();
@@ -173,6 +184,7 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     let path = normalized.as_deref().unwrap_or(req.uri().path());
     let target = router.route(host, path);
     let pool = &target.pool;
+    ex.pool = Some(Arc::clone(pool));
     let key = pool
         .hash_key()
         .and_then(|k| request_hash(k, &req, ctx.peer));
@@ -250,11 +262,12 @@ async fn respond(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
     // Before any backend is chosen: a slow or broken body costs no backend anything.
     let body = match request_body::prepare(body, limits).await {
         Ok(b) => b,
-        Err(fault) => return error_response(&ProxyError::Client(fault), ctx, Some(pool), None),
+        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
     };
-    match forward(parts, body, pool, key, client_upgrade, ctx).await {
+    ex.bytes_in = BytesIn::of(&body);
+    match forward(parts, body, pool, key, client_upgrade, ex).await {
         Ok(resp) => resp,
-        Err((e, backend)) => error_response(&e, ctx, Some(pool), backend.as_deref()),
+        Err(e) => error_response(&e, ex),
     }
 }
 
@@ -269,8 +282,9 @@ async fn forward(
     pool: &Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ctx: &ConnCtx,
-) -> Result<Response<Inner>, (ProxyError, Option<Arc<str>>)> {
+    ex: &mut Exchange,
+) -> Result<Response<Inner>, ProxyError> {
+    let ctx = &*Arc::clone(&ex.ctx);
     let tracker = &ctx.tracker;
     // With `send_proxy`, connections are this client's own (see `PrivateConn`).
     let private = cfg_send_proxy(pool).map(|v| {
@@ -298,19 +312,24 @@ async fn forward(
     let mut req = Request::from_parts(parts, body);
     let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
-    let mut last_error: Option<(ProxyError, Option<Arc<str>>)> = None;
+    let mut last_error: Option<ProxyError> = None;
 
     for attempt in 0..attempts {
         let Some((idx, lease)) = pool.select(key, &tried[..attempt]) else {
             break;
         };
         tried[attempt] = idx;
+        if attempt > 0 {
+            pool.stats.retries.incr();
+        }
         let backend = lease.backend();
-        let label = || Some(Arc::clone(&backend.label));
+        ex.attempts = attempt as u32 + 1;
+        ex.backend = Some(Arc::clone(backend));
         let got = match &private {
             Some((header, slot)) => match slot.take(backend.addr) {
-                Some(s) => Ok(s),
+                Some(s) => Ok((s, None)),
                 None => {
+                    let started = std::time::Instant::now();
                     crate::upstream::connect(
                         backend.addr,
                         &settings,
@@ -320,6 +339,7 @@ async fn forward(
                         backend.cut_token(),
                     )
                     .await
+                    .map(|s| (s, Some(started.elapsed())))
                 }
             },
             None => {
@@ -336,7 +356,12 @@ async fn forward(
             }
         };
         let mut sender = match got {
-            Ok(s) => s,
+            Ok((s, connect_time)) => {
+                if connect_time.is_some() {
+                    ex.connect = connect_time;
+                }
+                s
+            }
             Err(e) => {
                 let ejected = backend.record_failure(&cfg.passive);
                 let error = ProxyError::Connect(e);
@@ -348,14 +373,17 @@ async fn forward(
                     ejected,
                     attempt,
                 );
-                last_error = Some((error, label()));
+                last_error = Some(error);
                 continue;
             }
         };
         let cuts = backend.cuts();
+        let sent_at = std::time::Instant::now();
         let sent = send(&mut sender, req, watch.as_deref(), cfg.response_timeout).await;
         match sent {
             Some(Ok(resp)) => {
+                ex.header = Some(sent_at.elapsed());
+                ex.answered = true;
                 backend.record_success();
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (connect && resp.status().is_success());
@@ -376,12 +404,12 @@ async fn forward(
             }
             Some(Err(_)) if backend.cuts() != cuts => {
                 // Our own drain timeout ended it; the work may have run, don't resend it.
-                return Err((ProxyError::DrainCut, label()));
+                return Err(ProxyError::DrainCut);
             }
             Some(Err(mut e)) => {
                 if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
                     // The client's body failed, not the backend: no mark, no retry.
-                    return Err((ProxyError::Client(fault), label()));
+                    return Err(ProxyError::Client(fault));
                 }
                 let message = e.take_message();
                 let error = e.into_error();
@@ -394,7 +422,7 @@ async fn forward(
                     ejected,
                     attempt,
                 );
-                last_error = Some((ProxyError::Upstream(error), label()));
+                last_error = Some(ProxyError::Upstream(error));
                 // `resend` only ever holds a body in hand, so its copy always exists; never
                 // fall back to another body (that would send the wrong request).
                 let copy = || {
@@ -408,17 +436,12 @@ async fn forward(
             }
             None => {
                 // The request may be executing; a timeout is not retried.
-                return Err((ProxyError::ResponseTimeout(cfg.response_timeout), label()));
+                return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        (
-            ProxyError::NoHealthyBackend {
-                pool: Arc::clone(&pool.name),
-            },
-            None,
-        )
+    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
+        pool: Arc::clone(&pool.name),
     }))
 }
 
@@ -516,15 +539,12 @@ fn switch_protocols(
 /// Logs a failed request once, here, and answers it. Failures the client caused are logged
 /// at info (they are routine on the internet), the rest as warnings; both at most once a
 /// second per (pool, backend, reason), with the count of lines suppressed meanwhile.
-fn error_response(
-    e: &ProxyError,
-    ctx: &ConnCtx,
-    pool: Option<&Arc<Pool>>,
-    backend: Option<&str>,
-) -> Response<Inner> {
+fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inner> {
+    ex.termination = e.reason();
+    let ctx = &*ex.ctx;
     let status = e.status();
-    let pool_name = pool.map_or("-", |p| &*p.name);
-    let backend = backend.unwrap_or("-");
+    let pool_name = ex.pool.as_ref().map_or("-", |p| &*p.name);
+    let backend = ex.backend.as_ref().map_or("-", |b| &*b.label);
     let side = e.side();
     if let Some(suppressed) =
         crate::log_limit::allow((&*ctx.listener, pool_name, backend, e.reason()))
@@ -723,10 +743,30 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.inner {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
             Either::Left(b) => Pin::new(b).poll_frame(cx),
             Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.ex.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.ex.complete = true,
+            Poll::Ready(Some(Err(_))) => {
+                // The client's own streamed body failing breaks the response too: its fault.
+                let fault = match &this.ex.bytes_in {
+                    BytesIn::Streamed(w) => w.fault(),
+                    BytesIn::Known(_) => None,
+                };
+                this.ex.termination =
+                    fault.map_or("response_truncated", |f| ProxyError::Client(f).reason());
+            }
+            Poll::Pending => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -2,6 +2,7 @@
 //! TCP (L4) forwarding path (userspace copy, or splice(2)).
 
 pub mod error;
+mod exchange;
 pub mod headers;
 pub mod http;
 pub mod splice;

@@ -25,12 +25,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::balance::backend::Lease;
+use crate::access_log::{AccessLog, Entry};
+use crate::balance::backend::{Backend, Lease};
 use crate::balance::policy::hash_key;
 use crate::balance::Pool;
 use crate::config::{HashKey, ListenerConfig};
 use crate::net::{Prefixed, TimedStream};
 use crate::state::Live;
+use crate::stats::ListenerStats;
 
 /// Copy buffer per direction: large enough for bulk transfers, small enough that ten
 /// thousand connections stay within a few hundred MiB.
@@ -53,13 +55,34 @@ pub async fn serve(
     local: SocketAddr,
     live: Live,
     config: Arc<ListenerConfig>,
+    stats: Arc<ListenerStats>,
 ) {
     let snap = live.load_full();
     let Some(router) = snap.routers.get(config.name.as_str()) else {
         return;
     };
     let pool = Arc::clone(&router.route(None, "/").pool);
+    let log = snap
+        .access_log
+        .as_ref()
+        .filter(|_| config.access_log)
+        .map(|l| (l.clone(), std::time::SystemTime::now()));
     drop(snap);
+    let started = Instant::now();
+    // Written to the counters and the access log once the connection ends, however it ends.
+    let mut account = Account {
+        listener: Arc::clone(&config.name.as_str().into()),
+        client: peer,
+        stats,
+        pool: Arc::clone(&pool),
+        log,
+        started,
+        backend: None,
+        attempts: 0,
+        connect: None,
+        activity: None,
+        termination: "ok",
+    };
     let key = match pool.hash_key() {
         Some(HashKey::ClientIp) => Some(match peer.ip() {
             std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
@@ -71,24 +94,38 @@ pub async fn serve(
         .config
         .send_proxy
         .map(|v| crate::proxy_protocol::encode(v, peer, local));
-    let Some((backend_stream, lease)) =
-        connect(&pool, key, &config.name, peer, header.as_deref()).await
-    else {
-        return;
+    let (backend_stream, lease) = match connect(
+        &pool,
+        key,
+        &config.name,
+        peer,
+        header.as_deref(),
+        &mut account,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(reason) => {
+            account.termination = reason;
+            return;
+        }
     };
     let backend = Arc::clone(lease.backend());
     let cut = backend.cut_token();
     let activity = Arc::new(Activity::new());
+    account.activity = Some(Arc::clone(&activity));
     let copied = async {
         match client {
             ClientConn::Copy(client) => {
                 let mut client = Tracked {
                     inner: client,
                     activity: Arc::clone(&activity),
+                    upstream: false,
                 };
                 let mut upstream = Tracked {
                     inner: TimedStream::upstream(backend_stream, pool.config.response_timeout),
                     activity: Arc::clone(&activity),
+                    upstream: true,
                 };
                 tokio::io::copy_bidirectional_with_sizes(
                     &mut client,
@@ -103,7 +140,7 @@ pub async fn serve(
                 if !prefix.is_empty() {
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &prefix).await?;
                 }
-                let touch = || activity.touch();
+                let touch = || activity.touch(0, false);
                 tokio::try_join!(
                     super::splice::one_way(
                         &client,
@@ -119,39 +156,70 @@ pub async fn serve(
     let idle_timeout = pool.config.idle_timeout;
     let outcome = tokio::select! {
         r = copied => match r {
-            Ok((up, down)) => format!("closed: {up} bytes up, {down} bytes down"),
-            Err(e) => format!("ended: {e}"),
+            Ok((up, down)) => {
+                // splice(2) moves bytes without reading them: count them here.
+                activity.set_totals(up, down);
+                format!("closed: {up} bytes up, {down} bytes down")
+            }
+            Err(e) => {
+                account.termination = "connection_error";
+                format!("ended: {e}")
+            }
         },
-        () = activity.idle_for(idle_timeout) => format!("idle for {idle_timeout:?} (idle_timeout)"),
-        () = cut.cancelled() => "cut by drain_timeout".to_string(),
+        () = activity.idle_for(idle_timeout) => {
+            account.termination = "idle_timeout";
+            format!("idle for {idle_timeout:?} (idle_timeout)")
+        }
+        () = cut.cancelled() => {
+            account.termination = "drain_timeout";
+            "cut by drain_timeout".to_string()
+        }
     };
     tracing::debug!(listener = %config.name, client = %peer, pool = %pool.name, backend = %backend.label, "tcp connection {outcome}");
     drop(lease);
 }
 
-/// Connects to a backend of `pool`, trying others when a connect fails.
+/// Connects to a backend of `pool`, trying others when a connect fails. On failure,
+/// returns the reason.
 async fn connect(
     pool: &Arc<Pool>,
     key: Option<u64>,
     listener: &str,
     peer: SocketAddr,
     proxy_header: Option<&[u8]>,
-) -> Option<(TcpStream, Lease)> {
+    account: &mut Account,
+) -> Result<(TcpStream, Lease), &'static str> {
     let cfg = &pool.config;
     let attempts = (cfg.retries as usize + 1).min(8);
     let mut tried = Vec::with_capacity(attempts);
+    let mut reason = "no_healthy_backend";
     for attempt in 0..attempts {
-        let (idx, lease) = pool.select(key, &tried)?;
+        let Some((idx, lease)) = pool.select(key, &tried) else {
+            break;
+        };
         tried.push(idx);
+        if attempt > 0 {
+            pool.stats.retries.incr();
+        }
         let backend = lease.backend();
+        account.attempts = attempt as u32 + 1;
+        account.backend = Some(Arc::clone(backend));
+        let started = Instant::now();
         let connected =
             crate::upstream::connect_tcp(backend.addr, cfg.connect_timeout, proxy_header).await;
         let error = match connected {
             Ok(stream) => {
+                account.connect = Some(started.elapsed());
                 backend.record_success();
-                return Some((stream, lease));
+                return Ok((stream, lease));
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                reason = match e {
+                    crate::upstream::ConnectError::Timeout(_) => "connect_timeout",
+                    _ => "connect_failed",
+                };
+                e.to_string()
+            }
         };
         let ejected = backend.record_failure(&cfg.passive);
         if let Some(suppressed) =
@@ -161,16 +229,75 @@ async fn connect(
         }
     }
     if let Some(suppressed) = crate::log_limit::allow((listener, &*pool.name, "tcp_no_backend")) {
-        tracing::warn!(listener, client = %peer, pool = %pool.name, reason = "no_backend", suppressed, "tcp connection refused: no backend could be reached");
+        tracing::warn!(listener, client = %peer, pool = %pool.name, reason, suppressed, "tcp connection refused: no backend could be reached");
     }
-    None
+    Err(reason)
 }
 
-/// When either side last moved a byte.
+/// One TCP connection's account, written to the counters and the access log on drop.
+struct Account {
+    listener: Arc<str>,
+    client: SocketAddr,
+    stats: Arc<ListenerStats>,
+    pool: Arc<Pool>,
+    log: Option<(AccessLog, std::time::SystemTime)>,
+    started: Instant,
+    /// The backend connected to, or the last one tried.
+    backend: Option<Arc<Backend>>,
+    attempts: u32,
+    connect: Option<Duration>,
+    /// Bytes moved, once joined to a backend.
+    activity: Option<Arc<Activity>>,
+    /// `ok`, or why it ended otherwise.
+    termination: &'static str,
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        let total = self.started.elapsed();
+        let (up, down) = self.activity.as_ref().map_or((0, 0), |a| a.totals());
+        self.stats.bytes_in.add(up);
+        self.stats.bytes_out.add(down);
+        if crate::stats::REASONS.contains(&self.termination) {
+            self.pool.stats.failed(self.termination);
+        }
+        self.pool.latency.total.record(total.as_secs_f64());
+        if let Some(d) = self.connect {
+            self.pool.latency.connect.record(d.as_secs_f64());
+        }
+        if let Some(b) = self.backend.as_ref().filter(|_| self.connect.is_some()) {
+            b.stats.bytes_in.add(up);
+            b.stats.bytes_out.add(down);
+        }
+        if let Some((log, time)) = self.log.take() {
+            log.log(Entry {
+                time,
+                listener: Arc::clone(&self.listener),
+                client: self.client,
+                request: None,
+                status: 0,
+                bytes_in: up,
+                bytes_out: down,
+                pool: Some(Arc::clone(&self.pool.name)),
+                backend: self.backend.as_ref().map(|b| Arc::clone(&b.label)),
+                attempts: self.attempts,
+                connect: self.connect,
+                header: None,
+                total,
+                termination: self.termination,
+            });
+        }
+    }
+}
+
+/// When either side last moved a byte, and how many each way.
 struct Activity {
     start: Instant,
     /// Milliseconds since `start`.
     last: AtomicU64,
+    /// Read from the client (sent up) and from the backend (sent down).
+    up: AtomicU64,
+    down: AtomicU64,
 }
 
 impl Activity {
@@ -178,12 +305,29 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
+    /// `n` bytes read from the backend (`upstream`) or the client.
+    fn touch(&self, n: u64, upstream: bool) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last.store(ms, Ordering::Relaxed);
+        let side = if upstream { &self.down } else { &self.up };
+        side.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn set_totals(&self, up: u64, down: u64) {
+        self.up.store(up, Ordering::Relaxed);
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
     }
 
     /// Resolves once no byte has moved for `limit`.
@@ -203,6 +347,8 @@ impl Activity {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The backend's side (its reads go down to the client).
+    upstream: bool,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -213,8 +359,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+        let read = buf.filled().len() - before;
+        if matches!(polled, Poll::Ready(Ok(()))) && read > 0 {
+            self.activity.touch(read as u64, self.upstream);
         }
         polled
     }

@@ -1,5 +1,10 @@
-//! The admin endpoint: status, readiness, reload and per-backend drain controls.
+//! The admin endpoint: status page, metrics, readiness, reload and per-backend drain
+//! controls.
 //!
+//! - `GET /`: the status page (`page.html`, self-contained): it polls `/status` and calls
+//!   the drain/enable endpoints below.
+//! - `GET /metrics`: Prometheus text format (see `prometheus`), unless `admin.metrics` is
+//!   off.
 //! - `GET /status`: JSON with every pool's backends (state, in-flight, counters) and the
 //!   last reload's result.
 //! - `GET /ready`: 200 while serving, 503 from the moment shutdown begins, so an outer
@@ -7,7 +12,9 @@
 //! - `POST /reload`: re-read the config file (same path as SIGHUP and file edits).
 //! - `POST /pools/{pool}/backends/{address}/drain` and `.../enable`.
 //!
-//! When a token is configured every request must carry `Authorization: Bearer <token>`.
+//! When a token is configured every request must carry `Authorization: Bearer <token>`,
+//! except `GET /`: a browser cannot send one with a page load, and the page holds no data
+//! (its script asks for the token when `/status` says 401).
 //! It reads the daemon's state and calls its control methods; it never touches `Live`.
 
 use std::convert::Infallible;
@@ -37,8 +44,10 @@ pub async fn run(
     token: Option<String>,
     daemon: Arc<Daemon>,
     stop: CancellationToken,
+    metrics: Metrics,
 ) {
     let token: Option<Arc<str>> = token.map(Into::into);
+    let metrics = Arc::new(metrics);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -49,11 +58,15 @@ pub async fn run(
         };
         let daemon = Arc::clone(&daemon);
         let token = token.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let daemon = Arc::clone(&daemon);
                 let token = token.clone();
-                async move { Ok::<_, Infallible>(handle(req, &daemon, token.as_deref()).await) }
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    Ok::<_, Infallible>(handle(req, &daemon, token.as_deref(), &metrics).await)
+                }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -64,11 +77,23 @@ pub async fn run(
     }
 }
 
+/// What `GET /metrics` serves.
+pub enum Metrics {
+    /// `admin.metrics = false`: 404.
+    Off,
+    /// The histograms' recorder (`None` if it could not be installed: the rest still works).
+    On(Option<metrics_exporter_prometheus::PrometheusHandle>),
+}
+
 async fn handle(
     req: Request<Incoming>,
     daemon: &Daemon,
     token: Option<&str>,
+    metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/" {
+        return text(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+    }
     if let Some(token) = token {
         let presented = req
             .headers()
@@ -82,10 +107,28 @@ async fn handle(
             );
         }
     }
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Segments are percent-decoded: the status page encodes addresses (`[::1]:80`).
+    let decoded: Vec<String> = req
+        .uri()
+        .path()
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["status"]) => reply(StatusCode::OK, status(daemon)),
+        (&Method::GET, ["metrics"]) => match metrics {
+            Metrics::On(histograms) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::prometheus::render(daemon, histograms.as_ref()),
+            ),
+            Metrics::Off => reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "metrics are off (admin.metrics = false)"}),
+            ),
+        },
         (&Method::POST, ["lame-duck"]) => {
             // `?wait=10s`: answer only after that long (at most 5 minutes), so that a
             // preStop hook holds SIGTERM back while load balancers notice the 503.
@@ -137,7 +180,7 @@ async fn handle(
                 Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
             }
         }
-        (_, ["status" | "ready"])
+        (_, ["status" | "ready" | "metrics"])
         | (_, ["reload" | "lame-duck"])
         | (_, ["pools", _, "backends", _, _]) => reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -159,13 +202,24 @@ fn status(daemon: &Daemon) -> serde_json::Value {
             .iter()
             .zip(&pool.config.backends)
             .map(|(b, cfg)| {
+                let responses: serde_json::Map<_, _> = b
+                    .stats
+                    .responses
+                    .read()
+                    .map(|(class, n)| (class.to_string(), n.into()))
+                    .collect();
                 json!({
                     "address": &*b.label,
                     "state": b.state(),
+                    // Seconds since the state last changed.
+                    "state_age_s": b.state_age().as_secs_f64(),
                     "weight": cfg.weight,
                     "in_flight": b.in_flight(),
                     "requests_total": b.requests_total(),
+                    "responses": responses,
                     "failures_total": b.failures_total(),
+                    "ejections_total": b.stats.ejections.get(),
+                    "last_check": b.last_check().map(|(ago, ok)| json!({"ok": ok, "age_s": ago.as_secs_f64()})),
                     "idle_connections": b.conns.idle_count(),
                     // Slow start: the share of its weight it takes now (1 when not ramping).
                     "weight_share": b.ramp_share(pool.config.slow_start),
@@ -205,7 +259,10 @@ fn status(daemon: &Daemon) -> serde_json::Value {
             json!({"bind": l.bind.to_string(), "mode": l.mode, "pool": l.default_pool, "tls": tls}),
         );
     }
+    let uptime = daemon.started_at().elapsed().unwrap_or_default();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": uptime.as_secs(),
         "generation": snap.generation,
         "ready": daemon.is_ready(),
         // Client connections open on all listeners (draining ones included).
@@ -214,6 +271,27 @@ fn status(daemon: &Daemon) -> serde_json::Value {
         "pools": pools,
         "reload": daemon.reload_status(),
     })
+}
+
+/// The status page: one self-contained HTML file, no external assets.
+const PAGE: &str = include_str!("page.html");
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -228,7 +306,41 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// `%3A` → `:`; anything malformed is left as it is (and will not match a name).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Compares without an early exit, so response timing says nothing about the token.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(super::percent_decode("127.0.0.1%3A80"), "127.0.0.1:80");
+        assert_eq!(super::percent_decode("%5B%3A%3A1%5D%3A80"), "[::1]:80");
+        assert_eq!(super::percent_decode("bad%zz%4"), "bad%zz%4");
+    }
 }

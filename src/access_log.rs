@@ -1,0 +1,379 @@
+//! The access log: one line per HTTP request or TCP connection, in JSON or the Apache/nginx
+//! "combined" format, to standard output or a file.
+//!
+//! The data path never waits for it. A finished request hands its [`Entry`] (a few
+//! reference-counted fields, no formatting) to a bounded queue with `try_send`; one writer
+//! thread formats and writes in batches, flushing whenever the queue runs empty. When the
+//! sink cannot keep up (a full disk, a stalled pipe) lines are dropped and counted in
+//! `ballast_access_log_dropped_total` instead of stalling requests, as HAProxy does with a
+//! full log buffer. `SIGUSR1` asks the writer to reopen its file (logrotate's
+//! `postrotate`); the reopen happens within a second even when no request arrives.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Method, Uri, Version};
+
+use crate::config::{AccessLogConfig, AccessLogFormat};
+
+/// What one request (or TCP connection) did. Filled in along the request path; formatted
+/// only on the writer thread.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// When the request head (or the connection) arrived.
+    pub time: SystemTime,
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    /// `None` for a TCP connection.
+    pub request: Option<RequestLine>,
+    /// The response status; 0 for a TCP connection.
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub pool: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    /// Backends tried (retries + 1); 0 when none was.
+    pub attempts: u32,
+    pub connect: Option<Duration>,
+    /// From sending the request to the response head.
+    pub header: Option<Duration>,
+    pub total: Duration,
+    /// `ok`, or what ended it early: the `reason` words of the error log.
+    pub termination: &'static str,
+}
+
+/// The parts of an HTTP request the log shows.
+#[derive(Debug, Clone)]
+pub struct RequestLine {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub host: Option<HeaderValue>,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+}
+
+/// A handle to the running log; cheap to clone. The writer thread ends once every handle
+/// (and so every sender) is gone, after writing what is queued.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: SyncSender<Entry>,
+    shared: Arc<Shared>,
+    pub config: AccessLogConfig,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    dropped: AtomicU64,
+    written: AtomicU64,
+    reopen: AtomicBool,
+    /// Write or reopen errors, reported once per outage.
+    failing: AtomicBool,
+}
+
+impl AccessLog {
+    /// Opens the sink (a file is created if missing, appended to otherwise) and starts
+    /// the writer thread.
+    pub fn start(config: &AccessLogConfig) -> std::io::Result<AccessLog> {
+        let sink = Sink::open(config.path.as_ref())?;
+        let (tx, rx) = sync_channel(config.buffer);
+        let shared = Arc::new(Shared::default());
+        let writer = Writer {
+            rx,
+            sink,
+            shared: Arc::clone(&shared),
+            path: config.path.clone(),
+            format: config.format,
+        };
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer.run())?;
+        Ok(AccessLog {
+            tx,
+            shared,
+            config: config.clone(),
+        })
+    }
+
+    /// Queues one line; never blocks. A full queue drops it (and counts it).
+    #[inline]
+    pub fn log(&self, entry: Entry) {
+        match self.tx.try_send(entry) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Asks the writer to reopen its file (after logrotate moved it).
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Relaxed);
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lines written.
+    pub fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+}
+
+enum Sink {
+    Stdout(std::io::Stdout),
+    File(std::fs::File),
+}
+
+impl Sink {
+    fn open(path: Option<&PathBuf>) -> std::io::Result<Sink> {
+        match path {
+            None => Ok(Sink::Stdout(std::io::stdout())),
+            Some(p) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map(Sink::File),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(s) => s.lock().write_all(buf),
+            Sink::File(f) => f.write_all(buf),
+        }
+    }
+}
+
+struct Writer {
+    rx: Receiver<Entry>,
+    sink: Sink,
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    format: AccessLogFormat,
+}
+
+/// Bytes formatted before they are written in one go.
+const BATCH_BYTES: usize = 64 * 1024;
+
+impl Writer {
+    fn run(mut self) {
+        let mut buf = Vec::with_capacity(BATCH_BYTES);
+        loop {
+            let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(e) => Some(e),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if self.shared.reopen.swap(false, Ordering::Relaxed) {
+                self.reopen();
+            }
+            let Some(first) = first else { continue };
+            let mut lines = 1u64;
+            format(&first, self.format, &mut buf);
+            // Take what is queued now, so a busy log is written in large writes.
+            while buf.len() < BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(e) => {
+                        format(&e, self.format, &mut buf);
+                        lines += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.sink.write_all(&buf) {
+                Ok(()) => {
+                    self.shared.written.fetch_add(lines, Ordering::Relaxed);
+                    if self.shared.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("access log: writing works again");
+                    }
+                }
+                Err(e) => {
+                    self.shared.dropped.fetch_add(lines, Ordering::Relaxed);
+                    if !self.shared.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, "access log: write failed; dropping lines until it works again");
+                    }
+                }
+            }
+            buf.clear();
+        }
+    }
+
+    fn reopen(&mut self) {
+        let Some(path) = &self.path else { return };
+        match Sink::open(Some(path)) {
+            Ok(s) => {
+                self.sink = s;
+                tracing::info!(path = %path.display(), "access log reopened");
+            }
+            Err(e) => {
+                // Keep writing to the old file: losing lines is worse than a late rotation.
+                tracing::error!(path = %path.display(), error = %e, "access log: cannot reopen; still writing to the old file");
+            }
+        }
+    }
+}
+
+/// Appends `e` as one line.
+pub fn format(e: &Entry, format: AccessLogFormat, out: &mut Vec<u8>) {
+    match format {
+        AccessLogFormat::Json => json(e, out),
+        AccessLogFormat::Common => combined(e, out),
+    }
+}
+
+fn json(e: &Entry, out: &mut Vec<u8>) {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    fn text(v: &Option<HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
+        v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()))
+    }
+    let r = e.request.as_ref();
+    let line = serde_json::json!({
+        "time": humantime::format_rfc3339_millis(e.time).to_string(),
+        "listener": &*e.listener,
+        "client": e.client.to_string(),
+        "method": r.map(|r| r.method.as_str()),
+        "host": r.and_then(|r| text(&r.host)),
+        "path": r.map(|r| r.uri.path_and_query().map_or(r.uri.path(), |pq| pq.as_str())),
+        "protocol": r.map(|r| version(r.version)),
+        "status": (e.status != 0).then_some(e.status),
+        "bytes_in": e.bytes_in,
+        "bytes_out": e.bytes_out,
+        "pool": e.pool.as_deref(),
+        "backend": e.backend.as_deref(),
+        "attempts": e.attempts,
+        "connect_ms": ms(e.connect),
+        "header_ms": ms(e.header),
+        "total_ms": e.total.as_secs_f64() * 1000.0,
+        "termination": e.termination,
+        "user_agent": r.and_then(|r| text(&r.user_agent)),
+    });
+    // Writing a `Value` to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &line);
+    out.push(b'\n');
+}
+
+/// `client - - [time] "request" status bytes "referer" "user-agent"`, nginx's `combined`.
+/// A TCP connection shows `"TCP"` as its request and `-` as its status.
+fn combined(e: &Entry, out: &mut Vec<u8>) {
+    let time = time::OffsetDateTime::from(e.time);
+    let stamp = time
+        .format(time::macros::format_description!(
+            "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
+        ))
+        .unwrap_or_default();
+    let _ = write!(out, "{} - - [{stamp}] \"", e.client.ip());
+    match &e.request {
+        Some(r) => {
+            let target = r
+                .uri
+                .path_and_query()
+                .map_or(r.uri.path(), |pq| pq.as_str());
+            escape(r.method.as_str().as_bytes(), out);
+            out.push(b' ');
+            escape(target.as_bytes(), out);
+            out.push(b' ');
+            out.extend_from_slice(version(r.version).as_bytes());
+        }
+        None => out.extend_from_slice(b"TCP"),
+    }
+    out.extend_from_slice(b"\" ");
+    if e.status == 0 {
+        out.push(b'-');
+    } else {
+        let _ = write!(out, "{}", e.status);
+    }
+    let _ = write!(out, " {} \"", e.bytes_out);
+    let header = |v: Option<&HeaderValue>, out: &mut Vec<u8>| match v {
+        Some(v) => escape(v.as_bytes(), out),
+        None => out.push(b'-'),
+    };
+    header(e.request.as_ref().and_then(|r| r.referer.as_ref()), out);
+    out.extend_from_slice(b"\" \"");
+    header(e.request.as_ref().and_then(|r| r.user_agent.as_ref()), out);
+    out.extend_from_slice(b"\"\n");
+}
+
+/// nginx's escaping: `"`, `\` and bytes outside printable ASCII become `\xHH`, so a client
+/// cannot forge a field or a line.
+fn escape(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            listener: "web".into(),
+            client: "192.0.2.7:5555".parse().unwrap(),
+            request: Some(RequestLine {
+                method: Method::GET,
+                uri: Uri::from_static("/a?b=1"),
+                version: Version::HTTP_11,
+                host: Some(HeaderValue::from_static("example.com")),
+                referer: None,
+                user_agent: Some(HeaderValue::from_static("curl/8 \"x\"")),
+            }),
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 12,
+            pool: Some("app".into()),
+            backend: Some("10.0.0.1:80".into()),
+            attempts: 1,
+            connect: None,
+            header: Some(Duration::from_millis(3)),
+            total: Duration::from_millis(4),
+            termination: "ok",
+        }
+    }
+
+    #[test]
+    fn combined_format_escapes_what_a_client_controls() {
+        let mut out = Vec::new();
+        combined(&entry(), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "192.0.2.7 - - [14/Nov/2023:22:13:20 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x22x\\x22\"\n"
+        );
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let mut out = Vec::new();
+        json(&entry(), &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(v["path"], "/a?b=1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["backend"], "10.0.0.1:80");
+        assert_eq!(v["header_ms"], 3.0);
+        assert_eq!(v["connect_ms"], serde_json::Value::Null);
+        assert_eq!(v["termination"], "ok");
+    }
+}
