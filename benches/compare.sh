@@ -5,6 +5,7 @@
 #   bash benches/compare.sh            # 3 rounds x 10 s per proxy
 #   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
+#   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -85,6 +86,11 @@ algorithm = "round_robin"
 backends = ["127.0.0.1:$b1", "127.0.0.1:$b2", "127.0.0.1:$b3"]
 CONF
 
+# The same ballast with metrics on (admin endpoint, latency histograms, one scrape a second
+# while loaded), and with a JSON access log to a file (no admin).
+sed -e "1i [admin]\nbind = \"127.0.0.1:$((BASE_PORT+20))\"" "$work/ballast.toml" > "$work/ballast-metrics.toml"
+sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/ballast.toml" > "$work/ballast-log.toml"
+
 wait_port() { for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; return 1; }
 wait_port $b1
 
@@ -95,6 +101,8 @@ start_proxy() {
   case $1 in
     ballast) taskset -c 0 "$BALLAST" --config "$work/ballast.toml" --log warn & ;;
     ballast-base) taskset -c 0 "$BALLAST_BASELINE" --config "$work/ballast.toml" --log warn & ;;
+    ballast-metrics) taskset -c 0 "$BALLAST" --config "$work/ballast-metrics.toml" --log warn & ;;
+    ballast-log) taskset -c 0 "$BALLAST" --config "$work/ballast-log.toml" --log warn & ;;
     haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
     nginx)   taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
   esac
@@ -113,14 +121,22 @@ results="$work/results"
 : > "$results"
 proxies="ballast haproxy nginx"
 if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
+if [ -n "${OBSERVABILITY:-}" ]; then proxies="ballast ballast-metrics ballast-log haproxy nginx"; fi
 for round in $(seq 1 "$ROUNDS"); do
   for proxy in $proxies; do
     start_proxy $proxy
     wpid=$(worker_pid $proxy)
     taskset -c 1 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
+    scraper=""
+    if [ "$proxy" = ballast-metrics ]; then
+      # Prometheus' part: one scrape a second (bounded by the run's length).
+      ( for _ in $(seq 1 "$DURATION"); do curl -s -o /dev/null "http://127.0.0.1:$((BASE_PORT+20))/metrics"; sleep 1; done ) &
+      scraper=$!
+    fi
     t0=$(cpu_ticks "$wpid")
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$lb/")
     t1=$(cpu_ticks "$wpid")
+    if [ -n "$scraper" ]; then wait "$scraper" || true; fi
     stop_proxy
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -149,7 +165,7 @@ med = {p: {k: statistics.median(v) for k, v in r.items()} for p, r in rows.items
 h = med["haproxy"]
 print(f"\nmedian of {len(rows['haproxy']['rps'])} rounds; ratio = proxy / haproxy (req/s: higher is better; latency, cpu: lower is better)")
 print(f"{'proxy':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
-for p in ("ballast", "ballast-base", "haproxy", "nginx"):
+for p in ("ballast", "ballast-base", "ballast-metrics", "ballast-log", "haproxy", "nginx"):
     if p not in med:
         continue
     m = med[p]
