@@ -230,32 +230,59 @@ pub fn format(e: &Entry, format: AccessLogFormat, out: &mut Vec<u8>) {
 }
 
 fn json(e: &Entry, out: &mut Vec<u8>) {
-    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    /// Borrows everything: a line costs no allocation beyond the output buffer.
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        #[serde(serialize_with = "display")]
+        time: humantime::Rfc3339Timestamp,
+        listener: &'a str,
+        #[serde(serialize_with = "display")]
+        client: SocketAddr,
+        method: Option<&'a str>,
+        host: Option<std::borrow::Cow<'a, str>>,
+        path: Option<&'a str>,
+        protocol: Option<&'static str>,
+        status: Option<u16>,
+        bytes_in: u64,
+        bytes_out: u64,
+        pool: Option<&'a str>,
+        backend: Option<&'a str>,
+        attempts: u32,
+        connect_ms: Option<f64>,
+        header_ms: Option<f64>,
+        total_ms: f64,
+        termination: &'a str,
+        user_agent: Option<std::borrow::Cow<'a, str>>,
+    }
+    fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
     fn text(v: &Option<HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
         v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()))
     }
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let r = e.request.as_ref();
-    let line = serde_json::json!({
-        "time": humantime::format_rfc3339_millis(e.time).to_string(),
-        "listener": &*e.listener,
-        "client": e.client.to_string(),
-        "method": r.map(|r| r.method.as_str()),
-        "host": r.and_then(|r| text(&r.host)),
-        "path": r.map(|r| r.uri.path_and_query().map_or(r.uri.path(), |pq| pq.as_str())),
-        "protocol": r.map(|r| version(r.version)),
-        "status": (e.status != 0).then_some(e.status),
-        "bytes_in": e.bytes_in,
-        "bytes_out": e.bytes_out,
-        "pool": e.pool.as_deref(),
-        "backend": e.backend.as_deref(),
-        "attempts": e.attempts,
-        "connect_ms": ms(e.connect),
-        "header_ms": ms(e.header),
-        "total_ms": e.total.as_secs_f64() * 1000.0,
-        "termination": e.termination,
-        "user_agent": r.and_then(|r| text(&r.user_agent)),
-    });
-    // Writing a `Value` to a Vec cannot fail.
+    let line = Line {
+        time: humantime::format_rfc3339_millis(e.time),
+        listener: &e.listener,
+        client: e.client,
+        method: r.map(|r| r.method.as_str()),
+        host: r.and_then(|r| text(&r.host)),
+        path: r.map(|r| r.uri.path_and_query().map_or(r.uri.path(), |pq| pq.as_str())),
+        protocol: r.map(|r| version(r.version)),
+        status: (e.status != 0).then_some(e.status),
+        bytes_in: e.bytes_in,
+        bytes_out: e.bytes_out,
+        pool: e.pool.as_deref(),
+        backend: e.backend.as_deref(),
+        attempts: e.attempts,
+        connect_ms: ms(e.connect),
+        header_ms: ms(e.header),
+        total_ms: e.total.as_secs_f64() * 1000.0,
+        termination: e.termination,
+        user_agent: r.and_then(|r| text(&r.user_agent)),
+    };
+    // Serializing plain fields to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);
     out.push(b'\n');
 }
