@@ -291,7 +291,11 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
         client: e.client,
         method: r.map(|r| r.method.as_str()),
         host: r.and_then(|r| text(&r.host)),
-        path: r.map(|r| r.uri.path_and_query().map_or(r.uri.path(), |pq| pq.as_str())),
+        path: r.map(|r| {
+            r.uri
+                .path_and_query()
+                .map_or(r.uri.path(), |pq| pq.as_str())
+        }),
         protocol: r.map(|r| version(r.version)),
         status: (e.status != 0).then_some(e.status),
         bytes_in: e.bytes_in,

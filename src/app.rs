@@ -1,10 +1,11 @@
 //! Composition root: wire the parts together and run them until it is time to stop.
 //!
 //! Startup order: signals, inherited sockets (systemd or a predecessor), the admin socket,
-//! the first config through the control plane's apply sequence, the admin endpoint, the
-//! idle-connection sweeper, then READY. The main loop turns its four inputs (SIGHUP, file
-//! edits, DNS updates; admin calls go to the control plane directly) into control-plane
-//! calls, and SIGTERM or a successor's take-over into the shutdown order below.
+//! the metrics recorder, the first config through the control plane's apply sequence, the
+//! admin endpoint, the idle-connection sweeper, then READY. The main loop turns its inputs
+//! (SIGHUP, file edits, DNS updates; admin calls go to the control plane directly) into
+//! control-plane calls, SIGUSR1 into an access-log reopen, and SIGTERM or a successor's
+//! take-over into the shutdown order below.
 
 use std::path::PathBuf;
 use std::sync::Arc;

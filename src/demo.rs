@@ -118,11 +118,17 @@ async fn serve_backend(
 }
 
 /// The demo's config: one listener on `bind`, a round-robin pool of `backends` with HTTP
-/// health checks.
-pub fn config_text(bind: SocketAddr, backends: &[SocketAddr]) -> String {
+/// health checks, the admin endpoint on `admin`, an access log on standard output.
+pub fn config_text(bind: SocketAddr, admin: SocketAddr, backends: &[SocketAddr]) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
-        r#"[listeners.demo]
+        r#"[admin]
+bind = "{admin}"
+
+[access_log]
+format = "common"
+
+[listeners.demo]
 bind = "{bind}"
 pool = "demo"
 
@@ -141,15 +147,16 @@ timeout = "1s"
 }
 
 /// Runs the demo until Ctrl-C.
-pub async fn run(bind: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn run(bind: SocketAddr, admin: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let mut backends = Vec::new();
     for i in 1..=3 {
         backends.push(start_backend(format!("demo-backend-{i}")).await?);
     }
-    let text = config_text(bind, &backends);
+    let text = config_text(bind, admin, &backends);
     let config = Config::from_toml_str(&text, &PathBuf::from("<demo>"))?;
     println!("ballast demo: backends {backends:?}");
     println!("try:  for i in 1 2 3 4 5 6; do curl -s http://{bind}/; done");
+    println!("status page: http://{admin}/   metrics: http://{admin}/metrics");
     println!("Ctrl-C to stop.");
     crate::app::run(config, None, false).await?;
     Ok(())

@@ -11,6 +11,9 @@
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
+//! - `stats`: the data path's counters (per listener, per pool) and latency histogram
+//!   handles; per-backend ones sit on the backend.
+//! - `access_log`: one line per request or TCP connection, queued to a writer thread.
 //! - `health::threshold`: the pure rise/fall counter.
 //! - `net`: a TCP stream with write-stall, request-head and keep-alive timeouts.
 //! - `tls`: rustls configurations: certificate by SNI, versions, ALPN, client certificates.
@@ -33,8 +36,11 @@
 //! - `control`: the control plane, single writer of the live snapshot: startup and reloads
 //!   (file watch, SIGHUP, admin API) and DNS updates go through one apply sequence; drain,
 //!   shutdown state.
-//! - `admin`: the admin HTTP endpoint (status, ready, lame duck, reload, drain).
-//! - `app`: the composition root: wiring, signals, file watch, DNS updates, shutdown order.
+//! - `prometheus`: `GET /metrics`, read from the live snapshot at scrape time.
+//! - `admin`: the admin HTTP endpoint (status page, metrics, status, ready, lame duck,
+//!   reload, drain).
+//! - `app`: the composition root: wiring, signals (SIGUSR1 reopens the access log), file
+//!   watch, DNS updates, shutdown order.
 //! - `demo`: built-in backends for `ballast demo` and `ballast demo-backend`.
 //! - `probe`: `ballast probe URL`, the container image's health check.
 

@@ -37,6 +37,9 @@ enum Command {
         /// Address for the demo listener.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: SocketAddr,
+        /// Address of the admin endpoint: status page, /metrics, /status (loopback only).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        admin: SocketAddr,
     },
     /// Run one demo backend that answers with its host name (a container's ID), until
     /// SIGTERM; the replica of the docker-compose blueprint.
@@ -75,10 +78,12 @@ fn main() -> ExitCode {
     raise_fd_limit();
 
     let (config, path) = match (&cli.command, &cli.config) {
-        (Some(Command::Demo { bind }), _) => {
-            let bind = *bind;
+        (Some(Command::Demo { bind, admin }), _) => {
+            let (bind, admin) = (*bind, *admin);
             return block_on(None, async move {
-                ballast::demo::run(bind).await.map_err(|e| e.to_string())
+                ballast::demo::run(bind, admin)
+                    .await
+                    .map_err(|e| e.to_string())
             });
         }
         (Some(Command::DemoBackend { bind, lame_duck }), _) => {

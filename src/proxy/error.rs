@@ -146,4 +146,29 @@ mod tests {
             assert_eq!(e.side(), side, "{e}");
         }
     }
+
+    #[test]
+    fn every_error_reason_has_a_slot() {
+        let errors = [
+            ProxyError::NoHealthyBackend { pool: "p".into() },
+            ProxyError::Connect(ConnectError::Timeout(Duration::ZERO)),
+            ProxyError::Connect(ConnectError::Io(
+                std::io::ErrorKind::ConnectionRefused.into(),
+            )),
+            ProxyError::ListenerGone,
+            ProxyError::DrainCut,
+            ProxyError::ResponseTimeout(std::time::Duration::ZERO),
+            ProxyError::Client(ClientFault::Malformed),
+            ProxyError::Client(ClientFault::Aborted),
+            ProxyError::Client(ClientFault::Timeout(std::time::Duration::ZERO)),
+            ProxyError::Client(ClientFault::TooLarge(1)),
+        ];
+        for e in errors {
+            assert!(
+                crate::stats::REASONS.contains(&e.reason()),
+                "{}",
+                e.reason()
+            );
+        }
+    }
 }
