@@ -121,7 +121,10 @@ results="$work/results"
 : > "$results"
 proxies="ballast haproxy nginx"
 if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
-if [ -n "${OBSERVABILITY:-}" ]; then proxies="ballast ballast-metrics ballast-log haproxy nginx"; fi
+if [ -n "${OBSERVABILITY:-}" ]; then
+  proxies="ballast ballast-metrics ballast-log haproxy nginx"
+  if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast-base $proxies"; fi
+fi
 for round in $(seq 1 "$ROUNDS"); do
   for proxy in $proxies; do
     start_proxy $proxy

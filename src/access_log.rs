@@ -19,7 +19,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{Method, Version};
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
 
@@ -49,15 +49,68 @@ pub struct Entry {
     pub termination: &'static str,
 }
 
-/// The parts of an HTTP request the log shows.
+/// The parts of an HTTP request the log shows, copied out of the request into one small
+/// allocation. (Keeping hyper's `Uri` and `HeaderValue`s instead would keep the slice of
+/// the connection's read buffer they point into alive until the line is written, and hyper
+/// would then allocate a fresh read buffer for the next request.)
 #[derive(Debug, Clone)]
 pub struct RequestLine {
     pub method: Method,
-    pub uri: Uri,
     pub version: Version,
-    pub host: Option<HeaderValue>,
-    pub referer: Option<HeaderValue>,
-    pub user_agent: Option<HeaderValue>,
+    /// Target, host, referer and user agent, back to back.
+    fields: Box<[u8]>,
+    /// Where each of them is in `fields`; `None`: the header was absent.
+    ranges: [Option<(u32, u32)>; 4],
+}
+
+impl RequestLine {
+    pub fn new(
+        method: Method,
+        version: Version,
+        target: &[u8],
+        host: Option<&[u8]>,
+        referer: Option<&[u8]>,
+        user_agent: Option<&[u8]>,
+    ) -> RequestLine {
+        let parts = [Some(target), host, referer, user_agent];
+        let mut fields = Vec::with_capacity(parts.iter().flatten().map(|p| p.len()).sum());
+        let mut ranges = [None; 4];
+        for (range, part) in ranges.iter_mut().zip(parts) {
+            if let Some(p) = part {
+                let start = fields.len() as u32;
+                fields.extend_from_slice(p);
+                *range = Some((start, fields.len() as u32));
+            }
+        }
+        RequestLine {
+            method,
+            version,
+            fields: fields.into_boxed_slice(),
+            ranges,
+        }
+    }
+
+    fn field(&self, i: usize) -> Option<&[u8]> {
+        let (start, end) = self.ranges[i]?;
+        self.fields.get(start as usize..end as usize)
+    }
+
+    /// Path and query as the client sent them.
+    pub fn target(&self) -> &[u8] {
+        self.field(0).unwrap_or(b"")
+    }
+
+    pub fn host(&self) -> Option<&[u8]> {
+        self.field(1)
+    }
+
+    pub fn referer(&self) -> Option<&[u8]> {
+        self.field(2)
+    }
+
+    pub fn user_agent(&self) -> Option<&[u8]> {
+        self.field(3)
+    }
 }
 
 /// A handle to the running log; cheap to clone. The writer thread ends once every handle
@@ -263,7 +316,7 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
         client: SocketAddr,
         method: Option<&'a str>,
         host: Option<std::borrow::Cow<'a, str>>,
-        path: Option<&'a str>,
+        path: Option<std::borrow::Cow<'a, str>>,
         protocol: Option<&'static str>,
         status: Option<u16>,
         bytes_in: u64,
@@ -280,9 +333,7 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
     fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
-    fn text(v: &Option<HeaderValue>) -> Option<std::borrow::Cow<'_, str>> {
-        v.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()))
-    }
+    let text = String::from_utf8_lossy;
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let r = e.request.as_ref();
     let line = Line {
@@ -290,12 +341,8 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
         listener: &e.listener,
         client: e.client,
         method: r.map(|r| r.method.as_str()),
-        host: r.and_then(|r| text(&r.host)),
-        path: r.map(|r| {
-            r.uri
-                .path_and_query()
-                .map_or(r.uri.path(), |pq| pq.as_str())
-        }),
+        host: r.and_then(|r| r.host().map(text)),
+        path: r.map(|r| text(r.target())),
         protocol: r.map(|r| version(r.version)),
         status: (e.status != 0).then_some(e.status),
         bytes_in: e.bytes_in,
@@ -307,7 +354,7 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
         header_ms: ms(e.header),
         total_ms: e.total.as_secs_f64() * 1000.0,
         termination: e.termination,
-        user_agent: r.and_then(|r| text(&r.user_agent)),
+        user_agent: r.and_then(|r| r.user_agent().map(text)),
     };
     // Serializing plain fields to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);
@@ -326,13 +373,9 @@ fn combined(e: &Entry, out: &mut Vec<u8>) {
     let _ = write!(out, "{} - - [{stamp}] \"", e.client.ip());
     match &e.request {
         Some(r) => {
-            let target = r
-                .uri
-                .path_and_query()
-                .map_or(r.uri.path(), |pq| pq.as_str());
             escape(r.method.as_str().as_bytes(), out);
             out.push(b' ');
-            escape(target.as_bytes(), out);
+            escape(r.target(), out);
             out.push(b' ');
             out.extend_from_slice(version(r.version).as_bytes());
         }
@@ -345,13 +388,13 @@ fn combined(e: &Entry, out: &mut Vec<u8>) {
         let _ = write!(out, "{}", e.status);
     }
     let _ = write!(out, " {} \"", e.bytes_out);
-    let header = |v: Option<&HeaderValue>, out: &mut Vec<u8>| match v {
-        Some(v) => escape(v.as_bytes(), out),
+    let header = |v: Option<&[u8]>, out: &mut Vec<u8>| match v {
+        Some(v) => escape(v, out),
         None => out.push(b'-'),
     };
-    header(e.request.as_ref().and_then(|r| r.referer.as_ref()), out);
+    header(e.request.as_ref().and_then(|r| r.referer()), out);
     out.extend_from_slice(b"\" \"");
-    header(e.request.as_ref().and_then(|r| r.user_agent.as_ref()), out);
+    header(e.request.as_ref().and_then(|r| r.user_agent()), out);
     out.extend_from_slice(b"\"\n");
 }
 
@@ -386,14 +429,14 @@ mod tests {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             listener: "web".into(),
             client: "192.0.2.7:5555".parse().unwrap(),
-            request: Some(RequestLine {
-                method: Method::GET,
-                uri: Uri::from_static("/a?b=1"),
-                version: Version::HTTP_11,
-                host: Some(HeaderValue::from_static("example.com")),
-                referer: None,
-                user_agent: Some(HeaderValue::from_static("curl/8 \"x\"")),
-            }),
+            request: Some(RequestLine::new(
+                Method::GET,
+                Version::HTTP_11,
+                b"/a?b=1",
+                Some(b"example.com"),
+                None,
+                Some(b"curl/8 \"x\""),
+            )),
             status: 200,
             bytes_in: 0,
             bytes_out: 12,

@@ -264,3 +264,78 @@ fn a_bad_access_log_section_is_refused_with_its_line() {
         "{err}"
     );
 }
+
+/// A sink that stops taking lines (a pipe nobody reads): requests go on at full speed,
+/// lines beyond the queue are dropped and counted, and logging resumes once the sink reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_drops_lines_and_counts_them_instead_of_stalling_requests() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let [b] = start_backends(["a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("log.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The reader opens the pipe (which waits for ballast to open it for writing), then reads
+    // nothing until told to.
+    let (read, bytes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let reader = {
+        let (fifo, read, bytes) = (fifo.clone(), read.clone(), bytes.clone());
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::open(&fifo).unwrap();
+            while !read.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let lb = Ballast::start(
+        &TestConfig::new(&[&b])
+            .admin()
+            .head(&format!(
+                "[access_log]\npath = \"{}\"\nbuffer = 8\n",
+                fifo.display()
+            ))
+            .build(),
+    );
+    let web = lb.addr("web");
+    // ~300 bytes a line: 1,000 lines overflow the pipe (64 KiB) and the queue (8) many times.
+    let mut c = Client::connect(web).await.unwrap();
+    for i in 0..1000 {
+        let r = tokio::time::timeout(Duration::from_secs(5), c.get(&format!("/{i}")))
+            .await
+            .expect("a request stalled behind the access log")
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let dropped = |page: &str| -> f64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix("ballast_access_log_dropped_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let page = support::get(lb.admin(), "/metrics").await.body;
+    assert!(dropped(&page) > 0.0, "{page}");
+    // The sink reads again: new lines arrive.
+    read.store(true, Ordering::SeqCst);
+    let flowing = eventually(Duration::from_secs(5), async || {
+        let before = bytes.load(Ordering::SeqCst);
+        assert_eq!(get(web, "/again").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bytes.load(Ordering::SeqCst) > before && before > 0
+    })
+    .await;
+    assert!(flowing.is_some(), "logging did not resume");
+    drop(lb);
+    reader.join().unwrap();
+}

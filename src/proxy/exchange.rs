@@ -70,18 +70,21 @@ impl Exchange {
     pub fn start<B>(ctx: Arc<ConnCtx>, req: &Request<B>, log: Option<AccessLog>) -> Exchange {
         let log = log.map(|log| {
             let h = req.headers();
-            let line = RequestLine {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                version: req.version(),
-                host: h.get(http::header::HOST).cloned().or_else(|| {
-                    req.uri()
-                        .authority()
-                        .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-                }),
-                referer: h.get(http::header::REFERER).cloned(),
-                user_agent: h.get(http::header::USER_AGENT).cloned(),
-            };
+            let uri = req.uri();
+            let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+            // HTTP/2 carries the host in `:authority`.
+            let host = h
+                .get(http::header::HOST)
+                .map(|v| v.as_bytes())
+                .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()));
+            let line = RequestLine::new(
+                req.method().clone(),
+                req.version(),
+                target.as_bytes(),
+                host,
+                h.get(http::header::REFERER).map(|v| v.as_bytes()),
+                h.get(http::header::USER_AGENT).map(|v| v.as_bytes()),
+            );
             (log, SystemTime::now(), line)
         });
         Exchange {
