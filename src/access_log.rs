@@ -143,7 +143,7 @@ impl AccessLog {
             sink,
             shared: Arc::clone(&shared),
             path: config.path.clone(),
-            format: config.format,
+            format: LineFormat::new(config.format),
         };
         std::thread::Builder::new()
             .name("access-log".into())
@@ -213,7 +213,7 @@ struct Writer {
     sink: Sink,
     shared: Arc<Shared>,
     path: Option<PathBuf>,
-    format: AccessLogFormat,
+    format: LineFormat,
 }
 
 /// Bytes formatted before they are written in one go.
@@ -238,7 +238,7 @@ impl Writer {
             loop {
                 match self.rx.try_recv() {
                     Ok(e) => {
-                        format(&e, self.format, &mut buf);
+                        self.format.write(&e, &mut buf);
                         lines += 1;
                         if buf.len() >= BATCH_BYTES {
                             self.write(&mut buf, &mut lines);
@@ -297,23 +297,62 @@ impl Writer {
     }
 }
 
-/// Appends `e` as one line.
-pub fn format(e: &Entry, format: AccessLogFormat, out: &mut Vec<u8>) {
-    match format {
-        AccessLogFormat::Json => json(e, out),
-        AccessLogFormat::Common => combined(e, out),
+/// Formats entries as lines. Keeps the last second's timestamp text: every line of a busy
+/// second shares it, so a line's time costs a copy and three digits.
+pub struct LineFormat {
+    format: AccessLogFormat,
+    /// (Unix second, its text): RFC 3339 up to the seconds (JSON), or the combined
+    /// format's `30/Nov/2026:13:06:16 +0000`.
+    second: Option<(u64, String)>,
+}
+
+impl LineFormat {
+    pub fn new(format: AccessLogFormat) -> LineFormat {
+        LineFormat {
+            format,
+            second: None,
+        }
+    }
+
+    /// Appends `e` as one line.
+    pub fn write(&mut self, e: &Entry, out: &mut Vec<u8>) {
+        let since = e
+            .time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        if self.second.as_ref().is_none_or(|(s, _)| *s != secs) {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = match self.format {
+                // "2026-11-30T13:06:16Z" without its "Z".
+                AccessLogFormat::Json => {
+                    let mut t = humantime::format_rfc3339_seconds(whole).to_string();
+                    t.pop();
+                    t
+                }
+                AccessLogFormat::Common => time::OffsetDateTime::from(whole)
+                    .format(time::macros::format_description!(
+                        "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
+                    ))
+                    .unwrap_or_default(),
+            };
+            self.second = Some((secs, text));
+        }
+        let stamp = self.second.as_ref().map_or("", |(_, t)| t.as_str());
+        match self.format {
+            AccessLogFormat::Json => json(e, stamp, since.subsec_millis(), out),
+            AccessLogFormat::Common => combined(e, stamp, out),
+        }
     }
 }
 
-fn json(e: &Entry, out: &mut Vec<u8>) {
+fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
     /// Borrows everything: a line costs no allocation beyond the output buffer.
     #[derive(serde::Serialize)]
     struct Line<'a> {
-        #[serde(serialize_with = "display")]
-        time: humantime::Rfc3339Timestamp,
+        time: &'a str,
         listener: &'a str,
-        #[serde(serialize_with = "display")]
-        client: SocketAddr,
+        client: &'a str,
         method: Option<&'a str>,
         host: Option<std::borrow::Cow<'a, str>>,
         path: Option<std::borrow::Cow<'a, str>>,
@@ -330,16 +369,32 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
         termination: &'a str,
         user_agent: Option<std::borrow::Cow<'a, str>>,
     }
-    fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
+    let mut time = [0u8; 32];
+    let time = {
+        let mut w = Small(&mut time, 0);
+        w.push(second.as_bytes());
+        w.push(b".");
+        w.push(&[
+            b'0' + (millis / 100 % 10) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+        ]);
+        w.push(b"Z");
+        w.len()
+    };
+    let mut client = [0u8; 64];
+    let client = {
+        let mut w = Small(&mut client, 0);
+        let _ = std::fmt::Write::write_fmt(&mut w, format_args!("{}", e.client));
+        w.len()
+    };
     let text = String::from_utf8_lossy;
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let r = e.request.as_ref();
     let line = Line {
-        time: humantime::format_rfc3339_millis(e.time),
+        time: std::str::from_utf8(time).unwrap_or(""),
         listener: &e.listener,
-        client: e.client,
+        client: std::str::from_utf8(client).unwrap_or(""),
         method: r.map(|r| r.method.as_str()),
         host: r.and_then(|r| r.host().map(text)),
         path: r.map(|r| text(r.target())),
@@ -361,15 +416,33 @@ fn json(e: &Entry, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// A fixed buffer on the stack written like a `Vec`; what does not fit is cut off.
+struct Small<'a>(&'a mut [u8], usize);
+
+impl<'a> Small<'a> {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.0.len() - self.1);
+        self.0[self.1..self.1 + n].copy_from_slice(&bytes[..n]);
+        self.1 += n;
+    }
+
+    /// The bytes written.
+    fn len(self) -> &'a [u8] {
+        let Small(buf, n) = self;
+        &buf[..n]
+    }
+}
+
+impl std::fmt::Write for Small<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// `client - - [time] "request" status bytes "referer" "user-agent"`, nginx's `combined`.
 /// A TCP connection shows `"TCP"` as its request and `-` as its status.
-fn combined(e: &Entry, out: &mut Vec<u8>) {
-    let time = time::OffsetDateTime::from(e.time);
-    let stamp = time
-        .format(time::macros::format_description!(
-            "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
-        ))
-        .unwrap_or_default();
+fn combined(e: &Entry, stamp: &str, out: &mut Vec<u8>) {
     let _ = write!(out, "{} - - [{stamp}] \"", e.client.ip());
     match &e.request {
         Some(r) => {
@@ -453,7 +526,7 @@ mod tests {
     #[test]
     fn combined_format_escapes_what_a_client_controls() {
         let mut out = Vec::new();
-        combined(&entry(), &mut out);
+        LineFormat::new(AccessLogFormat::Common).write(&entry(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "192.0.2.7 - - [14/Nov/2023:22:13:20 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x22x\\x22\"\n"
@@ -463,7 +536,7 @@ mod tests {
     #[test]
     fn json_has_every_field() {
         let mut out = Vec::new();
-        json(&entry(), &mut out);
+        LineFormat::new(AccessLogFormat::Json).write(&entry(), &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["time"], "2023-11-14T22:13:20.000Z");
         assert_eq!(v["path"], "/a?b=1");

@@ -282,7 +282,10 @@ async fn a_stalled_sink_drops_lines_and_counts_them_instead_of_stalling_requests
     assert!(made.success());
     // The reader opens the pipe (which waits for ballast to open it for writing), then reads
     // nothing until told to.
-    let (read, bytes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (read, bytes) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let reader = {
         let (fifo, read, bytes) = (fifo.clone(), read.clone(), bytes.clone());
         std::thread::spawn(move || {

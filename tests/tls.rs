@@ -609,3 +609,38 @@ async fn backends_over_tls_are_verified_against_the_pool_ca() {
     assert_eq!(support::get(lb.addr("web"), "/").await.status, 200);
     assert!(lb.logs().contains("NOT verified"), "{}", lb.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_and_their_failures_are_counted_in_metrics() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("metrics");
+    let leaf = pki.issue("leaf", &["www.example.com"]);
+    let lb = start(&[&a], &[&leaf], "");
+    let client = pki.client(&["http/1.1"]);
+    for _ in 0..2 {
+        let s = connect(lb.addr("web"), Some("www.example.com"), &client)
+            .await
+            .expect("handshake");
+        let r = get_h1(s, "www.example.com", "/").await.expect("request");
+        assert_eq!(r.status, 200);
+    }
+    // Plain HTTP on the TLS port: not a ClientHello, the handshake fails.
+    let mut plain = TcpStream::connect(lb.addr("web")).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut rest)).await;
+    let counted = support::eventually(WAIT, async || {
+        let page = support::get(lb.admin(), "/metrics").await.body;
+        page.contains("ballast_listener_tls_handshakes_total{listener=\"web\"} 2")
+            && page.contains("ballast_listener_tls_handshake_failures_total{listener=\"web\"} 1")
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "{}",
+        support::get(lb.admin(), "/metrics").await.body
+    );
+}

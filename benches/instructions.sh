@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: an A/B measure that the
+# machine's noise does not move (wall-clock CPU time on this VM varies by 20% between
+# rounds of benches/compare.sh; instruction counts repeat to well under 1%).
+#
+#   bash benches/instructions.sh         # ballast: plain, metrics on, access log (JSON, common)
+#   BALLAST_BASELINE=/path/to/older/ballast bash benches/instructions.sh   # + that build
+#   REQUESTS=20000 bash benches/instructions.sh
+#   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
+#
+# Each variant: ballast under callgrind (all its threads, the access-log writer included)
+# in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
+# REQUESTS requests over 4 keep-alive connections from a Python client; the instruction
+# total divided by REQUESTS. Loopback only; every process started here is stopped by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-10000}
+BASE_PORT=${BASE_PORT:-18600}
+command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+cargo build --release --quiet
+BALLAST=target/release/ballast
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+lb=$((BASE_PORT+10)); admin=$((BASE_PORT+11))
+for i in 1 2 3; do
+  "$BALLAST" demo-backend --bind "127.0.0.1:$((BASE_PORT+i))" >/dev/null 2>&1 & pids+=($!)
+done
+cat > "$work/plain.toml" <<CONF
+[global]
+worker_threads = 1
+[listeners.web]
+bind = "127.0.0.1:$lb"
+pool = "app"
+[pools.app]
+backends = ["127.0.0.1:$((BASE_PORT+1))", "127.0.0.1:$((BASE_PORT+2))", "127.0.0.1:$((BASE_PORT+3))"]
+CONF
+sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
+sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
+sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
+
+load() {  # $1 = number of requests, over 4 keep-alive connections
+  python3 - "$lb" "$1" <<'PY'
+import http.client, sys, threading
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def run(k):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for _ in range(k):
+        c.request("GET", "/bench")
+        r = c.getresponse(); r.read()
+        assert r.status == 200, r.status
+threads = [threading.Thread(target=run, args=(n // 4,)) for _ in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+PY
+}
+
+measure() {  # $1 = label, $2 = binary, $3 = config
+  local out="$work/callgrind.$1"
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out.%p" "$2" --config "$3" --log warn >/dev/null 2>&1 &
+  local pid=$!
+  pids+=($pid)
+  for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.2; done
+  load 500
+  callgrind_control --zero "$pid" >/dev/null
+  load "$REQUESTS"
+  callgrind_control --dump="measured" "$pid" >/dev/null
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  # The first dump (FILE.PID.1-TT, one file per thread) holds what ran between the zeroing
+  # and the dump. Thread 01 is the main thread, which runs the tokio runtime
+  # (worker_threads = 1); the others are the access-log writer, jemalloc's background
+  # thread and the log appender.
+  local total main
+  total=$(cat "$out.$pid.1-"* | awk '/^summary:/ {s += $2} END {print s}')
+  main=$(awk '/^summary:/ {print $2}' "$out.$pid.1-01")
+  echo "$1 $total $main" >> "$work/results"
+  if [ -n "${ANNOTATE:-}" ]; then  # where the instructions went (inclusive, top functions)
+    { callgrind_annotate ${INCLUSIVE:+--inclusive=yes} "$out.$pid.1-01" 2>/dev/null | sed -n "1,/^$/d;p" | head -n "$ANNOTATE"; } || true
+  fi
+  awk -v l="$1" -v t="$total" -v m="$main" -v n="$REQUESTS" 'BEGIN {printf "%-18s %8.0f instructions per request (runtime thread %8.0f)\n", l, t / n, m / n}'
+}
+
+: > "$work/results"
+if [ -n "${BALLAST_BASELINE:-}" ]; then measure baseline "$BALLAST_BASELINE" "$work/plain.toml"; fi
+measure plain "$BALLAST" "$work/plain.toml"
+measure metrics "$BALLAST" "$work/metrics.toml"
+measure access-log "$BALLAST" "$work/log.toml"
+measure access-log-common "$BALLAST" "$work/common.toml"
+
+python3 - "$work/results" "$REQUESTS" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+n = int(sys.argv[2])
+ref = {r[0]: r for r in rows}["plain"]
+print(f"\ninstructions per request; ratio = variant / plain")
+print(f"{'variant':18} {'all threads':>12} {'ratio':>6} {'runtime thread':>15} {'ratio':>6}")
+for label, total, main in rows:
+    print(f"{label:18} {int(total)/n:12.0f} {int(total)/int(ref[1]):6.3f} {int(main)/n:15.0f} {int(main)/int(ref[2]):6.3f}")
+PY
