@@ -116,10 +116,15 @@ impl RequestLine {
 /// A handle to the running log; cheap to clone. The writer thread ends once every handle
 /// (and so every sender) is gone, after writing what is queued.
 #[derive(Debug, Clone)]
-pub struct AccessLog {
+pub struct AccessLog(Arc<Handle>);
+
+/// What every clone shares: cloning an `AccessLog` (once per request) is one reference
+/// count, not a sender and a config.
+#[derive(Debug)]
+struct Handle {
     tx: SyncSender<Entry>,
     shared: Arc<Shared>,
-    pub config: AccessLogConfig,
+    config: AccessLogConfig,
 }
 
 #[derive(Debug, Default)]
@@ -148,38 +153,43 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run())?;
-        Ok(AccessLog {
+        Ok(AccessLog(Arc::new(Handle {
             tx,
             shared,
             config: config.clone(),
-        })
+        })))
+    }
+
+    /// The settings it was started with.
+    pub fn config(&self) -> &AccessLogConfig {
+        &self.0.config
     }
 
     /// Queues one line; never blocks, never wakes a thread. A full queue drops it (and
     /// counts it).
     #[inline]
     pub fn log(&self, entry: Entry) {
-        match self.tx.try_send(entry) {
+        match self.0.tx.try_send(entry) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                self.0.shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     /// Asks the writer to reopen its file (after logrotate moved it).
     pub fn reopen(&self) {
-        self.shared.reopen.store(true, Ordering::Relaxed);
+        self.0.shared.reopen.store(true, Ordering::Relaxed);
     }
 
     /// Lines dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.0.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Lines written.
     pub fn written(&self) -> u64 {
-        self.shared.written.load(Ordering::Relaxed)
+        self.0.shared.written.load(Ordering::Relaxed)
     }
 }
 

@@ -358,7 +358,7 @@ impl Daemon {
         // opened rejects the change.
         let access_log = match (&config.access_log, &current.access_log) {
             (None, _) => None,
-            (Some(wanted), Some(running)) if running.config == *wanted => Some(running.clone()),
+            (Some(wanted), Some(running)) if running.config() == wanted => Some(running.clone()),
             (Some(wanted), _) => Some(AccessLog::start(wanted).map_err(|error| {
                 ReloadError::AccessLog {
                     path: wanted

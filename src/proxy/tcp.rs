@@ -71,7 +71,7 @@ pub async fn serve(
     let started = Instant::now();
     // Written to the counters and the access log once the connection ends, however it ends.
     let mut account = Account {
-        listener: Arc::clone(&config.name.as_str().into()),
+        listener: config.name.as_str().into(),
         client: peer,
         stats,
         pool: Arc::clone(&pool),
