@@ -273,6 +273,45 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         sent
     );
     promtool_check(&page);
+
+    // A bad edit is rejected: counted as a failure, the last success time stays.
+    let last_ok = value(
+        &page,
+        "ballast_config_last_reload_success_timestamp_seconds",
+        &[],
+    );
+    lb.save_config("[listeners.web]\nbind = \"nonsense\"\n", Save::Rename);
+    let rejected = eventually(Duration::from_secs(10), async || {
+        admin_call(admin, "GET", "/status", None).await.1["reload"]["rejected"] == 1
+    })
+    .await;
+    assert!(rejected.is_some(), "bad edit not rejected");
+    let page = scrape(admin).await;
+    assert_eq!(
+        value(
+            &page,
+            "ballast_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &page,
+            "ballast_config_reloads_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &page,
+            "ballast_config_last_reload_success_timestamp_seconds",
+            &[]
+        ),
+        last_ok
+    );
+    assert_eq!(value(&page, "ballast_config_generation", &[]), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
