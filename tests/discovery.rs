@@ -192,6 +192,16 @@ async fn dns_answers_add_remove_and_drain_backends_with_no_failed_request() {
     assert_eq!(bs[0].in_flight(), 0);
     assert!(fixed.hits() > 0, "the fixed backend kept its share");
     assert_eq!(states(admin, "app").await.len(), 3, "fixed, r2, r3 remain");
+    // Its Prometheus series went with it; the others' stay.
+    let page = support::get(admin, "/metrics").await.body;
+    assert!(
+        !page.contains(&format!("backend=\"{}\"", bs[0].addr)),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("backend=\"{}\"", bs[1].addr)),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -671,3 +671,71 @@ async fn an_idle_h2_connection_gets_goaway_after_keepalive_timeout() {
     assert!(at < Duration::from_secs(5), "GOAWAY too late: {at:?}");
     assert_eq!(a.hits(), 1);
 }
+
+/// HTTP/2 in the access log and the counters: the host comes from `:authority`, and a
+/// stream the client resets while waiting is logged as 499 `client_closed`, counted, and
+/// not held against the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_are_logged_and_a_reset_stream_is_the_clients() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .admin()
+            .head("[access_log]\npath = \"access.log\"\n")
+            .listener("h2c = true")
+            .pool("passive = { max_fails = 1, fail_timeout = \"30s\" }")
+            .build(),
+    );
+    let log = lb.dir.path().join("access.log");
+    let mut h2 = h2_handshake(TcpStream::connect(lb.addr("web")).await.unwrap()).await;
+    let (status, _, _) = h2_get(&mut h2, "http://shop.example/first").await.unwrap();
+    assert_eq!(status, 200);
+    // A second stream on the same connection: the client gives up after 200 ms, which
+    // resets the stream (RST_STREAM CANCEL).
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        h2_get(&mut h2, "http://shop.example/slow/1500"),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let lines = support::eventually(WAIT, async || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(
+        lines.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let v: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(v[0]["protocol"], "HTTP/2.0");
+    assert_eq!(v[0]["host"], "shop.example");
+    assert_eq!(v[0]["path"], "/first");
+    assert_eq!(v[0]["status"], 200);
+    assert_eq!(v[1]["path"], "/slow/1500");
+    assert_eq!(v[1]["status"], 499, "{}", v[1]);
+    assert_eq!(v[1]["termination"], "client_closed");
+    assert_eq!(
+        support::backend_state(lb.admin(), "app", a.addr).await,
+        "healthy"
+    );
+    let page = support::get(lb.admin(), "/metrics").await.body;
+    assert!(
+        page.contains("ballast_pool_failures_total{pool=\"app\",reason=\"client_closed\"} 1"),
+        "{page}"
+    );
+    assert!(page.contains(&format!(
+        "ballast_backend_failures_total{{pool=\"app\",backend=\"{}\"}} 0",
+        a.addr
+    )));
+    let (status, _, _) = h2_get(&mut h2, "http://shop.example/after").await.unwrap();
+    assert_eq!(status, 200);
+}

@@ -267,6 +267,22 @@ async fn the_status_page_shows_backends_and_drains_one_with_a_click() {
     })
     .await;
     assert!(enabled.is_some());
+
+    // The page follows changes made elsewhere (its periodic refresh): a drain through the
+    // API shows up without a reload or a click.
+    let (status, _) = support::admin_call(
+        lb.admin(),
+        "POST",
+        &format!("/pools/app/backends/{}/drain", bs[0].addr),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let followed = eventually(Duration::from_secs(10), async || {
+        s.text(&row(&bs[0], ".state")).await == "draining"
+    })
+    .await;
+    assert!(followed.is_some(), "the page did not refresh itself");
     s.close().await;
 }
 

@@ -117,20 +117,20 @@ pub async fn handle(
         .cloned();
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
-    let mut ex = Exchange::start(ctx, &req, log);
-    let mut resp = respond(req, &snap, &mut ex).await;
+    let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
+    let mut resp = respond(req, &ctx, &snap, &mut ex).await;
     drop(snap);
     ex.status = resp.status().as_u16();
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
-    if tunnel && !ex.ctx.phase.is_multiplexed() {
+    if tunnel && !ctx.phase.is_multiplexed() {
         ex.armed = false;
     }
     // Shutting down: this is the connection's last response; say so (hyper does too when
     // told before the head is written, but a quick response can beat that).
-    if !tunnel && !ex.ctx.phase.is_multiplexed() && ex.ctx.shutdown.is_cancelled() {
+    if !tunnel && !ctx.phase.is_multiplexed() && ctx.shutdown.is_cancelled() {
         close_after(&mut resp);
     }
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
@@ -142,10 +142,10 @@ struct Tunnel;
 
 async fn respond(
     mut req: Request<Incoming>,
+    ctx: &ConnCtx,
     snap: &Snapshot,
     ex: &mut Exchange,
 ) -> Response<Inner> {
-    let ctx = &*Arc::clone(&ex.ctx);
     let Some(router) = snap.routers.get(&*ctx.listener) else {
         return error_response(&ProxyError::ListenerGone, ex);
     };
@@ -265,7 +265,7 @@ async fn respond(
         Err(fault) => return error_response(&ProxyError::Client(fault), ex),
     };
     ex.bytes_in = BytesIn::of(&body);
-    match forward(parts, body, pool, key, client_upgrade, ex).await {
+    match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e, ex),
     }
@@ -282,9 +282,9 @@ async fn forward(
     pool: &Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: &ConnCtx,
     ex: &mut Exchange,
 ) -> Result<Response<Inner>, ProxyError> {
-    let ctx = &*Arc::clone(&ex.ctx);
     let tracker = &ctx.tracker;
     // With `send_proxy`, connections are this client's own (see `PrivateConn`).
     let private = cfg_send_proxy(pool).map(|v| {
