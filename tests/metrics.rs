@@ -431,3 +431,36 @@ async fn metrics_need_the_token_and_can_be_switched_off() {
     assert_eq!(s, 404, "{body}");
     assert!(body.contains("metrics are off"));
 }
+
+/// The alert rules shipped in config/prometheus/ are valid, and `BallastPoolDown` fires on
+/// a pool whose last healthy backend went away (promtool's rule unit test).
+#[test]
+fn shipped_alert_rules_check_and_fire() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = match std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+        {
+            Ok(out) => out,
+            Err(_) => {
+                println!(
+                    "SKIPPED: promtool {} (promtool is not installed)",
+                    args.join(" ")
+                );
+                return;
+            }
+        };
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
