@@ -6,6 +6,7 @@
 #   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
 #   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
+#   SCENARIO=idle IDLE_CLIENTS=5000 bash benches/compare.sh   # RSS per idle keep-alive client
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -25,7 +26,7 @@ if ! need haproxy || ! need nginx || ! need wrk; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk >/dev/null
 fi
 cargo build --release --quiet
-BALLAST=target/release/ballast
+BALLAST=${BALLAST_BIN:-target/release/ballast}
 
 work=$(mktemp -d)
 pids=()
@@ -49,7 +50,7 @@ taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 4096
+  maxconn 9000
 defaults
   mode http
   timeout connect 3s
@@ -118,6 +119,54 @@ stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
 
 hz=$(getconf CLK_TCK)
 results="$work/results"
+
+# --- idle keep-alive clients: each connects, makes one request, then stays open ----------
+if [ "${SCENARIO:-}" = idle ]; then
+  n=${IDLE_CLIENTS:-5000}
+  rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  cat > "$work/idle.py" <<'PY'
+import asyncio, os, sys
+port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+async def one(sem, held):
+    async with sem:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+        await r.readexactly(length)
+        held.append(w)
+async def main():
+    held, sem = [], asyncio.Semaphore(200)
+    await asyncio.gather(*(one(sem, held) for _ in range(n)))
+    open(ready, "w").write(str(len(held)))
+    for _ in range(600):  # at most 60 s
+        if os.path.exists(stop):
+            break
+        await asyncio.sleep(0.1)
+asyncio.run(main())
+PY
+  : > "$results"
+  for proxy in ballast haproxy nginx; do
+    start_proxy $proxy
+    wpid=$(worker_pid $proxy)
+    taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
+    sleep 1
+    before=$(rss_kib "$wpid")
+    rm -f "$work/ready" "$work/stop"
+    taskset -c 1 python3 "$work/idle.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
+    for _ in $(seq 1 600); do [ -f "$work/ready" ] && break; sleep 0.1; done
+    sleep 1
+    held=$(cat "$work/ready" 2>/dev/null || echo 0)
+    after=$(rss_kib "$wpid")
+    touch "$work/stop"; wait "$client" || true
+    stop_proxy
+    per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/n}')
+    echo "$proxy $per" >> "$results"
+    printf '%-8s %5s clients held: RSS %7s KiB -> %7s KiB, %6s bytes per idle connection\n' "$proxy" "$held" "$before" "$after" "$per"
+  done
+  awk '{v[$1]=$2} END {printf "\nRSS per idle keep-alive connection: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.1f\n", v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
+  exit 0
+fi
 : > "$results"
 proxies="ballast haproxy nginx"
 if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
