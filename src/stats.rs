@@ -35,10 +35,6 @@ impl ByClass {
             .zip(&self.0)
             .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
     }
-
-    pub fn total(&self) -> u64 {
-        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
-    }
 }
 
 /// A monotonically growing count.
