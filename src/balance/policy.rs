@@ -5,6 +5,12 @@
 //! [`Selector::pick`] runs per request with an atomic `fetch_add` and a short scan. The
 //! caller passes a `load(i)` closure that returns the in-flight count of backend `i`, or
 //! `None` when that backend must not be chosen (unhealthy, draining, ejected, already tried).
+//!
+//! `least_conn` scans every backend in pools of up to [`LEAST_CONN_EXACT_MAX`]; in larger
+//! ones it takes the less loaded of two backends drawn by weight (the power of two choices,
+//! Envoy's `LEAST_REQUEST`): O(log n) per pick instead of O(n), and no shared structure that
+//! every request would have to update (an ordered tree of loads, HAProxy's way, is written
+//! twice per request by every thread).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -14,22 +20,22 @@ use crate::config::Algorithm;
 const RING_POINTS_PER_BACKEND: usize = 160;
 /// Above this many steps the smooth weighted schedule is built with a cheaper interleave.
 const SMOOTH_BUILD_LIMIT: usize = 20_000_000;
+/// Up to this many backends `least_conn` finds the least loaded exactly (a scan of 32 costs
+/// about what two weighted draws do); above it, it samples.
+pub const LEAST_CONN_EXACT_MAX: usize = 32;
+/// Pairs drawn before a sampling pick gives up and scans (most backends unavailable).
+const SAMPLED_PAIRS: usize = 4;
 
 #[derive(Debug)]
 enum Schedule {
     /// Backend indices in smooth weighted round-robin order (nginx's algorithm, precomputed).
-    RoundRobin {
-        order: Vec<u32>,
-    },
-    LeastConn,
+    RoundRobin { order: Vec<u32> },
+    /// `sampled`: cumulative weights, for pools too large to scan on every pick.
+    LeastConn { sampled: Option<Vec<u64>> },
     /// Cumulative weights for weighted random draws (power of two choices).
-    Random {
-        cumulative: Vec<u64>,
-    },
+    Random { cumulative: Vec<u64> },
     /// Sorted (point, backend index) ring.
-    Hash {
-        ring: Vec<(u64, u32)>,
-    },
+    Hash { ring: Vec<(u64, u32)> },
 }
 
 #[derive(Debug)]
@@ -49,15 +55,11 @@ impl Selector {
             Algorithm::RoundRobin => Schedule::RoundRobin {
                 order: smooth_weighted_order(&weights),
             },
-            Algorithm::LeastConn => Schedule::LeastConn,
+            Algorithm::LeastConn => Schedule::LeastConn {
+                sampled: (weights.len() > LEAST_CONN_EXACT_MAX).then(|| cumulative(&weights)),
+            },
             Algorithm::Random => Schedule::Random {
-                cumulative: weights
-                    .iter()
-                    .scan(0u64, |acc, w| {
-                        *acc += u64::from(*w);
-                        Some(*acc)
-                    })
-                    .collect(),
+                cumulative: cumulative(&weights),
             },
             Algorithm::Hash => Schedule::Hash {
                 ring: build_ring(&weights, ids),
@@ -91,25 +93,14 @@ impl Selector {
                 let start = self.cursor.load(Ordering::Relaxed);
                 (0..n).map(|k| (start + k) % n).find(|&i| load(i).is_some())
             }
-            Schedule::LeastConn => {
+            Schedule::LeastConn { sampled: None } => {
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
                 self.least_loaded((0..n).map(|k| (start + k) % n), &load)
             }
-            Schedule::Random { cumulative } => {
-                let total = cumulative.last().copied().unwrap_or(0);
-                let draw = || {
-                    let r = fastrand::u64(..total.max(1));
-                    cumulative.partition_point(|c| *c <= r).min(n - 1)
-                };
-                let (a, b) = (draw(), draw());
-                match self.least_loaded([a, b].into_iter(), &load) {
-                    Some(i) => Some(i),
-                    None => {
-                        let start = fastrand::usize(..n);
-                        self.least_loaded((0..n).map(|k| (start + k) % n), &load)
-                    }
-                }
+            Schedule::LeastConn {
+                sampled: Some(cumulative),
             }
+            | Schedule::Random { cumulative } => self.two_choices(cumulative, &load),
             Schedule::Hash { ring } => match key {
                 Some(key) => {
                     let start = ring.partition_point(|(p, _)| *p < key);
@@ -123,6 +114,28 @@ impl Selector {
                 }
             },
         }
+    }
+
+    /// The less loaded (per unit of weight) of two backends drawn by weight; a few pairs are
+    /// drawn when the first holds no available backend, then every backend is scanned.
+    fn two_choices(
+        &self,
+        cumulative: &[u64],
+        load: &impl Fn(usize) -> Option<usize>,
+    ) -> Option<usize> {
+        let n = self.weights.len();
+        let total = cumulative.last().copied().unwrap_or(0).max(1);
+        let draw = || {
+            let r = fastrand::u64(..total);
+            cumulative.partition_point(|c| *c <= r).min(n - 1)
+        };
+        for _ in 0..SAMPLED_PAIRS {
+            if let Some(i) = self.least_loaded([draw(), draw()].into_iter(), load) {
+                return Some(i);
+            }
+        }
+        let start = fastrand::usize(..n);
+        self.least_loaded((0..n).map(|k| (start + k) % n), load)
     }
 
     /// The candidate with the fewest in-flight requests per unit of weight; the first one
@@ -148,6 +161,17 @@ impl Selector {
         }
         best.map(|(i, _)| i)
     }
+}
+
+/// Running sums of the weights, for weighted draws by binary search.
+fn cumulative(weights: &[u32]) -> Vec<u64> {
+    weights
+        .iter()
+        .scan(0u64, |acc, w| {
+            *acc += u64::from(*w);
+            Some(*acc)
+        })
+        .collect()
 }
 
 /// The full cycle of nginx's smooth weighted round robin: a 3:1:1 pool yields A B A C A,
@@ -279,6 +303,49 @@ mod tests {
         let s = selector(Algorithm::LeastConn, &[1, 1, 1]);
         let picks: Vec<usize> = (0..3).filter_map(|_| s.pick(None, |_| Some(0))).collect();
         assert_eq!(picks, [0, 1, 2]);
+    }
+
+    #[test]
+    fn large_least_conn_pools_sample_by_weight_and_prefer_the_idle() {
+        let n = 1000;
+        // Weights 1 and 3 alternate; nothing in flight: picks follow the weights.
+        let weights: Vec<u32> = (0..n).map(|i| if i % 2 == 0 { 1 } else { 3 }).collect();
+        let s = selector(Algorithm::LeastConn, &weights);
+        let mut by_weight = [0usize; 2];
+        for _ in 0..40_000 {
+            if let Some(i) = s.pick(None, |_| Some(0)) {
+                by_weight[i % 2] += 1;
+            }
+        }
+        let ratio = by_weight[1] as f64 / by_weight[0] as f64;
+        assert!(
+            (2.7..3.3).contains(&ratio),
+            "3:1 weights, got {by_weight:?}"
+        );
+        // Half the backends busy: a pick lands on a busy one only when both draws did.
+        let s = selector(Algorithm::LeastConn, &vec![1; n]);
+        let busy = (0..10_000)
+            .filter_map(|_| s.pick(None, |i| Some(if i < n / 2 { 10 } else { 0 })))
+            .filter(|i| *i < n / 2)
+            .count();
+        assert!(
+            busy < 3_000,
+            "expected about 1/4 busy picks, got {busy} of 10000"
+        );
+        // One backend left available: found, by the scan after the draws miss.
+        for _ in 0..100 {
+            assert_eq!(s.pick(None, |i| (i == 777).then_some(5)), Some(777));
+        }
+        assert_eq!(s.pick(None, |_| None), None);
+    }
+
+    #[test]
+    fn small_least_conn_pools_are_exact() {
+        let n = LEAST_CONN_EXACT_MAX;
+        let s = selector(Algorithm::LeastConn, &vec![1; n]);
+        for _ in 0..100 {
+            assert_eq!(s.pick(None, |i| Some(if i == 7 { 0 } else { 1 })), Some(7));
+        }
     }
 
     #[test]
