@@ -139,7 +139,7 @@ async def main():
     held, sem = [], asyncio.Semaphore(200)
     await asyncio.gather(*(one(sem, held) for _ in range(n)))
     open(ready, "w").write(str(len(held)))
-    for _ in range(600):  # at most 60 s
+    for _ in range(1200):  # at most 120 s
         if os.path.exists(stop):
             break
         await asyncio.sleep(0.1)
@@ -155,7 +155,7 @@ PY
     rm -f "$work/ready" "$work/stop"
     taskset -c 1 python3 "$work/idle.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
     for _ in $(seq 1 600); do [ -f "$work/ready" ] && break; sleep 0.1; done
-    sleep 1
+    sleep "${IDLE_SETTLE:-1}"
     held=$(cat "$work/ready" 2>/dev/null || echo 0)
     after=$(rss_kib "$wpid")
     touch "$work/stop"; wait "$client" || true

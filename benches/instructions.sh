@@ -7,6 +7,7 @@
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/instructions.sh   # + that build
 #   REQUESTS=20000 bash benches/instructions.sh
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
+#   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -85,10 +86,14 @@ measure() {  # $1 = label, $2 = binary, $3 = config
 
 : > "$work/results"
 if [ -n "${BALLAST_BASELINE:-}" ]; then measure baseline "$BALLAST_BASELINE" "$work/plain.toml"; fi
-measure plain "$BALLAST" "$work/plain.toml"
-measure metrics "$BALLAST" "$work/metrics.toml"
-measure access-log "$BALLAST" "$work/log.toml"
-measure access-log-common "$BALLAST" "$work/common.toml"
+for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
+  case $variant in
+    plain) measure plain "$BALLAST" "$work/plain.toml" ;;
+    metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
+    access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
+    access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;
+  esac
+done
 
 python3 - "$work/results" "$REQUESTS" <<'PY'
 import sys

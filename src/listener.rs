@@ -8,8 +8,10 @@
 //! path runs the body timeout.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -113,6 +115,7 @@ pub async fn run(
         read_limits: ReadLimits {
             header_timeout: config.request_header_timeout,
             keepalive_timeout: config.keepalive_timeout,
+            park_after: Some(PARK_AFTER),
         },
         live,
         name: Arc::clone(&name),
@@ -251,8 +254,15 @@ impl Env {
             // graceful shutdown waits for it (up to shutdown_timeout).
             let live = Arc::clone(&self.live);
             let stats = Arc::clone(&self.stats);
-            crate::proxy::tcp::serve(client, peer, local, live, Arc::clone(&self.config), stats)
-                .await;
+            Box::pin(crate::proxy::tcp::serve(
+                client,
+                peer,
+                local,
+                live,
+                Arc::clone(&self.config),
+                stats,
+            ))
+            .await;
             return;
         }
         crate::net::limit_unsent(&stream, self.config.response_buffer);
@@ -273,40 +283,47 @@ impl Env {
         let timed =
             TimedStream::downstream(stream, self.config.send_timeout, phase, self.read_limits);
         let io = Prefixed::new(prefix, timed);
-        let conn = Conn {
-            ctx,
-            h1: self.h1.clone(),
-            h2: self.h2.clone(),
-            shutdown: self.shutdown.clone(),
-        };
+        let conn = Conn { ctx, env: self };
+        // Only the plain HTTP/1 path runs inline: a parked connection is this task and
+        // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
+        // (several KiB each; an async fn is as large as its largest state).
         match &self.tls {
-            None if conn.ctx.config.h2c => conn.serve_auto(io).await,
-            None => conn.serve_h1(io).await,
-            Some(acceptor) => {
-                // The same timer as a request head: a handshake that stalls is cut.
-                let limit = conn.ctx.config.request_header_timeout;
-                let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
-                    Ok(Ok(s)) => {
-                        self.stats.tls_handshakes.incr();
-                        s
-                    }
-                    Ok(Err(e)) => {
-                        self.stats.tls_failures.incr();
-                        tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        self.stats.tls_failures.incr();
-                        tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
-                        return;
-                    }
-                };
-                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    conn.serve_h2(stream).await
-                } else {
-                    conn.serve_h1(stream).await
-                }
+            None if conn.ctx.config.h2c => Box::pin(conn.serve_auto(io)).await,
+            // Boxed once: the parked task then holds a pointer, not a second copy of the
+            // stream (an async fn keeps its arguments apart from its locals).
+            None => conn.serve_h1(Box::new(io)).await,
+            Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
+        }
+    }
+
+    async fn serve_tls(
+        &self,
+        conn: Conn<'_>,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        io: Prefixed<TimedStream>,
+    ) {
+        // The same timer as a request head: a handshake that stalls is cut.
+        let limit = conn.ctx.config.request_header_timeout;
+        let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+            Ok(Ok(s)) => {
+                self.stats.tls_handshakes.incr();
+                s
             }
+            Ok(Err(e)) => {
+                self.stats.tls_failures.incr();
+                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats.tls_failures.incr();
+                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+                return;
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            conn.serve_h2(stream).await
+        } else {
+            conn.serve_h1(stream).await
         }
     }
 }
@@ -353,39 +370,84 @@ fn h2_builder(config: &ListenerConfig) -> http2::Builder<TokioExecutor> {
 /// request (which then gets `Connection: close`) before it is closed.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// How long an idle HTTP/1 connection over plain TCP keeps hyper's state (and its ~20 KiB
+/// of buffers) before it is parked; see `Conn::serve_h1` and `ConnPhase::claim_park`.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_RESETS: usize = 32;
 const H2_MAX_LOCAL_RESETS: usize = 256;
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One accepted client connection and what it needs to be served.
-struct Conn {
+/// One accepted client connection and what it needs to be served. Small on purpose: it
+/// lives in the connection's task for as long as the connection.
+struct Conn<'a> {
     ctx: Arc<ConnCtx>,
-    h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
-    shutdown: CancellationToken,
+    env: &'a Env,
 }
 
-impl Conn {
+impl Conn<'_> {
     /// HTTP/1.1. On shutdown the request in progress finishes, answered with
     /// `Connection: close`.
-    async fn serve_h1<I: Io>(self, io: I) {
+    ///
+    /// Over plain TCP an idle connection is parked: once it has been idle for
+    /// [`PARK_AFTER`] after an exchange that left nothing unread, hyper's connection is
+    /// told to stop there (which frees its read and write buffers and the request future's
+    /// slot, ~27 KiB), the socket stays open and waits for the next request's first byte
+    /// holding no buffer, and a new hyper connection takes it from there. A new connection
+    /// starts parked. An idle keep-alive client then costs under 2 KiB (HAProxy's and
+    /// nginx's buffer pools do the same); a pipelined request hyper had already read is put
+    /// back in front of the socket.
+    async fn serve_h1<I: Parkable>(&self, mut io: I) {
+        let park = io.can_park();
+        loop {
+            if park {
+                match self.parked(&mut io).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::debug!(client = %self.ctx.peer, error = %e, "client connection ended");
+                        return;
+                    }
+                }
+            }
+            // Boxed: while parked, the task holds none of hyper's connection state.
+            match Box::pin(self.h1_exchanges(io, park)).await {
+                Some(back) => io = back,
+                None => return,
+            }
+        }
+    }
+
+    /// Serves requests on `io` with one hyper connection until the connection ends
+    /// (`None`) or, with `park`, goes idle after a clean exchange (`Some`: the stream back,
+    /// with any bytes hyper had read past it put back).
+    async fn h1_exchanges<I: Parkable>(&self, io: I, park: bool) -> Option<I> {
+        let phase = &self.ctx.phase;
         let ctx = Arc::clone(&self.ctx);
         let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-        let conn = self
+        let mut conn = self
+            .env
             .h1
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
-        tokio::pin!(conn);
         let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = self.shutdown.cancelled() => {
+            r = std::future::poll_fn(|cx| loop {
+                let polled = Pin::new(&mut conn).poll(cx);
+                if polled.is_pending() && park && !self.env.shutdown.is_cancelled() && phase.claim_park() {
+                    // Idle and clean: hyper closes its side (an idle connection stops at
+                    // once), `TimedStream` keeps the socket open.
+                    Pin::new(&mut conn).graceful_shutdown();
+                    continue;
+                }
+                return polled;
+            }) => r,
+            _ = self.env.shutdown.cancelled() => {
                 // A connection accepted just before shutdown (or before a hand-over to a
                 // successor) whose first request is still on its way gets a moment for it:
                 // the client reached a listening socket, so it was never refused and must
                 // not be dropped. hyper would close it at once as idle.
-                let phase = &self.ctx.phase;
                 let grace = FIRST_REQUEST_GRACE.min(self.ctx.config.request_header_timeout);
                 let first_request = async {
                     let start = tokio::time::Instant::now();
@@ -394,33 +456,69 @@ impl Conn {
                     }
                 };
                 tokio::select! {
-                    r = conn.as_mut() => {
-                        self.log_end(r.err());
-                        return;
+                    r = &mut conn => r,
+                    _ = first_request => {
+                        Pin::new(&mut conn).graceful_shutdown();
+                        (&mut conn).await
                     }
-                    _ = first_request => {}
                 }
-                conn.as_mut().graceful_shutdown();
-                conn.await
             }
         };
-        self.log_end(result.err());
+        let parked = phase.end_park();
+        match conn.into_parts() {
+            Some(parts) if parked && result.is_ok() => {
+                tracing::debug!(client = %self.ctx.peer, "idle connection parked");
+                let mut io = parts.io.into_inner();
+                io.put_back(&parts.read_buf);
+                Some(io)
+            }
+            // Closed, failed, or upgraded (the tunnel has the socket now).
+            _ => {
+                self.log_end(result.err());
+                None
+            }
+        }
+    }
+
+    /// Waits, parked, for the next request: `Ok(false)` when the connection should close
+    /// instead (shutdown with no request coming); errors are the read timers'.
+    async fn parked<I: Parkable>(&self, io: &mut I) -> std::io::Result<bool> {
+        tokio::select! {
+            biased;
+            r = std::future::poll_fn(|cx| io.poll_parked(cx)) => r.map(|()| true),
+            _ = self.env.shutdown.cancelled() => {
+                if !self.ctx.phase.untouched() {
+                    // An idle keep-alive connection: nothing in flight, close it.
+                    return Ok(false);
+                }
+                // Just accepted: its first request gets the grace described in
+                // `h1_exchanges` (boxed: a rare path, kept out of every parked task).
+                Box::pin(async {
+                    let grace = FIRST_REQUEST_GRACE.min(self.ctx.config.request_header_timeout);
+                    match tokio::time::timeout(grace, std::future::poll_fn(|cx| io.poll_parked(cx))).await {
+                        Ok(r) => r.map(|()| true),
+                        Err(_) => Ok(false),
+                    }
+                })
+                .await
+            }
+        }
     }
 
     /// HTTP/2. On shutdown, or after `keepalive_timeout` with no open stream, GOAWAY: the
     /// client opens no new stream here, the open ones finish.
-    async fn serve_h2<I: Io>(self, io: I) {
+    async fn serve_h2<I: Io>(&self, io: I) {
         self.ctx.phase.multiplexed();
         let ctx = Arc::clone(&self.ctx);
         // hyper spawns a task per stream and moves the service future into it: boxed, that
         // move is a pointer, not the whole request path's state (measured: the copies were
         // ~4% of CPU under h2load).
         let svc = service_fn(move |req| Box::pin(handle(req, Arc::clone(&ctx))));
-        let conn = self.h2.serve_connection(TokioIo::new(io), svc);
+        let conn = self.env.h2.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = self.shutdown.cancelled() => {
+            _ = self.env.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -434,7 +532,7 @@ impl Conn {
     }
 
     /// `h2c = true`: HTTP/2 with prior knowledge (the connection preface) or HTTP/1.1.
-    async fn serve_auto<I: Io>(self, mut io: I) {
+    async fn serve_auto(&self, mut io: Prefixed<TimedStream>) {
         let (h2, seen) = match sniff_h2_preface(&mut io).await {
             Ok(sniffed) => sniffed,
             Err(e) => {
@@ -442,11 +540,11 @@ impl Conn {
                 return;
             }
         };
-        let io = Prefixed::new(seen, io);
+        io.put_back(&seen);
         if h2 {
             self.serve_h2(io).await
         } else {
-            self.serve_h1(io).await
+            self.serve_h1(Box::new(io)).await
         }
     }
 
@@ -462,6 +560,42 @@ impl Conn {
 /// What a client connection can be served over: TCP, or TLS over TCP.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A client stream an idle HTTP/1 connection can be parked on (see `Conn::serve_h1`):
+/// plain TCP. TLS is not parked: rustls holds its own buffers per connection anyway.
+trait Parkable: Io {
+    fn can_park(&self) -> bool;
+    /// Ready when the next request has begun (or the client closed); fails on a read timer.
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+    /// Puts back bytes read past the last request.
+    fn put_back(&mut self, bytes: &[u8]);
+}
+
+impl Parkable for Box<Prefixed<TimedStream>> {
+    fn can_park(&self) -> bool {
+        true
+    }
+
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Prefixed::poll_parked(self, cx)
+    }
+
+    fn put_back(&mut self, bytes: &[u8]) {
+        Prefixed::put_back(self, bytes)
+    }
+}
+
+impl<T: Io> Parkable for tokio_rustls::server::TlsStream<T> {
+    fn can_park(&self) -> bool {
+        false
+    }
+
+    fn poll_parked(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn put_back(&mut self, _bytes: &[u8]) {}
+}
 
 /// Reads until the bytes seen either are the HTTP/2 connection preface or cannot become it;
 /// returns which, with the bytes read (to be replayed to the server).

@@ -56,12 +56,19 @@ pub struct BodyWatch {
     fault: OnceLock<ClientFault>,
     done: OnceLock<()>,
     finished: Notify,
+    /// The client's body was read to its end (nothing of it is left on the connection).
+    read_all: std::sync::atomic::AtomicBool,
 }
 
 impl BodyWatch {
     /// Body bytes read from the client so far.
     pub fn received(&self) -> u64 {
         self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the whole body has been read from the client.
+    pub fn read_all(&self) -> bool {
+        self.read_all.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The client's fault, if its body failed.
@@ -263,10 +270,19 @@ impl Body for ClientBody {
                     }
                 }
                 this.waiting = false;
+                if this.inner.is_end_stream() {
+                    // A sized body's last bytes: hyper's client may not ask for the end.
+                    this.watch
+                        .read_all
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.watch.fail(classify(&e))))),
             Poll::Ready(None) => {
+                this.watch
+                    .read_all
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 this.watch.finish();
                 Poll::Ready(None)
             }

@@ -48,8 +48,9 @@ pub struct ConnCtx {
     pub tracker: tokio_util::task::TaskTracker,
     /// Busy while a request is served, idle after: the socket's read timers follow it.
     pub phase: Arc<ConnPhase>,
-    /// This client connection's own upstream connection, for pools with `send_proxy`.
-    pub private: Arc<PrivateConn>,
+    /// This client connection's own upstream connection, for pools with `send_proxy`
+    /// (made on first use: most connections never need one).
+    pub private: std::sync::OnceLock<Arc<PrivateConn>>,
     /// Fires when the connection must close after its current request (shutdown).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The listener's counters.
@@ -118,9 +119,15 @@ pub async fn handle(
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
     let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
+    ex.keep_alive = keeps_alive(&req);
+    ex.body_read = req.body().is_end_stream();
     let mut resp = respond(req, &ctx, &snap, &mut ex).await;
     drop(snap);
     ex.status = resp.status().as_u16();
+    if resp.headers().contains_key(http::header::CONNECTION) {
+        // `close` (an error the client caused, a rejected request, or shutdown below).
+        ex.keep_alive = false;
+    }
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -132,8 +139,25 @@ pub async fn handle(
     // told before the head is written, but a quick response can beat that).
     if !tunnel && !ctx.phase.is_multiplexed() && ctx.shutdown.is_cancelled() {
         close_after(&mut resp);
+        ex.keep_alive = false;
     }
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
+}
+
+/// Whether the client asked to keep its connection after this request: HTTP/1.1 without a
+/// `close` token in `Connection` (hyper's rule; HTTP/1.0 keep-alive clients are not parked,
+/// which only costs them memory).
+fn keeps_alive<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && !req
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            })
 }
 
 /// Marks a response whose connection was handed to a tunnel (CONNECT).
@@ -265,6 +289,10 @@ async fn respond(
         Err(fault) => return error_response(&ProxyError::Client(fault), ex),
     };
     ex.bytes_in = BytesIn::of(&body);
+    if !matches!(body, UpstreamBody::Stream(_)) {
+        // Empty or buffered whole: the request has been read to its end.
+        ex.body_read = true;
+    }
     match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e, ex),
@@ -290,7 +318,7 @@ async fn forward(
     let private = cfg_send_proxy(pool).map(|v| {
         (
             crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
-            &ctx.private,
+            ctx.private.get_or_init(Default::default),
         )
     });
     let cfg = &pool.config;

@@ -1,0 +1,199 @@
+//! Idle HTTP/1 keep-alive connections are parked: after a second idle, ballast drops the
+//! connection's parser state and buffers and waits for the next request holding only the
+//! socket (RSS per idle client: BENCHMARKS.md). Parking must be invisible on the wire: the
+//! next request, a pipelined pair, a head split over writes, the keep-alive timeout and a
+//! shutdown all behave as on a connection that was never parked.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use support::{closed_within, read_response, Backend, Ballast, TestConfig};
+
+const PARKED: &str = "idle connection parked";
+
+/// Waits until ballast has logged `count` parks.
+fn wait_parked(lb: &Ballast, count: usize) {
+    assert!(
+        lb.wait_for_log_count(PARKED, count, Duration::from_secs(10)),
+        "expected {count} parked connection(s):\n{}",
+        lb.logs()
+    );
+}
+
+async fn get(s: &mut TcpStream, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_response(s, Duration::from_secs(5))
+        .await
+        .expect("a response")
+        .status_text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_serves_its_next_requests_pipelined_or_split() {
+    let a = Backend::start("a").await;
+    // Bodies stream from the first byte: a streamed body read to its end still parks.
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("request_buffering = 0")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    assert_eq!(
+        get(&mut s, "/echo-path/1").await,
+        (200, "/echo-path/1".into())
+    );
+    wait_parked(&lb, 1);
+
+    // Two requests in one write: answered in order on the same connection.
+    s.write_all(
+        b"GET /echo-path/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /echo-path/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for want in ["/echo-path/2", "/echo-path/3"] {
+        let r = read_response(&mut s, Duration::from_secs(5))
+            .await
+            .expect("pipelined response");
+        assert_eq!(r.status_text(), (200, want.to_string()));
+    }
+    wait_parked(&lb, 2);
+
+    // A head that arrives in pieces after the park.
+    s.write_all(b"GET /echo-path/4 HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("split head");
+    assert_eq!(r.status_text(), (200, "/echo-path/4".to_string()));
+
+    // A body on the connection after a park, then a plain request again.
+    s.write_all(b"POST /echo-path/5 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("post");
+    assert_eq!(r.status, 200, "{}", r.head);
+    // (No park between the split request and the POST: it came at once.)
+    wait_parked(&lb, 3);
+    assert_eq!(
+        get(&mut s, "/echo-path/6").await,
+        (200, "/echo-path/6".into())
+    );
+    assert_eq!(a.connections(), 1, "ballast kept one backend connection");
+    let logs = lb.logs();
+    assert!(
+        !logs.contains("client connection ended with an error"),
+        "parking broke a connection:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_timeout_closes_a_parked_connection_on_time() {
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("keepalive_timeout = \"2500ms\"")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    assert_eq!(get(&mut s, "/").await.0, 200);
+    let answered = Instant::now();
+    wait_parked(&lb, 1);
+    closed_within(&mut s, Duration::from_secs(10))
+        .await
+        .expect("closed by keepalive_timeout");
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2300) && idle < Duration::from_secs(5),
+        "parked connection closed after {idle:?}, keepalive_timeout is 2.5s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_timeout_counts_from_the_end_of_the_response() {
+    // Shorter than the park delay, and far shorter than the head timeout: the timer must
+    // start when the response is done, not when something else next wakes the connection.
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("keepalive_timeout = \"500ms\"\nrequest_header_timeout = \"5s\"")
+            .build(),
+    );
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    assert_eq!(get(&mut s, "/").await.0, 200);
+    let idle = closed_within(&mut s, Duration::from_secs(10))
+        .await
+        .expect("closed by keepalive_timeout");
+    assert!(
+        idle >= Duration::from_millis(400) && idle < Duration::from_millis(2500),
+        "idle connection closed after {idle:?}, keepalive_timeout is 500ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_has_not_spoken_is_held_by_the_head_timeout() {
+    // A new connection starts parked; its first byte is still due within
+    // request_header_timeout of the accept, and the head complete by then.
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("request_header_timeout = \"600ms\"\nkeepalive_timeout = \"10s\"")
+            .build(),
+    );
+    let mut silent = TcpStream::connect(lb.addr("web")).await.unwrap();
+    let t = closed_within(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("silent connection closed");
+    assert!(
+        t < Duration::from_millis(2000),
+        "silent connection held {t:?}"
+    );
+    let mut slow = TcpStream::connect(lb.addr("web")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let t = closed_within(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("slow head closed");
+    assert!(
+        t < Duration::from_millis(1200),
+        "head begun at 400ms held {t:?} more; request_header_timeout 600ms counts from the accept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_parked_connections_at_once() {
+    let a = Backend::start("a").await;
+    let mut lb = Ballast::start(&TestConfig::new(&[&a]).build());
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+        assert_eq!(get(&mut s, "/").await.0, 200);
+        conns.push(s);
+    }
+    wait_parked(&lb, 3);
+    let start = Instant::now();
+    lb.signal("TERM");
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        lb.logs()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "shutdown waited {:?} for idle connections",
+        start.elapsed()
+    );
+    for s in &mut conns {
+        closed_within(s, Duration::from_secs(2))
+            .await
+            .expect("parked connection closed by shutdown");
+    }
+}
