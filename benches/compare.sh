@@ -7,6 +7,8 @@
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
 #   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
 #   SCENARIO=idle IDLE_CLIENTS=5000 bash benches/compare.sh   # RSS per idle keep-alive client
+#   SCENARIO=busy BUSY_CLIENTS=2000 bash benches/compare.sh   # RSS per stalled 1 MiB download
+#   SCENARIO=close bash benches/compare.sh   # a new connection per request (Connection: close)
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -40,10 +42,12 @@ cat > "$work/backends.conf" <<CONF
 worker_processes 1; daemon off; error_log $work/backends.err; pid $work/backends.pid;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$b1; location / { return 200 "backend-1\n"; } }
-  server { listen 127.0.0.1:$b2; location / { return 200 "backend-2\n"; } }
-  server { listen 127.0.0.1:$b3; location / { return 200 "backend-3\n"; } } }
+  server { listen 127.0.0.1:$b1; location / { return 200 "backend-1\n"; } location /big { root $work/www; } }
+  server { listen 127.0.0.1:$b2; location / { return 200 "backend-2\n"; } location /big { root $work/www; } }
+  server { listen 127.0.0.1:$b3; location / { return 200 "backend-3\n"; } location /big { root $work/www; } } }
 CONF
+mkdir -p "$work/www/big" && head -c 1048576 /dev/zero > "$work/www/big/file"   # /big/file: 1 MiB
+chmod -R a+rX "$work"   # nginx workers run as nobody
 taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 
 # --- the three proxies -------------------------------------------------------------------
@@ -73,7 +77,7 @@ events { worker_connections 10000; }
 http { access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$b1; server 127.0.0.1:$b2; server 127.0.0.1:$b3; keepalive 128; }
   server { listen 127.0.0.1:$lb;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_max_temp_file_size 0;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
 CONF
 cat > "$work/ballast.toml" <<CONF
@@ -155,7 +159,9 @@ PY
     rm -f "$work/ready" "$work/stop"
     taskset -c 1 python3 "$work/idle.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
     for _ in $(seq 1 600); do [ -f "$work/ready" ] && break; sleep 0.1; done
-    sleep "${IDLE_SETTLE:-1}"
+    # ballast parks a connection after 100 ms idle and its allocator returns freed pages over
+    # the next seconds (jemalloc's decay); the same wait applies to every proxy.
+    sleep "${IDLE_SETTLE:-3}"
     held=$(cat "$work/ready" 2>/dev/null || echo 0)
     after=$(rss_kib "$wpid")
     touch "$work/stop"; wait "$client" || true
@@ -166,6 +172,63 @@ PY
   done
   awk '{v[$1]=$2} END {printf "\nRSS per idle keep-alive connection: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.1f\n", v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
   exit 0
+fi
+
+# --- busy clients: each starts a 1 MiB download and stops reading after the first bytes ---
+if [ "${SCENARIO:-}" = busy ]; then
+  n=${BUSY_CLIENTS:-2000}
+  rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  cat > "$work/busy.py" <<'PY'
+import asyncio, os, socket, sys
+port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+async def one(sem, held):
+    async with sem:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's window
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+        r, w = await asyncio.open_connection(sock=s, limit=4096)  # reads pause past 8 KiB
+        w.write(b"GET /big/file HTTP/1.1\r\nHost: busy\r\n\r\n")
+        await r.readuntil(b"\r\n\r\n")
+        await r.readexactly(1024)
+        held.append(w)
+async def main():
+    held, sem = [], asyncio.Semaphore(200)
+    await asyncio.gather(*(one(sem, held) for _ in range(n)))
+    open(ready, "w").write(str(len(held)))
+    for _ in range(1200):  # at most 120 s
+        if os.path.exists(stop):
+            break
+        await asyncio.sleep(0.1)
+asyncio.run(main())
+PY
+  : > "$results"
+  for proxy in ballast haproxy nginx; do
+    start_proxy $proxy
+    wpid=$(worker_pid $proxy)
+    taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
+    sleep 1
+    before=$(rss_kib "$wpid")
+    rm -f "$work/ready" "$work/stop"
+    taskset -c 1 python3 "$work/busy.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
+    for _ in $(seq 1 900); do [ -f "$work/ready" ] && break; sleep 0.1; done
+    sleep "${BUSY_SETTLE:-3}"
+    held=$(cat "$work/ready" 2>/dev/null || echo 0)
+    after=$(rss_kib "$wpid")
+    touch "$work/stop"; wait "$client" || true
+    stop_proxy
+    per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
+    echo "$proxy $per" >> "$results"
+    printf '%-8s %5s stalled downloads: RSS %7s KiB -> %7s KiB, %7s bytes per busy connection\n' "$proxy" "$held" "$before" "$after" "$per"
+  done
+  awk '{v[$1]=$2} END {printf "\nRSS per busy connection (1 MiB download, client not reading): ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
+  exit 0
+fi
+
+# --- connection per request: every request on a new client connection -------------------
+wrk_args=()
+if [ "${SCENARIO:-}" = close ]; then
+  wrk_args=(-H "Connection: close")
 fi
 : > "$results"
 proxies="ballast haproxy nginx"
@@ -186,7 +249,7 @@ for round in $(seq 1 "$ROUNDS"); do
       scraper=$!
     fi
     t0=$(cpu_ticks "$wpid")
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$lb/")
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${wrk_args[@]}" "http://127.0.0.1:$lb/")
     t1=$(cpu_ticks "$wpid")
     if [ -n "$scraper" ]; then wait "$scraper" || true; fi
     stop_proxy

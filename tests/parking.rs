@@ -1,4 +1,4 @@
-//! Idle HTTP/1 keep-alive connections are parked: after a second idle, ballast drops the
+//! Idle HTTP/1 keep-alive connections are parked: after 100 ms idle, ballast drops the
 //! connection's parser state and buffers and waits for the next request holding only the
 //! socket (RSS per idle client: BENCHMARKS.md). Parking must be invisible on the wire: the
 //! next request, a pipelined pair, a head split over writes, the keep-alive timeout and a

@@ -64,17 +64,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets the `X-Forwarded-*` fields for a request from `client` received over `proto`
 /// (`"http"` or `"https"`).
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = client.to_string();
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(prev) if !prev.is_empty() => {
+            let ip = client.as_bytes();
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
             v.extend_from_slice(prev);
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip.as_bytes());
+            v.extend_from_slice(ip);
             HeaderValue::from_bytes(&v)
         }
-        _ => HeaderValue::from_str(&ip),
+        // The connection's own copy: a reference count, not a formatted address per request.
+        _ => Ok(client.clone()),
     };
     // Several X-Forwarded-For lines are folded into one, so the chain stays in order.
     if let Ok(v) = xff {
@@ -84,6 +85,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
+}
+
+/// A client address as an `X-Forwarded-For` element, made once per connection.
+pub fn client_header(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// The request's host name without port, lower-case comparison is left to the router.
@@ -188,7 +194,7 @@ mod tests {
             header::HOST,
             HeaderValue::from_static("app.example.com:8080"),
         );
-        add_forwarded(&mut h, "192.0.2.7".parse().unwrap(), "http");
+        add_forwarded(&mut h, &client_header("192.0.2.7".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example.com:8080");

@@ -40,6 +40,8 @@ pub struct ConnCtx {
     /// The listener's settings when the connection was accepted.
     pub config: Arc<ListenerConfig>,
     pub peer: SocketAddr,
+    /// The client's address as it goes into `X-Forwarded-For`.
+    pub forwarded_for: HeaderValue,
     /// The address the client connected to (from a PROXY header when there was one).
     pub local: SocketAddr,
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
@@ -248,7 +250,7 @@ async fn respond(
             parts.headers.insert(http::header::HOST, v);
         }
     }
-    headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto);
+    headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto);
     if h2_backend {
         // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
         let scheme = if pool.tls.is_some() { "https" } else { "http" };
