@@ -6,6 +6,7 @@
 #   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
 #   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
+#   THREADS2=1 bash benches/compare.sh   # + ballast with worker_threads = 2 on both CPUs
 #   SCENARIO=idle IDLE_CLIENTS=5000 bash benches/compare.sh   # RSS per idle keep-alive client
 #   SCENARIO=busy BUSY_CLIENTS=2000 bash benches/compare.sh   # RSS per stalled 1 MiB download
 #   SCENARIO=close bash benches/compare.sh   # a new connection per request (Connection: close)
@@ -95,6 +96,8 @@ CONF
 # while loaded), and with a JSON access log to a file (no admin).
 sed -e "1i [admin]\nbind = \"127.0.0.1:$((BASE_PORT+20))\"" "$work/ballast.toml" > "$work/ballast-metrics.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/ballast.toml" > "$work/ballast-log.toml"
+# worker_threads = 2 (THREADS2=1), on both CPUs: CPU time per request against one thread's.
+sed -e "s/worker_threads = 1/worker_threads = 2/" "$work/ballast.toml" > "$work/ballast-2t.toml"
 
 wait_port() { for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; return 1; }
 wait_port $b1
@@ -108,6 +111,7 @@ start_proxy() {
     ballast-base) taskset -c 0 "$BALLAST_BASELINE" --config "$work/ballast.toml" --log warn & ;;
     ballast-metrics) taskset -c 0 "$BALLAST" --config "$work/ballast-metrics.toml" --log warn & ;;
     ballast-log) taskset -c 0 "$BALLAST" --config "$work/ballast-log.toml" --log warn & ;;
+    ballast-2t) taskset -c 0,1 "$BALLAST" --config "$work/ballast-2t.toml" --log warn & ;;
     haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
     nginx)   taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
   esac
@@ -233,6 +237,7 @@ fi
 : > "$results"
 proxies="ballast haproxy nginx"
 if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
+if [ -n "${THREADS2:-}" ]; then proxies="ballast ballast-2t haproxy nginx"; fi
 if [ -n "${OBSERVABILITY:-}" ]; then
   proxies="ballast ballast-metrics ballast-log haproxy nginx"
   if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast-base $proxies"; fi
@@ -280,7 +285,7 @@ med = {p: {k: statistics.median(v) for k, v in r.items()} for p, r in rows.items
 h = med["haproxy"]
 print(f"\nmedian of {len(rows['haproxy']['rps'])} rounds; ratio = proxy / haproxy (req/s: higher is better; latency, cpu: lower is better)")
 print(f"{'proxy':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
-for p in ("ballast", "ballast-base", "ballast-metrics", "ballast-log", "haproxy", "nginx"):
+for p in ("ballast", "ballast-base", "ballast-2t", "ballast-metrics", "ballast-log", "haproxy", "nginx"):
     if p not in med:
         continue
     m = med[p]

@@ -8,6 +8,7 @@
 #   REQUESTS=20000 bash benches/instructions.sh
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
 #   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
+#   VARIANTS="plain threads2" bash benches/instructions.sh   # + worker_threads = 2
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -40,6 +41,7 @@ pool = "app"
 [pools.app]
 backends = ["127.0.0.1:$((BASE_PORT+1))", "127.0.0.1:$((BASE_PORT+2))", "127.0.0.1:$((BASE_PORT+3))"]
 CONF
+sed -e "s/worker_threads = 1/worker_threads = 2/" "$work/plain.toml" > "$work/threads2.toml"
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
@@ -89,6 +91,7 @@ if [ -n "${BALLAST_BASELINE:-}" ]; then measure baseline "$BALLAST_BASELINE" "$w
 for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
   case $variant in
     plain) measure plain "$BALLAST" "$work/plain.toml" ;;
+    threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
     access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
     access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;
