@@ -128,73 +128,45 @@ stop_proxy() { kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; }
 hz=$(getconf CLK_TCK)
 results="$work/results"
 
-# --- idle keep-alive clients: each connects, makes one request, then stays open ----------
-if [ "${SCENARIO:-}" = idle ]; then
-  n=${IDLE_CLIENTS:-5000}
+# --- memory per client connection: idle keep-alive clients, or stalled downloads ---------
+# idle: each client connects, makes one request, reads the answer and stays connected.
+# busy: each requests a 1 MiB file and stops reading after the first KiB (4 KiB receive
+# buffer; asyncio pauses reading past 8 KiB), so the download stays in flight.
+# The proxy worker's RSS after, minus before, divided by the connections held.
+if [ "${SCENARIO:-}" = idle ] || [ "${SCENARIO:-}" = busy ]; then
+  mode=$SCENARIO
+  if [ "$mode" = idle ]; then
+    n=${IDLE_CLIENTS:-5000}
+    # ballast parks a connection after 100 ms idle and its allocator returns freed pages
+    # over the next seconds (jemalloc's decay); the same wait applies to every proxy.
+    settle=${IDLE_SETTLE:-3}
+    what="idle keep-alive connection"
+  else
+    n=${BUSY_CLIENTS:-2000}
+    settle=${BUSY_SETTLE:-3}
+    what="busy connection (1 MiB download, client not reading)"
+  fi
   rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-  cat > "$work/idle.py" <<'PY'
-import asyncio, os, sys
-port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-async def one(sem, held):
-    async with sem:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
-        head = await r.readuntil(b"\r\n\r\n")
-        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
-        await r.readexactly(length)
-        held.append(w)
-async def main():
-    held, sem = [], asyncio.Semaphore(200)
-    await asyncio.gather(*(one(sem, held) for _ in range(n)))
-    open(ready, "w").write(str(len(held)))
-    for _ in range(1200):  # at most 120 s
-        if os.path.exists(stop):
-            break
-        await asyncio.sleep(0.1)
-asyncio.run(main())
-PY
-  : > "$results"
-  for proxy in ballast haproxy nginx; do
-    start_proxy $proxy
-    wpid=$(worker_pid $proxy)
-    taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
-    sleep 1
-    before=$(rss_kib "$wpid")
-    rm -f "$work/ready" "$work/stop"
-    taskset -c 1 python3 "$work/idle.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
-    for _ in $(seq 1 600); do [ -f "$work/ready" ] && break; sleep 0.1; done
-    # ballast parks a connection after 100 ms idle and its allocator returns freed pages over
-    # the next seconds (jemalloc's decay); the same wait applies to every proxy.
-    sleep "${IDLE_SETTLE:-3}"
-    held=$(cat "$work/ready" 2>/dev/null || echo 0)
-    after=$(rss_kib "$wpid")
-    touch "$work/stop"; wait "$client" || true
-    stop_proxy
-    per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/n}')
-    echo "$proxy $per" >> "$results"
-    printf '%-8s %5s clients held: RSS %7s KiB -> %7s KiB, %6s bytes per idle connection\n' "$proxy" "$held" "$before" "$after" "$per"
-  done
-  awk '{v[$1]=$2} END {printf "\nRSS per idle keep-alive connection: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.1f\n", v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
-  exit 0
-fi
-
-# --- busy clients: each starts a 1 MiB download and stops reading after the first bytes ---
-if [ "${SCENARIO:-}" = busy ]; then
-  n=${BUSY_CLIENTS:-2000}
-  rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-  cat > "$work/busy.py" <<'PY'
+  cat > "$work/clients.py" <<'PY'
 import asyncio, os, socket, sys
-port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+mode, port, n, ready, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 async def one(sem, held):
     async with sem:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's window
-        s.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
-        r, w = await asyncio.open_connection(sock=s, limit=4096)  # reads pause past 8 KiB
-        w.write(b"GET /big/file HTTP/1.1\r\nHost: busy\r\n\r\n")
-        await r.readuntil(b"\r\n\r\n")
-        await r.readexactly(1024)
+        if mode == "idle":
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+            await r.readexactly(length)
+        else:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's window
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+            r, w = await asyncio.open_connection(sock=s, limit=4096)
+            w.write(b"GET /big/file HTTP/1.1\r\nHost: busy\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(1024)
         held.append(w)
 async def main():
     held, sem = [], asyncio.Semaphore(200)
@@ -214,18 +186,18 @@ PY
     sleep 1
     before=$(rss_kib "$wpid")
     rm -f "$work/ready" "$work/stop"
-    taskset -c 1 python3 "$work/busy.py" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
+    taskset -c 1 python3 "$work/clients.py" "$mode" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
     for _ in $(seq 1 900); do [ -f "$work/ready" ] && break; sleep 0.1; done
-    sleep "${BUSY_SETTLE:-3}"
+    sleep "$settle"
     held=$(cat "$work/ready" 2>/dev/null || echo 0)
     after=$(rss_kib "$wpid")
     touch "$work/stop"; wait "$client" || true
     stop_proxy
     per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
     echo "$proxy $per" >> "$results"
-    printf '%-8s %5s stalled downloads: RSS %7s KiB -> %7s KiB, %7s bytes per busy connection\n' "$proxy" "$held" "$before" "$after" "$per"
+    printf '%-8s %5s clients held: RSS %7s KiB -> %7s KiB, %7s bytes per connection\n' "$proxy" "$held" "$before" "$after" "$per"
   done
-  awk '{v[$1]=$2} END {printf "\nRSS per busy connection (1 MiB download, client not reading): ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
+  awk -v what="$what" '{v[$1]=$2} END {printf "\nRSS per %s: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", what, v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
   exit 0
 fi
 

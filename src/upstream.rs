@@ -136,7 +136,9 @@ impl ConnPool {
             }
         }
         let started = Instant::now();
-        let sender = connect(addr, s, tls, tls_name, None, cut()).await?;
+        // Boxed: opening (with a TLS handshake) is a ~7 KB future; inline, every request's
+        // future would carry and move that space, though most reuse a pooled connection.
+        let sender = Box::pin(connect(addr, s, tls, tls_name, None, cut())).await?;
         Ok((sender, Some(started.elapsed())))
     }
 
@@ -164,7 +166,7 @@ impl ConnPool {
             )));
         }
         let started = Instant::now();
-        match connect(addr, s, tls, tls_name, None, cut()).await {
+        match Box::pin(connect(addr, s, tls, tls_name, None, cut())).await {
             Ok(Sender::H2(h2)) => {
                 *self.shared_lock() = Some(h2.clone());
                 Ok((Sender::H2(h2), Some(started.elapsed())))

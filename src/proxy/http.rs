@@ -360,14 +360,15 @@ async fn forward(
                 Some(s) => Ok((s, None)),
                 None => {
                     let started = std::time::Instant::now();
-                    crate::upstream::connect(
+                    // Boxed, as in `ConnPool::get`: a new connection's future is large.
+                    Box::pin(crate::upstream::connect(
                         backend.addr,
                         &settings,
                         pool.tls.as_ref(),
                         backend.tls_name.as_ref(),
                         Some(header),
                         backend.cut_token(),
-                    )
+                    ))
                     .await
                     .map(|s| (s, Some(started.elapsed())))
                 }
