@@ -197,3 +197,45 @@ async fn shutdown_closes_parked_connections_at_once() {
             .expect("parked connection closed by shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_an_unread_request_body_is_never_parked() {
+    // The backend answers without reading the upload; ballast streams bodies over 64 KiB,
+    // so the rest of this one is still on the wire when the response is done. Parking there
+    // would make the next hyper connection parse body bytes as requests. Two things stop
+    // it: hyper closes a connection whose request body it cannot drain at once, and the
+    // park requires the body read to its end (`Exchange::body_read`). This pins the
+    // property, whichever of the two acts.
+    let a = Backend::start("a").await;
+    let lb = Ballast::start(&TestConfig::new(&[&a]).build());
+    let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+    let len = 1 << 20;
+    s.write_all(format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&vec![b'x'; 128 * 1024]).await.unwrap();
+    let r = read_response(&mut s, Duration::from_secs(5))
+        .await
+        .expect("early response");
+    // 200 when the backend's early answer wins; 502 when its connection reset (it closes
+    // after answering without reading) reaches ballast first. Either way the upload is
+    // unfinished on the client's connection, which is what this test is about.
+    assert!(r.status == 200 || r.status == 502, "{}", r.head);
+    // An absence to observe: give the park timer (100 ms) several periods to fire.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The rest of the body: whatever ballast does with it (drain or close), it must not
+    // answer it as a request.
+    let rest = b"GET /echo-path/smuggled HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
+    let _ = s.write_all(&rest).await;
+    let more = read_response(&mut s, Duration::from_secs(1)).await;
+    assert!(
+        more.is_none(),
+        "body bytes were answered as a request: {:?}",
+        more.map(|r| r.head)
+    );
+    assert!(
+        !lb.logs().contains(PARKED),
+        "parked with a request body unread:\n{}",
+        lb.logs()
+    );
+}
