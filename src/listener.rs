@@ -400,9 +400,9 @@ impl Conn<'_> {
     /// told to stop there (which frees its read and write buffers and the request future's
     /// slot, ~27 KiB), the socket stays open and waits for the next request's first byte
     /// holding no buffer, and a new hyper connection takes it from there. A new connection
-    /// starts parked. An idle keep-alive client then costs under 2 KiB (HAProxy's and
-    /// nginx's buffer pools do the same); a pipelined request hyper had already read is put
-    /// back in front of the socket.
+    /// starts parked. An idle keep-alive client then costs about 2-3 KB of RSS instead of
+    /// ~29 KB (HAProxy's and nginx's buffer pools do the same; BENCHMARKS.md); a pipelined
+    /// request hyper had already read is put back in front of the socket.
     async fn serve_h1<I: Parkable>(&self, mut io: I) {
         let park = io.can_park();
         loop {
