@@ -5,7 +5,8 @@
 //! `max_connections_per_client`, when set, bounds what one address may hold of them.
 //! hyper enforces the header size limit (431) and malformed requests (400); the socket
 //! wrapper [`TimedStream`] runs the keep-alive, request-head and send timeouts; the request
-//! path runs the body timeout.
+//! path runs the body timeout. An idle plain HTTP/1 connection is parked: it holds its
+//! socket and no hyper state until its next request (`Conn::serve_h1`).
 
 use std::collections::HashMap;
 use std::future::Future;
