@@ -26,8 +26,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes hop-by-hop fields, including those listed in `Connection`.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop fields, including those listed in `Connection`. Returns whether
+/// `Connection` said `close`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass over the names first: most messages carry none, and then nothing is hashed.
     let mut connection = false;
     let mut fixed = false;
@@ -35,6 +36,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         connection |= name == header::CONNECTION;
         fixed |= is_hop_by_hop(name);
     }
+    let mut close = false;
     if connection {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -44,6 +46,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .collect();
         for name in named {
+            close |= name.as_str() == "close";
             headers.remove(name);
         }
         headers.remove(header::CONNECTION);
@@ -60,6 +63,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    close
 }
 
 /// Sets the `X-Forwarded-*` fields for a request from `client` received over `proto`

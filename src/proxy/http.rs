@@ -121,7 +121,6 @@ pub async fn handle(
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
     let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
-    ex.keep_alive = keeps_alive(&req);
     ex.body_read = req.body().is_end_stream();
     let mut resp = respond(req, &ctx, &snap, &mut ex).await;
     drop(snap);
@@ -144,22 +143,6 @@ pub async fn handle(
         ex.keep_alive = false;
     }
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
-}
-
-/// Whether the client asked to keep its connection after this request: HTTP/1.1 without a
-/// `close` token in `Connection` (hyper's rule; HTTP/1.0 keep-alive clients are not parked,
-/// which only costs them memory).
-fn keeps_alive<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && !req
-            .headers()
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .any(|v| {
-                v.as_bytes()
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            })
 }
 
 /// Marks a response whose connection was handed to a tunnel (CONNECT).
@@ -234,7 +217,10 @@ async fn respond(
         parts.uri =
             Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
     }
-    headers::remove_hop_by_hop(&mut parts.headers);
+    let close = headers::remove_hop_by_hop(&mut parts.headers);
+    // hyper's rule for keeping the connection (HTTP/1.0 keep-alive clients are not parked,
+    // which only costs them memory); responses made before this point never park.
+    ex.keep_alive = parts.version == Version::HTTP_11 && !close;
     // ballast answers `Expect: 100-continue` itself, when it starts reading the body.
     parts.headers.remove(http::header::EXPECT);
     if let Some(protocol) = upgrade {
