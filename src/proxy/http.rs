@@ -16,6 +16,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::abandoned;
 use super::error::{ProxyError, Side};
 use super::exchange::{BytesIn, Exchange};
 use super::headers;
@@ -396,9 +397,26 @@ async fn forward(
         };
         let cuts = backend.cuts();
         let sent_at = std::time::Instant::now();
-        let sent = send(&mut sender, req, watch.as_deref(), cfg.response_timeout).await;
+        // If the client leaves before the answer, a request that was in hand is finished in
+        // the background and its connection kept (see `abandoned`).
+        let home = (watch.is_none() && private.is_none() && client_upgrade.is_none()).then(|| {
+            abandoned::Home {
+                backend: Arc::clone(backend),
+                settings,
+                cuts,
+            }
+        });
+        let mut in_flight = abandoned::InFlight::send(sender, req, home);
+        let sent = send(&mut in_flight, watch.as_deref(), cfg.response_timeout).await;
+        // Whatever came of it, this task is still here: nothing to finish in the background.
+        in_flight.abandon();
+        let Some((sent_sender, sent)) = sent else {
+            // The request may be executing; a timeout is not retried.
+            return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
+        };
+        sender = sent_sender;
         match sent {
-            Some(Ok(resp)) => {
+            Ok(resp) => {
                 ex.header = Some(sent_at.elapsed());
                 ex.answered = true;
                 backend.record_success();
@@ -419,11 +437,11 @@ async fn forward(
                     watch.clone(),
                 ));
             }
-            Some(Err(_)) if backend.cuts() != cuts => {
+            Err(_) if backend.cuts() != cuts => {
                 // Our own drain timeout ended it; the work may have run, don't resend it.
                 return Err(ProxyError::DrainCut);
             }
-            Some(Err(mut e)) => {
+            Err(mut e) => {
                 if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
                     // The client's body failed, not the backend: no mark, no retry.
                     return Err(ProxyError::Client(fault));
@@ -451,10 +469,6 @@ async fn forward(
                     None => break,
                 };
             }
-            None => {
-                // The request may be executing; a timeout is not retried.
-                return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
-            }
         }
     }
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
@@ -462,22 +476,17 @@ async fn forward(
     }))
 }
 
-type SendResult =
-    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>;
-
-/// Sends `req` and waits for the response head; `None` if `response_timeout` passed first.
+/// Waits for the response head of `in_flight`; `None` if `response_timeout` passed first.
 /// The response timer starts once the request is completely sent: a streamed body counts
 /// only when its last byte has gone, so a long upload with steady progress is never cut.
 /// While it is sent, the client's body timeout and the connection's write timeout apply.
 async fn send(
-    sender: &mut Sender,
-    req: Request<UpstreamBody>,
+    in_flight: &mut abandoned::InFlight,
     watch: Option<&BodyWatch>,
     response_timeout: Duration,
-) -> Option<SendResult> {
-    let sending = sender.try_send_request(req);
+) -> Option<<abandoned::InFlight as std::future::Future>::Output> {
     match watch {
-        None => tokio::time::timeout(response_timeout, sending).await.ok(),
+        None => tokio::time::timeout(response_timeout, in_flight).await.ok(),
         Some(w) => {
             let deadline = async {
                 w.finished().await;
@@ -485,7 +494,7 @@ async fn send(
             };
             tokio::select! {
                 biased;
-                r = sending => Some(r),
+                r = in_flight => Some(r),
                 () = deadline => None,
             }
         }
@@ -521,7 +530,7 @@ fn upstream_response(
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     let body = UpstreamResponseBody {
-        inner: body,
+        inner: Some(body),
         conn: Some((sender, settings)),
         home,
         lease,
@@ -678,7 +687,8 @@ fn request_hash(key: &HashKey, req: &Request<Incoming>, peer: SocketAddr) -> Opt
 /// request counts as in flight until the body is done, and gives the upstream connection back
 /// to the pool once the body has been read to the end.
 pub struct UpstreamResponseBody {
-    inner: Incoming,
+    /// `None` once handed to [`abandoned`] to be finished.
+    inner: Option<Incoming>,
     conn: Option<(Sender, ConnSettings)>,
     /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
     /// backend's pool.
@@ -715,7 +725,10 @@ impl Body for UpstreamResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release_conn(),
             Poll::Ready(Some(Err(e))) => {
@@ -743,11 +756,13 @@ impl Body for UpstreamResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -798,8 +813,26 @@ impl Body for ProxyBody {
 impl Drop for UpstreamResponseBody {
     fn drop(&mut self) {
         // Bodies that are empty by framing (HEAD, 204, 304) may never be polled.
-        if self.inner.is_end_stream() {
+        if self.is_end_stream() {
             self.release_conn();
+            return;
+        }
+        // The client left mid-body: a small rest is read in the background so the
+        // connection can be kept, unless it is this client's own or its upload broke.
+        let upload_done = self
+            .watch
+            .as_ref()
+            .is_none_or(|w| w.read_all() && w.fault().is_none());
+        if self.home.is_some() || !upload_done {
+            return;
+        }
+        if let (Some((sender, settings)), Some(body)) = (self.conn.take(), self.inner.take()) {
+            let home = abandoned::Home {
+                backend: Arc::clone(self.lease.backend()),
+                settings,
+                cuts: self.cuts,
+            };
+            home.finish_body(sender, body);
         }
     }
 }

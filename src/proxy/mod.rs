@@ -1,6 +1,7 @@
 //! The data plane: header rules, errors, the HTTP forwarding path, upgrade tunnels, and the
 //! TCP (L4) forwarding path (userspace copy, or splice(2)).
 
+mod abandoned;
 pub mod error;
 mod exchange;
 pub mod headers;
