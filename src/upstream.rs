@@ -54,17 +54,24 @@ impl Sender {
         }
     }
 
-    /// Sends `req`; a request that never reached the wire comes back in the error.
-    pub async fn try_send_request(
-        &mut self,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
+    /// Sends `req`; a request that never reached the wire comes back in the error. hyper
+    /// queues the request to the connection at once; the future only waits for the answer
+    /// and does not borrow the connection (it can outlive this call's caller: see
+    /// `proxy::abandoned`).
+    pub fn send(&mut self, req: Request<UpstreamBody>) -> Sending {
         match self {
-            Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(s) => Box::pin(s.try_send_request(req)),
+            Sender::H2(s) => Box::pin(s.try_send_request(req)),
         }
     }
 }
+
+/// The response head of a request sent on a [`Sender`], or the error (with the request, if
+/// it never reached the wire).
+pub type SendResult = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
+
+/// A request on its way: see [`Sender::send`].
+pub type Sending = std::pin::Pin<Box<dyn std::future::Future<Output = SendResult> + Send>>;
 
 /// Largest read from a backend, and so the most response data read ahead of a slow client
 /// per connection (hyper would grow it to 400 KiB); also the limit on a response head.

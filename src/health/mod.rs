@@ -260,7 +260,7 @@ async fn probe_inner(
     };
     let req = req.body(UpstreamBody::Empty).map_err(ProbeError::Request)?;
     let resp = sender
-        .try_send_request(req)
+        .send(req)
         .await
         .map_err(|e| ProbeError::Http(e.into_error()))?;
     let status = resp.status().as_u16();

@@ -26,7 +26,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
 use crate::balance::backend::{Backend, Lease};
-use crate::upstream::{ConnSettings, Sender};
+use crate::upstream::{ConnSettings, SendResult, Sender, Sending};
 
 /// The most response body read and thrown away to keep one backend connection.
 pub const FINISH_BYTES: u64 = 256 * 1024;
@@ -87,16 +87,10 @@ impl Home {
     }
 }
 
-type SendResult = Result<
-    http::Response<Incoming>,
-    hyper::client::conn::TrySendError<http::Request<crate::upstream::UpstreamBody>>,
->;
-
-type Sending = Pin<Box<dyn Future<Output = (Sender, SendResult)> + Send>>;
-
 /// A request on its way to a backend, up to its response head. It owns the connection, so
 /// that if it is dropped unfinished (the client left) it can go on in the background.
 pub struct InFlight {
+    sender: Option<Sender>,
     sending: Option<Sending>,
     /// `None`: dropping an unfinished request closes its connection.
     home: Option<Home>,
@@ -112,10 +106,8 @@ impl InFlight {
     ) -> InFlight {
         let home = home.filter(|_| matches!(sender, Sender::H1(_)));
         InFlight {
-            sending: Some(Box::pin(async move {
-                let result = sender.try_send_request(req).await;
-                (sender, result)
-            })),
+            sending: Some(sender.send(req)),
+            sender: Some(sender),
             home,
         }
     }
@@ -127,24 +119,30 @@ impl InFlight {
 }
 
 impl Future for InFlight {
+    /// The connection back, with the answer. Polling again after that is a caller's bug,
+    /// never a network condition: it stays pending.
     type Output = (Sender, SendResult);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(sending) = self.sending.as_mut() else {
-            // Polled after completion: a caller bug, never a network condition.
             return Poll::Pending;
         };
-        let out = std::task::ready!(sending.as_mut().poll(cx));
+        let result = std::task::ready!(sending.as_mut().poll(cx));
         self.sending = None;
-        Poll::Ready(out)
+        match self.sender.take() {
+            Some(sender) => Poll::Ready((sender, result)),
+            None => Poll::Pending,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let (Some(sending), Some(home)) = (self.sending.take(), self.home.take()) {
+        if let (Some(sending), Some(sender), Some(home)) =
+            (self.sending.take(), self.sender.take(), self.home.take())
+        {
             home.spawn(async move {
-                let (sender, result) = sending.await;
+                let result = sending.await;
                 let resp = result.ok()?;
                 // A 101 or other upgrade has no body to finish and no connection to keep.
                 if resp.status().is_informational() {
