@@ -10,6 +10,7 @@
 #   SCENARIO=idle IDLE_CLIENTS=5000 bash benches/compare.sh   # RSS per idle keep-alive client
 #   SCENARIO=busy BUSY_CLIENTS=2000 bash benches/compare.sh   # RSS per stalled 1 MiB download
 #   SCENARIO=close bash benches/compare.sh   # a new connection per request (Connection: close)
+#   LISTENER_EXTRA='response_buffer = "16KiB"' bash benches/compare.sh   # ballast listener keys
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -87,6 +88,7 @@ worker_threads = 1
 [listeners.web]
 bind = "127.0.0.1:$lb"
 pool = "app"
+${LISTENER_EXTRA:-}
 [pools.app]
 algorithm = "round_robin"
 backends = ["127.0.0.1:$b1", "127.0.0.1:$b2", "127.0.0.1:$b3"]
@@ -179,7 +181,9 @@ async def main():
 asyncio.run(main())
 PY
   : > "$results"
-  for proxy in ballast haproxy nginx; do
+  memory_proxies="ballast haproxy nginx"
+  [ -n "${BALLAST_BASELINE:-}" ] && memory_proxies="ballast ballast-base haproxy nginx"
+  for proxy in $memory_proxies; do
     start_proxy $proxy
     wpid=$(worker_pid $proxy)
     taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
@@ -195,9 +199,9 @@ PY
     stop_proxy
     per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
     echo "$proxy $per" >> "$results"
-    printf '%-8s %5s clients held: RSS %7s KiB -> %7s KiB, %7s bytes per connection\n' "$proxy" "$held" "$before" "$after" "$per"
+    printf '%-12s %5s clients held: RSS %7s KiB -> %7s KiB, %7s bytes per connection\n' "$proxy" "$held" "$before" "$after" "$per"
   done
-  awk -v what="$what" '{v[$1]=$2} END {printf "\nRSS per %s: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", what, v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]}' "$results"
+  awk -v what="$what" '{v[$1]=$2} END {printf "\nRSS per %s: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", what, v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]; if ("ballast-base" in v) printf "baseline build: %s B (%.2f x HAProxy)\n", v["ballast-base"], v["ballast-base"]/v["haproxy"]}' "$results"
   exit 0
 fi
 

@@ -110,7 +110,25 @@ pub async fn run(
         .routers
         .get(&*name)
         .map_or_else(Default::default, |r| Arc::clone(&r.stats));
+    // Accepted sockets inherit TCP_NODELAY and TCP_NOTSENT_LOWAT from the listening socket
+    // (Linux copies both at accept): set once here, not with two syscalls per connection.
+    // A reload's new loop sets its own values; connections the old loop accepts meanwhile
+    // get them too, which only matters for a changed `response_buffer`.
+    let listening = socket2::SockRef::from(&*listener);
+    let unsent = match config.mode {
+        ListenerMode::Http => config.response_buffer,
+        ListenerMode::Tcp => 0,
+    };
+    let inherited_options =
+        listening.set_tcp_nodelay(true).is_ok() && crate::net::limit_unsent(&*listener, unsent);
+    // The address clients connected to, when it is one: only a wildcard bind (0.0.0.0,
+    // [::]) needs getsockname(2) per connection to tell.
+    let fixed_local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     let env = Arc::new(Env {
+        inherited_options,
         h1: h1_builder(&config),
         h2: h2_builder(&config),
         read_limits: ReadLimits {
@@ -152,7 +170,10 @@ pub async fn run(
                 }
             },
         };
-        let local = stream.local_addr().unwrap_or(config.bind);
+        let local = match fixed_local {
+            Some(addr) => addr,
+            None => stream.local_addr().unwrap_or(config.bind),
+        };
         let Some(trusted) = &config.accept_proxy else {
             let Some(slot) = env.admit(&stream, peer) else {
                 continue;
@@ -201,6 +222,8 @@ pub async fn run(
 
 /// What every connection of one accept loop shares.
 struct Env {
+    /// TCP_NODELAY and TCP_NOTSENT_LOWAT are set on the listening socket (see [`run`]).
+    inherited_options: bool,
     live: Live,
     name: Arc<str>,
     config: Arc<ListenerConfig>,
@@ -241,7 +264,9 @@ impl Env {
         _slot: Option<ClientSlot>,
     ) {
         let _open = self.stats.open();
-        let _ = stream.set_nodelay(true);
+        if !self.inherited_options {
+            let _ = stream.set_nodelay(true);
+        }
         if self.config.mode == ListenerMode::Tcp {
             let client = if self.config.splice {
                 ClientConn::Splice(stream, prefix)
@@ -266,7 +291,9 @@ impl Env {
             .await;
             return;
         }
-        crate::net::limit_unsent(&stream, self.config.response_buffer);
+        if !self.inherited_options {
+            let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
+        }
         let phase = Arc::new(ConnPhase::default());
         let ctx = Arc::new(ConnCtx {
             forwarded_for: crate::proxy::headers::client_header(peer.ip()),
@@ -703,5 +730,25 @@ fn refuse_over_limit(stream: &TcpStream, config: &ListenerConfig, peer: SocketAd
     }
     if let Some(suppressed) = crate::log_limit::allow((listener, "max_connections_per_client")) {
         tracing::info!(listener, client = %peer, max, suppressed, reason = %"too_many_connections", "connection refused: client is at max_connections_per_client");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `run` sets TCP_NODELAY and TCP_NOTSENT_LOWAT once on the listening socket and relies
+    /// on accepted sockets inheriting both (no per-connection setsockopt). This pins that
+    /// kernel behaviour on the machine the tests run on.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listening_sockets_options() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listening = socket2::SockRef::from(&listener);
+        listening.set_tcp_nodelay(true).unwrap();
+        assert!(crate::net::limit_unsent(&listener, 12_345));
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), 12_345);
     }
 }

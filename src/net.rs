@@ -50,6 +50,8 @@ pub struct ConnPhase {
     keep_open: AtomicBool,
     /// The connection has been idle for `park_after`: set by the read timer.
     park_due: AtomicBool,
+    /// The client asked to close after the current response (`Connection: close`).
+    closing: AtomicBool,
 }
 
 impl ConnPhase {
@@ -100,6 +102,12 @@ impl ConnPhase {
             && self.park_due.load(Ordering::Relaxed)
             && self.reusable.load(Ordering::Relaxed)
             && !self.keep_open.swap(true, Ordering::Relaxed)
+    }
+
+    /// The client asked to close after the current response: hyper closes the connection
+    /// once it is sent, so no keep-alive timer is armed for it (see `arm_if_idle`).
+    pub fn closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// Ends a park: returns whether one was claimed.
@@ -247,9 +255,14 @@ impl ReadTimer {
     /// not at the next read: hyper does not read again after a response when its last read
     /// found nothing, so without this an idle connection's timer would only start when some
     /// other timer or byte woke it.
+    ///
+    /// Not on a connection about to close: arming moves the timer earlier than any other,
+    /// and tokio then wakes its driver with a write(2) to an eventfd, one syscall per
+    /// connection for a timer that never fires (measured with `Connection: close` load).
     fn arm_if_idle(&mut self, cx: &mut Context<'_>) {
         let word = self.phase.load();
-        if word & 3 == IDLE && self.armed_for != word {
+        if word & 3 == IDLE && self.armed_for != word && !self.phase.closing.load(Ordering::Relaxed)
+        {
             // Arms and registers the waker; an expiry is reported by the next read.
             let _ = self.poll_expired(cx);
         }
@@ -376,10 +389,16 @@ impl AsyncWrite for TimedStream {
 /// ballast's send queues, pushed the machine's TCP memory into pressure, and the dropped
 /// packets timed out health probes of healthy backends. Data in flight is not capped, so a
 /// fast client over a long link keeps its full window.
-pub fn limit_unsent(stream: &TcpStream, bytes: usize) {
+/// On a listening socket, the connections it accepts inherit the value; `0` restores the
+/// system default (`net.ipv4.tcp_notsent_lowat`).
+pub fn limit_unsent(socket: &impl std::os::fd::AsFd, bytes: usize) -> bool {
     let lowat = u32::try_from(bytes).unwrap_or(u32::MAX);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(lowat) {
-        tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+    match socket2::SockRef::from(socket).set_tcp_notsent_lowat(lowat) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+            false
+        }
     }
 }
 

@@ -270,7 +270,7 @@ pub async fn connect(
     let started = Instant::now();
     let stream = connect_tcp(addr, timeout, proxy_header).await?;
     // A backend that reads a request body slowly holds a bounded send queue here too.
-    crate::net::limit_unsent(&stream, READ_BUFFER);
+    let _ = crate::net::limit_unsent(&stream, READ_BUFFER);
     let stream = TimedStream::upstream(stream, s.send_timeout);
     match tls {
         None => handshake(stream, addr, s.protocol, cut).await,

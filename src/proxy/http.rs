@@ -219,6 +219,9 @@ async fn respond(
             Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
     }
     let close = headers::remove_hop_by_hop(&mut parts.headers);
+    if close {
+        ctx.phase.closing();
+    }
     // hyper's rule for keeping the connection (HTTP/1.0 keep-alive clients are not parked,
     // which only costs them memory); responses made before this point never park.
     ex.keep_alive = parts.version == Version::HTTP_11 && !close;
