@@ -69,6 +69,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
 /// Sets the `X-Forwarded-*` fields for a request from `client` received over `proto`
 /// (`"http"` or `"https"`).
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
+    // hyper sizes a request's map for the fields it parsed: make room for all three at once,
+    // or the inserts below grow (rehash) it twice (callgrind: ~1,600 instructions a request).
+    headers.reserve(3);
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(prev) if !prev.is_empty() => {
             let ip = client.as_bytes();
