@@ -15,7 +15,8 @@
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
 # the proxy is what saturates. Prints requests/s, p50/p99 latency and the proxy's CPU time
-# per request (user+system from /proc), as the median over the rounds, and ratios to HAProxy.
+# per request (user+system from /proc, and user alone: the kernel's share is the same for
+# every proxy), as the median over the rounds, and ratios to HAProxy.
 # Everything listens on 127.0.0.1 only; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,8 +105,9 @@ sed -e "s/worker_threads = 1/worker_threads = 2/" "$work/ballast.toml" > "$work/
 wait_port() { for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done; echo "port $1 never answered" >&2; return 1; }
 wait_port $b1
 
-# CPU ticks (user+system) of a process and its children threads.
+# CPU ticks (user+system) of a process and its children threads; and the two apart.
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 
 start_proxy() {
   case $1 in
@@ -229,9 +231,9 @@ for round in $(seq 1 "$ROUNDS"); do
       ( for _ in $(seq 1 "$DURATION"); do curl -s -o /dev/null "http://127.0.0.1:$((BASE_PORT+20))/metrics"; sleep 1; done ) &
       scraper=$!
     fi
-    t0=$(cpu_ticks "$wpid")
+    t0=$(cpu_ticks "$wpid"); u0=$(user_ticks "$wpid")
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${wrk_args[@]}" "http://127.0.0.1:$lb/")
-    t1=$(cpu_ticks "$wpid")
+    t1=$(cpu_ticks "$wpid"); u1=$(user_ticks "$wpid")
     if [ -n "$scraper" ]; then wait "$scraper" || true; fi
     stop_proxy
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -240,8 +242,9 @@ for round in $(seq 1 "$ROUNDS"); do
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
     cpu_us=$(awk -v d=$((t1-t0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
-    echo "$proxy $round $rps $p50 $p99 $cpu_us" >> "$results"
-    printf 'round %s %-8s %10s req/s  p50 %-8s p99 %-8s cpu/req %6s us %s\n' "$round" "$proxy" "$rps" "$p50" "$p99" "$cpu_us" "$errors"
+    user_us=$(awk -v d=$((u1-u0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
+    echo "$proxy $round $rps $p50 $p99 $cpu_us $user_us" >> "$results"
+    printf 'round %s %-8s %10s req/s  p50 %-8s p99 %-8s cpu/req %6s us (user %s) %s\n' "$round" "$proxy" "$rps" "$p50" "$p99" "$cpu_us" "$user_us" "$errors"
   done
 done
 
@@ -254,17 +257,20 @@ def ms(v):
     return float(v)
 rows = {}
 for line in open(sys.argv[1]):
-    p, _, rps, p50, p99, cpu = line.split()
-    r = rows.setdefault(p, {"rps": [], "p50": [], "p99": [], "cpu": []})
+    p, _, rps, p50, p99, cpu, user = line.split()
+    r = rows.setdefault(p, {"rps": [], "p50": [], "p99": [], "cpu": [], "user": []})
     r["rps"].append(float(rps)); r["p50"].append(ms(p50)); r["p99"].append(ms(p99)); r["cpu"].append(float(cpu))
+    r["user"].append(float(user))
 med = {p: {k: statistics.median(v) for k, v in r.items()} for p, r in rows.items()}
 h = med["haproxy"]
 print(f"\nmedian of {len(rows['haproxy']['rps'])} rounds; ratio = proxy / haproxy (req/s: higher is better; latency, cpu: lower is better)")
-print(f"{'proxy':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6}")
+# user: the proxy's own code; the rest of cpu is the kernel's (system time).
+print(f"{'proxy':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>10} {'user':>6} | {'req/s':>6} {'p50':>6} {'p99':>6} {'cpu':>6} {'user':>6}")
 for p in ("ballast", "ballast-base", "ballast-2t", "ballast-metrics", "ballast-log", "haproxy", "nginx"):
     if p not in med:
         continue
     m = med[p]
-    print(f"{p:12} {m['rps']:10.0f} {m['p50']:8.3f} {m['p99']:8.3f} {m['cpu']:10.2f} | "
-          f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f}")
+    print(f"{p:12} {m['rps']:10.0f} {m['p50']:8.3f} {m['p99']:8.3f} {m['cpu']:10.2f} {m['user']:6.2f} | "
+          f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f} "
+          f"{m['user']/h['user']:6.2f}")
 PY
