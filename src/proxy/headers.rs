@@ -38,18 +38,24 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     }
     let mut close = false;
     if connection {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            close |= name.as_str() == "close";
-            headers.remove(name);
-        }
+        // The values are reference-counted: cloning them frees the map for the removals.
+        // Nearly every message has one `Connection` line (`keep-alive` from backends,
+        // `close`), so `more` stays empty and unallocated.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
         headers.remove(header::CONNECTION);
+        for value in first.iter().chain(&more) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                close |= token.eq_ignore_ascii_case("close");
+                // Looked up by `&str`: lower-cased on the stack, no `HeaderName` allocated
+                // (as parsing `keep-alive` or `close` into one did, on every such message).
+                if !token.is_empty() {
+                    headers.remove(token);
+                }
+            }
+        }
     }
     if fixed {
         for name in [
@@ -191,6 +197,27 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn every_connection_line_counts_and_close_is_reported_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" Close , x-two"),
+        );
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        assert!(remove_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!remove_hop_by_hop(&mut h));
+        assert!(h.is_empty());
     }
 
     #[test]
