@@ -102,7 +102,27 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'sta
 
 /// A client address as an `X-Forwarded-For` element, made once per connection.
 pub fn client_header(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let text = match ip {
+        // Written straight into a stack buffer: `Display` plus `to_string` cost ~1,600
+        // instructions, which shows in connection-per-request load (callgrind).
+        IpAddr::V4(v4) => {
+            let mut out = [0u8; 15]; // 255.255.255.255
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out[len] = b'.';
+                    len += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let digits = digits.format(octet).as_bytes();
+                out[len..len + digits.len()].copy_from_slice(digits);
+                len += digits.len();
+            }
+            HeaderValue::from_bytes(&out[..len])
+        }
+        IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()),
+    };
+    text.unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// The request's host name without port, lower-case comparison is left to the router.
@@ -197,6 +217,23 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn client_header_writes_addresses_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "192.168.100.7",
+            "127.0.10.200",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.1.2.3",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(client_header(ip), ip.to_string().as_str(), "{ip}");
+        }
     }
 
     #[test]
