@@ -49,6 +49,25 @@ async fn leave(lb: SocketAddr, backend: &Backend, path: &str, read_head: bool) {
     drop(s);
 }
 
+/// The backend connection went back to the pool, the next request rides it (the backend
+/// accepted no other), and the backend is still healthy.
+async fn assert_kept_and_reused(lb: &Ballast, a: &Backend) {
+    let admin = lb.admin();
+    let kept = eventually(Duration::from_secs(5), async || {
+        idle_connections(admin).await == 1
+    });
+    assert!(kept.await.is_some(), "connection not kept:\n{}", lb.logs());
+
+    let r = get(lb.addr("web"), "/").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "a"));
+    assert_eq!(
+        a.connections(),
+        1,
+        "the next request opened a new connection"
+    );
+    assert_eq!(backend_state(admin, "app", a.addr).await, "healthy");
+}
+
 fn config(backend: &Backend) -> String {
     TestConfig::new(&[backend])
         .admin()
@@ -60,46 +79,20 @@ fn config(backend: &Backend) -> String {
 async fn a_client_leaving_before_the_answer_leaves_the_backend_connection_reusable() {
     let a = Backend::start("a").await;
     let lb = Ballast::start(&config(&a));
-    let admin = lb.admin();
 
     leave(lb.addr("web"), &a, "/slow/300", false).await;
     // The backend answers after its 300 ms; ballast reads the answer and keeps the connection.
-    let kept = eventually(Duration::from_secs(5), async || {
-        idle_connections(admin).await == 1
-    });
-    assert!(kept.await.is_some(), "connection not kept:\n{}", lb.logs());
-
-    let r = get(lb.addr("web"), "/").await;
-    assert_eq!((r.status, r.body.as_str()), (200, "a"));
-    assert_eq!(
-        a.connections(),
-        1,
-        "the next request opened a new connection"
-    );
-    assert_eq!(backend_state(admin, "app", a.addr).await, "healthy");
+    assert_kept_and_reused(&lb, &a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_body_leaves_the_connection_reusable_when_the_rest_is_small() {
     let a = Backend::start("a").await;
     let lb = Ballast::start(&config(&a));
-    let admin = lb.admin();
 
     // 200,000 bytes, chunked, 64 KiB at a time: under the 256 KiB ballast finishes.
     leave(lb.addr("web"), &a, "/download/200000", true).await;
-    let kept = eventually(Duration::from_secs(5), async || {
-        idle_connections(admin).await == 1
-    });
-    assert!(kept.await.is_some(), "connection not kept:\n{}", lb.logs());
-
-    let r = get(lb.addr("web"), "/").await;
-    assert_eq!((r.status, r.body.as_str()), (200, "a"));
-    assert_eq!(
-        a.connections(),
-        1,
-        "the next request opened a new connection"
-    );
-    assert_eq!(backend_state(admin, "app", a.addr).await, "healthy");
+    assert_kept_and_reused(&lb, &a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
