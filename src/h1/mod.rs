@@ -1,0 +1,70 @@
+//! ballast's own HTTP/1.1 message framing (RFC 9112), for the proxy path.
+//!
+//! Why not hyper's: hyper's HTTP/1 server keeps an 8 KiB read buffer and a write buffer per
+//! connection for the connection's whole life, and hands each request to the proxy through a
+//! dispatch loop and a channel. Profiles of ballast (BENCHMARKS.md, issue 10) put most of the
+//! remaining CPU gap to HAProxy and nginx, and most of the memory per idle or busy
+//! connection, there. HAProxy, nginx and Pingora frame HTTP/1 themselves, with buffers that
+//! live only while a message is in flight. This module is that framing, and nothing else: it
+//! owns no socket and no buffer. It is pure functions and small state machines over byte
+//! slices, so it is unit-tested case by case, fuzzed (`fuzz/fuzz_targets/h1.rs`) and compared
+//! against hyper's verdicts on a corpus (`tests/h1_differential.rs`).
+//!
+//! - `head`: request and response heads (httparse underneath) with the RFC 9112 checks that
+//!   httparse leaves to its caller, and the framing a head implies.
+//! - `body`: incremental body decoding (Content-Length, chunked, until close).
+//! - `encode`: writing heads and chunk framing.
+//!
+//! # Choices where RFC 9112 lets a recipient choose
+//! Where the RFC allows leniency, a proxy that is lenient is a smuggling risk: the backend
+//! may read the same bytes differently. So ballast refuses what it may refuse:
+//! - `Transfer-Encoding` together with `Content-Length` in a request: 400 (§6.3 ¶3 allows
+//!   forwarding with the length removed; HAProxy does that, nginx refuses).
+//! - `Transfer-Encoding` in an HTTP/1.0 request: 400 (§6.1: framing is faulty).
+//! - A transfer coding other than `chunked`: 501 (§6.1); `chunked` not last, or twice: 400.
+//! - `Content-Length` that is not digits, or several that differ: 400; equal repeats pass.
+//! - HTTP/1.1 without exactly one `Host`: 400 (§3.2, a MUST that hyper does not enforce).
+//! - An `Expect` other than `100-continue`: 417 (RFC 9110 §10.1.1); in HTTP/1.0 ignored.
+//! - obs-fold, bare CR, whitespace before a field's colon: 400 (§5.1, §5.2, §2.2).
+//! - A bare LF ends a line in a head (§2.2 allows it; ballast writes CRLF upstream, so the
+//!   backend never sees it), but not in chunked framing, where lenient line endings have
+//!   been a smuggling vector: chunk lines and the CRLF after chunk data must be exact.
+//! - Chunk sizes: at most 16 hex digits, no overflow; a chunk line (size and extensions) at
+//!   most [`body::MAX_CHUNK_LINE`] bytes, all extensions of a body at most
+//!   [`body::MAX_CHUNK_EXTENSIONS`]; trailers count against the head size limit and are
+//!   dropped (ballast re-frames bodies; extensions and trailers are hop-by-hop here).
+//! - A response with an invalid length, obs-fold or bare CR: 502 (§6.3 ¶5, §5.2).
+
+pub mod body;
+pub mod encode;
+pub mod head;
+
+pub use body::{BodyDecoder, BodyError, Decoded};
+pub use head::{parse_request, parse_response, Framing, Limits, RequestHead, ResponseHead};
+
+use http::StatusCode;
+
+/// Why a message was refused: the status to answer with (4xx/5xx for a request, 502 for a
+/// backend's response) and a reason for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+impl Rejection {
+    pub(crate) const fn bad_request(reason: &'static str) -> Self {
+        Rejection {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        }
+    }
+
+    pub(crate) const fn bad_gateway(reason: &'static str) -> Self {
+        Rejection {
+            status: StatusCode::BAD_GATEWAY,
+            reason,
+        }
+    }
+}
