@@ -34,6 +34,6 @@ fuzz_target!(|data: &[u8]| {
     for h in ["connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer"] {
         assert!(!map.contains_key(h), "{h} survived");
     }
-    headers::add_forwarded(&mut map, std::net::Ipv4Addr::LOCALHOST.into(), "http");
+    headers::add_forwarded(&mut map, &headers::client_header(std::net::Ipv4Addr::LOCALHOST.into()), "http");
     assert!(map.contains_key("x-forwarded-for"));
 });

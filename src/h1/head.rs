@@ -104,12 +104,14 @@ pub fn parse_request(
     buf: &[u8],
     limits: &Limits,
 ) -> Result<Option<(RequestHead, usize)>, Rejection> {
+    // Bytes past the limit are never looked at: the verdict must not depend on them (a
+    // connection reads at most `max_head` bytes for a head).
+    let buf = &buf[..buf.len().min(limits.max_head)];
     let mut storage = Vec::with_capacity(limits.max_headers);
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, storage.spare_capacity_mut()) {
-        Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
-        Ok(httparse::Status::Complete(_)) => return Err(too_large()),
-        Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => return Err(too_large()),
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() == limits.max_head => return Err(too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(request_syntax(e)),
     };
@@ -180,6 +182,7 @@ pub fn parse_response(
     method: &Method,
     upgrade: bool,
 ) -> Result<Option<(ResponseHead, usize)>, Rejection> {
+    let buf = &buf[..buf.len().min(limits.max_head)];
     let mut storage = Vec::with_capacity(limits.max_headers);
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -187,9 +190,11 @@ pub fn parse_response(
         buf,
         storage.spare_capacity_mut(),
     ) {
-        Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
+        Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < limits.max_head => return Ok(None),
-        Ok(_) => return Err(Rejection::bad_gateway("response head too large")),
+        Ok(httparse::Status::Partial) => {
+            return Err(Rejection::bad_gateway("response head too large"))
+        }
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Rejection::bad_gateway("too many response header fields"))
         }
@@ -245,10 +250,8 @@ fn request_syntax(e: httparse::Error) -> Rejection {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             reason: "more header fields than max_headers",
         },
-        E::Version => Rejection {
-            status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            reason: "HTTP version not supported",
-        },
+        // httparse cannot tell `HTTP/1.2` from `http/1.1` or garbage; 400 as hyper answers.
+        E::Version => Rejection::bad_request("invalid or unsupported HTTP version"),
         E::HeaderName => {
             Rejection::bad_request("invalid header field name (whitespace before ':', or obs-fold)")
         }
@@ -338,29 +341,23 @@ impl Fields {
     }
 }
 
-/// One `Content-Length` line (a list of equal values is allowed, RFC 9110 §8.6), checked
-/// against the value of earlier lines.
+/// One `Content-Length` line, checked against the value of earlier lines. Repeated lines
+/// with one value pass; a comma list in one line does not (RFC 9110 §8.6 lets a recipient
+/// refuse it, and hyper does too).
 fn content_length(value: &HeaderValue, prev: Option<u64>) -> Result<u64, ()> {
-    let mut found = prev;
-    let mut any = false;
-    for part in value.as_bytes().split(|&b| b == b',') {
-        let digits = part.trim_ascii();
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(());
-        }
-        let n = digits.iter().try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        });
-        let n = n.ok_or(())?;
-        if found.is_some_and(|f| f != n) {
-            return Err(());
-        }
-        found = Some(n);
-        any = true;
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(());
     }
-    match found {
-        Some(n) if any => Ok(n),
-        _ => Err(()),
+    let n = digits
+        .iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .ok_or(())?;
+    match prev {
+        Some(p) if p != n => Err(()),
+        _ => Ok(n),
     }
 }
 
@@ -555,16 +552,13 @@ mod tests {
             Framing::Length(7)
         );
         assert_eq!(
-            framing(&format!("{h}Content-Length: 7, 7\r\n\r\n")),
-            Framing::Length(7)
-        );
-        assert_eq!(
             framing(&format!("{h}Content-Length: 007\r\n\r\n")),
             Framing::Length(7)
         );
         for bad in [
             "Content-Length: 7\r\nContent-Length: 8",
             "Content-Length: 7, 8",
+            "Content-Length: 7, 7",
             "Content-Length: 8\r\nContent-Length: 7, 7",
             "Content-Length: +7",
             "Content-Length: -1",
@@ -630,8 +624,9 @@ mod tests {
 
     #[test]
     fn request_line_forms_and_versions() {
-        assert_eq!(status("GET / HTTP/1.2\r\nHost: a\r\n\r\n"), 505);
-        assert_eq!(status("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 505);
+        assert_eq!(status("GET / HTTP/1.2\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 400);
+        assert_eq!(status("GET / http/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status("GET  / HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1 \r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status("G(T / HTTP/1.1\r\nHost: a\r\n\r\n"), 400);

@@ -22,7 +22,8 @@
 //!   forwarding with the length removed; HAProxy does that, nginx refuses).
 //! - `Transfer-Encoding` in an HTTP/1.0 request: 400 (§6.1: framing is faulty).
 //! - A transfer coding other than `chunked`: 501 (§6.1); `chunked` not last, or twice: 400.
-//! - `Content-Length` that is not digits, or several that differ: 400; equal repeats pass.
+//! - `Content-Length` that is not digits (a comma list included), or lines that differ:
+//!   400; equal lines pass.
 //! - HTTP/1.1 without exactly one `Host`: 400 (§3.2, a MUST that hyper does not enforce).
 //! - An `Expect` other than `100-continue`: 417 (RFC 9110 §10.1.1); in HTTP/1.0 ignored.
 //! - obs-fold, bare CR, whitespace before a field's colon: 400 (§5.1, §5.2, §2.2).
@@ -32,7 +33,8 @@
 //! - Chunk sizes: at most 16 hex digits, no overflow; a chunk line (size and extensions) at
 //!   most [`body::MAX_CHUNK_LINE`] bytes, all extensions of a body at most
 //!   [`body::MAX_CHUNK_EXTENSIONS`]; trailers count against the head size limit and are
-//!   dropped (ballast re-frames bodies; extensions and trailers are hop-by-hop here).
+//!   dropped (ballast re-frames bodies; extensions and trailers are hop-by-hop here); a
+//!   control byte in an extension is refused (hyper skips extensions unread).
 //! - A response with an invalid length, obs-fold or bare CR: 502 (§6.3 ¶5, §5.2).
 
 pub mod body;
