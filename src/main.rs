@@ -67,7 +67,8 @@ enum Command {
 }
 
 /// glibc's allocator kept ~80 MB resident after a soak of slow clients ended (per-thread
-/// arenas hold freed pages); mimalloc returns freed pages to the OS. Figures: BENCHMARKS.md.
+/// arenas hold freed pages); jemalloc with its background purging threads returns freed
+/// pages to the OS within seconds. Figures: BENCHMARKS.md.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -1,7 +1,8 @@
 //! Writing heads and chunk framing. ballast always writes HTTP/1.1 with CRLF line ends and
-//! its own framing field: whatever `Content-Length` or `Transfer-Encoding` the map holds is
-//! skipped, and the one `framing` implies is written. That is how a re-framed body can never
-//! carry a stale length.
+//! its own framing field: `Transfer-Encoding` in the map is skipped, and so is
+//! `Content-Length` unless `framing` is `Empty` (a message without a body: a HEAD or 304
+//! answer keeps the length of what it describes); the field `framing` implies is written.
+//! That is how a re-framed body can never carry a stale length.
 
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
@@ -28,8 +29,8 @@ pub fn request_head(
     fields(out, headers, framing);
 }
 
-/// `HTTP/1.1 code reason`, the fields, the framing field (for a HEAD answer pass the length
-/// the backend announced: it is written though no body follows), the blank line.
+/// `HTTP/1.1 code reason`, the fields, the framing field, the blank line. For an answer
+/// without a body (HEAD, 1xx, 204, 304) pass `Empty`: a `Content-Length` in the map is kept.
 pub fn response_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, framing: Framing) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -51,7 +52,7 @@ pub fn chunk_start(out: &mut Vec<u8>, len: usize) {
 
 fn fields(out: &mut Vec<u8>, headers: &HeaderMap, framing: Framing) {
     for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing != Framing::Empty) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -110,6 +111,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::Length(3));
+
+        out.clear();
+        response_head(&mut out, StatusCode::OK, &headers, Framing::Empty);
+        let head = String::from_utf8(out.clone()).unwrap();
+        assert!(head.contains("content-length: 999\r\n"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
 
         out.clear();
         response_head(

@@ -7,6 +7,8 @@
 //! a rejection), `Ok(Some((head, len)))` means the head took the first `len` bytes, and any
 //! bytes after it are the body or a pipelined next request.
 
+use std::mem::MaybeUninit;
+
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
@@ -107,9 +109,10 @@ pub fn parse_request(
     // Bytes past the limit are never looked at: the verdict must not depend on them (a
     // connection reads at most `max_head` bytes for a head).
     let buf = &buf[..buf.len().min(limits.max_head)];
-    let mut storage = Vec::with_capacity(limits.max_headers);
+    let (mut inline, mut heap) = (header_slots(), Vec::new());
+    let slots = slots(&mut inline, &mut heap, limits.max_headers);
     let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(buf, storage.spare_capacity_mut()) {
+    let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() == limits.max_head => return Err(too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -183,13 +186,12 @@ pub fn parse_response(
     upgrade: bool,
 ) -> Result<Option<(ResponseHead, usize)>, Rejection> {
     let buf = &buf[..buf.len().min(limits.max_head)];
-    let mut storage = Vec::with_capacity(limits.max_headers);
+    let (mut inline, mut heap) = (header_slots(), Vec::new());
+    let slots = slots(&mut inline, &mut heap, limits.max_headers);
     let mut res = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut res,
-        buf,
-        storage.spare_capacity_mut(),
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < limits.max_head => return Ok(None),
         Ok(httparse::Status::Partial) => {
@@ -234,6 +236,30 @@ pub fn parse_response(
         },
         len,
     )))
+}
+
+/// Header slots on the stack for up to this many fields (the default `max_headers`); a
+/// larger limit takes them from the heap.
+const INLINE_HEADERS: usize = 100;
+
+type Slot<'b> = MaybeUninit<httparse::Header<'b>>;
+
+fn header_slots<'b>() -> [Slot<'b>; INLINE_HEADERS] {
+    [const { MaybeUninit::uninit() }; INLINE_HEADERS]
+}
+
+/// Exactly `max` slots for httparse, which refuses a head with more fields than slots.
+fn slots<'s, 'b>(
+    inline: &'s mut [Slot<'b>; INLINE_HEADERS],
+    heap: &'s mut Vec<httparse::Header<'b>>,
+    max: usize,
+) -> &'s mut [Slot<'b>] {
+    if max <= INLINE_HEADERS {
+        &mut inline[..max]
+    } else {
+        heap.reserve_exact(max);
+        &mut heap.spare_capacity_mut()[..max]
+    }
 }
 
 fn too_large() -> Rejection {
@@ -734,6 +760,28 @@ mod tests {
         assert_eq!(
             status(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")),
             431
+        );
+    }
+
+    #[test]
+    fn header_limits_above_the_inline_slots() {
+        let limits = Limits {
+            max_head: 1 << 16,
+            max_headers: INLINE_HEADERS + 50,
+        };
+        let head = |n: usize| {
+            let fields: String = (1..n).map(|i| format!("X-{i}: 1\r\n")).collect();
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n")
+        };
+        let (parsed, _) = parse_request(head(150).as_bytes(), &limits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.headers.len(), 150);
+        assert_eq!(
+            parse_request(head(151).as_bytes(), &limits)
+                .unwrap_err()
+                .status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         );
     }
 

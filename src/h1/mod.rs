@@ -5,15 +5,17 @@
 //! dispatch loop and a channel. Profiles of ballast (BENCHMARKS.md, issue 10) put most of the
 //! remaining CPU gap to HAProxy and nginx, and most of the memory per idle or busy
 //! connection, there. HAProxy, nginx and Pingora frame HTTP/1 themselves, with buffers that
-//! live only while a message is in flight. This module is that framing, and nothing else: it
-//! owns no socket and no buffer. It is pure functions and small state machines over byte
-//! slices, so it is unit-tested case by case, fuzzed (`fuzz/fuzz_targets/h1.rs`) and compared
-//! against hyper's verdicts on a corpus (`tests/h1_differential.rs`).
+//! live only while a message is in flight. This module is that framing: pure functions and
+//! small state machines over byte slices, unit-tested case by case, fuzzed
+//! (`fuzz/fuzz_targets/h1.rs`) and compared against hyper's verdicts on a corpus
+//! (`tests/h1_differential.rs`); and a server connection built on them.
 //!
 //! - `head`: request and response heads (httparse underneath) with the RFC 9112 checks that
 //!   httparse leaves to its caller, and the framing a head implies.
 //! - `body`: incremental body decoding (Content-Length, chunked, until close).
 //! - `encode`: writing heads and chunk framing.
+//! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); not yet
+//!   serving ballast's listeners.
 //!
 //! # Choices where RFC 9112 lets a recipient choose
 //! Where the RFC allows leniency, a proxy that is lenient is a smuggling risk: the backend
@@ -40,6 +42,7 @@
 pub mod body;
 pub mod encode;
 pub mod head;
+pub mod server;
 
 pub use body::{BodyDecoder, BodyError, Decoded};
 pub use head::{parse_request, parse_response, Framing, Limits, RequestHead, ResponseHead};

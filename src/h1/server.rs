@@ -1,0 +1,602 @@
+//! An HTTP/1.1 server connection on ballast's own framing: reads request heads, hands each
+//! request to a service with a streaming body, writes the response, and repeats while the
+//! connection may be kept alive.
+//!
+//! What it is for (issue 10): a connection holds a read buffer only while a message is in
+//! flight (an idle keep-alive connection holds none: no parking step is needed), and the
+//! service runs inside the connection's task. Not yet serving ballast's listeners: the
+//! proxy path still takes hyper's request type; `tests/h1_server.rs` drives this server with
+//! hyper's client and with raw bytes.
+//!
+//! Shape of one exchange, all in the caller's task:
+//! 1. read until a head parses (`head_timeout` from the first byte, or from the start for a
+//!    new connection; `keepalive_timeout` for the wait before a later request's first byte);
+//!    a refused head is answered with its status and the connection closed;
+//! 2. call the service; meanwhile a feeder reads the request body from the socket into a
+//!    one-chunk channel (so a slow service holds at most one read's worth), and the first
+//!    poll of the body sends `100 Continue` when the client asked for it;
+//! 3. write the response (length, chunked, or until close for an HTTP/1.0 client), still
+//!    feeding the request body (a backend may stream its answer while the upload goes on);
+//! 4. keep the connection if both sides asked for it, the request body was read to its end
+//!    and nothing failed; bytes already read past the request (pipelining) are kept.
+//!
+//! Write stalls are the stream's business (ballast's `TimedStream` bounds them).
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{encode, BodyDecoder, BodyError, Framing, Limits, Rejection, RequestHead};
+
+/// The limits and timers of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    pub limits: Limits,
+    /// For a request head to arrive in full: from its first byte, or from the connection's
+    /// start for its first request.
+    pub head_timeout: Duration,
+    /// Between the end of a response and the first byte of the next request.
+    pub keepalive_timeout: Duration,
+    /// How much one read asks for while a message is in flight.
+    pub read_size: usize,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ending<IO> {
+    /// The client closed, or the connection was not to be kept (either side said close,
+    /// an unread request body, shutdown), or the keep-alive wait ran out.
+    Closed,
+    /// A head was refused and answered with this status.
+    Refused(Rejection),
+    /// A head did not arrive within `head_timeout` (a partial one is answered 408).
+    HeadTimeout,
+    /// Protocols switched (101, or 2xx to CONNECT): the stream, with any bytes read past
+    /// the request head.
+    Upgraded { io: IO, read_ahead: Bytes },
+    /// The response body failed mid-way; the connection was closed without completing it.
+    ResponseFailed,
+    /// Reading or writing the socket failed.
+    Io(std::io::Error),
+}
+
+/// Why a request body could not be read. Each is the client's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error("request body: {0}")]
+    Framing(#[from] BodyError),
+    #[error("reading the request body: {0}")]
+    Io(std::io::Error),
+}
+
+/// A request body read from the client's connection as the service polls it.
+#[derive(Debug)]
+pub struct RequestBody {
+    rx: Option<mpsc::Receiver<Result<Bytes, RequestBodyError>>>,
+    /// Told on the first poll, for `Expect: 100-continue`.
+    wanted: Option<Arc<Notify>>,
+    hint: SizeHint,
+}
+
+impl RequestBody {
+    fn empty() -> Self {
+        RequestBody {
+            rx: None,
+            wanted: None,
+            hint: SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        if let Some(wanted) = self.wanted.take() {
+            wanted.notify_one();
+        }
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let left = self
+                    .hint
+                    .exact()
+                    .map(|n| n.saturating_sub(data.len() as u64));
+                if let Some(left) = left {
+                    self.hint.set_exact(left);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.rx = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.rx = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rx.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.hint
+    }
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Serves requests on `io` until the connection ends. `shutdown` closes an idle keep-alive
+/// connection at once and makes the current exchange the last (its response says
+/// `Connection: close`); a new connection's first request is still awaited.
+pub async fn serve<IO, S, F, B>(
+    io: IO,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+    mut service: S,
+) -> Ending<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    S: FnMut(Request<RequestBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    // Empty (no allocation) whenever nothing is in flight.
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let head = match read_head(&mut rd, &mut buf, config, first, shutdown).await {
+            HeadRead::Head(head) => head,
+            HeadRead::Closed => return Ending::Closed,
+            HeadRead::Io(e) => return Ending::Io(e),
+            HeadRead::TimedOut { partial } => {
+                if partial {
+                    let _ = answer(&mut wr, StatusCode::REQUEST_TIMEOUT).await;
+                }
+                return Ending::HeadTimeout;
+            }
+            HeadRead::Refused(rejection) => {
+                let _ = answer(&mut wr, rejection.status).await;
+                return Ending::Refused(rejection);
+            }
+        };
+        first = false;
+        let exchange = exchange(
+            &mut rd,
+            &mut wr,
+            &mut buf,
+            head,
+            config,
+            shutdown,
+            &mut service,
+        );
+        match exchange.await {
+            Exchange::KeepAlive => {
+                if buf.is_empty() {
+                    // Give the buffer back while idle; a pipelined request keeps it.
+                    buf = BytesMut::new();
+                }
+            }
+            Exchange::Close => {
+                let _ = wr.shutdown().await;
+                return Ending::Closed;
+            }
+            Exchange::Upgrade => {
+                return Ending::Upgraded {
+                    io: rd.unsplit(wr),
+                    read_ahead: buf.freeze(),
+                }
+            }
+            Exchange::Failed => return Ending::ResponseFailed,
+            Exchange::Io(e) => return Ending::Io(e),
+        }
+    }
+}
+
+// Returned once per request and matched at once; boxing the head would allocate per request.
+#[allow(clippy::large_enum_variant)]
+enum HeadRead {
+    Head(RequestHead),
+    Closed,
+    TimedOut { partial: bool },
+    Refused(Rejection),
+    Io(std::io::Error),
+}
+
+async fn read_head<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    config: &ServerConfig,
+    first: bool,
+    shutdown: &CancellationToken,
+) -> HeadRead {
+    let start = Instant::now();
+    let mut deadline = start
+        + if first {
+            config.head_timeout
+        } else {
+            config.keepalive_timeout
+        };
+    if !buf.is_empty() {
+        deadline = start + config.head_timeout;
+    }
+    loop {
+        if !buf.is_empty() {
+            match super::parse_request(buf, &config.limits) {
+                Ok(Some((head, len))) => {
+                    buf.advance(len);
+                    return HeadRead::Head(head);
+                }
+                Ok(None) => {}
+                Err(rejection) => return HeadRead::Refused(rejection),
+            }
+        }
+        let was_empty = buf.is_empty();
+        buf.reserve(config.read_size);
+        let read = async {
+            tokio::select! {
+                biased;
+                r = rd.read_buf(buf) => Some(r),
+                // An idle keep-alive connection closes at shutdown. A head on its way is let
+                // finish, and so is a new connection's first request (the client reached a
+                // listening socket; `head_timeout` bounds the wait).
+                _ = shutdown.cancelled(), if was_empty && !first => None,
+            }
+        };
+        match timeout_at(deadline, read).await {
+            Ok(Some(Ok(0))) | Ok(None) => return HeadRead::Closed,
+            Ok(Some(Ok(_))) => {
+                if was_empty && !first {
+                    // The next request began: its head gets `head_timeout` from here.
+                    deadline = Instant::now() + config.head_timeout;
+                }
+            }
+            Ok(Some(Err(e))) => return HeadRead::Io(e),
+            Err(_) if was_empty && !first => return HeadRead::Closed,
+            Err(_) => {
+                return HeadRead::TimedOut {
+                    partial: !was_empty,
+                }
+            }
+        }
+    }
+}
+
+enum Exchange {
+    KeepAlive,
+    Close,
+    Upgrade,
+    Failed,
+    Io(std::io::Error),
+}
+
+async fn exchange<R, W, S, F, B>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    head: RequestHead,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+    service: &mut S,
+) -> Exchange
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    S: FnMut(Request<RequestBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+{
+    let RequestHead {
+        method,
+        target,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    } = head;
+    let mut decoder = BodyDecoder::new(framing, config.limits.max_head);
+    let (body, tx, wanted) = if decoder.is_done() {
+        (RequestBody::empty(), None, None)
+    } else {
+        let (tx, rx) = mpsc::channel(1);
+        let wanted = expect_continue.then(|| Arc::new(Notify::new()));
+        let hint = match framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        };
+        let body = RequestBody {
+            rx: Some(rx),
+            wanted: wanted.clone(),
+            hint,
+        };
+        (body, Some(tx), wanted)
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = target;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+
+    let mut feed_done = tx.is_none().then_some(true);
+    let mut feeder = pin!(feed(rd, buf, &mut decoder, tx, config.read_size));
+    let mut continue_sent = false;
+    let mut respond = pin!(service(req));
+    let response = loop {
+        tokio::select! {
+            resp = &mut respond => break resp,
+            ok = &mut feeder, if feed_done.is_none() => feed_done = Some(ok),
+            _ = notified(&wanted), if !continue_sent && feed_done.is_none() => {
+                continue_sent = true;
+                if let Err(e) = wr.write_all(CONTINUE).await {
+                    return Exchange::Io(e);
+                }
+            }
+        }
+    };
+
+    let (mut parts, body) = response.into_parts();
+    let tunnel = (parts.status == StatusCode::SWITCHING_PROTOCOLS && upgrade)
+        || (method == Method::CONNECT && parts.status.is_success());
+    let bodiless = method == Method::HEAD
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let framing = if tunnel {
+        Framing::Tunnel
+    } else if bodiless {
+        Framing::Empty
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        Framing::UntilClose
+    };
+    let says_close = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+    // A request body that already failed (or that the service dropped unread) ends the
+    // connection: say so in this response.
+    let keep = !tunnel
+        && keep_alive
+        && feed_done != Some(false)
+        && !says_close
+        && framing != Framing::UntilClose
+        && !shutdown.is_cancelled();
+    if !tunnel {
+        parts.headers.remove(header::CONNECTION);
+        if !keep {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if version == Version::HTTP_10 {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        }
+    }
+    if method == Method::HEAD && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        // What a GET would have carried, as hyper's server does for a sized body.
+        if let Some(n) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        parts.headers.insert(header::DATE, date());
+    }
+    let mut head = Vec::with_capacity(256);
+    encode::response_head(&mut head, parts.status, &parts.headers, framing);
+
+    let mut writer = pin!(write_response(wr, head, body, framing));
+    let written = loop {
+        tokio::select! {
+            r = &mut writer => break r,
+            ok = &mut feeder, if feed_done.is_none() => feed_done = Some(ok),
+        }
+    };
+    match written {
+        Err(WriteError::Io(e)) => Exchange::Io(e),
+        Err(WriteError::Body) => Exchange::Failed,
+        Ok(()) if tunnel => Exchange::Upgrade,
+        Ok(()) if keep && feed_done == Some(true) => Exchange::KeepAlive,
+        Ok(()) => Exchange::Close,
+    }
+}
+
+async fn notified(wanted: &Option<Arc<Notify>>) {
+    match wanted {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the request body into the channel; `true` when it was read to its end. Takes the
+/// sender: it is dropped at the end, which ends the body for the service.
+async fn feed<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    decoder: &mut BodyDecoder,
+    tx: Option<mpsc::Sender<Result<Bytes, RequestBodyError>>>,
+    read_size: usize,
+) -> bool {
+    let Some(tx) = tx else { return true };
+    loop {
+        if buf.is_empty() {
+            buf.reserve(read_size);
+            match rd.read_buf(buf).await {
+                Ok(0) => {
+                    let e = decoder
+                        .end_of_input()
+                        .err()
+                        .unwrap_or(BodyError::Incomplete);
+                    let _ = tx.send(Err(e.into())).await;
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(RequestBodyError::Io(e))).await;
+                    return false;
+                }
+            }
+        }
+        match decoder.decode(buf) {
+            Ok(step) => {
+                let data = buf.split_to(step.consumed).freeze().slice(step.data);
+                // A service that dropped the body leaves it unread: the connection closes.
+                if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+                    return false;
+                }
+                if decoder.is_done() {
+                    return true;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return false;
+            }
+        }
+    }
+}
+
+enum WriteError {
+    Io(std::io::Error),
+    Body,
+}
+
+async fn write_response<W, B>(
+    wr: &mut W,
+    head: Vec<u8>,
+    body: B,
+    framing: Framing,
+) -> Result<(), WriteError>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes>,
+{
+    if matches!(framing, Framing::Empty | Framing::Tunnel) {
+        return wr.write_all(&head).await.map_err(WriteError::Io);
+    }
+    let mut body = pin!(body);
+    let mut sent: u64 = 0;
+    let mut pending = Some(head);
+    loop {
+        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(_)) => return Err(WriteError::Body),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_trailers) => continue,
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if let Framing::Length(n) = framing {
+            if sent > n {
+                // More than announced: the client would misread what follows.
+                return Err(WriteError::Body);
+            }
+        }
+        let mut out = pending.take().unwrap_or_default();
+        if framing == Framing::Chunked {
+            encode::chunk_start(&mut out, data.len());
+        }
+        // Small pieces go out with the head or the chunk line in one write.
+        if data.len() <= 4096 {
+            out.extend_from_slice(&data);
+            if framing == Framing::Chunked {
+                out.extend_from_slice(encode::CHUNK_END);
+            }
+            wr.write_all(&out).await.map_err(WriteError::Io)?;
+        } else {
+            wr.write_all(&out).await.map_err(WriteError::Io)?;
+            wr.write_all(&data).await.map_err(WriteError::Io)?;
+            if framing == Framing::Chunked {
+                wr.write_all(encode::CHUNK_END)
+                    .await
+                    .map_err(WriteError::Io)?;
+            }
+        }
+    }
+    if let Framing::Length(n) = framing {
+        if sent < n {
+            return Err(WriteError::Body);
+        }
+    }
+    let mut out = pending.take().unwrap_or_default();
+    if framing == Framing::Chunked {
+        out.extend_from_slice(encode::LAST_CHUNK);
+    }
+    if !out.is_empty() {
+        wr.write_all(&out).await.map_err(WriteError::Io)?;
+    }
+    wr.flush().await.map_err(WriteError::Io)
+}
+
+/// A response without a body that ends the connection (a refused head, a timeout).
+async fn answer<W: AsyncWrite + Unpin>(wr: &mut W, status: StatusCode) -> std::io::Result<()> {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::DATE, date());
+    let mut out = Vec::with_capacity(128);
+    encode::response_head(&mut out, status, &headers, Framing::Length(0));
+    wr.write_all(&out).await?;
+    wr.shutdown().await
+}
+
+/// The `Date` field (RFC 9110 §6.6.1), formatted once a second per thread.
+fn date() -> HeaderValue {
+    use std::cell::RefCell;
+    use time::macros::format_description;
+    thread_local! {
+        static CACHE: RefCell<(i64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let now = time::OffsetDateTime::now_utc();
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != now.unix_timestamp() || cache.1.is_none() {
+            let format = format_description!(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+            );
+            let value = now
+                .format(&format)
+                .ok()
+                .and_then(|s| HeaderValue::from_str(&s).ok());
+            *cache = (now.unix_timestamp(), value);
+        }
+        cache
+            .1
+            .clone()
+            .unwrap_or(HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+    })
+}
