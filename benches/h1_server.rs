@@ -1,0 +1,205 @@
+//! Server-side HTTP/1.1 cost, hyper's server connection against `ballast::h1::server`, on
+//! the same trivial service ("ok" to every request), one thread each, in one run:
+//!
+//!   cargo bench --bench h1_server            # 3 rounds of 3 s per server
+//!   ROUNDS=5 SECS=5 CONNS=50 cargo bench --bench h1_server
+//!
+//! The server thread is pinned to CPU 0 and wrk (Debian's) to CPU 1, keep-alive; the figure
+//! is the server thread's own CPU time (user + system, from the kernel's per-thread clock)
+//! per request, the median of the rounds, and the ratio. No proxying and no backend: this
+//! isolates what the codec route of issue 10 replaces (hyper's HTTP/1 server dispatch,
+//! parse, buffers and encode) from the rest of ballast's request path.
+
+use std::convert::Infallible;
+use std::process::Command;
+use std::time::Duration;
+
+use ballast::h1::server::{self, ServerConfig};
+use ballast::h1::Limits;
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Hyper,
+    Ballast,
+}
+
+/// Thread CPU time (user + system) of the calling thread.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// The calling thread's user time in clock ticks (`/proc/thread-self/stat`, field 14).
+fn thread_user_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .nth(11)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second (USER_HZ); 100 on Linux.
+const TICKS: f64 = 100.0;
+
+/// Serves until `stop`; returns the serving thread's CPU time, and its user part.
+fn serve(
+    engine: Engine,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+) -> (Duration, Duration) {
+    let mut cpus = rustix::thread::CpuSet::new();
+    cpus.set(0);
+    let _ = rustix::thread::sched_setaffinity(None, &cpus);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let (start, user_start) = (thread_cpu(), thread_user_ticks());
+    rt.block_on(async move {
+        let listener = TcpListener::from_std(listener).expect("listener");
+        let config = ServerConfig {
+            limits: Limits {
+                max_head: 16 * 1024,
+                max_headers: 100,
+            },
+            head_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            read_size: 16 * 1024,
+        };
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+                _ = stop.cancelled() => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                match engine {
+                    Engine::Hyper => {
+                        let svc = service_fn(|_req| async {
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        });
+                        let conn = http1::Builder::new()
+                            .writev(false)
+                            .serve_connection(TokioIo::new(stream), svc);
+                        tokio::select! { _ = conn => {}, _ = stop.cancelled() => {} }
+                    }
+                    Engine::Ballast => {
+                        let svc =
+                            |_req| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
+                        let _ = server::serve(stream, &config, &stop, svc).await;
+                    }
+                }
+            });
+        }
+    });
+    let user = (thread_user_ticks() - user_start) as f64 / TICKS;
+    (thread_cpu() - start, Duration::from_secs_f64(user))
+}
+
+/// One round: requests per second, and CPU and user microseconds per request.
+fn round(engine: Engine, secs: u32, conns: u32) -> Option<(f64, f64, f64)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    listener.set_nonblocking(true).ok()?;
+    let port = listener.local_addr().ok()?.port();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let server = std::thread::spawn(move || serve(engine, listener, token));
+    let out = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1"])
+        .arg(format!("-c{conns}"))
+        .arg(format!("-d{secs}s"))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .ok()?;
+    stop.cancel();
+    let (cpu, user) = server.join().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let rps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / requests;
+    Some((rps, per(cpu), per(user)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with `--bench` absent: nothing to do then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if Command::new("wrk").arg("--version").output().is_err() {
+        println!("SKIPPED: h1_server bench needs wrk (apt-get install wrk)");
+        return;
+    }
+    let env = |k: &str, d: u32| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rounds, secs, conns) = (env("ROUNDS", 3), env("SECS", 3), env("CONNS", 50));
+    let mut results = Vec::new();
+    for engine in [Engine::Hyper, Engine::Ballast] {
+        results.push((engine, Vec::new(), Vec::new(), Vec::new()));
+    }
+    for r in 0..rounds {
+        for (engine, rps, cpu, user) in &mut results {
+            match round(*engine, secs, conns) {
+                Some((q, c, u)) => {
+                    println!(
+                        "round {r} {engine:?}: {q:.0} req/s, {c:.2} us CPU ({u:.2} user) per request"
+                    );
+                    rps.push(q);
+                    cpu.push(c);
+                    user.push(u);
+                }
+                None => println!("round {r} {engine:?}: no result (wrk output unreadable)"),
+            }
+        }
+    }
+    let summary: Vec<(Engine, f64, f64, f64)> = results
+        .into_iter()
+        .filter(|(_, rps, _, _)| !rps.is_empty())
+        .map(|(e, rps, cpu, user)| (e, median(rps), median(cpu), median(user)))
+        .collect();
+    println!("\nserver thread, medians of {rounds} rounds ({secs} s, {conns} connections):");
+    for (engine, rps, cpu, user) in &summary {
+        println!("  {engine:?}: {rps:.0} req/s, {cpu:.2} us CPU per request, {user:.2} us user");
+    }
+    if let [(_, _, hyper, hyper_user), (_, _, ours, ours_user)] = summary[..] {
+        println!(
+            "  ballast h1 / hyper: CPU {:.2}, user {:.2}",
+            ours / hyper,
+            ours_user / hyper_user
+        );
+    }
+}
