@@ -9,6 +9,7 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
@@ -106,6 +107,32 @@ pub fn parse_request(
     buf: &[u8],
     limits: &Limits,
 ) -> Result<Option<(RequestHead, usize)>, Rejection> {
+    parse_request_in(buf, None, limits)
+}
+
+/// [`parse_request`] over bytes already in a `Bytes`: the target and the field values are
+/// slices of `buf` (no copy, no allocation each), as hyper's server does.
+pub fn parse_request_shared(
+    buf: &Bytes,
+    limits: &Limits,
+) -> Result<Option<(RequestHead, usize)>, Rejection> {
+    parse_request_in(buf, Some(buf), limits)
+}
+
+/// The bytes of `part` (a subslice of the parsed buffer) as a `Bytes`: a slice of `shared`
+/// when there is one, else a copy.
+fn bytes_of(shared: Option<&Bytes>, part: &[u8]) -> Bytes {
+    match shared {
+        Some(shared) => shared.slice_ref(part),
+        None => Bytes::copy_from_slice(part),
+    }
+}
+
+fn parse_request_in(
+    buf: &[u8],
+    shared: Option<&Bytes>,
+    limits: &Limits,
+) -> Result<Option<(RequestHead, usize)>, Rejection> {
     // Bytes past the limit are never looked at: the verdict must not depend on them (a
     // connection reads at most `max_head` bytes for a head).
     let buf = &buf[..buf.len().min(limits.max_head)];
@@ -128,12 +155,12 @@ pub fn parse_request(
     } else {
         Version::HTTP_10
     };
-    let target = request_target(&method, target)?;
+    let target = request_target(&method, target, shared)?;
 
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut fields = Fields::default();
     for h in req.headers.iter() {
-        let (name, value) = field(h.name, h.value)
+        let (name, value) = field(h.name, h.value, shared)
             .ok_or(Rejection::bad_request("invalid header field name or value"))?;
         fields.note(&name, &value);
         headers.append(name, value);
@@ -215,7 +242,7 @@ pub fn parse_response(
     let mut headers = HeaderMap::with_capacity(res.headers.len());
     let mut fields = Fields::default();
     for h in res.headers.iter() {
-        let (name, value) = field(h.name, h.value)
+        let (name, value) = field(h.name, h.value, None)
             .ok_or(Rejection::bad_gateway("invalid response header field"))?;
         fields.note(&name, &value);
         headers.append(name, value);
@@ -290,7 +317,7 @@ fn request_syntax(e: httparse::Error) -> Rejection {
 
 /// RFC 9112 §3.2: origin-form for most methods, absolute-form for any, authority-form only
 /// for CONNECT, asterisk-form only for OPTIONS.
-fn request_target(method: &Method, target: &str) -> Result<Uri, Rejection> {
+fn request_target(method: &Method, target: &str, shared: Option<&Bytes>) -> Result<Uri, Rejection> {
     if target.len() > MAX_TARGET {
         return Err(Rejection {
             status: StatusCode::URI_TOO_LONG,
@@ -298,7 +325,7 @@ fn request_target(method: &Method, target: &str) -> Result<Uri, Rejection> {
         });
     }
     let invalid = || Rejection::bad_request("invalid request target");
-    let uri: Uri = target.parse().map_err(|_| invalid())?;
+    let uri = Uri::from_maybe_shared(bytes_of(shared, target.as_bytes())).map_err(|_| invalid())?;
     let form_ok = if method == Method::CONNECT {
         uri.scheme().is_none() && uri.authority().is_some() && !target.starts_with('/')
     } else if target == "*" {
@@ -313,9 +340,9 @@ fn request_target(method: &Method, target: &str) -> Result<Uri, Rejection> {
     }
 }
 
-fn field(name: &str, value: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+fn field(name: &str, value: &[u8], shared: Option<&Bytes>) -> Option<(HeaderName, HeaderValue)> {
     let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
-    let value = HeaderValue::from_bytes(value).ok()?;
+    let value = HeaderValue::from_maybe_shared(bytes_of(shared, value)).ok()?;
     Some((name, value))
 }
 

@@ -45,7 +45,9 @@ pub mod head;
 pub mod server;
 
 pub use body::{BodyDecoder, BodyError, Decoded};
-pub use head::{parse_request, parse_response, Framing, Limits, RequestHead, ResponseHead};
+pub use head::{
+    parse_request, parse_request_shared, parse_response, Framing, Limits, RequestHead, ResponseHead,
+};
 
 use http::StatusCode;
 

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -151,7 +151,7 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// connection at once and makes the current exchange the last (its response says
 /// `Connection: close`); a new connection's first request is still awaited.
 pub async fn serve<IO, S, F, B>(
-    io: IO,
+    mut io: IO,
     config: &ServerConfig,
     shutdown: &CancellationToken,
     mut service: S,
@@ -162,37 +162,27 @@ where
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
 {
-    let (mut rd, mut wr) = tokio::io::split(io);
     // Empty (no allocation) whenever nothing is in flight.
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
-        let head = match read_head(&mut rd, &mut buf, config, first, shutdown).await {
+        let head = match read_head(&mut io, &mut buf, config, first, shutdown).await {
             HeadRead::Head(head) => head,
             HeadRead::Closed => return Ending::Closed,
             HeadRead::Io(e) => return Ending::Io(e),
             HeadRead::TimedOut { partial } => {
                 if partial {
-                    let _ = answer(&mut wr, StatusCode::REQUEST_TIMEOUT).await;
+                    let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
                 }
                 return Ending::HeadTimeout;
             }
             HeadRead::Refused(rejection) => {
-                let _ = answer(&mut wr, rejection.status).await;
+                let _ = answer(&mut io, rejection.status).await;
                 return Ending::Refused(rejection);
             }
         };
         first = false;
-        let exchange = exchange(
-            &mut rd,
-            &mut wr,
-            &mut buf,
-            head,
-            config,
-            shutdown,
-            &mut service,
-        );
-        match exchange.await {
+        match exchange(&mut io, &mut buf, head, config, shutdown, &mut service).await {
             Exchange::KeepAlive => {
                 if buf.is_empty() {
                     // Give the buffer back while idle; a pipelined request keeps it.
@@ -200,12 +190,12 @@ where
                 }
             }
             Exchange::Close => {
-                let _ = wr.shutdown().await;
+                let _ = io.shutdown().await;
                 return Ending::Closed;
             }
             Exchange::Upgrade => {
                 return Ending::Upgraded {
-                    io: rd.unsplit(wr),
+                    io,
                     read_ahead: buf.freeze(),
                 }
             }
@@ -225,6 +215,20 @@ enum HeadRead {
     Io(std::io::Error),
 }
 
+/// A head is complete only once an empty line follows a line end: without `\n\n` or
+/// `\n\r\n` in the buffer there is nothing to parse yet.
+fn may_be_complete(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        rest = &rest[i + 1..];
+        match rest {
+            [b'\n', ..] | [b'\r', b'\n', ..] => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 async fn read_head<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
@@ -232,6 +236,7 @@ async fn read_head<R: AsyncRead + Unpin>(
     first: bool,
     shutdown: &CancellationToken,
 ) -> HeadRead {
+    let limits = &config.limits;
     let start = Instant::now();
     let mut deadline = start
         + if first {
@@ -243,14 +248,28 @@ async fn read_head<R: AsyncRead + Unpin>(
         deadline = start + config.head_timeout;
     }
     loop {
-        if !buf.is_empty() {
-            match super::parse_request(buf, &config.limits) {
-                Ok(Some((head, len))) => {
-                    buf.advance(len);
-                    return HeadRead::Head(head);
+        let window = &buf[..buf.len().min(limits.max_head)];
+        if may_be_complete(window) {
+            // Parse from shared memory: the target and field values become slices of the
+            // head (no copy each); what follows the head goes back into `buf`.
+            let head = buf.split().freeze();
+            match super::parse_request_shared(&head, limits) {
+                Ok(Some((parsed, len))) => {
+                    buf.extend_from_slice(&head[len..]);
+                    return HeadRead::Head(parsed);
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    // Not complete after all (empty lines before the request line).
+                    let mut again = BytesMut::with_capacity(head.len() + config.read_size);
+                    again.extend_from_slice(&head);
+                    *buf = again;
+                }
                 Err(rejection) => return HeadRead::Refused(rejection),
+            }
+        } else if buf.len() >= limits.max_head {
+            // Too large (431), or already malformed (400): the parser says which.
+            if let Err(rejection) = super::parse_request(buf, limits) {
+                return HeadRead::Refused(rejection);
             }
         }
         let was_empty = buf.is_empty();
@@ -292,9 +311,24 @@ enum Exchange {
     Io(std::io::Error),
 }
 
-async fn exchange<R, W, S, F, B>(
-    rd: &mut R,
-    wr: &mut W,
+/// The response head to write and what follows from it.
+struct Prepared {
+    head: Vec<u8>,
+    framing: Framing,
+    keep: bool,
+    tunnel: bool,
+}
+
+/// What the request said about its response and connection.
+struct Asked {
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+    upgrade: bool,
+}
+
+async fn exchange<IO, S, F, B>(
+    io: &mut IO,
     buf: &mut BytesMut,
     head: RequestHead,
     config: &ServerConfig,
@@ -302,8 +336,7 @@ async fn exchange<R, W, S, F, B>(
     service: &mut S,
 ) -> Exchange
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
@@ -318,10 +351,15 @@ where
         expect_continue,
         upgrade,
     } = head;
+    let asked = Asked {
+        method: method.clone(),
+        version,
+        keep_alive,
+        upgrade,
+    };
     let mut decoder = BodyDecoder::new(framing, config.limits.max_head);
-    let (body, tx, wanted) = if decoder.is_done() {
-        (RequestBody::empty(), None, None)
-    } else {
+    let body_follows = !decoder.is_done();
+    let (body, tx, wanted) = if body_follows {
         let (tx, rx) = mpsc::channel(1);
         let wanted = expect_continue.then(|| Arc::new(Notify::new()));
         let hint = match framing {
@@ -334,15 +372,28 @@ where
             hint,
         };
         (body, Some(tx), wanted)
+    } else {
+        (RequestBody::empty(), None, None)
     };
     let mut req = Request::new(body);
-    *req.method_mut() = method.clone();
+    *req.method_mut() = method;
     *req.uri_mut() = target;
     *req.version_mut() = version;
     *req.headers_mut() = headers;
 
-    let mut feed_done = tx.is_none().then_some(true);
-    let mut feeder = pin!(feed(rd, buf, &mut decoder, tx, config.read_size));
+    if !body_follows {
+        // Nothing to read while the service works: the stream is the writer's alone.
+        let (mut parts, body) = service(req).await.into_parts();
+        let prepared = prepare(&mut parts, &body, &asked, true, shutdown);
+        let written = write_response(io, prepared.head, body, prepared.framing).await;
+        return outcome(written, prepared.tunnel, prepared.keep, Some(true));
+    }
+
+    // A body follows: a feeder reads it while the service works and while the response
+    // is written, so the stream is split between the two.
+    let (mut rd, mut wr) = tokio::io::split(&mut *io);
+    let mut feed_done = None;
+    let mut feeder = pin!(feed(&mut rd, buf, &mut decoder, tx, config.read_size));
     let mut continue_sent = false;
     let mut respond = pin!(service(req));
     let response = loop {
@@ -357,11 +408,57 @@ where
             }
         }
     };
-
     let (mut parts, body) = response.into_parts();
-    let tunnel = (parts.status == StatusCode::SWITCHING_PROTOCOLS && upgrade)
-        || (method == Method::CONNECT && parts.status.is_success());
-    let bodiless = method == Method::HEAD
+    // A request body that already failed (or that the service dropped unread) ends the
+    // connection: this response says so.
+    let prepared = prepare(
+        &mut parts,
+        &body,
+        &asked,
+        feed_done != Some(false),
+        shutdown,
+    );
+    let mut writer = pin!(write_response(
+        &mut wr,
+        prepared.head,
+        body,
+        prepared.framing
+    ));
+    let written = loop {
+        tokio::select! {
+            r = &mut writer => break r,
+            ok = &mut feeder, if feed_done.is_none() => feed_done = Some(ok),
+        }
+    };
+    outcome(written, prepared.tunnel, prepared.keep, feed_done)
+}
+
+fn outcome(
+    written: Result<(), WriteError>,
+    tunnel: bool,
+    keep: bool,
+    feed_done: Option<bool>,
+) -> Exchange {
+    match written {
+        Err(WriteError::Io(e)) => Exchange::Io(e),
+        Err(WriteError::Body) => Exchange::Failed,
+        Ok(()) if tunnel => Exchange::Upgrade,
+        Ok(()) if keep && feed_done == Some(true) => Exchange::KeepAlive,
+        Ok(()) => Exchange::Close,
+    }
+}
+
+/// Chooses the response's framing and connection fields and encodes its head.
+fn prepare<B: Body>(
+    parts: &mut http::response::Parts,
+    body: &B,
+    asked: &Asked,
+    request_ok: bool,
+    shutdown: &CancellationToken,
+) -> Prepared {
+    let tunnel = (parts.status == StatusCode::SWITCHING_PROTOCOLS && asked.upgrade)
+        || (asked.method == Method::CONNECT && parts.status.is_success());
+    let bodiless = asked.method == Method::HEAD
         || parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
@@ -371,7 +468,7 @@ where
         Framing::Empty
     } else if let Some(n) = body.size_hint().exact() {
         Framing::Length(n)
-    } else if version == Version::HTTP_11 {
+    } else if asked.version == Version::HTTP_11 {
         Framing::Chunked
     } else {
         Framing::UntilClose
@@ -381,53 +478,38 @@ where
         .get_all(header::CONNECTION)
         .iter()
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    // A request body that already failed (or that the service dropped unread) ends the
-    // connection: say so in this response.
     let keep = !tunnel
-        && keep_alive
-        && feed_done != Some(false)
+        && asked.keep_alive
+        && request_ok
         && !says_close
         && framing != Framing::UntilClose
         && !shutdown.is_cancelled();
+    let headers = &mut parts.headers;
     if !tunnel {
-        parts.headers.remove(header::CONNECTION);
         if !keep {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        } else if version == Version::HTTP_10 {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if asked.version == Version::HTTP_10 {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        } else {
+            headers.remove(header::CONNECTION);
         }
     }
-    if method == Method::HEAD && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if asked.method == Method::HEAD && !headers.contains_key(header::CONTENT_LENGTH) {
         // What a GET would have carried, as hyper's server does for a sized body.
         if let Some(n) = body.size_hint().exact() {
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    if !parts.headers.contains_key(header::DATE) {
-        parts.headers.insert(header::DATE, date());
+    if !headers.contains_key(header::DATE) {
+        headers.insert(header::DATE, date());
     }
     let mut head = Vec::with_capacity(256);
-    encode::response_head(&mut head, parts.status, &parts.headers, framing);
-
-    let mut writer = pin!(write_response(wr, head, body, framing));
-    let written = loop {
-        tokio::select! {
-            r = &mut writer => break r,
-            ok = &mut feeder, if feed_done.is_none() => feed_done = Some(ok),
-        }
-    };
-    match written {
-        Err(WriteError::Io(e)) => Exchange::Io(e),
-        Err(WriteError::Body) => Exchange::Failed,
-        Ok(()) if tunnel => Exchange::Upgrade,
-        Ok(()) if keep && feed_done == Some(true) => Exchange::KeepAlive,
-        Ok(()) => Exchange::Close,
+    encode::response_head(&mut head, parts.status, headers, framing);
+    Prepared {
+        head,
+        framing,
+        keep,
+        tunnel,
     }
 }
 
@@ -599,4 +681,56 @@ fn date() -> HeaderValue {
             .clone()
             .unwrap_or(HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_may_be_complete_only_after_an_empty_line() {
+        assert!(!may_be_complete(b""));
+        assert!(!may_be_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!may_be_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r"));
+        assert!(may_be_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(may_be_complete(b"GET / HTTP/1.1\nHost: a\n\n"));
+        assert!(may_be_complete(b"GET / HTTP/1.1\r\n\r\nbody"));
+        // Every prefix of a complete head that the parser finds incomplete is said to be
+        // possibly incomplete too (never the other way round).
+        let raw = b"\r\nGET /x HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n";
+        let limits = Limits {
+            max_head: 1024,
+            max_headers: 8,
+        };
+        for end in 0..=raw.len() {
+            let parsed = crate::h1::parse_request(&raw[..end], &limits);
+            if matches!(parsed, Ok(Some(_))) {
+                assert!(may_be_complete(&raw[..end]), "{end}");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_parsing_slices_the_head_instead_of_copying() {
+        let limits = Limits {
+            max_head: 1024,
+            max_headers: 8,
+        };
+        let raw = Bytes::from_static(b"GET /p?q HTTP/1.1\r\nHost: a.example\r\nX-A: 1\r\n\r\nrest");
+        let (shared, len) = crate::h1::parse_request_shared(&raw, &limits)
+            .unwrap()
+            .unwrap();
+        let (copied, len2) = crate::h1::parse_request(&raw, &limits).unwrap().unwrap();
+        assert_eq!(len, len2);
+        assert_eq!(
+            (shared.target.clone(), shared.headers.clone()),
+            (copied.target, copied.headers)
+        );
+        let host = shared.headers["host"].as_bytes().as_ptr() as usize;
+        let base = raw.as_ptr() as usize;
+        assert!(
+            (base..base + len).contains(&host),
+            "the Host value was copied"
+        );
+    }
 }
