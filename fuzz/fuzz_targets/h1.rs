@@ -3,6 +3,7 @@
 //! - reading in pieces gives the same verdict as reading at once (a socket splits bytes
 //!   anywhere): the same head length or refusal, the same body data or body error;
 //! - decoded body data are never more than the input, and consumed counts stay in bounds;
+//! - parsing from shared memory (`parse_request_shared`) gives the same verdict and head;
 //! - an accepted HTTP/1.1 request written back out by `h1::encode` parses to the same
 //!   method, target, fields and framing.
 //!
@@ -102,6 +103,16 @@ fn requests(mut input: &[u8], step: usize) {
             (Ok(None), Ok(None)) => {}
             (Err(a), Err(b)) => assert_eq!(a.status, b.status, "refusal differs in pieces"),
             _ => panic!("head verdict differs in pieces: {whole:?} vs {pieces:?}"),
+        }
+        // Parsing from shared memory (the server's way) gives the same head.
+        let shared = h1::parse_request_shared(&bytes::Bytes::copy_from_slice(input), &LIMITS);
+        match (&whole, &shared) {
+            (Ok(Some((a, la))), Ok(Some((b, lb)))) => {
+                assert_eq!((la, &a.method, &a.target, &a.headers, a.framing), (lb, &b.method, &b.target, &b.headers, b.framing));
+            }
+            (Ok(None), Ok(None)) => {}
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            _ => panic!("shared parse differs: {whole:?} vs {shared:?}"),
         }
         let Ok(Some((head, len))) = whole else { return };
         assert!(len <= input.len() && len <= LIMITS.max_head);
