@@ -1,6 +1,7 @@
 //! ballast's HTTP/1.1 framing (`ballast::h1`), the per-message work of the codec route of
 //! issue 10:
-//! - `parse_request`: the head wrk sends (two fields) and a browser-like head (twelve);
+//! - `parse_request`: the head wrk sends (one field) and a browser-like head (twelve),
+//!   copied out of the buffer and (`_shared`) sliced from it;
 //! - `parse_response`: a typical backend response head;
 //! - `chunked`: decoding a 64 KiB body in 16 KiB chunks, and in 100-byte chunks (framing
 //!   cost dominates);
@@ -35,6 +36,13 @@ fn heads(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(raw.len() as u64));
         group.bench_function(name, |b| {
             b.iter(|| h1::parse_request(black_box(raw), &LIMITS).map(|h| h.map(|(_, len)| len)))
+        });
+        // The server's way: values are slices of the head, not copies.
+        let shared = bytes::Bytes::from_static(raw);
+        group.bench_function(format!("{name}_shared"), |b| {
+            b.iter(|| {
+                h1::parse_request_shared(black_box(&shared), &LIMITS).map(|h| h.map(|(_, len)| len))
+            })
         });
     }
     group.finish();

@@ -9,8 +9,8 @@
 //! per-client connection table at accept when `max_connections_per_client` is set.
 //!
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
-//! - `h1`: HTTP/1.1 message framing (RFC 9112): heads, body decoding, encoding. Pure; not
-//!   yet on the data path (hyper serves HTTP/1 today; see the module's doc).
+//! - `h1`: HTTP/1.1 message framing (RFC 9112): heads, body decoding, encoding, and a server
+//!   connection on them. Not yet serving listeners (hyper does; see the module's doc).
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `stats`: the data path's counters (per listener, per pool) and latency histogram
