@@ -93,7 +93,17 @@ struct Server {
 
 impl Server {
     async fn start(config: ServerConfig) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Server::start_with(config, None).await
+    }
+
+    /// `rcvbuf`: the accepted sockets' receive buffer (inherited from the listening socket).
+    async fn start_with(config: ServerConfig, rcvbuf: Option<u32>) -> Server {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener: TcpListener = socket.listen(64).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, endings) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
@@ -264,6 +274,33 @@ async fn refused_heads_are_answered_and_closed() {
 }
 
 #[tokio::test]
+async fn a_refused_upload_still_reads_its_answer() {
+    // The head is refused while 200 KB of body follow, more than the small socket buffers
+    // hold: the server lingers, reading and dropping them, so its close does not reset the
+    // connection while the client is still sending (a reset fails the client's write, and
+    // on many systems discards the answer it has not read yet).
+    let mut server = Server::start_with(config(), Some(4096)).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let s = socket.connect(server.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        req.extend(std::iter::repeat_n(b'x', 200_000));
+        wr.write_all(&req).await
+    });
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, rd.read_to_end(&mut out))
+        .await
+        .expect("the server closed within 5 s")
+        .expect("no reset before the answer was read");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    writer.await.unwrap().expect("the whole upload was taken");
+    assert_eq!(server.ending().await, "Refused(400)");
+}
+
+#[tokio::test]
 async fn expect_continue_gets_100_before_the_body() {
     let mut server = Server::start(config()).await;
     let mut s = TcpStream::connect(server.addr).await.unwrap();
@@ -380,6 +417,8 @@ async fn an_unread_request_body_closes_the_connection() {
         out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("ok"),
         "{out}"
     );
+    // The server lingers for the rest of the upload (up to 1 s); closing ends that.
+    drop(s);
     assert_eq!(server.ending().await, "Closed");
 }
 

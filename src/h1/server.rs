@@ -177,7 +177,10 @@ where
                 return Ending::HeadTimeout;
             }
             HeadRead::Refused(rejection) => {
-                let _ = answer(&mut io, rejection.status).await;
+                // A body may follow the refused head: linger so the answer is not reset.
+                if answer(&mut io, rejection.status).await.is_ok() {
+                    linger(&mut io).await;
+                }
                 return Ending::Refused(rejection);
             }
         };
@@ -189,8 +192,10 @@ where
                     buf = BytesMut::new();
                 }
             }
-            Exchange::Close => {
-                let _ = io.shutdown().await;
+            Exchange::Close { unread } => {
+                if io.shutdown().await.is_ok() && unread {
+                    linger(&mut io).await;
+                }
                 return Ending::Closed;
             }
             Exchange::Upgrade => {
@@ -305,7 +310,10 @@ async fn read_head<R: AsyncRead + Unpin>(
 
 enum Exchange {
     KeepAlive,
-    Close,
+    /// `unread`: the request body was not read to its end.
+    Close {
+        unread: bool,
+    },
     Upgrade,
     Failed,
     Io(std::io::Error),
@@ -444,7 +452,9 @@ fn outcome(
         Err(WriteError::Body) => Exchange::Failed,
         Ok(()) if tunnel => Exchange::Upgrade,
         Ok(()) if keep && feed_done == Some(true) => Exchange::KeepAlive,
-        Ok(()) => Exchange::Close,
+        Ok(()) => Exchange::Close {
+            unread: feed_done != Some(true),
+        },
     }
 }
 
@@ -643,6 +653,29 @@ where
         wr.write_all(&out).await.map_err(WriteError::Io)?;
     }
     wr.flush().await.map_err(WriteError::Io)
+}
+
+/// How long, and how much, [`linger`] reads after ballast closed its side.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// After closing its side with bytes from the client still unread (a refused head, an
+/// upload the service did not read), reads and drops what still arrives: closing a socket
+/// with unread data sends a reset, and a reset makes the client's kernel discard the answer
+/// it has not read yet. Bounded by [`LINGER_TIME`], [`LINGER_BYTES`] or the client's close.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    // On the heap: this rare path must not grow every connection's task.
+    let mut sink = vec![0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// A response without a body that ends the connection (a refused head, a timeout).
