@@ -7,7 +7,8 @@
 //! ballast's verdict comes from `h1::parse_request` and `h1::BodyDecoder` fed the same
 //! bytes. The two must agree on every case, except those marked `differs`: there ballast is
 //! deliberately stricter than hyper (the reason is given), and the test checks that they
-//! still differ, so the list stays true.
+//! still differ, so the list stays true. ballast's own server connection (`h1::server`) is
+//! fed the corpus too, and must read every case exactly as the framing functions do.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -207,6 +208,72 @@ fn ballast(raw: &[u8]) -> Vec<Event> {
     events
 }
 
+/// Final statuses other than the service's 200 in what a server wrote: its own refusals.
+fn refusals(out: &[u8]) -> Vec<Event> {
+    let out = String::from_utf8_lossy(out);
+    out.split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|s| s.get(..3))
+        .filter_map(|status| match status.parse::<u16>() {
+            Ok(200) | Ok(100..=199) => None,
+            Ok(code) => Some(Event::Refused(code)),
+            Err(_) => panic!("unreadable status {status:?} in {out:?}"),
+        })
+        .collect()
+}
+
+/// What a service saw of one request (its whole body, or that the body failed).
+async fn record<B>(req: hyper::Request<B>) -> Event
+where
+    B: hyper::body::Body,
+{
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let version = format!("{:?}", req.version());
+    match req.into_body().collect().await {
+        Ok(body) => Event::Request(method, target, version, body.to_bytes().to_vec()),
+        Err(_) => Event::BadBody,
+    }
+}
+
+/// ballast's HTTP/1.1 server connection (`h1::server`) fed the same bytes: it must read them
+/// exactly as the framing functions do.
+async fn ballast_server(raw: &'static [u8]) -> Vec<Event> {
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record_to = seen.clone();
+    let config = h1::server::ServerConfig {
+        limits: LIMITS,
+        head_timeout: Duration::from_secs(5),
+        keepalive_timeout: Duration::from_secs(5),
+        read_size: 8192,
+    };
+    let serve = tokio::spawn(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        h1::server::serve(server, &config, &shutdown, |req| {
+            let record_to = record_to.clone();
+            async move {
+                let event = record(req).await;
+                record_to.lock().unwrap().push(event);
+                hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
+            }
+        })
+        .await;
+    });
+    client.write_all(raw).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+        .await
+        .expect("ballast's server answered within 10 s")
+        .unwrap();
+    drop(client);
+    let _ = serve.await;
+    let mut events = seen.lock().unwrap().clone();
+    events.extend(refusals(&out));
+    events
+}
+
 /// hyper's reading, from a real server connection.
 async fn hyper(raw: &'static [u8]) -> Vec<Event> {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
@@ -243,16 +310,31 @@ async fn hyper(raw: &'static [u8]) -> Vec<Event> {
         .unwrap();
     let _ = serve.await;
     let mut events = seen.lock().unwrap().clone();
-    // hyper's own refusals: final statuses other than the service's 200.
-    let out = String::from_utf8_lossy(&out);
-    for status in out.split("HTTP/1.1 ").skip(1).filter_map(|s| s.get(..3)) {
-        match status.parse::<u16>() {
-            Ok(200) | Ok(100..=199) => {}
-            Ok(code) => events.push(Event::Refused(code)),
-            Err(_) => panic!("unreadable status {status:?} in {out:?}"),
+    events.extend(refusals(&out));
+    events
+}
+
+#[tokio::test]
+async fn ballast_s_server_reads_the_corpus_as_its_framing_functions_do() {
+    let mut wrong = Vec::new();
+    let cases = corpus();
+    for case in &cases {
+        let functions = ballast(case.raw);
+        let server = ballast_server(case.raw).await;
+        if functions != server {
+            wrong.push(format!(
+                "{}: functions {functions:?}, server {server:?}",
+                case.name
+            ));
         }
     }
-    events
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cases:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
 }
 
 #[tokio::test]
