@@ -185,7 +185,18 @@ where
             }
         };
         first = false;
-        match exchange(&mut io, &mut buf, head, config, shutdown, &mut service).await {
+        // Boxed: an async fn is as large as its largest state, and the exchange (service,
+        // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
+        match Box::pin(exchange(
+            &mut io,
+            &mut buf,
+            head,
+            config,
+            shutdown,
+            &mut service,
+        ))
+        .await
+        {
             Exchange::KeepAlive => {
                 if buf.is_empty() {
                     // Give the buffer back while idle; a pipelined request keeps it.
