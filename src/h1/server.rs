@@ -52,6 +52,24 @@ pub struct ServerConfig {
     pub read_size: usize,
 }
 
+/// A stream the server can wait on holding no buffer: `poll_readable` is ready when a read
+/// would not block. The default is "ready at once" (the wait then happens inside a read,
+/// with the read buffer already reserved); TCP streams wait for readiness.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl Transport for tokio::io::DuplexStream {}
+
 /// How a connection ended.
 #[derive(Debug)]
 pub enum Ending<IO> {
@@ -157,7 +175,7 @@ pub async fn serve<IO, S, F, B>(
     mut service: S,
 ) -> Ending<IO>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: Transport,
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
@@ -245,7 +263,7 @@ fn may_be_complete(buf: &[u8]) -> bool {
     false
 }
 
-async fn read_head<R: AsyncRead + Unpin>(
+async fn read_head<R: Transport>(
     rd: &mut R,
     buf: &mut BytesMut,
     config: &ServerConfig,
@@ -289,11 +307,20 @@ async fn read_head<R: AsyncRead + Unpin>(
             }
         }
         let was_empty = buf.is_empty();
-        buf.reserve(config.read_size);
+        let read_size = config.read_size;
+        let read_more = async {
+            if buf.is_empty() {
+                // Wait for the first byte holding no buffer: between requests a connection
+                // holds none (a reserved buffer costs its first page even unread).
+                std::future::poll_fn(|cx| rd.poll_readable(cx)).await?;
+            }
+            buf.reserve(read_size);
+            rd.read_buf(buf).await
+        };
         let read = async {
             tokio::select! {
                 biased;
-                r = rd.read_buf(buf) => Some(r),
+                r = read_more => Some(r),
                 // An idle keep-alive connection closes at shutdown. A head on its way is let
                 // finish, and so is a new connection's first request (the client reached a
                 // listening socket; `head_timeout` bounds the wait).
