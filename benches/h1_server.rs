@@ -1,5 +1,6 @@
 //! Server-side HTTP/1.1 cost, hyper's server connection against `ballast::h1::server`, on
-//! the same trivial service ("ok" to every request), one thread each, in one run:
+//! the same trivial service (2 bytes to every request; hyper with ballast's listener settings),
+//! one thread each, in one run:
 //!
 //!   cargo bench --bench h1_server            # 3 rounds of 3 s per server
 //!   ROUNDS=5 SECS=5 CONNS=50 cargo bench --bench h1_server
@@ -27,7 +28,6 @@ use ballast::h1::server::{self, ServerConfig};
 use ballast::h1::Limits;
 use bytes::Bytes;
 use http::Response;
-use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -60,6 +60,53 @@ fn thread_user_ticks() -> u64 {
 /// Clock ticks per second (USER_HZ); 100 on Linux.
 const TICKS: f64 = 100.0;
 
+/// Serves every connection on `listener` with `engine` until `stop`: each request gets
+/// `size` zero bytes of known length. hyper runs with ballast's listener settings (flat
+/// writes, `max_buf_size` 32 KiB), `h1::server` with the same head limits.
+async fn accept_loop(
+    engine: Engine,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+    size: usize,
+) {
+    let listener = TcpListener::from_std(listener).expect("listener");
+    let config = ServerConfig {
+        limits: Limits {
+            max_head: 32 * 1024,
+            max_headers: 100,
+        },
+        head_timeout: Duration::from_secs(60),
+        keepalive_timeout: Duration::from_secs(60),
+        read_size: 16 * 1024,
+    };
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            match engine {
+                Engine::Hyper => {
+                    let svc = service_fn(|_req| async move {
+                        Ok::<_, Infallible>(Response::new(Download { left: size }))
+                    });
+                    let conn = http1::Builder::new()
+                        .writev(false)
+                        .max_buf_size(32 * 1024)
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! { _ = conn => {}, _ = stop.cancelled() => {} }
+                }
+                Engine::Ballast => {
+                    let svc = move |_req| async move { Response::new(Download { left: size }) };
+                    let _ = server::serve(stream, &config, &stop, svc).await;
+                }
+            }
+        });
+    }
+}
+
 /// Serves until `stop`; returns the serving thread's CPU time, and its user part.
 fn serve(
     engine: Engine,
@@ -77,44 +124,7 @@ fn serve(
         Err(e) => panic!("runtime: {e}"),
     };
     let (start, user_start) = (thread_cpu(), thread_user_ticks());
-    rt.block_on(async move {
-        let listener = TcpListener::from_std(listener).expect("listener");
-        let config = ServerConfig {
-            limits: Limits {
-                max_head: 16 * 1024,
-                max_headers: 100,
-            },
-            head_timeout: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(60),
-            read_size: 16 * 1024,
-        };
-        loop {
-            let (stream, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-                _ = stop.cancelled() => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                match engine {
-                    Engine::Hyper => {
-                        let svc = service_fn(|_req| async {
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                        });
-                        let conn = http1::Builder::new()
-                            .writev(false)
-                            .serve_connection(TokioIo::new(stream), svc);
-                        tokio::select! { _ = conn => {}, _ = stop.cancelled() => {} }
-                    }
-                    Engine::Ballast => {
-                        let svc =
-                            |_req| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
-                        let _ = server::serve(stream, &config, &stop, svc).await;
-                    }
-                }
-            });
-        }
-    });
+    rt.block_on(accept_loop(engine, listener, stop, 2));
     let user = (thread_user_ticks() - user_start) as f64 / TICKS;
     (thread_cpu() - start, Duration::from_secs_f64(user))
 }
@@ -210,44 +220,7 @@ fn busy_child(engine: Engine, n: usize, idle: bool) {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(async move {
-            let listener = TcpListener::from_std(listener).expect("listener");
-            let config = ServerConfig {
-                limits: Limits {
-                    max_head: 32 * 1024,
-                    max_headers: 100,
-                },
-                head_timeout: Duration::from_secs(60),
-                keepalive_timeout: Duration::from_secs(60),
-                read_size: 16 * 1024,
-            };
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-                    _ = token.cancelled() => break,
-                };
-                let token = token.clone();
-                tokio::spawn(async move {
-                    match engine {
-                        Engine::Hyper => {
-                            let svc = service_fn(|_req| async {
-                                Ok::<_, Infallible>(Response::new(Download { left: size }))
-                            });
-                            let conn = http1::Builder::new()
-                                .writev(false)
-                                .max_buf_size(32 * 1024)
-                                .serve_connection(TokioIo::new(stream), svc);
-                            tokio::select! { _ = conn => {}, _ = token.cancelled() => {} }
-                        }
-                        Engine::Ballast => {
-                            let svc =
-                                move |_req| async move { Response::new(Download { left: size }) };
-                            let _ = server::serve(stream, &config, &token, svc).await;
-                        }
-                    }
-                });
-            }
-        })
+        rt.block_on(accept_loop(engine, listener, token, size));
     });
     std::thread::sleep(Duration::from_millis(200));
     let before = rss_bytes();

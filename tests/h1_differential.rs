@@ -278,18 +278,12 @@ async fn ballast_server(raw: &'static [u8]) -> Vec<Event> {
 async fn hyper(raw: &'static [u8]) -> Vec<Event> {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
+    let record_to = seen.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let record = record.clone();
+        let record_to = record_to.clone();
         async move {
-            let method = req.method().to_string();
-            let target = req.uri().to_string();
-            let version = format!("{:?}", req.version());
-            let event = match req.into_body().collect().await {
-                Ok(body) => Event::Request(method, target, version, body.to_bytes().to_vec()),
-                Err(_) => Event::BadBody,
-            };
-            record.lock().unwrap().push(event);
+            let event = record(req).await;
+            record_to.lock().unwrap().push(event);
             Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
         }
     });
@@ -314,6 +308,15 @@ async fn hyper(raw: &'static [u8]) -> Vec<Event> {
     events
 }
 
+fn assert_none_wrong(wrong: &[String], cases: usize) {
+    assert!(
+        wrong.is_empty(),
+        "{} of {cases} cases:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
 #[tokio::test]
 async fn ballast_s_server_reads_the_corpus_as_its_framing_functions_do() {
     let mut wrong = Vec::new();
@@ -328,13 +331,7 @@ async fn ballast_s_server_reads_the_corpus_as_its_framing_functions_do() {
             ));
         }
     }
-    assert!(
-        wrong.is_empty(),
-        "{} of {} cases:\n{}",
-        wrong.len(),
-        cases.len(),
-        wrong.join("\n")
-    );
+    assert_none_wrong(&wrong, cases.len());
 }
 
 #[tokio::test]
@@ -371,11 +368,5 @@ async fn ballast_and_hyper_frame_the_corpus_alike_except_where_ballast_is_strict
             );
         }
     }
-    assert!(
-        wrong.is_empty(),
-        "{} of {} cases:\n{}",
-        wrong.len(),
-        cases.len(),
-        wrong.join("\n")
-    );
+    assert_none_wrong(&wrong, cases.len());
 }
