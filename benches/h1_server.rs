@@ -78,6 +78,7 @@ async fn accept_loop(
         head_timeout: Duration::from_secs(60),
         keepalive_timeout: Duration::from_secs(60),
         read_size: 16 * 1024,
+        first_request_grace: Duration::from_secs(1),
     };
     loop {
         let (stream, _) = tokio::select! {

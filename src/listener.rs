@@ -3,32 +3,39 @@
 //! A listener holds a semaphore of `max_connections` permits; when they are all taken it
 //! stops accepting and new connections wait in the kernel's backlog (HAProxy's `maxconn`).
 //! `max_connections_per_client`, when set, bounds what one address may hold of them.
-//! hyper enforces the header size limit (431) and malformed requests (400); the socket
-//! wrapper [`TimedStream`] runs the keep-alive, request-head and send timeouts; the request
-//! path runs the body timeout. An idle plain HTTP/1 connection is parked: it holds its
-//! socket and no hyper state until its next request (`Conn::serve_h1`).
+//!
+//! HTTP/1.1 over plain TCP is served by ballast's own server ([`crate::h1::server`]): it
+//! frames requests (400/431/501/417 for what it refuses), runs the request-head and
+//! keep-alive timers, and an idle connection holds its socket and no buffer
+//! (`Conn::serve_plain_h1`). HTTP/1.1 over TLS and HTTP/2 are served by hyper, with the
+//! keep-alive and request-head timers in the socket wrapper [`TimedStream`]. Either way
+//! `TimedStream` runs the send timeout and the request path the body timeout.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::{header, Method, Request};
+use hyper::body::Incoming;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerMode};
+use crate::h1::server::{Ending, RequestBody};
 use crate::handover::Inherited;
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
 use crate::proxy::tcp::ClientConn;
+use crate::proxy::tunnel::{ClientIo, OwnUpgrade};
+use crate::request_body::ClientStream;
 use crate::state::Live;
 use crate::stats::ListenerStats;
 
@@ -130,11 +137,11 @@ pub async fn run(
     let env = Arc::new(Env {
         inherited_options,
         h1: h1_builder(&config),
+        h1_own: own_h1_config(&config),
         h2: h2_builder(&config),
         read_limits: ReadLimits {
             header_timeout: config.request_header_timeout,
             keepalive_timeout: config.keepalive_timeout,
-            park_after: Some(PARK_AFTER),
         },
         live,
         name: Arc::clone(&name),
@@ -229,6 +236,7 @@ struct Env {
     config: Arc<ListenerConfig>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     h1: http1::Builder,
+    h1_own: crate::h1::server::ServerConfig,
     h2: http2::Builder<TokioExecutor>,
     read_limits: ReadLimits,
     per_client: Option<Arc<PerClient>>,
@@ -309,19 +317,27 @@ impl Env {
             shutdown: self.shutdown.clone(),
             stats: Arc::clone(&self.stats),
         });
-        let timed =
-            TimedStream::downstream(stream, self.config.send_timeout, phase, self.read_limits);
-        let io = Prefixed::new(prefix, timed);
         let conn = Conn { ctx, env: self };
-        // Only the plain HTTP/1 path runs inline: a parked connection is this task and
+        let send_timeout = self.config.send_timeout;
+        // Only the plain HTTP/1 path runs inline: an idle connection is this task and
         // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
         // (several KiB each; an async fn is as large as its largest state).
         match &self.tls {
-            None if conn.ctx.config.h2c => Box::pin(conn.serve_auto(io)).await,
-            // Boxed once: the parked task then holds a pointer, not a second copy of the
-            // stream (an async fn keeps its arguments apart from its locals).
-            None => conn.serve_h1(Box::new(io)).await,
-            Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
+            None if !conn.ctx.config.h2c => {
+                // ballast's own server runs the read timers; the stream times writes.
+                let io = Prefixed::new(prefix, TimedStream::tcp_client(stream, send_timeout));
+                // Boxed once: the idle task then holds a pointer, not a second copy of the
+                // stream (an async fn keeps its arguments apart from its locals).
+                conn.serve_plain_h1(Box::new(io)).await
+            }
+            tls => {
+                let timed = TimedStream::downstream(stream, send_timeout, phase, self.read_limits);
+                let io = Prefixed::new(prefix, timed);
+                match tls {
+                    None => Box::pin(conn.serve_auto(io)).await,
+                    Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
+                }
+            }
         }
     }
 
@@ -356,6 +372,24 @@ impl Env {
         }
     }
 }
+
+/// ballast's own HTTP/1.1 server's limits and timers, from the listener's settings.
+fn own_h1_config(config: &ListenerConfig) -> crate::h1::server::ServerConfig {
+    crate::h1::server::ServerConfig {
+        limits: crate::h1::Limits {
+            max_head: config.max_header_size,
+            max_headers: config.max_headers,
+        },
+        head_timeout: config.request_header_timeout,
+        keepalive_timeout: config.keepalive_timeout,
+        read_size: READ_SIZE,
+        first_request_grace: FIRST_REQUEST_GRACE.min(config.request_header_timeout),
+    }
+}
+
+/// What one read asks for while a message is in flight (hyper's first read buffer is the
+/// same size): a typical request head fits in one read, and an idle connection holds none.
+const READ_SIZE: usize = 8 * 1024;
 
 fn h1_builder(config: &ListenerConfig) -> http1::Builder {
     let mut builder = http1::Builder::new();
@@ -399,13 +433,6 @@ fn h2_builder(config: &ListenerConfig) -> http2::Builder<TokioExecutor> {
 /// request (which then gets `Connection: close`) before it is closed.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
-/// How long an idle HTTP/1 connection over plain TCP keeps hyper's state (and its ~27 KiB
-/// of buffers) before it is parked; see `Conn::serve_h1` and `ConnPhase::claim_park`.
-/// Short enough that a burst of new clients does not pile up buffers (measured: with 1 s,
-/// 5,000 clients connecting within two seconds briefly held ~22 KB each), long enough that
-/// a connection carrying steady traffic never parks between its requests.
-const PARK_AFTER: Duration = Duration::from_millis(100);
-
 const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 const H2_MAX_PENDING_RESETS: usize = 32;
 const H2_MAX_LOCAL_RESETS: usize = 256;
@@ -420,61 +447,74 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    /// HTTP/1.1. On shutdown the request in progress finishes, answered with
-    /// `Connection: close`.
-    ///
-    /// Over plain TCP an idle connection is parked: once it has been idle for
-    /// [`PARK_AFTER`] after an exchange that left nothing unread, hyper's connection is
-    /// told to stop there (which frees its read and write buffers and the request future's
-    /// slot, ~27 KiB), the socket stays open and waits for the next request's first byte
-    /// holding no buffer, and a new hyper connection takes it from there. A new connection
-    /// starts parked. An idle keep-alive client then costs about 2-3 KB of RSS instead of
-    /// ~29 KB (HAProxy's and nginx's buffer pools do the same; BENCHMARKS.md); a pipelined
-    /// request hyper had already read is put back in front of the socket.
-    async fn serve_h1<I: Parkable>(&self, mut io: I) {
-        let park = io.can_park();
-        loop {
-            if park {
-                match self.parked(&mut io).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        tracing::debug!(client = %self.ctx.peer, error = %e, "client connection ended");
-                        return;
-                    }
+    /// HTTP/1.1 over plain TCP, on ballast's own server ([`crate::h1::server`]): the request
+    /// path runs in this task, a connection holds a read buffer only while a message is in
+    /// flight, and an idle keep-alive connection waits for its next request's first byte
+    /// holding no buffer (BENCHMARKS.md, issue 10). On shutdown an idle connection closes,
+    /// the request in progress finishes with `Connection: close`, and a just-accepted
+    /// connection's first request is still served.
+    async fn serve_plain_h1(&self, io: Box<Prefixed<TimedStream>>) {
+        // The sending end of the stream for a request that asks to switch protocols: the
+        // request carries the receiving end to the tunnel (`tunnel::ClientUpgrade`).
+        let switched: Mutex<Option<oneshot::Sender<Box<dyn ClientIo>>>> = Mutex::new(None);
+        let service = |mut req: Request<RequestBody>| {
+            if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+                let (tx, rx) = oneshot::channel();
+                *switched.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                req.extensions_mut()
+                    .insert(OwnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            }
+            let ctx = Arc::clone(&self.ctx);
+            async move {
+                match handle(req.map(ClientStream::H1), ctx).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
                 }
             }
-            // Boxed: while parked, the task holds none of hyper's connection state.
-            match Box::pin(self.h1_exchanges(io, park)).await {
-                Some(back) => io = back,
-                None => return,
+        };
+        let ending =
+            crate::h1::server::serve(io, &self.env.h1_own, &self.env.shutdown, service).await;
+        let peer = &self.ctx.peer;
+        match ending {
+            Ending::Closed => {}
+            Ending::Upgraded { mut io, read_ahead } => {
+                // Bytes the client sent right behind its request belong to the tunnel.
+                io.put_back(&read_ahead);
+                let tx = switched.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(tx) = tx {
+                    let _ = tx.send(io);
+                }
+            }
+            Ending::Refused(rejection) => {
+                tracing::debug!(client = %peer, status = rejection.status.as_u16(), reason = rejection.reason, "request head refused");
+            }
+            Ending::HeadTimeout => {
+                tracing::debug!(client = %peer, "request head not complete within request_header_timeout");
+            }
+            Ending::ResponseFailed => {
+                tracing::debug!(client = %peer, "response body failed; connection closed");
+            }
+            Ending::Io(e) => {
+                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
             }
         }
     }
 
-    /// Serves requests on `io` with one hyper connection until the connection ends
-    /// (`None`) or, with `park`, goes idle after a clean exchange (`Some`: the stream back,
-    /// with any bytes hyper had read past it put back).
-    async fn h1_exchanges<I: Parkable>(&self, io: I, park: bool) -> Option<I> {
+    /// HTTP/1.1 over TLS, on hyper's server. On shutdown the request in progress finishes,
+    /// answered with `Connection: close`.
+    async fn serve_h1<I: Io>(&self, io: I) {
         let phase = &self.ctx.phase;
         let ctx = Arc::clone(&self.ctx);
-        let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+        let svc = service_fn(move |req: Request<Incoming>| {
+            handle(req.map(ClientStream::Hyper), Arc::clone(&ctx))
+        });
         let mut conn = self
             .env
             .h1
             .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         let result = tokio::select! {
-            r = std::future::poll_fn(|cx| loop {
-                let polled = Pin::new(&mut conn).poll(cx);
-                if polled.is_pending() && park && !self.env.shutdown.is_cancelled() && phase.claim_park() {
-                    // Idle and clean: hyper closes its side (an idle connection stops at
-                    // once), `TimedStream` keeps the socket open.
-                    Pin::new(&mut conn).graceful_shutdown();
-                    continue;
-                }
-                return polled;
-            }) => r,
+            r = &mut conn => r,
             _ = self.env.shutdown.cancelled() => {
                 // A connection accepted just before shutdown (or before a hand-over to a
                 // successor) whose first request is still on its way gets a moment for it:
@@ -496,45 +536,7 @@ impl Conn<'_> {
                 }
             }
         };
-        let parked = phase.end_park();
-        match conn.into_parts() {
-            Some(parts) if parked && result.is_ok() => {
-                tracing::debug!(client = %self.ctx.peer, "idle connection parked");
-                let mut io = parts.io.into_inner();
-                io.put_back(&parts.read_buf);
-                Some(io)
-            }
-            // Closed, failed, or upgraded (the tunnel has the socket now).
-            _ => {
-                self.log_end(result.err());
-                None
-            }
-        }
-    }
-
-    /// Waits, parked, for the next request: `Ok(false)` when the connection should close
-    /// instead (shutdown with no request coming); errors are the read timers'.
-    async fn parked<I: Parkable>(&self, io: &mut I) -> std::io::Result<bool> {
-        tokio::select! {
-            biased;
-            r = std::future::poll_fn(|cx| io.poll_parked(cx)) => r.map(|()| true),
-            _ = self.env.shutdown.cancelled() => {
-                if !self.ctx.phase.untouched() {
-                    // An idle keep-alive connection: nothing in flight, close it.
-                    return Ok(false);
-                }
-                // Just accepted: its first request gets the grace described in
-                // `h1_exchanges` (boxed: a rare path, kept out of every parked task).
-                Box::pin(async {
-                    let grace = FIRST_REQUEST_GRACE.min(self.ctx.config.request_header_timeout);
-                    match tokio::time::timeout(grace, std::future::poll_fn(|cx| io.poll_parked(cx))).await {
-                        Ok(r) => r.map(|()| true),
-                        Err(_) => Ok(false),
-                    }
-                })
-                .await
-            }
-        }
+        self.log_end(result.err());
     }
 
     /// HTTP/2. On shutdown, or after `keepalive_timeout` with no open stream, GOAWAY: the
@@ -545,7 +547,9 @@ impl Conn<'_> {
         // hyper spawns a task per stream and moves the service future into it: boxed, that
         // move is a pointer, not the whole request path's state (measured: the copies were
         // ~4% of CPU under h2load).
-        let svc = service_fn(move |req| Box::pin(handle(req, Arc::clone(&ctx))));
+        let svc = service_fn(move |req: Request<Incoming>| {
+            Box::pin(handle(req.map(ClientStream::Hyper), Arc::clone(&ctx)))
+        });
         let conn = self.env.h2.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let result = tokio::select! {
@@ -576,7 +580,8 @@ impl Conn<'_> {
         if h2 {
             self.serve_h2(io).await
         } else {
-            self.serve_h1(Box::new(io)).await
+            io.get_mut().untime_reads();
+            self.serve_plain_h1(Box::new(io)).await
         }
     }
 
@@ -592,42 +597,6 @@ impl Conn<'_> {
 /// What a client connection can be served over: TCP, or TLS over TCP.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
-
-/// A client stream an idle HTTP/1 connection can be parked on (see `Conn::serve_h1`):
-/// plain TCP. TLS is not parked: rustls holds its own buffers per connection anyway.
-trait Parkable: Io {
-    fn can_park(&self) -> bool;
-    /// Ready when the next request has begun (or the client closed); fails on a read timer.
-    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
-    /// Puts back bytes read past the last request.
-    fn put_back(&mut self, bytes: &[u8]);
-}
-
-impl Parkable for Box<Prefixed<TimedStream>> {
-    fn can_park(&self) -> bool {
-        true
-    }
-
-    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Prefixed::poll_parked(self, cx)
-    }
-
-    fn put_back(&mut self, bytes: &[u8]) {
-        Prefixed::put_back(self, bytes)
-    }
-}
-
-impl<T: Io> Parkable for tokio_rustls::server::TlsStream<T> {
-    fn can_park(&self) -> bool {
-        false
-    }
-
-    fn poll_parked(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn put_back(&mut self, _bytes: &[u8]) {}
-}
 
 /// Reads until the bytes seen either are the HTTP/2 connection preface or cannot become it;
 /// returns which, with the bytes read (to be replayed to the server).

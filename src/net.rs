@@ -43,13 +43,6 @@ pub struct ConnPhase {
     multiplexed: AtomicBool,
     /// Open requests on a multiplexed connection.
     active: std::sync::atomic::AtomicUsize,
-    /// The last exchange left the connection clean for the next request: keep-alive asked
-    /// for, the request body read to its end, the response complete.
-    reusable: AtomicBool,
-    /// An HTTP/1 connection is being parked: hyper's end of it must not shut the socket.
-    keep_open: AtomicBool,
-    /// The connection has been idle for `park_after`: set by the read timer.
-    park_due: AtomicBool,
     /// The client asked to close after the current response (`Connection: close`).
     closing: AtomicBool,
 }
@@ -76,43 +69,19 @@ impl ConnPhase {
         }
     }
 
-    /// The response to the current request is complete; the next one may come. `reusable`:
-    /// the exchange left nothing unread and no reason to close (see [`ConnPhase::claim_park`]).
-    pub fn idle(&self, reusable: bool) {
+    /// The response to the current request is complete; the next one may come.
+    pub fn idle(&self) {
         if self.multiplexed.load(Ordering::Relaxed) {
             self.active.fetch_sub(1, Ordering::Relaxed);
         } else {
-            self.reusable.store(reusable, Ordering::Relaxed);
-            self.park_due.store(false, Ordering::Relaxed);
             self.set(IDLE);
         }
-    }
-
-    /// Whether an HTTP/1 connection may drop its parser state now: it has been idle for
-    /// `park_after` after a reusable exchange, so what follows on the socket is the next
-    /// request and nothing else. True once per park; the socket is kept open until
-    /// [`ConnPhase::end_park`].
-    ///
-    /// Why wait at all: parking and unparking cost about 6,700 instructions (a new hyper
-    /// connection with its buffers), +20% on a request over a busy keep-alive connection
-    /// when done after every response. A busy connection never waits `park_after`, so it
-    /// never pays; an idle one pays once per idle spell.
-    pub fn claim_park(&self) -> bool {
-        self.load() & 3 == IDLE
-            && self.park_due.load(Ordering::Relaxed)
-            && self.reusable.load(Ordering::Relaxed)
-            && !self.keep_open.swap(true, Ordering::Relaxed)
     }
 
     /// The client asked to close after the current response: hyper closes the connection
     /// once it is sent, so no keep-alive timer is armed for it (see `arm_if_idle`).
     pub fn closing(&self) {
         self.closing.store(true, Ordering::Relaxed);
-    }
-
-    /// Ends a park: returns whether one was claimed.
-    pub fn end_park(&self) -> bool {
-        self.keep_open.swap(false, Ordering::Relaxed)
     }
 
     /// No request has begun on this connection yet (it was just accepted).
@@ -139,9 +108,6 @@ impl ConnPhase {
 pub struct ReadLimits {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
-    /// How long an idle HTTP/1 connection keeps its parser state before it may be parked
-    /// (see [`ConnPhase::claim_park`]); `None`: never.
-    pub park_after: Option<Duration>,
 }
 
 struct ReadTimer {
@@ -149,8 +115,6 @@ struct ReadTimer {
     limits: ReadLimits,
     /// The phase word the timer was armed for.
     armed_for: u64,
-    /// Armed for `park_after`, the keep-alive deadline still to come.
-    park_pending: bool,
     /// When the current phase's limit runs out (the timer may be set earlier; see
     /// `poll_expired`).
     due: Instant,
@@ -200,7 +164,6 @@ impl TimedStream {
                 phase,
                 limits,
                 armed_for: u64::MAX,
-                park_pending: false,
                 due: Instant::now(),
                 timer: None,
             }),
@@ -209,17 +172,10 @@ impl TimedStream {
         }
     }
 
-    /// Resolves when the socket has something to read (a request's first byte, or its end),
-    /// without reading it: how a parked connection waits, holding no buffer. The read
-    /// timers run as they do for a read (keep-alive, or from the accept the head's).
-    pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.inner.poll_read_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r),
-            Poll::Pending => match &mut self.read {
-                Some(read) => read.poll_expired(cx).map(Err),
-                None => Poll::Pending,
-            },
-        }
+    /// Stops timing reads: ballast's own HTTP/1.1 server runs the head and keep-alive
+    /// timers itself (an `h2c` listener's connection turned out to speak HTTP/1.1).
+    pub fn untime_reads(&mut self) {
+        self.read = None;
     }
 
     /// Maps a pending write to a timeout error once the peer has not read for too long.
@@ -282,16 +238,9 @@ impl ReadTimer {
             ),
             _ => return Poll::Pending,
         };
-        // Idle: the same timer first fires after `park_after` (the connection may park),
-        // then at the keep-alive deadline.
-        let park_first = self
-            .limits
-            .park_after
-            .filter(|p| word & 3 == IDLE && *p < limit);
         if self.armed_for != word {
             self.armed_for = word;
-            self.park_pending = park_first.is_some();
-            self.due = Instant::now() + park_first.unwrap_or(limit);
+            self.due = Instant::now() + limit;
             match &mut self.timer {
                 // Coalesced: a timer that fires no later than `due` is left alone and moved
                 // to `due` when it fires. A busy connection then touches the timer wheel
@@ -313,15 +262,7 @@ impl ReadTimer {
                 timer.as_mut().reset(self.due);
                 continue;
             }
-            match park_first.filter(|_| self.park_pending) {
-                Some(park) => {
-                    self.park_pending = false;
-                    self.phase.park_due.store(true, Ordering::Relaxed);
-                    self.due += limit - park;
-                    timer.as_mut().reset(self.due);
-                }
-                None => return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what)),
-            }
+            return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what));
         }
     }
 }
@@ -371,14 +312,6 @@ impl AsyncWrite for TimedStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self
-            .read
-            .as_ref()
-            .is_some_and(|r| r.phase.keep_open.load(Ordering::Relaxed))
-        {
-            // hyper ends its side of a connection being parked; the socket stays open.
-            return Poll::Ready(Ok(()));
-        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -421,16 +354,9 @@ impl<T> Prefixed<T> {
 }
 
 impl Prefixed<TimedStream> {
-    /// [`TimedStream::poll_parked`], ready at once while put-back bytes remain.
-    pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.pos < self.prefix.len() {
-            return Poll::Ready(Ok(()));
-        }
-        self.inner.poll_parked(cx)
-    }
-
-    /// Puts `bytes` back in front of what is still unread: what hyper had read past the
-    /// last request (a pipelined one) when its connection was parked.
+    /// Puts `bytes` back in front of what is still unread: what an `h2c` listener read to
+    /// tell HTTP/2 from HTTP/1.1, or what the client sent right behind a request that
+    /// switched protocols (it belongs to the tunnel).
     pub fn put_back(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -440,6 +366,24 @@ impl Prefixed<TimedStream> {
         prefix.extend_from_slice(&self.prefix[self.pos..]);
         self.prefix = prefix;
         self.pos = 0;
+    }
+}
+
+impl Prefixed<TimedStream> {
+    /// The stream under the put-back bytes.
+    pub fn get_mut(&mut self) -> &mut TimedStream {
+        &mut self.inner
+    }
+}
+
+/// ballast's own HTTP/1.1 server waits for a request's first byte by readiness, holding no
+/// buffer; put-back bytes are ready at once.
+impl crate::h1::server::Transport for Prefixed<TimedStream> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.inner.poll_read_ready(cx)
     }
 }
 

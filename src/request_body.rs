@@ -173,7 +173,7 @@ impl Body for UpstreamBody {
 /// Reads the body of a request before its backend is chosen, as far as `limits.buffer`
 /// allows. A body that fits comes back [`UpstreamBody::Full`]; a longer one streams on after
 /// what was read. Fails only for the client's faults; nothing has touched a backend yet.
-pub async fn prepare(body: Incoming, limits: BodyLimits) -> Result<UpstreamBody, ClientFault> {
+pub async fn prepare(body: ClientStream, limits: BodyLimits) -> Result<UpstreamBody, ClientFault> {
     if body.is_end_stream() {
         return Ok(UpstreamBody::Empty);
     }
@@ -213,12 +213,53 @@ pub async fn prepare(body: Incoming, limits: BodyLimits) -> Result<UpstreamBody,
     }
 }
 
+/// A request body as the client's connection delivers it: from hyper's server (HTTP/2, and
+/// HTTP/1.1 over TLS) or from ballast's own HTTP/1.1 server ([`crate::h1::server`]). Either
+/// way a failure is the client's, classified here.
+pub enum ClientStream {
+    Hyper(Incoming),
+    H1(crate::h1::server::RequestBody),
+}
+
+impl Body for ClientStream {
+    type Data = Bytes;
+    type Error = ClientFault;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientFault>>> {
+        match self.get_mut() {
+            ClientStream::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| classify(&e)))),
+            ClientStream::H1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| classify_h1(&e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientStream::Hyper(b) => b.is_end_stream(),
+            ClientStream::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientStream::Hyper(b) => b.size_hint(),
+            ClientStream::H1(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The client's body read as a stream: bounded gaps between reads, bounded size, failures
 /// recorded in its [`BodyWatch`].
 pub struct ClientBody {
     /// Read while buffering, sent first.
     prefix: Option<Bytes>,
-    inner: Incoming,
+    inner: ClientStream,
     limits: BodyLimits,
     received: u64,
     /// Runs while we wait for the client, and only then: time the backend takes to accept
@@ -229,7 +270,7 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    fn new(inner: Incoming, limits: BodyLimits) -> ClientBody {
+    fn new(inner: ClientStream, limits: BodyLimits) -> ClientBody {
         ClientBody {
             prefix: None,
             inner,
@@ -278,7 +319,7 @@ impl Body for ClientBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.watch.fail(classify(&e))))),
+            Poll::Ready(Some(Err(fault))) => Poll::Ready(Some(Err(this.watch.fail(fault)))),
             Poll::Ready(None) => {
                 this.watch
                     .read_all
@@ -323,6 +364,22 @@ impl Body for ClientBody {
             hint.set_lower(hint.lower().saturating_add(len));
         }
         hint
+    }
+}
+
+/// The same for ballast's own server: bad framing, or a connection that ended early or
+/// failed under the read.
+fn classify_h1(e: &crate::h1::server::RequestBodyError) -> ClientFault {
+    use crate::h1::server::RequestBodyError;
+    match e {
+        RequestBodyError::Framing(crate::h1::BodyError::Incomplete) => ClientFault::Aborted,
+        RequestBodyError::Framing(_) => ClientFault::Malformed,
+        RequestBodyError::Io(io) => match io.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+                ClientFault::Malformed
+            }
+            _ => ClientFault::Aborted,
+        },
     }
 }
 

@@ -152,6 +152,7 @@ fn config() -> ServerConfig {
         head_timeout: Duration::from_secs(3),
         keepalive_timeout: Duration::from_secs(3),
         read_size: 8192,
+        first_request_grace: Duration::from_secs(1),
     }
 }
 
@@ -255,15 +256,32 @@ async fn refused_heads_are_answered_and_closed() {
     let mut server = Server::start(config()).await;
     for (request, status) in [
         (&b"GET / HTTP/1.1\r\nHost : a\r\n\r\n"[..], 400),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
         (b"GET / HTTP/1.1\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+        ),
     ] {
         let out = raw(&server, request).await;
         assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
         assert!(out.contains("connection: close\r\n"), "{out}");
         assert_eq!(server.ending().await, format!("Refused({status})"));
     }
+    // Both Transfer-Encoding and Content-Length: served by chunked framing, and the
+    // connection closes after the answer (nothing after it on the connection is trusted).
+    let out = raw(
+        &server,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /echo HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+    assert_eq!(server.ending().await, "Closed");
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-A: {}\r\n\r\n",
         "a".repeat(5000)
@@ -285,7 +303,7 @@ async fn a_refused_upload_still_reads_its_answer() {
     let s = socket.connect(server.addr).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
-        let mut req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\nContent-Length: 200001\r\n\r\n".to_vec();
         req.extend(std::iter::repeat_n(b'x', 200_000));
         wr.write_all(&req).await
     });
@@ -497,6 +515,27 @@ async fn shutdown_closes_idle_connections_and_ends_the_current_exchange() {
     assert!(
         out.contains("connection: close\r\n") && out.ends_with("ok"),
         "{out}"
+    );
+    assert_eq!(server.ending().await, "Closed");
+}
+
+#[tokio::test]
+async fn after_shutdown_a_silent_new_connection_gets_only_the_first_request_grace() {
+    let mut server = Server::start(ServerConfig {
+        first_request_grace: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    server.shutdown.cancel();
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let start = std::time::Instant::now();
+    let rest = read_to_close(&mut s).await;
+    let held = start.elapsed();
+    assert_eq!(rest, "");
+    // Closed after the grace, well before head_timeout (3 s).
+    assert!(
+        held >= Duration::from_millis(250) && held < Duration::from_secs(2),
+        "held {held:?}"
     );
     assert_eq!(server.ending().await, "Closed");
 }

@@ -158,7 +158,10 @@ fn round_trip(head: &h1::RequestHead) {
     assert_eq!(again.target, head.target);
     assert_eq!(again.framing, head.framing);
     assert_eq!(without_framing(&again.headers), without_framing(&head.headers));
-    assert_eq!((again.keep_alive, again.expect_continue, again.upgrade), (head.keep_alive, head.expect_continue, head.upgrade));
+    assert_eq!((again.expect_continue, again.upgrade), (head.expect_continue, head.upgrade));
+    // Re-encoding never loses keep-alive; it may gain it: a head with both Transfer-Encoding
+    // and Content-Length closes after its response, and its re-encoding has one framing.
+    assert!(again.keep_alive || !head.keep_alive);
 }
 
 fn response(input: &[u8], step: usize, method: &Method, upgrade: bool) {

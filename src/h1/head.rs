@@ -186,8 +186,16 @@ fn parse_request_in(
             })
         }
     };
-    let keep_alive =
-        !fields.connection.close && (version == Version::HTTP_11 || fields.connection.keep_alive);
+    // Both Transfer-Encoding and Content-Length: chunked decides, the length is removed
+    // before forwarding, and the connection closes after the response (RFC 9112 §6.3 ¶3,
+    // HAProxy's way): nothing after this request on the connection is trusted.
+    let both = fields.codings.is_some() && fields.content_length.is_some();
+    if both {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let keep_alive = !both
+        && !fields.connection.close
+        && (version == Version::HTTP_11 || fields.connection.keep_alive);
     let upgrade = version == Version::HTTP_11 && fields.upgrade && fields.connection.upgrade;
     Ok(Some((
         RequestHead {
@@ -421,10 +429,8 @@ fn request_framing(version: Version, fields: &Fields) -> Result<Framing, Rejecti
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        if fields.content_length.is_some() {
-            return Err(Rejection::bad_request(
-                "both Transfer-Encoding and Content-Length",
-            ));
+        if let Some(Err(())) = fields.content_length {
+            return Err(Rejection::bad_request("invalid Content-Length"));
         }
         if !codings.last_is_chunked {
             return Err(Rejection::bad_request(
@@ -544,16 +550,20 @@ mod tests {
             framing(&format!("{h}Transfer-Encoding: CHUNKED\r\n\r\n")),
             Framing::Chunked
         );
-        // Both: refused, in either order.
+        // Both, in either order: chunked decides, the length is dropped, the connection
+        // closes after the response; an invalid length is refused all the same.
+        for both in [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        ] {
+            let (head, _) = req(&format!("{h}{both}\r\n\r\n")).unwrap();
+            assert_eq!(head.framing, Framing::Chunked, "{both}");
+            assert!(!head.keep_alive, "{both}");
+            assert!(!head.headers.contains_key("content-length"), "{both}");
+        }
         assert_eq!(
             status(&format!(
-                "{h}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )),
-            400
-        );
-        assert_eq!(
-            status(&format!(
-                "{h}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+                "{h}Transfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n"
             )),
             400
         );

@@ -14,14 +14,18 @@
 //!   httparse leaves to its caller, and the framing a head implies.
 //! - `body`: incremental body decoding (Content-Length, chunked, until close).
 //! - `encode`: writing heads and chunk framing.
-//! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); not yet
-//!   serving ballast's listeners.
+//! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); it serves
+//!   ballast's plain-TCP HTTP listeners (`listener::Conn::serve_plain_h1`); TLS and HTTP/2
+//!   stay on hyper.
 //!
 //! # Choices where RFC 9112 lets a recipient choose
 //! Where the RFC allows leniency, a proxy that is lenient is a smuggling risk: the backend
-//! may read the same bytes differently. So ballast refuses what it may refuse:
-//! - `Transfer-Encoding` together with `Content-Length` in a request: 400 (§6.3 ¶3 allows
-//!   forwarding with the length removed; HAProxy does that, nginx refuses).
+//! may read the same bytes differently. So ballast refuses what it may refuse, with one
+//! exception that ballast's behaviour before its own codec already pinned (tests/hardening.rs):
+//! - `Transfer-Encoding` together with `Content-Length` in a request: chunked decides, the
+//!   length is removed before forwarding, and the connection closes after the response
+//!   (§6.3 ¶3; HAProxy does the same, nginx refuses). A `Content-Length` that is invalid in
+//!   itself is still refused.
 //! - `Transfer-Encoding` in an HTTP/1.0 request: 400 (§6.1: framing is faulty).
 //! - A transfer coding other than `chunked`: 501 (§6.1); `chunked` not last, or twice: 400.
 //! - `Content-Length` that is not digits (a comma list included), or lines that differ:

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// How much one read asks for while a message is in flight.
     pub read_size: usize,
+    /// Once shutdown begins, how long a connection that has sent nothing yet is still
+    /// given for its first request (the client reached a listening socket, so it was never
+    /// refused; `head_timeout` bounds it too).
+    pub first_request_grace: Duration,
 }
 
 /// A stream the server can wait on holding no buffer: `poll_readable` is ready when a read
@@ -69,6 +73,12 @@ impl Transport for tokio::net::TcpStream {
 }
 
 impl Transport for tokio::io::DuplexStream {}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        (**self).poll_readable(cx)
+    }
+}
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -139,6 +149,11 @@ impl Body for RequestBody {
                     .map(|n| n.saturating_sub(data.len() as u64));
                 if let Some(left) = left {
                     self.hint.set_exact(left);
+                    if left == 0 {
+                        // A sized body's last bytes: it ends here, so a reader that stops at
+                        // the declared length (hyper's client does) sees the end too.
+                        self.rx = None;
+                    }
                 }
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
@@ -317,14 +332,19 @@ async fn read_head<R: Transport>(
             buf.reserve(read_size);
             rd.read_buf(buf).await
         };
+        let stop = async {
+            shutdown.cancelled().await;
+            if first {
+                tokio::time::sleep(config.first_request_grace).await;
+            }
+        };
         let read = async {
             tokio::select! {
                 biased;
                 r = read_more => Some(r),
                 // An idle keep-alive connection closes at shutdown. A head on its way is let
-                // finish, and so is a new connection's first request (the client reached a
-                // listening socket; `head_timeout` bounds the wait).
-                _ = shutdown.cancelled(), if was_empty && !first => None,
+                // finish, and a new connection gets `first_request_grace` for its first.
+                () = stop, if was_empty => None,
             }
         };
         match timeout_at(deadline, read).await {
@@ -382,7 +402,7 @@ async fn exchange<IO, S, F, B>(
     service: &mut S,
 ) -> Exchange
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: Transport,
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
@@ -428,8 +448,22 @@ where
     *req.headers_mut() = headers;
 
     if !body_follows {
-        // Nothing to read while the service works: the stream is the writer's alone.
-        let (mut parts, body) = service(req).await.into_parts();
+        // No body to read while the service works, but the client is watched: one that
+        // closes gives up its request (the service is dropped, as hyper's server does), and
+        // bytes of a pipelined request are kept for later.
+        let mut respond = pin!(service(req));
+        let response = tokio::select! {
+            biased;
+            resp = &mut respond => resp,
+            gone = watch_client(io, buf, config.limits.max_head) => {
+                if gone {
+                    return Exchange::Close { unread: false };
+                }
+                // A pipelined backlog of a full head: stop watching.
+                respond.await
+            }
+        };
+        let (mut parts, body) = response.into_parts();
         let prepared = prepare(&mut parts, &body, &asked, true, shutdown);
         let written = write_response(io, prepared.head, body, prepared.framing).await;
         return outcome(written, prepared.tunnel, prepared.keep, Some(true));
@@ -566,6 +600,27 @@ async fn notified(wanted: &Option<Arc<Notify>>) {
         Some(n) => n.notified().await,
         None => std::future::pending().await,
     }
+}
+
+/// Reads what the client sends while its request without a body is being served: `true`
+/// once it has closed (or its connection failed), `false` once `max` bytes of what follows
+/// (pipelined requests) are buffered. Reads into a small stack buffer: a connection whose
+/// readiness is stale must not reserve a read buffer for the whole exchange.
+async fn watch_client<R: Transport>(rd: &mut R, buf: &mut BytesMut, max: usize) -> bool {
+    while buf.len() < max {
+        if std::future::poll_fn(|cx| rd.poll_readable(cx))
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        let mut chunk = [0u8; 1024];
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    false
 }
 
 /// Reads the request body into the channel; `true` when it was read to its end. Takes the

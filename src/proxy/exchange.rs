@@ -40,12 +40,6 @@ pub(super) struct Exchange {
     pub termination: &'static str,
     /// The response body reached its end.
     pub complete: bool,
-    /// The client asked to keep the connection (HTTP/1.1, no `Connection: close`) and the
-    /// response does not close it.
-    pub keep_alive: bool,
-    /// The request body was read to its end (or there was none): nothing of this request
-    /// is left on the socket.
-    pub body_read: bool,
 }
 
 pub(super) enum BytesIn {
@@ -109,8 +103,6 @@ impl Exchange {
             bytes_out: 0,
             termination: "ok",
             complete: false,
-            keep_alive: false,
-            body_read: false,
         }
     }
 }
@@ -118,10 +110,7 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         if self.armed {
-            let body_read = self.body_read
-                || matches!(&self.bytes_in, BytesIn::Streamed(w) if w.read_all() && w.fault().is_none());
-            let reusable = self.keep_alive && body_read && self.complete;
-            self.ctx.phase.idle(reusable);
+            self.ctx.phase.idle();
         }
         let total = self.start.elapsed();
         let (status, termination) = match (self.status, self.termination, self.complete) {

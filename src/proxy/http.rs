@@ -26,7 +26,7 @@ use crate::balance::policy::hash_key;
 use crate::balance::Pool;
 use crate::config::{HashKey, ListenerConfig, UpstreamProtocol};
 use crate::net::ConnPhase;
-use crate::request_body::{self, BodyLimits, BodyWatch, UpstreamBody};
+use crate::request_body::{self, BodyLimits, BodyWatch, ClientStream, UpstreamBody};
 use crate::state::{Live, Snapshot};
 use crate::upstream::{ConnSettings, Sender};
 
@@ -109,7 +109,7 @@ impl Drop for ProxyBody {
 
 /// Proxies one request. Never fails: errors become 4xx/5xx responses.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientStream>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
@@ -122,14 +122,9 @@ pub async fn handle(
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
     let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
-    ex.body_read = req.body().is_end_stream();
     let mut resp = respond(req, &ctx, &snap, &mut ex).await;
     drop(snap);
     ex.status = resp.status().as_u16();
-    if resp.headers().contains_key(http::header::CONNECTION) {
-        // `close` (an error the client caused, a rejected request, or shutdown below).
-        ex.keep_alive = false;
-    }
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -141,7 +136,6 @@ pub async fn handle(
     // told before the head is written, but a quick response can beat that).
     if !tunnel && !ctx.phase.is_multiplexed() && ctx.shutdown.is_cancelled() {
         close_after(&mut resp);
-        ex.keep_alive = false;
     }
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
 }
@@ -151,7 +145,7 @@ pub async fn handle(
 struct Tunnel;
 
 async fn respond(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientStream>,
     ctx: &ConnCtx,
     snap: &Snapshot,
     ex: &mut Exchange,
@@ -211,7 +205,8 @@ async fn respond(
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             })
         });
-    let client_upgrade = (upgrade.is_some() || connect).then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade =
+        (upgrade.is_some() || connect).then(|| tunnel::ClientUpgrade::of(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Some(path) = normalized {
         let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
@@ -222,9 +217,6 @@ async fn respond(
     if close {
         ctx.phase.closing();
     }
-    // hyper's rule for keeping the connection (HTTP/1.0 keep-alive clients are not parked,
-    // which only costs them memory); responses made before this point never park.
-    ex.keep_alive = parts.version == Version::HTTP_11 && !close;
     // ballast answers `Expect: 100-continue` itself, when it starts reading the body.
     parts.headers.remove(http::header::EXPECT);
     if let Some(protocol) = upgrade {
@@ -281,10 +273,6 @@ async fn respond(
         Err(fault) => return error_response(&ProxyError::Client(fault), ex),
     };
     ex.bytes_in = BytesIn::of(&body);
-    if !matches!(body, UpstreamBody::Stream(_)) {
-        // Empty or buffered whole: the request has been read to its end.
-        ex.body_read = true;
-    }
     match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e, ex),
@@ -301,7 +289,7 @@ async fn forward(
     body: UpstreamBody,
     pool: &Arc<Pool>,
     key: Option<u64>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<tunnel::ClientUpgrade>,
     ctx: &ConnCtx,
     ex: &mut Exchange,
 ) -> Result<Response<Inner>, ProxyError> {
@@ -549,7 +537,7 @@ fn upstream_response(
 /// the same and join the two connections once both sides have upgraded.
 fn switch_protocols(
     mut resp: Response<Incoming>,
-    client: hyper::upgrade::OnUpgrade,
+    client: tunnel::ClientUpgrade,
     lease: Lease,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Response<Inner> {
@@ -608,7 +596,7 @@ fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inner> {
 
 /// `redirect_https`: a 308 to the same host and path on `https://` (308 keeps the method
 /// and body, unlike 301).
-fn redirect_https(req: &Request<Incoming>, ctx: &ConnCtx) -> Response<Inner> {
+fn redirect_https<B>(req: &Request<B>, ctx: &ConnCtx) -> Response<Inner> {
     let host = req
         .headers()
         .get(http::header::HOST)
@@ -672,7 +660,7 @@ pub fn plain_response(status: StatusCode) -> Response<Inner> {
     resp
 }
 
-fn request_hash(key: &HashKey, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {
+fn request_hash<B>(key: &HashKey, req: &Request<B>, peer: SocketAddr) -> Option<u64> {
     match key {
         HashKey::ClientIp => Some(match peer.ip() {
             std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),

@@ -11,6 +11,9 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::backend::Lease;
@@ -59,21 +62,68 @@ pub fn restore_upgrade_headers(headers: &mut HeaderMap, upgrade: HeaderValue) {
     headers.insert(header::UPGRADE, upgrade);
 }
 
+/// A client stream that can carry a tunnel once ballast's own HTTP/1.1 server hands it over.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
+
+/// Where the client's side of a tunnel comes from: hyper's server (HTTP/2, TLS) resolves an
+/// `OnUpgrade`; ballast's own HTTP/1.1 server sends its stream once the response head is
+/// written ([`OwnUpgrade`]).
+pub enum ClientUpgrade {
+    Hyper(OnUpgrade),
+    Own(SwitchedStream),
+}
+
+/// Put in a request's extensions by the listener (only for a request that asks to switch
+/// protocols): the receiving end of its stream once switched.
+#[derive(Clone)]
+pub struct OwnUpgrade(pub Arc<Mutex<Option<SwitchedStream>>>);
+
+/// The receiving end of a client stream handed over after a protocol switch.
+pub type SwitchedStream = oneshot::Receiver<Box<dyn ClientIo>>;
+
+impl ClientUpgrade {
+    /// The client side of `req`'s upgrade, whichever server read it.
+    pub fn of<B>(req: &mut http::Request<B>) -> ClientUpgrade {
+        let own = req
+            .extensions_mut()
+            .remove::<OwnUpgrade>()
+            .and_then(|o| o.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+        match own {
+            Some(rx) => ClientUpgrade::Own(rx),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
+        }
+    }
+
+    async fn resolve(self) -> Result<Box<dyn ClientIo>, String> {
+        match self {
+            ClientUpgrade::Hyper(on) => match on.await {
+                Ok(up) => Ok(Box::new(TokioIo::new(up))),
+                Err(e) => Err(e.to_string()),
+            },
+            ClientUpgrade::Own(rx) => rx
+                .await
+                .map_err(|_| "client connection ended before switching".to_string()),
+        }
+    }
+}
+
 /// Copies between the client's and the backend's upgraded connections until one side
 /// closes or the backend's connections are cut. The task runs on `tracker`, so a graceful
 /// shutdown waits for open tunnels (up to its timeout) like for any other connection.
-pub fn spawn(client: OnUpgrade, backend: OnUpgrade, lease: Lease, tracker: &TaskTracker) {
+pub fn spawn(client: ClientUpgrade, backend: OnUpgrade, lease: Lease, tracker: &TaskTracker) {
     tracker.spawn(async move {
         let b = lease.backend();
         let cut = b.cut_token();
-        let (client, upstream) = match tokio::try_join!(client, backend) {
+        let backend = async { backend.await.map_err(|e| e.to_string()) };
+        let (mut client, upstream) = match tokio::try_join!(client.resolve(), backend) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(backend = %b.label, error = %e, "upgrade did not complete");
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        let mut upstream = TokioIo::new(upstream);
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = r {
