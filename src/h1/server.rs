@@ -4,8 +4,8 @@
 //!
 //! What it is for (issue 10): a connection holds a read buffer only while a message is in
 //! flight (an idle keep-alive connection holds none: no parking step is needed), and the
-//! service runs inside the connection's task. Not yet serving ballast's listeners: the
-//! proxy path still takes hyper's request type; `tests/h1_server.rs` drives this server with
+//! service runs inside the connection's task. It serves ballast's plain-TCP HTTP listeners
+//! (`listener::Conn::serve_plain_h1`); `tests/h1_server.rs` also drives it alone, with
 //! hyper's client and with raw bytes.
 //!
 //! Shape of one exchange, all in the caller's task:
