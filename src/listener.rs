@@ -154,11 +154,14 @@ pub async fn run(
         shutdown,
         stats,
     });
+    // One waiter for the loop's life: made and polled anew per connection, it took a lock
+    // to register and another to leave, twice per accepted connection (callgrind).
+    let mut stop = std::pin::pin!(stop_accepting.cancelled());
     loop {
         // `biased`: once told to stop, never accept again, even if a connection is ready.
         let permit = tokio::select! {
             biased;
-            _ = stop_accepting.cancelled() => break,
+            _ = stop.as_mut() => break,
             p = Arc::clone(&limit).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -166,7 +169,7 @@ pub async fn run(
         };
         let (stream, peer) = tokio::select! {
             biased;
-            _ = stop_accepting.cancelled() => break,
+            _ = stop.as_mut() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

@@ -228,8 +228,8 @@ where
         // Boxed: an async fn is as large as its largest state, and the exchange (service,
         // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
         // Written into a box allocated first: `Box::pin(exchange(..))` built the future on
-        // the stack and copied all of it (then 21 KiB) into the box, every request
-        // (callgrind: a third more instructions per request than hyper's server).
+        // the stack and copied all of it (then 13.7 KiB) into the box, every request
+        // (callgrind: ~14,000 of 48,700 instructions per proxied request).
         let slot = Box::new_uninit();
         let fut = Box::into_pin(Box::write(
             slot,

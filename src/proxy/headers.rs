@@ -48,10 +48,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         for value in first.iter().chain(&more) {
             let Ok(value) = value.to_str() else { continue };
             for token in value.split(',').map(str::trim) {
-                close |= token.eq_ignore_ascii_case("close");
-                // Looked up by `&str`: lower-cased on the stack, no `HeaderName` allocated
-                // (as parsing `keep-alive` or `close` into one did, on every such message).
-                if !token.is_empty() {
+                if token.eq_ignore_ascii_case("close") {
+                    // An option, not a field name: nothing to look up.
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case("keep-alive") {
+                    // `keep-alive` is in the fixed list below. The rest is looked up by
+                    // `&str`: lower-cased on the stack, no `HeaderName` allocated.
                     headers.remove(token);
                 }
             }
