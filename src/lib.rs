@@ -10,7 +10,8 @@
 //!
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
 //! - `h1`: HTTP/1.1 message framing (RFC 9112): heads, body decoding, encoding, and a server
-//!   connection on them, serving plain-TCP HTTP listeners (TLS and HTTP/2 stay on hyper).
+//!   connection on them, serving HTTP/1.1 on every HTTP listener, plain or TLS (HTTP/2
+//!   stays on hyper).
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `stats`: the data path's counters (per listener, per pool) and latency histogram

@@ -4,12 +4,12 @@
 //! stops accepting and new connections wait in the kernel's backlog (HAProxy's `maxconn`).
 //! `max_connections_per_client`, when set, bounds what one address may hold of them.
 //!
-//! HTTP/1.1 over plain TCP is served by ballast's own server ([`crate::h1::server`]): it
-//! frames requests (400/431/501/417 for what it refuses), runs the request-head and
-//! keep-alive timers, and an idle connection holds its socket and no buffer
-//! (`Conn::serve_plain_h1`). HTTP/1.1 over TLS and HTTP/2 are served by hyper, with the
-//! keep-alive and request-head timers in the socket wrapper [`TimedStream`]. Either way
-//! `TimedStream` runs the send timeout and the request path the body timeout.
+//! HTTP/1.1, over plain TCP or TLS, is served by ballast's own server
+//! ([`crate::h1::server`]): it frames requests (400/431/501/417 for what it refuses), runs
+//! the request-head and keep-alive timers, and an idle connection holds its socket (and
+//! rustls's state) and no buffer (`Conn::serve_own_h1`). HTTP/2 is served by hyper, with
+//! its timers in the socket wrapper [`TimedStream`]. Either way `TimedStream` runs the send
+//! timeout and the request path the body timeout.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +19,7 @@ use std::time::Duration;
 use http::{header, Method, Request};
 use hyper::body::Incoming;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ListenerConfig, ListenerMode};
-use crate::h1::server::{Ending, RequestBody};
+use crate::h1::server::{Ending, RequestBody, Transport};
 use crate::handover::Inherited;
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
 use crate::proxy::http::{handle, ConnCtx};
@@ -136,7 +136,6 @@ pub async fn run(
         .filter(|a| !a.ip().is_unspecified());
     let env = Arc::new(Env {
         inherited_options,
-        h1: h1_builder(&config),
         h1_own: own_h1_config(&config),
         h2: h2_builder(&config),
         read_limits: ReadLimits {
@@ -238,7 +237,6 @@ struct Env {
     name: Arc<str>,
     config: Arc<ListenerConfig>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    h1: http1::Builder,
     h1_own: crate::h1::server::ServerConfig,
     h2: http2::Builder<TokioExecutor>,
     read_limits: ReadLimits,
@@ -331,7 +329,7 @@ impl Env {
                 let io = Prefixed::new(prefix, TimedStream::tcp_client(stream, send_timeout));
                 // Boxed once: the idle task then holds a pointer, not a second copy of the
                 // stream (an async fn keeps its arguments apart from its locals).
-                conn.serve_plain_h1(Box::new(io)).await
+                conn.serve_own_h1(Box::new(io)).await
             }
             tls => {
                 let timed = TimedStream::downstream(stream, send_timeout, phase, self.read_limits);
@@ -352,7 +350,7 @@ impl Env {
     ) {
         // The same timer as a request head: a handshake that stalls is cut.
         let limit = conn.ctx.config.request_header_timeout;
-        let stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+        let mut stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
             Ok(Ok(s)) => {
                 self.stats.tls_handshakes.incr();
                 s
@@ -371,7 +369,10 @@ impl Env {
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             conn.serve_h2(stream).await
         } else {
-            conn.serve_h1(stream).await
+            // ballast's own server runs the head and keep-alive timers.
+            stream.get_mut().0.get_mut().untime_reads();
+            conn.serve_own_h1(Box::new(Prefixed::new(Vec::new(), stream)))
+                .await
         }
     }
 }
@@ -393,18 +394,6 @@ fn own_h1_config(config: &ListenerConfig) -> crate::h1::server::ServerConfig {
 /// What one read asks for while a message is in flight (hyper's first read buffer is the
 /// same size): a typical request head fits in one read, and an idle connection holds none.
 const READ_SIZE: usize = 8 * 1024;
-
-fn h1_builder(config: &ListenerConfig) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .writev(false)
-        .max_header_size(config.max_header_size)
-        .max_headers(config.max_headers)
-        // One knob for both directions in hyper: the read buffer must hold a request head,
-        // the write buffer is what a slow reader can make ballast hold.
-        .max_buf_size(config.response_buffer.max(config.max_header_size));
-    builder
-}
 
 /// HTTP/2 server limits. Each bounds a known abuse:
 /// - many streams at once: `max_concurrent_streams` (RFC 9113 §5.1.2);
@@ -450,13 +439,16 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    /// HTTP/1.1 over plain TCP, on ballast's own server ([`crate::h1::server`]): the request
+    /// HTTP/1.1 over TCP or TLS, on ballast's own server ([`crate::h1::server`]): the request
     /// path runs in this task, a connection holds a read buffer only while a message is in
     /// flight, and an idle keep-alive connection waits for its next request's first byte
     /// holding no buffer (BENCHMARKS.md, issue 10). On shutdown an idle connection closes,
     /// the request in progress finishes with `Connection: close`, and a just-accepted
     /// connection's first request is still served.
-    async fn serve_plain_h1(&self, io: Box<Prefixed<TimedStream>>) {
+    async fn serve_own_h1<T>(&self, io: Box<Prefixed<T>>)
+    where
+        T: Transport + Send + 'static,
+    {
         // The sending end of the stream for a request that asks to switch protocols: the
         // request carries the receiving end to the tunnel (`tunnel::ClientUpgrade`).
         let switched: Mutex<Option<oneshot::Sender<Box<dyn ClientIo>>>> = Mutex::new(None);
@@ -503,45 +495,6 @@ impl Conn<'_> {
         }
     }
 
-    /// HTTP/1.1 over TLS, on hyper's server. On shutdown the request in progress finishes,
-    /// answered with `Connection: close`.
-    async fn serve_h1<I: Io>(&self, io: I) {
-        let phase = &self.ctx.phase;
-        let ctx = Arc::clone(&self.ctx);
-        let svc = service_fn(move |req: Request<Incoming>| {
-            handle(req.map(ClientStream::Hyper), Arc::clone(&ctx))
-        });
-        let mut conn = self
-            .env
-            .h1
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        let result = tokio::select! {
-            r = &mut conn => r,
-            _ = self.env.shutdown.cancelled() => {
-                // A connection accepted just before shutdown (or before a hand-over to a
-                // successor) whose first request is still on its way gets a moment for it:
-                // the client reached a listening socket, so it was never refused and must
-                // not be dropped. hyper would close it at once as idle.
-                let grace = FIRST_REQUEST_GRACE.min(self.ctx.config.request_header_timeout);
-                let first_request = async {
-                    let start = tokio::time::Instant::now();
-                    while phase.untouched() && start.elapsed() < grace {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                };
-                tokio::select! {
-                    r = &mut conn => r,
-                    _ = first_request => {
-                        Pin::new(&mut conn).graceful_shutdown();
-                        (&mut conn).await
-                    }
-                }
-            }
-        };
-        self.log_end(result.err());
-    }
-
     /// HTTP/2. On shutdown, or after `keepalive_timeout` with no open stream, GOAWAY: the
     /// client opens no new stream here, the open ones finish.
     async fn serve_h2<I: Io>(&self, io: I) {
@@ -584,7 +537,7 @@ impl Conn<'_> {
             self.serve_h2(io).await
         } else {
             io.get_mut().untime_reads();
-            self.serve_plain_h1(Box::new(io)).await
+            self.serve_own_h1(Box::new(io)).await
         }
     }
 

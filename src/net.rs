@@ -84,11 +84,6 @@ impl ConnPhase {
         self.closing.store(true, Ordering::Relaxed);
     }
 
-    /// No request has begun on this connection yet (it was just accepted).
-    pub fn untouched(&self) -> bool {
-        self.load() == 0 && !self.is_multiplexed()
-    }
-
     pub fn is_multiplexed(&self) -> bool {
         self.multiplexed.load(Ordering::Relaxed)
     }
@@ -353,7 +348,7 @@ impl<T> Prefixed<T> {
     }
 }
 
-impl Prefixed<TimedStream> {
+impl<T> Prefixed<T> {
     /// Puts `bytes` back in front of what is still unread: what an `h2c` listener read to
     /// tell HTTP/2 from HTTP/1.1, or what the client sent right behind a request that
     /// switched protocols (it belongs to the tunnel).
@@ -367,23 +362,28 @@ impl Prefixed<TimedStream> {
         self.prefix = prefix;
         self.pos = 0;
     }
-}
 
-impl Prefixed<TimedStream> {
     /// The stream under the put-back bytes.
-    pub fn get_mut(&mut self) -> &mut TimedStream {
+    pub fn get_mut(&mut self) -> &mut T {
         &mut self.inner
     }
 }
 
 /// ballast's own HTTP/1.1 server waits for a request's first byte by readiness, holding no
-/// buffer; put-back bytes are ready at once.
-impl crate::h1::server::Transport for Prefixed<TimedStream> {
+/// buffer.
+impl crate::h1::server::Transport for TimedStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+/// Put-back bytes are ready at once.
+impl<T: crate::h1::server::Transport> crate::h1::server::Transport for Prefixed<T> {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             return Poll::Ready(Ok(()));
         }
-        self.inner.inner.poll_read_ready(cx)
+        self.inner.poll_readable(cx)
     }
 }
 

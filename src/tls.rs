@@ -22,6 +22,24 @@ use rustls::ClientConfig;
 
 use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
+/// ballast's own HTTP/1.1 server waits for a request over TLS by the socket's readiness,
+/// holding no buffer, unless rustls already holds decrypted bytes or the peer's close
+/// (`wants_read` is false): then a read answers at once.
+impl<T: crate::h1::server::Transport> crate::h1::server::Transport
+    for tokio_rustls::server::TlsStream<T>
+{
+    fn poll_readable(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let (io, conn) = self.get_mut();
+        if !conn.wants_read() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        io.poll_readable(cx)
+    }
+}
+
 /// The crypto provider every TLS config uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -644,3 +644,105 @@ async fn handshakes_and_their_failures_are_counted_in_metrics() {
         support::get(lb.admin(), "/metrics").await.body
     );
 }
+
+/// Reads one response (head, then a `Content-Length` body) from `s`; `None` once closed.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
+            .await
+            .expect("response in time")
+            .unwrap_or(0);
+        if n == 0 {
+            assert!(head.is_empty(), "closed mid-head: {head:?}");
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .expect("body in time")
+        .expect("body");
+    Some((head, String::from_utf8_lossy(&body).to_string()))
+}
+
+/// HTTP/1.1 over TLS runs on ballast's own server: pipelined keep-alive requests are
+/// answered in order, an idle connection is closed after `keepalive_timeout`, and a client
+/// that sends part of a head gets 408 after `request_header_timeout` and reaches no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_pipelining_and_both_timers_hold_over_tls() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("timers");
+    let cert = pki.issue("c", &["localhost"]);
+    let keepalive = Duration::from_millis(300);
+    let head_timeout = Duration::from_millis(400);
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener(&format!(
+                "keepalive_timeout = \"300ms\"\nrequest_header_timeout = \"400ms\"\n{}",
+                tls_listener(&[&cert], "")
+            ))
+            .build(),
+    );
+    let client = pki.client(&["http/1.1"]);
+
+    let mut s = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("handshake");
+    let req = "GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    s.write_all(format!("{req}{req}").as_bytes()).await.unwrap();
+    for _ in 0..2 {
+        let (head, body) = read_response(&mut s).await.expect("a response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, "a");
+    }
+    // A third request on the same connection, after the pipelined pair.
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s).await.expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(a.hits(), 3);
+    // Then idle: closed by the server once keepalive_timeout has passed, not before.
+    let idle_from = std::time::Instant::now();
+    assert!(
+        read_response(&mut s).await.is_none(),
+        "no response expected"
+    );
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= keepalive - Duration::from_millis(100),
+        "closed after {waited:?}, before keepalive_timeout"
+    );
+
+    // Part of a head, then nothing: 408 once request_header_timeout has passed.
+    let mut slow = connect(lb.addr("web"), Some("localhost"), &client)
+        .await
+        .expect("handshake");
+    let sent_at = std::time::Instant::now();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: loc")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut slow).await.expect("a 408");
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // The timer runs from the connection's start, a little before the bytes were sent.
+    let waited = sent_at.elapsed();
+    assert!(
+        waited >= head_timeout - Duration::from_millis(200),
+        "408 after {waited:?}"
+    );
+    assert!(
+        read_response(&mut slow).await.is_none(),
+        "closed after the 408"
+    );
+    assert_eq!(a.hits(), 3, "the partial head reached a backend");
+}

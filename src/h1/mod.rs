@@ -15,8 +15,8 @@
 //! - `body`: incremental body decoding (Content-Length, chunked, until close).
 //! - `encode`: writing heads and chunk framing.
 //! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); it serves
-//!   ballast's plain-TCP HTTP listeners (`listener::Conn::serve_plain_h1`); TLS and HTTP/2
-//!   stay on hyper.
+//!   HTTP/1.1 on ballast's HTTP listeners, plain or TLS (`listener::Conn::serve_own_h1`);
+//!   HTTP/2 stays on hyper.
 //!
 //! # Choices where RFC 9112 lets a recipient choose
 //! Where the RFC allows leniency, a proxy that is lenient is a smuggling risk: the backend

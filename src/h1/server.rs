@@ -4,8 +4,8 @@
 //!
 //! What it is for (issue 10): a connection holds a read buffer only while a message is in
 //! flight (an idle keep-alive connection holds none: no parking step is needed), and the
-//! service runs inside the connection's task. It serves ballast's plain-TCP HTTP listeners
-//! (`listener::Conn::serve_plain_h1`); `tests/h1_server.rs` also drives it alone, with
+//! service runs inside the connection's task. It serves HTTP/1.1 on ballast's listeners,
+//! plain or TLS (`listener::Conn::serve_own_h1`); `tests/h1_server.rs` also drives it alone, with
 //! hyper's client and with raw bytes.
 //!
 //! Shape of one exchange, all in the caller's task:
@@ -588,6 +588,7 @@ where
             _ = notified(wanted), if !continue_sent && feed_done.is_none() => {
                 continue_sent = true;
                 wr.write_all(CONTINUE).await?;
+                wr.flush().await?;
             }
         }
     }
@@ -789,7 +790,9 @@ where
     B: Body<Data = Bytes>,
 {
     if matches!(framing, Framing::Empty | Framing::Tunnel) {
-        return wr.write_all(&head).await.map_err(WriteError::Io);
+        wr.write_all(&head).await.map_err(WriteError::Io)?;
+        // Over TLS a write can leave records in rustls: a flush sends them.
+        return wr.flush().await.map_err(WriteError::Io);
     }
     let mut body = pin!(body);
     let mut sent: u64 = 0;

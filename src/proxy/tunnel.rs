@@ -66,7 +66,7 @@ pub fn restore_upgrade_headers(headers: &mut HeaderMap, upgrade: HeaderValue) {
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
 
-/// Where the client's side of a tunnel comes from: hyper's server (HTTP/2, TLS) resolves an
+/// Where the client's side of a tunnel comes from: hyper's server (HTTP/2) resolves an
 /// `OnUpgrade`; ballast's own HTTP/1.1 server sends its stream once the response head is
 /// written ([`OwnUpgrade`]).
 pub enum ClientUpgrade {
