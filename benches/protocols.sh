@@ -15,6 +15,8 @@
 #   SCENARIOS="h2 l4" ROUNDS=5 DURATION=10 bash benches/protocols.sh
 #   BALLAST_POOL="max_idle_per_backend = 512" SCENARIOS=h2 bash benches/protocols.sh
 #                                                   # extra keys for ballast's HTTP pool
+#   BALLAST_BIN=/path/to/other/ballast SCENARIOS=tls-keepalive bash benches/protocols.sh
+#                                                   # another build (runs are separate)
 #
 # Needs Debian's haproxy, nginx-light + libnginx-mod-stream, wrk, nghttp2-client (h2load),
 # iperf3 and openssl; installs them if missing (root). The proxy runs pinned to CPU 0, the
@@ -37,7 +39,7 @@ if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need iperf
     wrk nghttp2-client iperf3 openssl redis-server redis-tools >/dev/null
 fi
 cargo build --release --quiet
-BALLAST=$PWD/target/release/ballast
+BALLAST=${BALLAST_BIN:-$PWD/target/release/ballast}
 
 work=$(mktemp -d)
 pids=()
