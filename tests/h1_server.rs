@@ -435,6 +435,12 @@ async fn an_unread_request_body_closes_the_connection() {
         out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("ok"),
         "{out}"
     );
+    // The answer says the connection closes (it came before the body was read).
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{out}"
+    );
     // The server lingers for the rest of the upload (up to 1 s); closing ends that.
     drop(s);
     assert_eq!(server.ending().await, "Closed");

@@ -514,15 +514,10 @@ where
         Err(e) => return Exchange::Io(e),
     };
     let (mut parts, body) = response.into_parts();
-    // A request body that already failed (or that the service dropped unread) ends the
-    // connection: this response says so.
-    let prepared = prepare(
-        &mut parts,
-        &body,
-        &asked,
-        feed_done != Some(false),
-        shutdown,
-    );
+    // A request body not read to its end by now (it failed, the service dropped it, or the
+    // service answered first) ends the connection: this response says so. Keeping the
+    // connection would mean reading the rest of an upload nobody wants.
+    let prepared = prepare(&mut parts, &body, &asked, feed_done == Some(true), shutdown);
     let written = write_feeding(
         &mut wr,
         prepared.head,
@@ -583,8 +578,11 @@ where
     let mut continue_sent = false;
     loop {
         tokio::select! {
-            resp = &mut respond => return Ok(resp),
+            // The feeder first: a body that ended by the time the response is ready is
+            // noted as read, so the connection is kept.
+            biased;
             ok = &mut feeder, if feed_done.is_none() => *feed_done = Some(ok),
+            resp = &mut respond => return Ok(resp),
             _ = notified(wanted), if !continue_sent && feed_done.is_none() => {
                 continue_sent = true;
                 wr.write_all(CONTINUE).await?;
