@@ -5,8 +5,8 @@
 //! What it is for (issue 10): a connection holds a read buffer only while a message is in
 //! flight (an idle keep-alive connection holds none: no parking step is needed), and the
 //! service runs inside the connection's task. It serves HTTP/1.1 on ballast's listeners,
-//! plain or TLS (`listener::Conn::serve_own_h1`); `tests/h1_server.rs` also drives it alone, with
-//! hyper's client and with raw bytes.
+//! plain or TLS (`listener::Conn::serve_own_h1`); `tests/h1_server.rs` also drives it
+//! alone, with hyper's client and with raw bytes.
 //!
 //! Shape of one exchange, all in the caller's task:
 //! 1. read until a head parses (`head_timeout` from the first byte, or from the start for a
@@ -18,7 +18,8 @@
 //! 3. write the response (length, chunked, or until close for an HTTP/1.0 client), still
 //!    feeding the request body (a backend may stream its answer while the upload goes on);
 //! 4. keep the connection if both sides asked for it, the request body was read to its end
-//!    and nothing failed; bytes already read past the request (pipelining) are kept.
+//!    before the response began (if not, the response says `Connection: close`) and
+//!    nothing failed; bytes already read past the request (pipelining) are kept.
 //!
 //! Write stalls are the stream's business (ballast's `TimedStream` bounds them).
 
