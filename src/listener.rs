@@ -187,11 +187,10 @@ pub async fn run(
             let Some(slot) = env.admit(&stream, peer) else {
                 continue;
             };
-            let env = Arc::clone(&env);
-            tracker.spawn(async move {
-                let _permit = permit;
-                env.serve(stream, peer, local, Vec::new(), slot).await;
-            });
+            // The connection's future itself, not one wrapped in an async block: a block
+            // would hold its own copies of the arguments beside the future's (rustc keeps
+            // both), and the task is what an idle connection costs.
+            tracker.spawn(Arc::clone(&env).serve(stream, peer, local, Vec::new(), slot, permit));
             continue;
         };
         if !trusted.iter().any(|range| range.contains(peer.ip())) {
@@ -203,7 +202,6 @@ pub async fn run(
         }
         let env = Arc::clone(&env);
         tracker.spawn(async move {
-            let _permit = permit;
             let mut stream = stream;
             let limit = env.config.request_header_timeout;
             let (header, rest) = match crate::proxy_protocol::read_header(&mut stream, limit).await {
@@ -223,7 +221,7 @@ pub async fn run(
             let Some(slot) = env.admit(&stream, peer) else {
                 return;
             };
-            env.serve(stream, peer, local, rest, slot).await;
+            env.serve(stream, peer, local, rest, slot, permit).await;
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
@@ -264,13 +262,15 @@ impl Env {
 
     /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
     /// header when there was one); `prefix` holds bytes read past that header.
+    /// `_slot` and `_permit` are held while the connection lives.
     async fn serve(
-        &self,
+        self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
         prefix: Vec<u8>,
         _slot: Option<ClientSlot>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let _open = self.stats.open();
         if !self.inherited_options {
@@ -318,7 +318,7 @@ impl Env {
             shutdown: self.shutdown.clone(),
             stats: Arc::clone(&self.stats),
         });
-        let conn = Conn { ctx, env: self };
+        let conn = Conn { ctx, env: &self };
         let send_timeout = self.config.send_timeout;
         // Only the plain HTTP/1 path runs inline: an idle connection is this task and
         // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
