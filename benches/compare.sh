@@ -7,8 +7,10 @@
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
 #   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
 #   THREADS2=1 bash benches/compare.sh   # + ballast with worker_threads = 2 on both CPUs
-#   SCENARIO=idle IDLE_CLIENTS=5000 bash benches/compare.sh   # RSS per idle keep-alive client
+#   SCENARIO=idle IDLE_CLIENTS=4000 bash benches/compare.sh   # RSS per idle keep-alive client
 #   SCENARIO=busy BUSY_CLIENTS=2000 bash benches/compare.sh   # RSS per stalled 1 MiB download
+#     (both in two stages of N clients: per client from the start, and the second
+#     stage's marginal cost, free of what the proxy keeps whatever the client count)
 #   SCENARIO=close bash benches/compare.sh   # a new connection per request (Connection: close)
 #   LISTENER_EXTRA='response_buffer = "16KiB"' bash benches/compare.sh   # ballast listener keys
 #
@@ -136,13 +138,15 @@ results="$work/results"
 # idle: each client connects, makes one request, reads the answer and stays connected.
 # busy: each requests a 1 MiB file and stops reading after the first KiB (4 KiB receive
 # buffer; asyncio pauses reading past 8 KiB), so the download stays in flight.
-# The proxy worker's RSS after, minus before, divided by the connections held.
+# The proxy worker's RSS after, minus before, divided by the connections held; and after
+# a second stage of as many clients, its growth divided by them (the marginal cost).
 if [ "${SCENARIO:-}" = idle ] || [ "${SCENARIO:-}" = busy ]; then
   mode=$SCENARIO
   if [ "$mode" = idle ]; then
-    n=${IDLE_CLIENTS:-5000}
-    # ballast parks a connection after 100 ms idle and its allocator returns freed pages
-    # over the next seconds (jemalloc's decay); the same wait applies to every proxy.
+    # Per stage: two stages hold 8,000 clients, under every proxy's connection limit here.
+    n=${IDLE_CLIENTS:-4000}
+    # An allocator returns freed pages over seconds (jemalloc's decay): the same wait
+    # applies to every proxy, after each stage. IDLE_SETTLE=12 lets jemalloc's 10 s pass.
     settle=${IDLE_SETTLE:-3}
     what="idle keep-alive connection"
   else
@@ -153,7 +157,7 @@ if [ "${SCENARIO:-}" = idle ] || [ "${SCENARIO:-}" = busy ]; then
   rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
   cat > "$work/clients.py" <<'PY'
 import asyncio, os, socket, sys
-mode, port, n, ready, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+mode, port, n, ready, more, ready2, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:8]
 async def one(sem, held):
     async with sem:
         if mode == "idle":
@@ -172,14 +176,22 @@ async def one(sem, held):
             await r.readuntil(b"\r\n\r\n")
             await r.readexactly(1024)
         held.append(w)
+async def wait_for(path):
+    for _ in range(1200):  # at most 120 s
+        if os.path.exists(path) or os.path.exists(stop):
+            return
+        await asyncio.sleep(0.1)
 async def main():
+    # Two stages of n clients: the second stage's RSS growth is the marginal cost of a
+    # held client, free of anything fixed (backend connections kept for reuse, allocator
+    # caches warmed by the first stage).
     held, sem = [], asyncio.Semaphore(200)
     await asyncio.gather(*(one(sem, held) for _ in range(n)))
     open(ready, "w").write(str(len(held)))
-    for _ in range(1200):  # at most 120 s
-        if os.path.exists(stop):
-            break
-        await asyncio.sleep(0.1)
+    await wait_for(more)
+    await asyncio.gather(*(one(sem, held) for _ in range(n)))
+    open(ready2, "w").write(str(len(held)))
+    await wait_for(stop)
 asyncio.run(main())
 PY
   : > "$results"
@@ -191,19 +203,31 @@ PY
     taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$lb/" >/dev/null   # warm-up
     sleep 1
     before=$(rss_kib "$wpid")
-    rm -f "$work/ready" "$work/stop"
-    taskset -c 1 python3 "$work/clients.py" "$mode" "$lb" "$n" "$work/ready" "$work/stop" & client=$!
+    rm -f "$work/ready" "$work/more" "$work/ready2" "$work/stop"
+    taskset -c 1 python3 "$work/clients.py" "$mode" "$lb" "$n" "$work/ready" "$work/more" "$work/ready2" "$work/stop" & client=$!
     for _ in $(seq 1 900); do [ -f "$work/ready" ] && break; sleep 0.1; done
     sleep "$settle"
     held=$(cat "$work/ready" 2>/dev/null || echo 0)
     after=$(rss_kib "$wpid")
+    touch "$work/more"
+    for _ in $(seq 1 900); do [ -f "$work/ready2" ] && break; sleep 0.1; done
+    sleep "$settle"
+    held2=$(cat "$work/ready2" 2>/dev/null || echo 0)
+    after2=$(rss_kib "$wpid")
     touch "$work/stop"; wait "$client" || true
     stop_proxy
+    # From `before` (the first n clients, as measured before 2026-12-01: it includes the
+    # backend connections the proxy opens for reuse and keeps, up to 200 at once), and
+    # the marginal cost (the second n clients).
     per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
-    echo "$proxy $per" >> "$results"
-    printf '%-12s %5s clients held: RSS %7s KiB -> %7s KiB, %7s bytes per connection\n' "$proxy" "$held" "$before" "$after" "$per"
+    marginal=$(awk -v a="$after2" -v b="$after" -v n="$((held2 - held))" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
+    echo "$proxy $per $marginal" >> "$results"
+    printf '%-12s %5s clients held: RSS %7s KiB -> %7s KiB, %7s bytes per connection; %5s more: -> %7s KiB, %7s bytes each (marginal)\n' "$proxy" "$held" "$before" "$after" "$per" "$((held2 - held))" "$after2" "$marginal"
   done
-  awk -v what="$what" '{v[$1]=$2} END {printf "\nRSS per %s: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", what, v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]; if ("ballast-base" in v) printf "baseline build: %s B (%.2f x HAProxy)\n", v["ballast-base"], v["ballast-base"]/v["haproxy"]}' "$results"
+  awk -v what="$what" '{v[$1]=$2; m[$1]=$3} END {
+    printf "\nRSS per %s: ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", what, v["ballast"], v["haproxy"], v["nginx"], v["ballast"]/v["haproxy"]
+    printf "marginal (second stage): ballast %s B, HAProxy %s B, nginx %s B; ballast / HAProxy = %.2f\n", m["ballast"], m["haproxy"], m["nginx"], m["ballast"]/m["haproxy"]
+    if ("ballast-base" in v) printf "baseline build: %s B (%.2f x HAProxy), marginal %s B (%.2f x HAProxy)\n", v["ballast-base"], v["ballast-base"]/v["haproxy"], m["ballast-base"], m["ballast-base"]/m["haproxy"]}' "$results"
   exit 0
 fi
 
