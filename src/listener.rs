@@ -263,7 +263,11 @@ impl Env {
     /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
     /// header when there was one); `prefix` holds bytes read past that header.
     /// `_slot` and `_permit` are held while the connection lives.
-    async fn serve(
+    ///
+    /// Not an `async fn`: one moves its arguments into new locals and keeps both copies in
+    /// its future, and this future is most of what an idle connection's task holds.
+    #[allow(clippy::manual_async_fn)] // see above: the size of the future
+    fn serve(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
@@ -271,72 +275,77 @@ impl Env {
         prefix: Vec<u8>,
         _slot: Option<ClientSlot>,
         _permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
-        let _open = self.stats.open();
-        if !self.inherited_options {
-            let _ = stream.set_nodelay(true);
-        }
-        if self.config.mode == ListenerMode::Tcp {
-            let client = if self.config.splice {
-                ClientConn::Splice(stream, prefix)
-            } else {
-                ClientConn::Copy(Prefixed::new(
-                    prefix,
-                    TimedStream::tcp_client(stream, self.config.send_timeout),
+    ) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            // Captured by the block, so held until the connection ends.
+            let _held = (&_slot, &_permit);
+            let _open = self.stats.open();
+            if !self.inherited_options {
+                let _ = stream.set_nodelay(true);
+            }
+            if self.config.mode == ListenerMode::Tcp {
+                let client = if self.config.splice {
+                    ClientConn::Splice(stream, prefix)
+                } else {
+                    ClientConn::Copy(Prefixed::new(
+                        prefix,
+                        TimedStream::tcp_client(stream, self.config.send_timeout),
+                    ))
+                };
+                // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
+                // graceful shutdown waits for it (up to shutdown_timeout).
+                let live = Arc::clone(&self.live);
+                let stats = Arc::clone(&self.stats);
+                Box::pin(crate::proxy::tcp::serve(
+                    client,
+                    peer,
+                    local,
+                    live,
+                    Arc::clone(&self.config),
+                    stats,
                 ))
-            };
-            // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
-            // graceful shutdown waits for it (up to shutdown_timeout).
-            let live = Arc::clone(&self.live);
-            let stats = Arc::clone(&self.stats);
-            Box::pin(crate::proxy::tcp::serve(
-                client,
+                .await;
+                return;
+            }
+            if !self.inherited_options {
+                let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
+            }
+            let phase = Arc::new(ConnPhase::default());
+            let ctx = Arc::new(ConnCtx {
+                forwarded_for: crate::proxy::headers::client_header(peer.ip()),
+                live: Arc::clone(&self.live),
+                listener: Arc::clone(&self.name),
+                config: Arc::clone(&self.config),
                 peer,
                 local,
-                live,
-                Arc::clone(&self.config),
-                stats,
-            ))
-            .await;
-            return;
-        }
-        if !self.inherited_options {
-            let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
-        }
-        let phase = Arc::new(ConnPhase::default());
-        let ctx = Arc::new(ConnCtx {
-            forwarded_for: crate::proxy::headers::client_header(peer.ip()),
-            live: Arc::clone(&self.live),
-            listener: Arc::clone(&self.name),
-            config: Arc::clone(&self.config),
-            peer,
-            local,
-            proto: if self.tls.is_some() { "https" } else { "http" },
-            tracker: self.tracker.clone(),
-            phase: Arc::clone(&phase),
-            private: Default::default(),
-            shutdown: self.shutdown.clone(),
-            stats: Arc::clone(&self.stats),
-        });
-        let conn = Conn { ctx, env: &self };
-        let send_timeout = self.config.send_timeout;
-        // Only the plain HTTP/1 path runs inline: an idle connection is this task and
-        // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
-        // (several KiB each; an async fn is as large as its largest state).
-        match &self.tls {
-            None if !conn.ctx.config.h2c => {
-                // ballast's own server runs the read timers; the stream times writes.
-                let io = Prefixed::new(prefix, TimedStream::tcp_client(stream, send_timeout));
-                // Boxed once: the idle task then holds a pointer, not a second copy of the
-                // stream (an async fn keeps its arguments apart from its locals).
-                conn.serve_own_h1(Box::new(io)).await
-            }
-            tls => {
-                let timed = TimedStream::downstream(stream, send_timeout, phase, self.read_limits);
-                let io = Prefixed::new(prefix, timed);
-                match tls {
-                    None => Box::pin(conn.serve_auto(io)).await,
-                    Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
+                proto: if self.tls.is_some() { "https" } else { "http" },
+                tracker: self.tracker.clone(),
+                phase: Arc::clone(&phase),
+                private: Default::default(),
+                shutdown: self.shutdown.clone(),
+                stats: Arc::clone(&self.stats),
+            });
+            let conn = Conn { ctx, env: &self };
+            let send_timeout = self.config.send_timeout;
+            // Only the plain HTTP/1 path runs inline: an idle connection is this task and
+            // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
+            // (several KiB each; an async fn is as large as its largest state).
+            match &self.tls {
+                None if !conn.ctx.config.h2c => {
+                    // ballast's own server runs the read timers; the stream times writes.
+                    let io = Prefixed::new(prefix, TimedStream::tcp_client(stream, send_timeout));
+                    // Boxed once: the idle task then holds a pointer, not a second copy of the
+                    // stream (an async fn keeps its arguments apart from its locals).
+                    conn.serve_own_h1(Box::new(io)).await
+                }
+                tls => {
+                    let timed =
+                        TimedStream::downstream(stream, send_timeout, phase, self.read_limits);
+                    let io = Prefixed::new(prefix, timed);
+                    match tls {
+                        None => Box::pin(conn.serve_auto(io)).await,
+                        Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
+                    }
                 }
             }
         }

@@ -184,79 +184,85 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Serves requests on `io` until the connection ends. `shutdown` closes an idle keep-alive
 /// connection at once and makes the current exchange the last (its response says
 /// `Connection: close`); a new connection's first request is still awaited.
-pub async fn serve<IO, S, F, B>(
+///
+/// Not an `async fn`: one moves its arguments into new locals and keeps both copies in its
+/// future, and this future is most of what an idle connection holds.
+#[allow(clippy::manual_async_fn)] // see above: the size of the future
+pub fn serve<'a, IO, S, F, B>(
     mut io: IO,
-    config: &ServerConfig,
-    shutdown: &CancellationToken,
+    config: &'a ServerConfig,
+    shutdown: &'a CancellationToken,
     mut service: S,
-) -> Ending<IO>
+) -> impl Future<Output = Ending<IO>> + 'a
 where
-    IO: Transport,
-    S: FnMut(Request<RequestBody>) -> F,
+    IO: Transport + 'a,
+    S: FnMut(Request<RequestBody>) -> F + 'a,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
 {
-    // Empty (no allocation) whenever nothing is in flight.
-    let mut buf = BytesMut::new();
-    let mut first = true;
-    // Kept for the connection's life: a timer and a shutdown waiter registered anew for
-    // each request cost ~350 instructions a request (callgrind).
-    let timer = pin!(tokio::time::sleep_until(
-        Instant::now() + config.head_timeout
-    ));
-    let stop = pin!(shutdown.cancelled());
-    let mut waits = Waits { timer, stop };
-    loop {
-        let head = match read_head(&mut io, &mut buf, config, first, &mut waits).await {
-            HeadRead::Head(head) => head,
-            HeadRead::Closed => return Ending::Closed,
-            HeadRead::Io(e) => return Ending::Io(e),
-            HeadRead::TimedOut { partial } => {
-                if partial {
-                    let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
-                }
-                return Ending::HeadTimeout;
-            }
-            HeadRead::Refused(rejection) => {
-                // A body may follow the refused head: linger so the answer is not reset.
-                if answer(&mut io, rejection.status).await.is_ok() {
-                    linger(&mut io).await;
-                }
-                return Ending::Refused(rejection);
-            }
-        };
-        first = false;
-        // Boxed: an async fn is as large as its largest state, and the exchange (service,
-        // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
-        // Written into a box allocated first: `Box::pin(exchange(..))` built the future on
-        // the stack and copied all of it (then 13.7 KiB) into the box, every request
-        // (callgrind: ~14,000 of 48,700 instructions per proxied request).
-        let slot = Box::new_uninit();
-        let fut = Box::into_pin(Box::write(
-            slot,
-            exchange(&mut io, &mut buf, head, config, shutdown, &mut service),
+    async move {
+        // Empty (no allocation) whenever nothing is in flight.
+        let mut buf = BytesMut::new();
+        let mut first = true;
+        // Kept for the connection's life: a timer and a shutdown waiter registered anew for
+        // each request cost ~350 instructions a request (callgrind).
+        let timer = pin!(tokio::time::sleep_until(
+            Instant::now() + config.head_timeout
         ));
-        match fut.await {
-            Exchange::KeepAlive => {
-                if buf.is_empty() {
-                    // Give the buffer back while idle; a pipelined request keeps it.
-                    buf = BytesMut::new();
+        let stop = pin!(shutdown.cancelled());
+        let mut waits = Waits { timer, stop };
+        loop {
+            let head = match read_head(&mut io, &mut buf, config, first, &mut waits).await {
+                HeadRead::Head(head) => head,
+                HeadRead::Closed => return Ending::Closed,
+                HeadRead::Io(e) => return Ending::Io(e),
+                HeadRead::TimedOut { partial } => {
+                    if partial {
+                        let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
+                    }
+                    return Ending::HeadTimeout;
                 }
-            }
-            Exchange::Close { unread } => {
-                if io.shutdown().await.is_ok() && unread {
-                    linger(&mut io).await;
+                HeadRead::Refused(rejection) => {
+                    // A body may follow the refused head: linger so the answer is not reset.
+                    if answer(&mut io, rejection.status).await.is_ok() {
+                        linger(&mut io).await;
+                    }
+                    return Ending::Refused(rejection);
                 }
-                return Ending::Closed;
-            }
-            Exchange::Upgrade => {
-                return Ending::Upgraded {
-                    io,
-                    read_ahead: buf.freeze(),
+            };
+            first = false;
+            // Boxed: an async fn is as large as its largest state, and the exchange (service,
+            // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
+            // Written into a box allocated first: `Box::pin(exchange(..))` built the future on
+            // the stack and copied all of it (then 13.7 KiB) into the box, every request
+            // (callgrind: ~14,000 of 48,700 instructions per proxied request).
+            let slot = Box::new_uninit();
+            let fut = Box::into_pin(Box::write(
+                slot,
+                exchange(&mut io, &mut buf, head, config, shutdown, &mut service),
+            ));
+            match fut.await {
+                Exchange::KeepAlive => {
+                    if buf.is_empty() {
+                        // Give the buffer back while idle; a pipelined request keeps it.
+                        buf = BytesMut::new();
+                    }
                 }
+                Exchange::Close { unread } => {
+                    if io.shutdown().await.is_ok() && unread {
+                        linger(&mut io).await;
+                    }
+                    return Ending::Closed;
+                }
+                Exchange::Upgrade => {
+                    return Ending::Upgraded {
+                        io,
+                        read_ahead: buf.freeze(),
+                    }
+                }
+                Exchange::Failed => return Ending::ResponseFailed,
+                Exchange::Io(e) => return Ending::Io(e),
             }
-            Exchange::Failed => return Ending::ResponseFailed,
-            Exchange::Io(e) => return Ending::Io(e),
         }
     }
 }
@@ -342,7 +348,9 @@ async fn read_head<R: Transport>(
         let stop = async {
             waits.stop.as_mut().await;
             if first {
-                tokio::time::sleep(config.first_request_grace).await;
+                // Boxed: a rare path (shutdown) that would otherwise make every idle
+                // connection's future a timer larger.
+                Box::pin(tokio::time::sleep(config.first_request_grace)).await;
             }
         };
         arm(waits.timer.as_mut(), deadline);
