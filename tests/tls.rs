@@ -499,22 +499,7 @@ async fn a_websocket_echo_works_over_tls() {
     s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
-            .await
-            .expect("head in time")
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "closed during the head: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = read_head(&mut s).await.expect("a response head");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     for msg in [&b"hello over tls"[..], &[0u8, 1, 2, 255][..]] {
         s.write_all(msg).await.unwrap();
@@ -645,22 +630,32 @@ async fn handshakes_and_their_failures_are_counted_in_metrics() {
     );
 }
 
-/// Reads one response (head, then a `Content-Length` body) from `s`; `None` once closed.
-async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
+/// Reads a response head from `s` a byte at a time (nothing past it, which may belong to a
+/// tunnel); `None` if the connection closed before its first byte.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = tokio::time::timeout(WAIT, s.read(&mut byte))
             .await
-            .expect("response in time")
+            .expect("head in time")
             .unwrap_or(0);
         if n == 0 {
-            assert!(head.is_empty(), "closed mid-head: {head:?}");
+            assert!(
+                head.is_empty(),
+                "closed during the head: {}",
+                String::from_utf8_lossy(&head)
+            );
             return None;
         }
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head).to_string();
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
+/// Reads one response (head, then a `Content-Length` body) from `s`; `None` once closed.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(String, String)> {
+    let head = read_head(s).await?;
     let len = head
         .lines()
         .find_map(|l| {
