@@ -214,6 +214,8 @@ fn status(daemon: &Daemon) -> serde_json::Value {
                     // Seconds since the state last changed.
                     "state_age_s": b.state_age().as_secs_f64(),
                     "weight": cfg.weight,
+                    // Takes traffic only while no primary is available.
+                    "backup": cfg.backup,
                     "in_flight": b.in_flight(),
                     "requests_total": b.requests_total(),
                     "responses": responses,

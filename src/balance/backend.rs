@@ -182,6 +182,13 @@ impl Backend {
             .then(|| self.in_flight.load(Ordering::Relaxed))
     }
 
+    /// In-flight count unless draining, whatever the health: for `fail_open` and the panic
+    /// threshold, which send traffic to backends their checks call down.
+    #[inline]
+    pub fn load_if_not_draining(&self) -> Option<usize> {
+        (!self.draining.load(Ordering::Relaxed)).then(|| self.in_flight.load(Ordering::Relaxed))
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }

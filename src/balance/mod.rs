@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::{HashKey, PoolConfig};
+use crate::config::{HashKey, PoolConfig, WhenAllDown};
 use crate::health::threshold::HealthState;
 use crate::stats::{Latency, PoolStats};
 use crate::tls::BackendTls;
@@ -30,6 +30,19 @@ pub struct Pool {
     /// Latency histogram handles (no-ops when metrics are off).
     pub latency: Latency,
     selector: Selector,
+    /// Backups, panic threshold and the all-down policy; `None` when the pool uses none of
+    /// them, and then a pick is the plain passes over all backends and costs what it did
+    /// before these existed.
+    tiers: Option<Tiers>,
+}
+
+/// How a pool with backups, a panic threshold or `when_all_down = "fail_open"` picks.
+#[derive(Debug)]
+struct Tiers {
+    /// Per backend index: a backup.
+    backup: Vec<bool>,
+    panic_threshold: Option<f64>,
+    fail_open: bool,
 }
 
 impl Pool {
@@ -93,6 +106,14 @@ impl Pool {
         let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
         let ids: Vec<&str> = backends.iter().map(|b| &*b.label).collect();
         let selector = Selector::build(config.algorithm, &weights, &ids);
+        let backup: Vec<bool> = config.backends.iter().map(|b| b.backup).collect();
+        let fail_open = config.when_all_down == WhenAllDown::FailOpen;
+        let tiers = (backup.contains(&true) || config.panic_threshold.is_some() || fail_open)
+            .then_some(Tiers {
+                backup,
+                panic_threshold: config.panic_threshold,
+                fail_open,
+            });
         Pool {
             name: config.name.as_str().into(),
             config: config.clone(),
@@ -101,6 +122,7 @@ impl Pool {
             stats: previous.map_or_else(Default::default, |p| Arc::clone(&p.stats)),
             latency: Latency::new(&config.name, metrics),
             selector,
+            tiers,
         }
     }
 
@@ -108,33 +130,102 @@ impl Pool {
         self.config.hash_key.as_ref()
     }
 
+    /// Whether the backend at `i` is a backup.
+    pub fn is_backup(&self, i: usize) -> bool {
+        self.tiers.as_ref().is_some_and(|t| t.backup[i])
+    }
+
     /// Picks a backend for one request, skipping the indices in `tried`, and returns its index
     /// and a [`Lease`] on it.
     pub fn select(&self, key: Option<u64>, tried: &[usize]) -> Option<(usize, Lease)> {
-        let pick = |avail: fn(&Backend) -> Option<usize>| {
-            self.selector.pick(key, |i| {
-                if tried.contains(&i) {
-                    None
-                } else {
-                    avail(&self.backends[i])
-                }
-            })
+        let i = match &self.tiers {
+            None => self.pick_available(key, tried, |_| true).or_else(|| {
+                self.pick_with(key, tried, |_| true, Backend::load_ignoring_ejection)
+            })?,
+            Some(t) => self.pick_tiered(t, key, tried)?,
         };
+        Some((i, Lease::new(Arc::clone(&self.backends[i]))))
+    }
+
+    /// Primaries first; backups only while no primary is available; ejected ones (healthy
+    /// by their checks) before none; then the panic threshold and `when_all_down`.
+    fn pick_tiered(&self, t: &Tiers, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        let primary = |i: usize| !t.backup[i];
+        let backup = |i: usize| t.backup[i];
+        if let Some(threshold) = t.panic_threshold {
+            // Counting costs a pass over the backends: only pools that set a threshold pay.
+            let (up, total) = self
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| primary(*i))
+                .fold((0usize, 0usize), |(up, n), (_, b)| {
+                    (up + usize::from(b.load_if_available().is_some()), n + 1)
+                });
+            let short = (up as f64) < threshold * total as f64;
+            // With no primary up, an available backup is the better answer than panic.
+            let backup_up = || {
+                self.backends
+                    .iter()
+                    .enumerate()
+                    .any(|(i, b)| backup(i) && b.load_if_available().is_some())
+            };
+            if short && (up > 0 || !backup_up()) {
+                if let Some(i) = self.pick_with(key, tried, primary, Backend::load_if_not_draining)
+                {
+                    return Some(i);
+                }
+            }
+        }
+        self.pick_available(key, tried, primary)
+            .or_else(|| self.pick_available(key, tried, backup))
+            .or_else(|| self.pick_with(key, tried, primary, Backend::load_ignoring_ejection))
+            .or_else(|| self.pick_with(key, tried, backup, Backend::load_ignoring_ejection))
+            .or_else(|| {
+                t.fail_open
+                    .then(|| self.pick_with(key, tried, |_| true, Backend::load_if_not_draining))
+                    .flatten()
+            })
+    }
+
+    /// Among the backends `member` admits: ramping ones by their share first (slow start),
+    /// then every available one. Without slow start (or when every ramping backend said no
+    /// this time) the plain pass decides; a ramp never turns a pick into a 503.
+    #[inline]
+    fn pick_available(
+        &self,
+        key: Option<u64>,
+        tried: &[usize],
+        member: impl Fn(usize) -> bool + Copy,
+    ) -> Option<usize> {
         let ramped = self.config.slow_start.and_then(|ramp| {
             self.selector.pick(key, |i| {
                 let b = &self.backends[i];
-                if tried.contains(&i) || !b.ramp_admits(ramp) {
+                if !member(i) || tried.contains(&i) || !b.ramp_admits(ramp) {
                     None
                 } else {
                     b.load_if_available()
                 }
             })
         });
-        // Without slow start (or when every ramping backend said no this time) the plain
-        // passes decide; a ramp never turns a pick into a 503.
-        let i = ramped
-            .or_else(|| pick(Backend::load_if_available))
-            .or_else(|| pick(Backend::load_ignoring_ejection))?;
-        Some((i, Lease::new(Arc::clone(&self.backends[i]))))
+        ramped.or_else(|| self.pick_with(key, tried, member, Backend::load_if_available))
+    }
+
+    /// One pass of the policy over the backends `member` admits, by `avail`.
+    #[inline]
+    fn pick_with(
+        &self,
+        key: Option<u64>,
+        tried: &[usize],
+        member: impl Fn(usize) -> bool,
+        avail: fn(&Backend) -> Option<usize>,
+    ) -> Option<usize> {
+        self.selector.pick(key, |i| {
+            if !member(i) || tried.contains(&i) {
+                None
+            } else {
+                avail(&self.backends[i])
+            }
+        })
     }
 }

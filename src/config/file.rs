@@ -151,6 +151,11 @@ pub struct FilePool {
     pub resolve_grace: Option<Text>,
     pub resolvers: Option<Spanned<Vec<Text>>>,
     pub slow_start: Option<Text>,
+    pub when_all_down: Option<Text>,
+    pub panic_threshold: Option<Text>,
+    pub retry_on: Option<Spanned<Vec<Text>>>,
+    pub retry_budget: Option<Text>,
+    pub retry_budget_min: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +188,7 @@ pub enum FileBackend {
 pub struct FileBackendTable {
     pub address: String,
     pub weight: Option<i64>,
+    pub backup: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

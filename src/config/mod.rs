@@ -44,6 +44,8 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RETRIES: u32 = 1;
+    /// Retries per second a retry budget always allows.
+    pub const RETRY_BUDGET_MIN: u32 = 10;
     pub const MAX_IDLE_PER_BACKEND: u32 = 128;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -276,6 +278,73 @@ pub struct PoolConfig {
     /// A backend that becomes healthy ramps from a small share of its weight to all of it
     /// over this time; `None`: full weight at once.
     pub slow_start: Option<Duration>,
+    /// What happens when no backend (primary or backup) is available.
+    pub when_all_down: WhenAllDown,
+    /// Envoy's panic mode: when fewer than this share (0..=1) of the primaries are
+    /// available, requests go to every primary that is not draining, ignoring health.
+    pub panic_threshold: Option<f64>,
+    /// Which failures are retried (when `retries` > 0).
+    pub retry_on: RetryOn,
+    /// Caps retries at a share of the pool's requests over a sliding window.
+    pub retry_budget: Option<RetryBudgetConfig>,
+}
+
+/// `when_all_down`: what a pool with no available backend does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenAllDown {
+    /// 503 (`reason=no_healthy_backend`).
+    #[default]
+    Reject,
+    /// Send to every backend that is not draining, ignoring health and ejection.
+    FailOpen,
+}
+
+/// `retry_on`: the failures a request is retried for, on another backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryOn {
+    /// The backend could not be reached (connect, TLS or handshake failure), or a pooled
+    /// connection closed before the request was written: the request never left.
+    pub connect_failure: bool,
+    /// The backend closed or reset the connection before a response head.
+    pub reset: bool,
+    /// Statuses answered by the backend that are retried (502, 503, 504), for idempotent
+    /// methods only: the backend saw the request.
+    pub statuses: [bool; 3],
+}
+
+impl Default for RetryOn {
+    /// What ballast retried before `retry_on` existed.
+    fn default() -> Self {
+        RetryOn {
+            connect_failure: true,
+            reset: true,
+            statuses: [false; 3],
+        }
+    }
+}
+
+impl RetryOn {
+    /// Whether a response with `status` is retried.
+    #[inline]
+    pub fn status(&self, status: u16) -> bool {
+        match status {
+            502..=504 => self.statuses[(status - 502) as usize],
+            _ => false,
+        }
+    }
+
+    pub fn any_status(&self) -> bool {
+        self.statuses.iter().any(|s| *s)
+    }
+}
+
+/// `retry_budget` and `retry_budget_min`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed as a share of requests over the window.
+    pub ratio: f64,
+    /// Retries per second always allowed, however few requests came.
+    pub min_per_second: u32,
 }
 
 impl PoolConfig {
@@ -293,6 +362,7 @@ impl PoolConfig {
                     out.backends.push(BackendConfig {
                         address,
                         weight: n.weight,
+                        backup: n.backup,
                         host: Some(n.host.clone()),
                     });
                 }
@@ -309,6 +379,8 @@ pub struct NamedBackend {
     pub port: u16,
     /// The weight of every address the name resolves to.
     pub weight: u32,
+    /// Every address the name resolves to is a backup.
+    pub backup: bool,
 }
 
 impl std::fmt::Display for NamedBackend {
@@ -352,6 +424,8 @@ pub struct UpstreamTls {
 pub struct BackendConfig {
     pub address: SocketAddr,
     pub weight: u32,
+    /// Gets traffic only while no primary (non-backup) backend of its pool is available.
+    pub backup: bool,
     /// The DNS name this address was resolved from (a `HOST:PORT` entry); `None` for an
     /// address written in the file. TLS to the backend verifies this name by default.
     pub host: Option<String>,

@@ -725,9 +725,11 @@ impl Validator<'_> {
         }
         for (i, b) in p.backends.get_ref().iter().enumerate() {
             let bkey = format!("{key}.backends[{i}]");
-            let (addr, weight) = match b.get_ref() {
-                FileBackend::Address(a) => (a, 1),
-                FileBackend::Detailed(t) => (&t.address, t.weight.unwrap_or(1)),
+            let (addr, weight, backup) = match b.get_ref() {
+                FileBackend::Address(a) => (a, 1, false),
+                FileBackend::Detailed(t) => {
+                    (&t.address, t.weight.unwrap_or(1), t.backup.unwrap_or(false))
+                }
             };
             let parsed = match backend_address(addr) {
                 Ok(a) => a,
@@ -759,6 +761,7 @@ impl Validator<'_> {
                     backends.push(BackendConfig {
                         address,
                         weight,
+                        backup,
                         host: None,
                     });
                 }
@@ -767,7 +770,12 @@ impl Validator<'_> {
                         self.push(b.span(), format!("{bkey}: duplicate backend {host}:{port}"));
                         continue;
                     }
-                    names.push(NamedBackend { host, port, weight });
+                    names.push(NamedBackend {
+                        host,
+                        port,
+                        weight,
+                        backup,
+                    });
                 }
             }
         }
@@ -784,6 +792,53 @@ impl Validator<'_> {
                     format!("{key}.slow_start: not used with algorithm = \"hash\" (a ramp would move keys between backends)"),
                 );
             }
+        }
+
+        if !backends.is_empty() && names.is_empty() && backends.iter().all(|b| b.backup) {
+            self.push(
+                p.backends.span(),
+                format!("{key}.backends: every backend is a backup; a pool needs a primary"),
+            );
+        }
+        let when_all_down = match &p.when_all_down {
+            None => WhenAllDown::Reject,
+            Some(v) => match v.get_ref().as_str() {
+                "reject" => WhenAllDown::Reject,
+                "fail_open" => WhenAllDown::FailOpen,
+                other => {
+                    self.push(
+                        v.span(),
+                        format!(
+                            "{key}.when_all_down: {other:?}: write \"reject\" or \"fail_open\""
+                        ),
+                    );
+                    WhenAllDown::Reject
+                }
+            },
+        };
+        let panic_threshold = p.panic_threshold.as_ref().and_then(|v| {
+            self.percent(v, &format!("{key}.panic_threshold"))
+                .filter(|r| *r > 0.0)
+        });
+        let retry_on = match &p.retry_on {
+            None => RetryOn::default(),
+            Some(list) => self.retry_on(list, &format!("{key}.retry_on")),
+        };
+        let retry_budget = p.retry_budget.as_ref().and_then(|v| {
+            let ratio = self.percent(v, &format!("{key}.retry_budget"))?;
+            Some(RetryBudgetConfig {
+                ratio,
+                min_per_second: p
+                    .retry_budget_min
+                    .as_ref()
+                    .map_or(defaults::RETRY_BUDGET_MIN, |m| *m.get_ref()),
+            })
+        });
+        if let (Some(m), None) = (&p.retry_budget_min, &p.retry_budget) {
+            self.push(
+                m.span(),
+                format!("{key}.retry_budget_min: only used with retry_budget"),
+            );
         }
 
         let health_check = p.health_check.as_ref().map(|h| {
@@ -870,6 +925,10 @@ impl Validator<'_> {
             names,
             dns,
             slow_start,
+            when_all_down,
+            panic_threshold,
+            retry_on,
+            retry_budget,
             health_check,
             passive,
             connect_timeout: self.duration(
@@ -925,6 +984,48 @@ impl Validator<'_> {
                     }
                 }),
         })
+    }
+
+    /// A share written as `"50%"` (0% to 100%), as a ratio.
+    fn percent(&mut self, v: &Text, key: &str) -> Option<f64> {
+        let text = v.get_ref().trim();
+        let parsed = text
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .filter(|n| (0.0..=100.0).contains(n));
+        match parsed {
+            Some(n) => Some(n / 100.0),
+            None => {
+                self.push(
+                    v.span(),
+                    format!("{key}: {text:?}: write a share from \"0%\" to \"100%\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// `retry_on = ["connect_failure", "reset", "502", "503", "504"]`.
+    fn retry_on(&mut self, list: &Spanned<Vec<Text>>, key: &str) -> RetryOn {
+        let mut on = RetryOn {
+            connect_failure: false,
+            reset: false,
+            statuses: [false; 3],
+        };
+        for v in list.get_ref() {
+            match v.get_ref().as_str() {
+                "connect_failure" => on.connect_failure = true,
+                "reset" => on.reset = true,
+                "502" => on.statuses[0] = true,
+                "503" => on.statuses[1] = true,
+                "504" => on.statuses[2] = true,
+                other => self.push(
+                    v.span(),
+                    format!("{key}: {other:?}: write connect_failure, reset, \"502\", \"503\" or \"504\""),
+                ),
+            }
+        }
+        on
     }
 
     /// `resolve_interval`, `resolve_grace` and `resolvers`; only meaningful when the pool

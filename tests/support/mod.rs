@@ -31,6 +31,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A real HTTP/1.1 backend. Routes:
 /// - `/health`: 200, or 503 after `set_healthy(false)` (not counted as a hit)
+/// - after `set_status(N)`: every other path answers with status N
 /// - `/slow/MS`: answers after MS milliseconds
 /// - `/status/NNN`: answers with that status
 /// - `/upload`: reads the body as a stream and answers `NAME BYTES`
@@ -50,6 +51,7 @@ pub struct Backend {
     in_flight: Arc<AtomicUsize>,
     healthy: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    forced_status: Arc<AtomicU64>,
     accepted: Arc<AtomicUsize>,
     accept: AbortHandle,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
@@ -108,6 +110,7 @@ impl Backend {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let healthy = Arc::new(AtomicBool::new(true));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let forced_status = Arc::new(AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let state = (
             name.to_string(),
@@ -115,6 +118,7 @@ impl Backend {
             in_flight.clone(),
             healthy.clone(),
             delay_ms.clone(),
+            forced_status.clone(),
         );
         let conns2 = conns.clone();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -156,6 +160,7 @@ impl Backend {
             in_flight,
             healthy,
             delay_ms,
+            forced_status,
             accepted,
             accept,
             conns,
@@ -195,6 +200,11 @@ impl Backend {
         self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Answers every request (except `/health`) with `status` from now on; 0: as usual.
+    pub fn set_status(&self, status: u16) {
+        self.forced_status.store(status.into(), Ordering::SeqCst);
+    }
+
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::SeqCst);
     }
@@ -220,11 +230,12 @@ type State = (
     Arc<AtomicUsize>,
     Arc<AtomicBool>,
     Arc<AtomicU64>,
+    Arc<AtomicU64>,
 );
 
 async fn respond(
     mut req: http::Request<Incoming>,
-    (name, hits, in_flight, healthy, delay_ms): State,
+    (name, hits, in_flight, healthy, delay_ms, forced_status): State,
 ) -> Result<http::Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     let reply = |status: u16, body: String| {
@@ -246,6 +257,10 @@ async fn respond(
         }
     }
     let _done = Done(in_flight.clone());
+    let forced = forced_status.load(Ordering::SeqCst) as u16;
+    if forced != 0 {
+        return reply(forced, name.clone());
+    }
     let delay = delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -861,6 +876,15 @@ impl TestConfig {
     pub fn addresses(addrs: impl IntoIterator<Item = impl std::fmt::Display>) -> TestConfig {
         TestConfig {
             backends: addrs.into_iter().map(|a| format!("\"{a}\"")).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Backend entries written as they go into `backends = [...]`, e.g.
+    /// `{ address = "...", backup = true }`.
+    pub fn entries(entries: &[String]) -> TestConfig {
+        TestConfig {
+            backends: entries.to_vec(),
             ..Default::default()
         }
     }
