@@ -152,6 +152,10 @@ fn describe() {
         "Requests (or TCP connects) sent again to another backend."
     );
     describe_counter!(
+        "ballast_pool_retries_over_budget_total",
+        "Retries not made because the pool's retry_budget was spent."
+    );
+    describe_counter!(
         "ballast_pool_failures_total",
         "Requests or TCP connections that failed, by reason."
     );
@@ -263,6 +267,8 @@ fn record(daemon: &Daemon) {
         }
         counter!("ballast_pool_retries_total", "pool" => p.clone())
             .absolute(pool.stats.retries.get());
+        counter!("ballast_pool_retries_over_budget_total", "pool" => p.clone())
+            .absolute(pool.stats.retries_over_budget.get());
         for (reason, n) in pool.stats.failures() {
             counter!("ballast_pool_failures_total", "pool" => p.clone(), "reason" => reason)
                 .absolute(n);

@@ -125,6 +125,8 @@ pub struct PoolStats {
     pub requests: ByClass,
     /// Attempts after the first.
     pub retries: Counter,
+    /// Retries the retry budget refused.
+    pub retries_over_budget: Counter,
     failures: [AtomicU64; REASONS.len()],
 }
 

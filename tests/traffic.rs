@@ -166,3 +166,80 @@ async fn below_the_panic_threshold_traffic_goes_to_every_primary() {
         "above the threshold only the healthy one: {names:?}"
     );
 }
+
+/// Sends `n` GETs; returns (statuses other than 200, attempts the backends saw).
+async fn storm(web: std::net::SocketAddr, n: usize, backends: &[&Backend]) -> (usize, usize) {
+    let before: usize = backends.iter().map(|b| b.hits()).sum();
+    let (names, other) = spread(web, n).await;
+    assert_eq!(names.len() + other.len(), n);
+    assert!(other.iter().all(|s| *s == 503), "{other:?}");
+    let after: usize = backends.iter().map(|b| b.hits()).sum();
+    (other.len(), after - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_a_status_resends_idempotent_requests_only() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    a.set_status(503);
+    let retrying = Ballast::start(
+        &TestConfig::new(&[&a, &b])
+            .pool("retry_on = [\"connect_failure\", \"reset\", \"503\"]")
+            .build(),
+    );
+    let plain = Ballast::start(&TestConfig::new(&[&a, &b]).build());
+
+    let (failed, _) = storm(retrying.addr("web"), 20, &[&a, &b]).await;
+    assert_eq!(failed, 0, "every 503 from a was retried on b");
+    let (failed, attempts) = storm(plain.addr("web"), 20, &[&a, &b]).await;
+    assert_eq!(
+        (failed, attempts),
+        (10, 20),
+        "without \"503\" in retry_on a 503 is the answer"
+    );
+
+    // A POST that got a 503 was seen by the backend: not sent again.
+    let mut posts_failed = 0;
+    for _ in 0..4 {
+        let r = raw_request(
+            retrying.addr("web"),
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
+        .await
+        .expect("answer");
+        posts_failed += usize::from(r.status == 503);
+    }
+    assert!(posts_failed >= 1, "a POST was retried after a 503");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_holds_during_a_503_storm() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    a.set_status(503);
+    const N: usize = 200;
+    let pool = "retry_on = [\"503\"]\nretry_budget = \"20%\"\nretry_budget_min = 1";
+    let budgeted = Ballast::start(&TestConfig::new(&[&a, &b]).pool(pool).build());
+    let unbounded = Ballast::start(
+        &TestConfig::new(&[&a, &b])
+            .pool("retry_on = [\"503\"]")
+            .build(),
+    );
+
+    let (failed, attempts) = storm(unbounded.addr("web"), N, &[&a, &b]).await;
+    let retries_unbounded = attempts - N;
+    assert_eq!(failed, 0, "without a budget every 503 is retried");
+
+    let (failed, attempts) = storm(budgeted.addr("web"), N, &[&a, &b]).await;
+    let retries = attempts - N;
+    // 20% of the requests in the window plus 1 a second over the 10 s window.
+    let allowed = N / 5 + 10;
+    println!("retries: {retries} with the budget (allowed {allowed}), {retries_unbounded} without");
+    assert!(retries <= allowed, "{retries} retries for {N} requests");
+    assert!(retries >= N / 10, "the budget still allows some: {retries}");
+    assert!(retries_unbounded >= N / 2 - 1, "{retries_unbounded}");
+    assert!(failed > 0, "refused retries leave the 503 as the answer");
+    assert!(
+        budgeted.wait_for_log("reason=retry_budget", WAIT),
+        "{}",
+        budgeted.logs()
+    );
+}

@@ -5,6 +5,7 @@
 //! address it keeps.
 
 pub mod backend;
+pub mod budget;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -29,6 +30,9 @@ pub struct Pool {
     pub stats: Arc<PoolStats>,
     /// Latency histogram handles (no-ops when metrics are off).
     pub latency: Latency,
+    /// With `retry_budget`: the pool's recent requests and retries, carried over from the
+    /// previous pool of the same name so a reload does not refill it.
+    pub retry_budget: Option<Arc<budget::RetryBudget>>,
     selector: Selector,
     /// Backups, panic threshold and the all-down policy; `None` when the pool uses none of
     /// them, and then a pick is the plain passes over all backends and costs what it did
@@ -121,6 +125,11 @@ impl Pool {
             tls,
             stats: previous.map_or_else(Default::default, |p| Arc::clone(&p.stats)),
             latency: Latency::new(&config.name, metrics),
+            retry_budget: config.retry_budget.map(|_| {
+                previous
+                    .and_then(|p| p.retry_budget.clone())
+                    .unwrap_or_default()
+            }),
             selector,
             tiers,
         }

@@ -310,6 +310,7 @@ async fn forward(
         protocol: cfg.protocol,
     };
     let connect = parts.method == Method::CONNECT;
+    let idempotent = is_idempotent(&parts.method);
     let watch = body.watch();
     // Kept only when the body is in hand: such a request can be sent again after a failure.
     let resend = if cfg.retries > 0 {
@@ -317,12 +318,34 @@ async fn forward(
     } else {
         None
     };
+    // `resend` only ever holds a body in hand, so its copy always exists; never fall back to
+    // another body (that would send the wrong request).
+    let copy = || {
+        let (p, b) = resend.as_ref()?;
+        Some(Request::from_parts(p.clone(), b.try_clone()?))
+    };
     let mut req = Request::from_parts(parts, body);
     let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last_error: Option<ProxyError> = None;
+    // A response with a status in `retry_on`, kept while another backend is tried: it is
+    // the answer if that fails too.
+    let mut answered: Option<(Response<Inner>, Arc<crate::balance::backend::Backend>)> = None;
+    let budget = pool.retry_budget.as_deref().zip(cfg.retry_budget.as_ref());
+    if let Some((budget, _)) = budget {
+        budget.request();
+    }
 
     for attempt in 0..attempts {
+        if attempt > 0 {
+            if let Some((budget, limits)) = budget {
+                if !budget.try_retry(limits) {
+                    pool.stats.retries_over_budget.incr();
+                    log_retry_refused(&pool.name);
+                    break;
+                }
+            }
+        }
         let Some((idx, lease)) = pool.select(key, &tried[..attempt]) else {
             break;
         };
@@ -383,6 +406,9 @@ async fn forward(
                     attempt,
                 );
                 last_error = Some(error);
+                if !cfg.retry_on.connect_failure {
+                    break;
+                }
                 continue;
             }
         };
@@ -418,15 +444,35 @@ async fn forward(
                         return Ok(switch_protocols(resp, client, lease, tracker));
                     }
                 }
+                let status = resp.status().as_u16();
+                let backend = Arc::clone(backend);
                 let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
-                return Ok(upstream_response(
+                let resp = upstream_response(
                     resp,
                     lease,
                     (sender, settings, home),
                     pool,
                     cuts,
                     watch.clone(),
-                ));
+                );
+                // The backend saw the request: only an idempotent one with its body in hand
+                // is sent again, and only for the statuses `retry_on` names.
+                if cfg.retry_on.status(status) && idempotent && attempt + 1 < attempts {
+                    if let Some(next) = copy() {
+                        log_backend_failure(
+                            &pool.name,
+                            &backend.label,
+                            "retried_status",
+                            &status,
+                            false,
+                            attempt,
+                        );
+                        answered = Some((resp, backend));
+                        req = next;
+                        continue;
+                    }
+                }
+                return Ok(resp);
             }
             Err(_) if backend.cuts() != cuts => {
                 // Our own drain timeout ended it; the work may have run, don't resend it.
@@ -449,22 +495,41 @@ async fn forward(
                     attempt,
                 );
                 last_error = Some(ProxyError::Upstream(error));
-                // `resend` only ever holds a body in hand, so its copy always exists; never
-                // fall back to another body (that would send the wrong request).
-                let copy = || {
-                    let (p, b) = resend.as_ref()?;
-                    Some(Request::from_parts(p.clone(), b.try_clone()?))
+                // A request handed back never left: a connect failure in all but name.
+                let next = match message {
+                    Some(r) => cfg.retry_on.connect_failure.then_some(r),
+                    None if cfg.retry_on.reset => copy(),
+                    None => None,
                 };
-                req = match message.or_else(copy) {
+                req = match next {
                     Some(r) => r,
                     None => break,
                 };
             }
         }
     }
+    if let Some((resp, backend)) = answered {
+        ex.backend = Some(backend);
+        return Ok(resp);
+    }
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
         pool: Arc::clone(&pool.name),
     }))
+}
+
+/// RFC 9110 §9.2.2: sending these twice has the effect of sending them once.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Logs a retry the budget refused, at most once a second per pool.
+fn log_retry_refused(pool: &str) {
+    if let Some(suppressed) = crate::log_limit::allow((pool, "", "retry_budget", "budget")) {
+        tracing::warn!(pool = %pool, reason = %"retry_budget", suppressed, "retry budget spent: not retried");
+    }
 }
 
 /// Waits for the response head of `in_flight`; `None` if `response_timeout` passed first.
