@@ -95,6 +95,7 @@ fn entry() -> Entry {
         header: Some(Duration::from_micros(900)),
         total: Duration::from_micros(1200),
         termination: "ok",
+        request_id: None,
     }
 }
 

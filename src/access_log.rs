@@ -47,6 +47,8 @@ pub struct Entry {
     pub total: Duration,
     /// `ok`, or what ended it early: the `reason` words of the error log.
     pub termination: &'static str,
+    /// `X-Request-Id` (listeners with `request_id`).
+    pub request_id: Option<http::HeaderValue>,
 }
 
 /// The parts of an HTTP request the log shows, copied out of the request into one small
@@ -378,6 +380,8 @@ fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
         total_ms: f64,
         termination: &'a str,
         user_agent: Option<std::borrow::Cow<'a, str>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<std::borrow::Cow<'a, str>>,
     }
     let mut time = [0u8; 32];
     let time = {
@@ -420,6 +424,7 @@ fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
         total_ms: e.total.as_secs_f64() * 1000.0,
         termination: e.termination,
         user_agent: r.and_then(|r| r.user_agent().map(text)),
+        request_id: e.request_id.as_ref().map(|v| text(v.as_bytes())),
     };
     // Serializing plain fields to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);
@@ -530,6 +535,7 @@ mod tests {
             header: Some(Duration::from_millis(3)),
             total: Duration::from_millis(4),
             termination: "ok",
+            request_id: None,
         }
     }
 

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::balance::Pool;
-use crate::config::{Config, HostMatch};
+use crate::config::{Config, HeaderRules, HostMatch};
 use crate::discovery::{NameKey, Resolved};
 use crate::stats::ListenerStats;
 
@@ -80,6 +80,15 @@ impl Snapshot {
                             target: Target {
                                 pool: Arc::clone(pools.get(r.pool.as_str())?),
                                 upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
+                                rewrite: r.path_prefix.clone().zip(r.rewrite_prefix.clone()),
+                                request_headers: r
+                                    .request_headers
+                                    .clone()
+                                    .or_else(|| l.request_headers.clone()),
+                                response_headers: r
+                                    .response_headers
+                                    .clone()
+                                    .or_else(|| l.response_headers.clone()),
                             },
                         })
                     })
@@ -87,6 +96,9 @@ impl Snapshot {
                 let default = Target {
                     pool: default,
                     upgrade: l.upgrade.clone(),
+                    rewrite: None,
+                    request_headers: l.request_headers.clone(),
+                    response_headers: l.response_headers.clone(),
                 };
                 let stats = previous
                     .and_then(|p| p.routers.get(l.name.as_str()))
@@ -135,6 +147,11 @@ pub struct Target {
     pub pool: Arc<Pool>,
     /// `Upgrade` protocols forwarded (lower case); others are removed from the request.
     pub upgrade: Vec<String>,
+    /// `strip_prefix` / `rewrite_prefix`: the matched path prefix and what replaces it.
+    pub rewrite: Option<(String, String)>,
+    /// The route's header rules, else the listener's.
+    pub request_headers: Option<HeaderRules>,
+    pub response_headers: Option<HeaderRules>,
 }
 
 /// (host, path prefix) → target for one listener; routes in file order, first match wins,

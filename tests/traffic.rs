@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 /// Health checks quick enough that a backend's state follows `set_healthy` in a few 50 ms
@@ -242,4 +244,137 @@ async fn the_retry_budget_holds_during_a_503_storm() {
         "{}",
         budgeted.logs()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_set_and_remove_headers_strip_and_rewrite_prefixes_and_carry_a_request_id() {
+    let [a] = start_backends(["a"]).await;
+    let routes = r#"request_id = true
+routes = [
+  { path_prefix = "/api/", pool = "app", strip_prefix = true },
+  { path_prefix = "/old", pool = "app", rewrite_prefix = "/echo-path/new/" },
+  { path_prefix = "/rules/", pool = "app", rewrite_prefix = "/headers/", request_headers = { set = { "X-Env" = "prod", "X-Client" = "${client_ip} via ${listener}" }, remove = ["X-Debug"] }, response_headers = { set = { "X-Id" = "${request_id}", "X-Served" = "yes" }, remove = ["X-Backend"] } },
+]"#;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .head("[access_log]\npath = \"access.log\"\nformat = \"json\"\n")
+            .listener(routes)
+            .build(),
+    );
+    let web = lb.addr("web");
+
+    let r = get(web, "/api/echo-path?q=1").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "/echo-path?q=1"),
+        "stripped"
+    );
+    let r = get(web, "/old/x?y=2").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "/echo-path/new/x?y=2"),
+        "rewritten"
+    );
+
+    let r = get_with(web, "/rules/a", &[("x-debug", "1"), ("x-env", "dev")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen: Vec<&str> = r.body.lines().collect();
+    assert!(seen.contains(&"x-env: prod"), "set replaces: {seen:?}");
+    assert!(
+        !seen.iter().any(|l| l.starts_with("x-debug")),
+        "removed: {seen:?}"
+    );
+    assert!(seen.contains(&"x-client: 127.0.0.1 via web"), "{seen:?}");
+    let id = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("an id was generated");
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    assert_eq!(r.headers["x-id"], id, "the response carries the same id");
+    assert_eq!(r.headers["x-served"], "yes");
+    assert!(
+        r.headers.get("x-backend").is_none(),
+        "removed from the response"
+    );
+
+    // A client's own id passes through; an overlong one is replaced.
+    let r = get_with(web, "/rules/b", &[("x-request-id", "trace-42")]).await;
+    assert!(
+        r.body.lines().any(|l| l == "x-request-id: trace-42"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.headers["x-id"], "trace-42");
+    let long = "z".repeat(300);
+    let r = get_with(web, "/rules/c", &[("x-request-id", &long)]).await;
+    assert_eq!(r.headers["x-id"].len(), 32, "an overlong id is replaced");
+
+    // The default route has no rules: nothing set or removed, the id still forwarded.
+    let r = get_with(web, "/headers", &[("x-debug", "1")]).await;
+    assert!(r.body.lines().any(|l| l == "x-debug: 1"), "{}", r.body);
+    assert!(
+        r.body.lines().any(|l| l.starts_with("x-request-id: ")),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("x-env"), "{}", r.body);
+    assert_eq!(r.headers["x-backend"], "a");
+
+    // The id is logged.
+    let path = lb.dir.path().join("access.log");
+    let logged = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.contains("\"request_id\":\"trace-42\""))
+    })
+    .await;
+    assert!(
+        logged.is_some(),
+        "{}",
+        std::fs::read_to_string(&path).unwrap_or_default()
+    );
+}
+
+#[test]
+fn bad_rules_are_refused_with_their_place() {
+    let base = "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n";
+    for (listener, pool, want) in [
+        (
+            "routes = [{ pool = \"app\", strip_prefix = true }]",
+            "",
+            "need a path_prefix",
+        ),
+        (
+            "routes = [{ path_prefix = \"/a\", pool = \"app\", strip_prefix = true, rewrite_prefix = \"/b\" }]",
+            "",
+            "choose one",
+        ),
+        (
+            "request_headers = { set = { \"Content-Length\" = \"1\" } }",
+            "",
+            "frames the message",
+        ),
+        (
+            "request_headers = { set = { \"X-A\" = \"${nope}\" } }",
+            "",
+            "unknown variable",
+        ),
+        ("", "when_all_down = \"maybe\"", "when_all_down"),
+        ("", "panic_threshold = \"150%\"", "panic_threshold"),
+        ("", "retry_on = [\"500\"]", "retry_on"),
+        ("", "retry_budget_min = 3", "only used with retry_budget"),
+    ] {
+        let text = format!(
+            "{base}{listener}\n[pools.app]\nbackends = [\"127.0.0.1:1\"]\n{pool}\n"
+        );
+        let (ok, err) = check_config(&text);
+        assert!(!ok, "accepted: {text}");
+        assert!(err.contains(want), "{want:?} not in {err}");
+        assert!(err.contains(":"), "no place in {err}");
+    }
+    let (ok, err) = check_config(&format!(
+        "{base}\n[pools.app]\nbackends = [{{ address = \"127.0.0.1:1\", backup = true }}]\n"
+    ));
+    assert!(!ok && err.contains("needs a primary"), "{err}");
 }

@@ -77,6 +77,9 @@ pub struct FileListener {
     pub accept_proxy: Option<Spanned<Vec<Text>>>,
     pub splice: Option<bool>,
     pub access_log: Option<bool>,
+    pub request_id: Option<bool>,
+    pub request_headers: Option<FileHeaderRules>,
+    pub response_headers: Option<FileHeaderRules>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +121,20 @@ pub struct FileRoute {
     pub path_prefix: Option<Text>,
     pub pool: Text,
     pub upgrade: Option<Spanned<Vec<Text>>>,
+    pub strip_prefix: Option<Spanned<bool>>,
+    pub rewrite_prefix: Option<Text>,
+    pub request_headers: Option<FileHeaderRules>,
+    pub response_headers: Option<FileHeaderRules>,
+}
+
+/// `{ set = { "X-Env" = "prod" }, remove = ["X-Debug"] }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHeaderRules {
+    #[serde(default)]
+    pub set: BTreeMap<Text, Text>,
+    #[serde(default)]
+    pub remove: Vec<Text>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -164,6 +164,12 @@ pub struct ListenerConfig {
     pub accept_proxy: Option<Vec<crate::proxy_protocol::Cidr>>,
     /// TCP mode: move bytes with splice(2) through a pipe instead of userspace buffers.
     pub splice: bool,
+    /// `X-Request-Id`: passed through when the client sent a sane one, else generated;
+    /// forwarded and logged. Also on when a header rule uses `${request_id}`.
+    pub request_id: bool,
+    /// Header rules for requests that no route with its own rules matches.
+    pub request_headers: Option<HeaderRules>,
+    pub response_headers: Option<HeaderRules>,
     /// Whether this listener's requests go to the access log (when there is one).
     pub access_log: bool,
 }
@@ -206,6 +212,39 @@ pub struct RouteConfig {
     pub pool: String,
     /// Overrides the listener's `upgrade` list for requests this route matches.
     pub upgrade: Option<Vec<String>>,
+    /// What replaces the matched `path_prefix` before forwarding (`strip_prefix`: `""`).
+    pub rewrite_prefix: Option<String>,
+    /// Override the listener's header rules for requests this route matches.
+    pub request_headers: Option<HeaderRules>,
+    pub response_headers: Option<HeaderRules>,
+}
+
+/// `request_headers` / `response_headers`: fields removed, then fields set (replacing any
+/// of the same name).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderRules {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(http::HeaderName, Template)>,
+}
+
+impl HeaderRules {
+    pub fn uses_request_id(&self) -> bool {
+        self.set
+            .iter()
+            .any(|(_, t)| t.0.contains(&Piece::RequestId))
+    }
+}
+
+/// A header value with variables: `"${client_ip}"`, `"${request_id}"`, `"${listener}"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template(pub Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    ClientIp,
+    RequestId,
+    Listener,
 }
 
 /// Host part of a route, lower-cased, without port.

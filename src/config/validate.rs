@@ -334,11 +334,54 @@ impl Validator<'_> {
                 .upgrade
                 .as_ref()
                 .map(|u| self.upgrade_list(u, &format!("{rkey}.upgrade")));
+            let strip = r.strip_prefix.as_ref().is_some_and(|v| *v.get_ref());
+            let rewrite_prefix = match (&r.rewrite_prefix, strip) {
+                (Some(v), true) => {
+                    self.push(
+                        v.span(),
+                        format!("{rkey}: strip_prefix and rewrite_prefix: choose one"),
+                    );
+                    None
+                }
+                (Some(v), false) if !v.get_ref().starts_with('/') => {
+                    self.push(
+                        v.span(),
+                        format!("{rkey}.rewrite_prefix: must start with '/'"),
+                    );
+                    None
+                }
+                (Some(v), false) => Some(v.get_ref().clone()),
+                (None, true) => Some(String::new()),
+                (None, false) => None,
+            };
+            if rewrite_prefix.is_some() && path_prefix.is_none() {
+                let span = r
+                    .rewrite_prefix
+                    .as_ref()
+                    .map(|v| v.span())
+                    .or_else(|| r.strip_prefix.as_ref().map(|v| v.span()))
+                    .unwrap_or_else(|| r.pool.span());
+                self.push(
+                    span,
+                    format!("{rkey}: strip_prefix and rewrite_prefix need a path_prefix"),
+                );
+            }
+            let request_headers = r
+                .request_headers
+                .as_ref()
+                .map(|h| self.header_rules(h, &format!("{rkey}.request_headers")));
+            let response_headers = r
+                .response_headers
+                .as_ref()
+                .map(|h| self.header_rules(h, &format!("{rkey}.response_headers")));
             routes.push(RouteConfig {
                 host,
                 path_prefix,
                 pool: r.pool.get_ref().clone(),
                 upgrade,
+                rewrite_prefix,
+                request_headers,
+                response_headers,
             });
         }
         let max_header_size = match &l.max_header_size {
@@ -367,6 +410,22 @@ impl Validator<'_> {
                 format!("{key}.splice: only used with mode = \"tcp\""),
             );
         }
+        let request_headers = l
+            .request_headers
+            .as_ref()
+            .map(|h| self.header_rules(h, &format!("{key}.request_headers")));
+        let response_headers = l
+            .response_headers
+            .as_ref()
+            .map(|h| self.header_rules(h, &format!("{key}.response_headers")));
+        let uses_id =
+            |h: &Option<HeaderRules>| h.as_ref().is_some_and(HeaderRules::uses_request_id);
+        let request_id = l.request_id.unwrap_or(false)
+            || uses_id(&request_headers)
+            || uses_id(&response_headers)
+            || routes
+                .iter()
+                .any(|r| uses_id(&r.request_headers) || uses_id(&r.response_headers));
         if l.tls.is_some() && l.redirect_https == Some(true) {
             self.push(
                 name.span(),
@@ -451,6 +510,9 @@ impl Validator<'_> {
             redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
             h2c: l.h2c.unwrap_or(false),
             splice: l.splice.unwrap_or(false),
+            request_id,
+            request_headers,
+            response_headers,
             access_log: l.access_log.unwrap_or(true),
             mode,
             accept_proxy: l.accept_proxy.as_ref().map(|list| {
@@ -527,8 +589,11 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 12] = [
+        let http_only: [(&str, bool); 15] = [
             ("routes", !l.routes.is_empty()),
+            ("request_id", l.request_id.is_some()),
+            ("request_headers", l.request_headers.is_some()),
+            ("response_headers", l.response_headers.is_some()),
             ("tls", l.tls.is_some()),
             ("redirect_https", l.redirect_https.is_some()),
             ("h2c", l.h2c.is_some()),
@@ -986,6 +1051,59 @@ impl Validator<'_> {
         })
     }
 
+    /// `{ set = { NAME = VALUE }, remove = [NAME] }`: names checked, values parsed into
+    /// templates.
+    fn header_rules(&mut self, h: &file::FileHeaderRules, key: &str) -> HeaderRules {
+        let mut rules = HeaderRules::default();
+        for n in &h.remove {
+            if let Some(name) = self.rule_header_name(n, &format!("{key}.remove")) {
+                rules.remove.push(name);
+            }
+        }
+        for (n, v) in &h.set {
+            let Some(name) = self.rule_header_name(n, &format!("{key}.set")) else {
+                continue;
+            };
+            match parse_template(v.get_ref()) {
+                Ok(t) => rules.set.push((name, t)),
+                Err(why) => self.push(v.span(), format!("{key}.set.{}: {why}", n.get_ref())),
+            }
+        }
+        rules
+    }
+
+    /// A field name a rule may touch: not one that frames the message or is hop-by-hop
+    /// (changing those would let a rule smuggle or break requests).
+    fn rule_header_name(&mut self, n: &Text, key: &str) -> Option<http::HeaderName> {
+        let Ok(name) = http::HeaderName::from_bytes(n.get_ref().as_bytes()) else {
+            self.push(
+                n.span(),
+                format!("{key}: {:?} is not a header name", n.get_ref()),
+            );
+            return None;
+        };
+        const FRAMING: [&str; 8] = [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "upgrade",
+            "te",
+            "trailer",
+            "proxy-connection",
+        ];
+        if FRAMING.contains(&name.as_str()) {
+            self.push(
+                n.span(),
+                format!(
+                    "{key}: {name} frames the message or is hop-by-hop; rules cannot change it"
+                ),
+            );
+            return None;
+        }
+        Some(name)
+    }
+
     /// A share written as `"50%"` (0% to 100%), as a ratio.
     fn percent(&mut self, v: &Text, key: &str) -> Option<f64> {
         let text = v.get_ref().trim();
@@ -1179,6 +1297,43 @@ impl Validator<'_> {
 
 /// `"64KiB"`, `"1 MiB"`, `"512k"`, `"100"`: a number with an optional unit. Units are powers
 /// of 1024 (`k`, `KB` and `KiB` all mean 1024, as in nginx).
+/// `"prod"`, `"${client_ip}"`, `"id=${request_id} via ${listener}"`.
+pub(super) fn parse_template(text: &str) -> Result<Template, String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        if start > 0 {
+            pieces.push(Piece::Text(rest[..start].to_string()));
+        }
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("{text:?}: \"${{\" without a closing \"}}\""));
+        };
+        pieces.push(match &after[..end] {
+            "client_ip" => Piece::ClientIp,
+            "request_id" => Piece::RequestId,
+            "listener" => Piece::Listener,
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown variable {other:?} (client_ip, request_id, listener)"
+                ))
+            }
+        });
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Text(rest.to_string()));
+    }
+    for p in &pieces {
+        if let Piece::Text(t) = p {
+            if http::HeaderValue::from_str(t).is_err() {
+                return Err(format!("{text:?}: not a valid header value"));
+            }
+        }
+    }
+    Ok(Template(pieces))
+}
+
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());

@@ -40,6 +40,8 @@ pub(super) struct Exchange {
     pub termination: &'static str,
     /// The response body reached its end.
     pub complete: bool,
+    /// `X-Request-Id`, on listeners with `request_id`.
+    pub request_id: Option<http::HeaderValue>,
 }
 
 pub(super) enum BytesIn {
@@ -103,6 +105,7 @@ impl Exchange {
             bytes_out: 0,
             termination: "ok",
             complete: false,
+            request_id: None,
         }
     }
 }
@@ -157,6 +160,7 @@ impl Drop for Exchange {
                 header: self.header,
                 total,
                 termination,
+                request_id: self.request_id.take(),
             });
         }
     }

@@ -20,6 +20,7 @@ use super::abandoned;
 use super::error::{ProxyError, Side};
 use super::exchange::{BytesIn, Exchange};
 use super::headers;
+use super::rules;
 use super::tunnel;
 use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
@@ -187,6 +188,10 @@ async fn respond(
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
     let target = router.route(host, path);
+    let rewritten = target
+        .rewrite
+        .as_ref()
+        .map(|(prefix, with)| rules::rewrite_prefix(path, prefix, with));
     let pool = &target.pool;
     ex.pool = Some(Arc::clone(pool));
     let key = pool
@@ -208,7 +213,7 @@ async fn respond(
     let client_upgrade =
         (upgrade.is_some() || connect).then(|| tunnel::ClientUpgrade::of(&mut req));
     let (mut parts, body) = req.into_parts();
-    if let Some(path) = normalized {
+    if let Some(path) = rewritten.or(normalized) {
         let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
         parts.uri =
             Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
@@ -233,6 +238,18 @@ async fn respond(
         }
     }
     headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto);
+    let request_id = ctx
+        .config
+        .request_id
+        .then(|| rules::request_id(&mut parts.headers));
+    let vars = rules::Vars {
+        client_ip: &ctx.forwarded_for,
+        request_id: request_id.as_ref(),
+        listener: &ctx.listener,
+    };
+    if let Some(r) = &target.request_headers {
+        rules::apply(r, &mut parts.headers, &vars);
+    }
     if h2_backend {
         // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
         let scheme = if pool.tls.is_some() { "https" } else { "http" };
@@ -267,16 +284,22 @@ async fn respond(
             .request_buffering
             .unwrap_or(ctx.config.request_buffering),
     };
+    ex.request_id = request_id.clone();
     // Before any backend is chosen: a slow or broken body costs no backend anything.
-    let body = match request_body::prepare(body, limits).await {
-        Ok(b) => b,
-        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
+    let mut resp = match request_body::prepare(body, limits).await {
+        Ok(body) => {
+            ex.bytes_in = BytesIn::of(&body);
+            match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
+                Ok(resp) => resp,
+                Err(e) => error_response(&e, ex),
+            }
+        }
+        Err(fault) => error_response(&ProxyError::Client(fault), ex),
     };
-    ex.bytes_in = BytesIn::of(&body);
-    match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
-        Ok(resp) => resp,
-        Err(e) => error_response(&e, ex),
+    if let Some(r) = &target.response_headers {
+        rules::apply(r, resp.headers_mut(), &vars);
     }
+    resp
 }
 
 /// Sends the request to a backend of `pool`, retrying on another backend when that is safe:

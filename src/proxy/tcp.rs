@@ -285,6 +285,7 @@ impl Drop for Account {
                 header: None,
                 total,
                 termination: self.termination,
+                request_id: None,
             });
         }
     }
