@@ -140,6 +140,10 @@ fn describe() {
     );
     describe_gauge!("ballast_pool_backends", "Backends in the pool.");
     describe_gauge!(
+        "ballast_pool_queued",
+        "Requests waiting in the pool's queue for a backend below its max_connections."
+    );
+    describe_gauge!(
         "ballast_pool_healthy_backends",
         "Backends that take new traffic now (healthy, not ejected, not draining)."
     );
@@ -260,6 +264,8 @@ fn record(daemon: &Daemon) {
             .filter(|b| b.load_if_available().is_some())
             .count();
         gauge!("ballast_pool_backends", "pool" => p.clone()).set(pool.backends.len() as f64);
+        gauge!("ballast_pool_queued", "pool" => p.clone())
+            .set(pool.queue().map_or(0, |q| q.waiting()) as f64);
         gauge!("ballast_pool_healthy_backends", "pool" => p.clone()).set(up as f64);
         for (code, n) in pool.stats.requests.read() {
             counter!("ballast_pool_requests_total", "pool" => p.clone(), "code" => code)

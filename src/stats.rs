@@ -99,8 +99,10 @@ impl Drop for OpenConn {
 
 /// Why a request (or TCP connection) failed, for `ballast_pool_failures_total{reason}`.
 /// The same words as the `reason` field of the log and of the access log.
-pub const REASONS: [&str; 15] = [
+pub const REASONS: [&str; 17] = [
     "no_healthy_backend",
+    "queue_timeout",
+    "queue_full",
     "connect_timeout",
     "connect_failed",
     "handshake_failed",

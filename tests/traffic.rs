@@ -378,3 +378,143 @@ fn bad_rules_are_refused_with_their_place() {
     ));
     assert!(!ok && err.contains("needs a primary"), "{err}");
 }
+
+/// GET `path` on a connection of its own; (status, when it was answered).
+async fn timed_get(web: std::net::SocketAddr, path: String) -> (u16, std::time::Instant) {
+    let r = get(web, &path).await;
+    (r.status, std::time::Instant::now())
+}
+
+async fn queued(admin: std::net::SocketAddr) -> u64 {
+    let (_, status) = admin_call(admin, "GET", "/status", None).await;
+    status["pools"]["app"]["queued"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_serves_in_order_within_max_connections_and_is_bounded() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .pool("max_connections = 1\nmax_queue = 3\nqueue_timeout = \"10s\"")
+            .admin()
+            .build(),
+    );
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    // Largest number of requests the backend held at once, sampled while the test runs.
+    let in_flight = a.in_flight_counter();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            for _ in 0..20_000 {
+                let n = in_flight.load(std::sync::atomic::Ordering::SeqCst);
+                peak.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+
+    let first = tokio::spawn(timed_get(web, "/slow/600".into()));
+    assert!(
+        eventually(WAIT, async || a.in_flight() == 1)
+            .await
+            .is_some(),
+        "the first request never reached the backend"
+    );
+    // Three more queue up, one after the other (each seen in the queue before the next).
+    let mut waiting = Vec::new();
+    for i in 1..=3u64 {
+        waiting.push(tokio::spawn(timed_get(web, "/slow/50".into())));
+        assert!(
+            eventually(WAIT, async || queued(admin).await == i)
+                .await
+                .is_some(),
+            "request {i} did not queue"
+        );
+    }
+    // The queue is full: the next one is refused at once.
+    let refused = get(web, "/").await;
+    assert_eq!(refused.status, 503);
+    assert!(lb.wait_for_log("reason=queue_full", WAIT), "{}", lb.logs());
+
+    let (status, t0) = first.await.unwrap();
+    assert_eq!(status, 200);
+    let mut done = Vec::new();
+    for w in waiting {
+        let (status, t) = w.await.unwrap();
+        assert_eq!(status, 200, "a queued request was served");
+        done.push(t);
+    }
+    assert!(
+        t0 <= done[0] && done[0] <= done[1] && done[1] <= done[2],
+        "served out of order"
+    );
+    sampler.abort();
+    assert_eq!(
+        peak.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "max_connections exceeded"
+    );
+    assert_eq!(queued(admin).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_times_out_with_503_and_blames_no_backend() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .pool("max_connections = 1\nqueue_timeout = \"300ms\"")
+            .admin()
+            .build(),
+    );
+    let web = lb.addr("web");
+    let holder = tokio::spawn(timed_get(web, "/slow/3000".into()));
+    assert!(eventually(WAIT, async || a.in_flight() == 1)
+        .await
+        .is_some());
+    let started = std::time::Instant::now();
+    let r = get(web, "/").await;
+    let waited = started.elapsed();
+    assert_eq!(r.status, 503);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered before the timeout: {waited:?}"
+    );
+    assert!(
+        lb.wait_for_log("reason=queue_timeout", WAIT),
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(backend_state(lb.admin(), "app", a.addr).await, "healthy");
+    assert_eq!(holder.await.unwrap().0, 200);
+    // The slot is free again: served at once.
+    assert_eq!(get(web, "/").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_loses_no_queued_request() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    let limits = "max_connections = 1\nqueue_timeout = \"10s\"";
+    let lb = Ballast::start(&TestConfig::new(&[&a]).pool(limits).admin().build());
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    let holder = tokio::spawn(timed_get(web, "/slow/800".into()));
+    assert!(eventually(WAIT, async || a.in_flight() == 1)
+        .await
+        .is_some());
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(timed_get(web, "/slow/20".into())))
+        .collect();
+    assert!(eventually(WAIT, async || queued(admin).await == 2)
+        .await
+        .is_some());
+    lb.save_config(
+        &TestConfig::new(&[&a, &b]).pool(limits).admin().build(),
+        Save::Rename,
+    );
+    assert!(lb.wait_for_log("config reloaded", WAIT), "{}", lb.logs());
+    assert_eq!(queued(admin).await, 2, "the queue carried over the reload");
+    assert_eq!(holder.await.unwrap().0, 200);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().0, 200, "a queued request was lost");
+    }
+}

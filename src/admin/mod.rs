@@ -216,6 +216,7 @@ fn status(daemon: &Daemon) -> serde_json::Value {
                     "weight": cfg.weight,
                     // Takes traffic only while no primary is available.
                     "backup": cfg.backup,
+                    "max_connections": cfg.max_connections,
                     "in_flight": b.in_flight(),
                     "requests_total": b.requests_total(),
                     "responses": responses,
@@ -233,6 +234,8 @@ fn status(daemon: &Daemon) -> serde_json::Value {
             json!({
                 "algorithm": pool.config.algorithm,
                 "backends": backends,
+                // Requests waiting for a backend below its max_connections.
+                "queued": pool.queue().map_or(0, |q| q.waiting()),
                 // Backends written as HOST:PORT, followed by DNS.
                 "names": pool.config.names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             }),

@@ -13,6 +13,8 @@ use std::time::Instant;
 use crate::config::PassiveConfig;
 use crate::health::threshold::{HealthCounter, HealthState, Transition};
 use crate::upstream::ConnPool;
+
+use super::queue::Queue;
 use tokio_util::sync::CancellationToken;
 
 /// What the admin status reports for a backend.
@@ -66,6 +68,10 @@ pub struct Backend {
     /// Slow start: when (ms since [`clock_start`]) this backend last became healthy; 0 when
     /// it is not ramping. Cleared by the first pick after the ramp is over.
     ramp_start_ms: AtomicU64,
+    /// `max_connections`: whether this backend is limited (its pool then has a queue, told
+    /// when a lease ends). The limit itself is the pool's (a reload may change it).
+    limited: AtomicBool,
+    queue: arc_swap::ArcSwapOption<Queue>,
 }
 
 /// What a backend served and how its checks went, for `/metrics` and the status page.
@@ -108,7 +114,16 @@ impl Backend {
             cut: Mutex::new(CancellationToken::new()),
             cuts: AtomicU64::new(0),
             ramp_start_ms: AtomicU64::new(0),
+            limited: AtomicBool::new(false),
+            queue: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Set by the pool this backend belongs to: the queue told when a slot frees, or
+    /// `None` for no limit.
+    pub fn set_queue(&self, queue: Option<Arc<Queue>>) {
+        self.limited.store(queue.is_some(), Ordering::Relaxed);
+        self.queue.store(queue);
     }
 
     /// This backend was found by resolving `host`: TLS verifies that name by default.
@@ -374,6 +389,21 @@ impl Lease {
         Lease { backend }
     }
 
+    /// A lease if fewer than `limit` requests are in flight on `backend` (checked and
+    /// counted in one step, so concurrent picks never exceed it).
+    pub fn within(backend: &Arc<Backend>, limit: usize) -> Option<Lease> {
+        backend
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        backend.requests_total.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            backend: Arc::clone(backend),
+        })
+    }
+
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
@@ -382,6 +412,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.backend.limited.load(Ordering::Relaxed) {
+            if let Some(queue) = &*self.backend.queue.load() {
+                queue.slot_freed();
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod budget;
 pub mod policy;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +39,18 @@ pub struct Pool {
     /// them, and then a pick is the plain passes over all backends and costs what it did
     /// before these existed.
     tiers: Option<Tiers>,
+    /// `max_connections` per backend index (`usize::MAX`: none) and the pool's queue; `None`
+    /// when no backend is limited.
+    limits: Option<(Vec<usize>, Arc<queue::Queue>)>,
+}
+
+/// Why [`Pool::select`] found no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// None is available (all down, draining, or already tried).
+    Down,
+    /// Some are available but each is at its `max_connections`: wait in the queue.
+    Full,
 }
 
 /// How a pool with backups, a panic threshold or `when_all_down = "fail_open"` picks.
@@ -118,6 +131,24 @@ impl Pool {
                 panic_threshold: config.panic_threshold,
                 fail_open,
             });
+        let limits = config.has_limits().then(|| {
+            let queue = previous
+                .and_then(|p| p.limits.as_ref().map(|(_, q)| Arc::clone(q)))
+                .unwrap_or_default();
+            let max: Vec<usize> = config
+                .backends
+                .iter()
+                .map(|b| b.max_connections.map_or(usize::MAX, |m| m as usize))
+                .collect();
+            (max, queue)
+        });
+        for (i, b) in backends.iter().enumerate() {
+            let queue = limits
+                .as_ref()
+                .filter(|(max, _)| max[i] != usize::MAX)
+                .map(|(_, q)| Arc::clone(q));
+            b.set_queue(queue);
+        }
         Pool {
             name: config.name.as_str().into(),
             config: config.clone(),
@@ -132,6 +163,7 @@ impl Pool {
             }),
             selector,
             tiers,
+            limits,
         }
     }
 
@@ -144,30 +176,69 @@ impl Pool {
         self.tiers.as_ref().is_some_and(|t| t.backup[i])
     }
 
+    /// The pool's queue, when a backend has `max_connections`.
+    pub fn queue(&self) -> Option<&queue::Queue> {
+        self.limits.as_ref().map(|(_, q)| &**q)
+    }
+
     /// Picks a backend for one request, skipping the indices in `tried`, and returns its index
-    /// and a [`Lease`] on it.
-    pub fn select(&self, key: Option<u64>, tried: &[usize]) -> Option<(usize, Lease)> {
-        let i = match &self.tiers {
-            None => self.pick_available(key, tried, |_| true).or_else(|| {
-                self.pick_with(key, tried, |_| true, Backend::load_ignoring_ejection)
-            })?,
-            Some(t) => self.pick_tiered(t, key, tried)?,
+    /// and a [`Lease`] on it; or why there is none.
+    pub fn select(&self, key: Option<u64>, tried: &[usize]) -> Result<(usize, Lease), NoPick> {
+        let Some((max, _)) = &self.limits else {
+            let i = self.pick_index(key, tried, |_| true).ok_or(NoPick::Down)?;
+            return Ok((i, Lease::new(Arc::clone(&self.backends[i]))));
         };
-        Some((i, Lease::new(Arc::clone(&self.backends[i]))))
+        // A pick and its lease are two steps: another request may take the last slot in
+        // between, and then the pick is made again.
+        for _ in 0..4 {
+            let room = |i: usize| self.backends[i].in_flight() < max[i];
+            let Some(i) = self.pick_index(key, tried, room) else {
+                break;
+            };
+            if let Some(lease) = Lease::within(&self.backends[i], max[i]) {
+                return Ok((i, lease));
+            }
+        }
+        match self.pick_index(key, tried, |_| true) {
+            Some(_) => Err(NoPick::Full),
+            None => Err(NoPick::Down),
+        }
+    }
+
+    /// The policy's pick among the backends `admit` lets in.
+    #[inline]
+    fn pick_index(
+        &self,
+        key: Option<u64>,
+        tried: &[usize],
+        admit: impl Fn(usize) -> bool + Copy,
+    ) -> Option<usize> {
+        match &self.tiers {
+            None => self
+                .pick_available(key, tried, admit)
+                .or_else(|| self.pick_with(key, tried, admit, Backend::load_ignoring_ejection)),
+            Some(t) => self.pick_tiered(t, key, tried, admit),
+        }
     }
 
     /// Primaries first; backups only while no primary is available; ejected ones (healthy
     /// by their checks) before none; then the panic threshold and `when_all_down`.
-    fn pick_tiered(&self, t: &Tiers, key: Option<u64>, tried: &[usize]) -> Option<usize> {
-        let primary = |i: usize| !t.backup[i];
-        let backup = |i: usize| t.backup[i];
+    fn pick_tiered(
+        &self,
+        t: &Tiers,
+        key: Option<u64>,
+        tried: &[usize],
+        admit: impl Fn(usize) -> bool + Copy,
+    ) -> Option<usize> {
+        let primary = |i: usize| !t.backup[i] && admit(i);
+        let backup = |i: usize| t.backup[i] && admit(i);
         if let Some(threshold) = t.panic_threshold {
             // Counting costs a pass over the backends: only pools that set a threshold pay.
             let (up, total) = self
                 .backends
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| primary(*i))
+                .filter(|(i, _)| !t.backup[*i])
                 .fold((0usize, 0usize), |(up, n), (_, b)| {
                     (up + usize::from(b.load_if_available().is_some()), n + 1)
                 });
@@ -177,7 +248,7 @@ impl Pool {
                 self.backends
                     .iter()
                     .enumerate()
-                    .any(|(i, b)| backup(i) && b.load_if_available().is_some())
+                    .any(|(i, b)| t.backup[i] && b.load_if_available().is_some())
             };
             if short && (up > 0 || !backup_up()) {
                 if let Some(i) = self.pick_with(key, tried, primary, Backend::load_if_not_draining)
@@ -192,7 +263,7 @@ impl Pool {
             .or_else(|| self.pick_with(key, tried, backup, Backend::load_ignoring_ejection))
             .or_else(|| {
                 t.fail_open
-                    .then(|| self.pick_with(key, tried, |_| true, Backend::load_if_not_draining))
+                    .then(|| self.pick_with(key, tried, admit, Backend::load_if_not_draining))
                     .flatten()
             })
     }

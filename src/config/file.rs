@@ -173,6 +173,9 @@ pub struct FilePool {
     pub retry_on: Option<Spanned<Vec<Text>>>,
     pub retry_budget: Option<Text>,
     pub retry_budget_min: Option<Spanned<u32>>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub queue_timeout: Option<Text>,
+    pub max_queue: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +209,7 @@ pub struct FileBackendTable {
     pub address: String,
     pub weight: Option<i64>,
     pub backup: Option<bool>,
+    pub max_connections: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

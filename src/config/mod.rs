@@ -46,6 +46,8 @@ pub mod defaults {
     pub const RETRIES: u32 = 1;
     /// Retries per second a retry budget always allows.
     pub const RETRY_BUDGET_MIN: u32 = 10;
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const MAX_QUEUE: u32 = 1024;
     pub const MAX_IDLE_PER_BACKEND: u32 = 128;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -326,6 +328,18 @@ pub struct PoolConfig {
     pub retry_on: RetryOn,
     /// Caps retries at a share of the pool's requests over a sliding window.
     pub retry_budget: Option<RetryBudgetConfig>,
+    /// Requests a request waits in the pool's queue while every eligible backend is at its
+    /// `max_connections`, before 503 (`reason=queue_timeout`).
+    pub queue_timeout: Duration,
+    /// Requests that may wait in the queue; beyond it, 503 at once (`reason=queue_full`).
+    pub max_queue: usize,
+}
+
+impl PoolConfig {
+    /// Whether any backend has a `max_connections` limit (and so the pool a queue).
+    pub fn has_limits(&self) -> bool {
+        self.backends.iter().any(|b| b.max_connections.is_some())
+    }
 }
 
 /// `when_all_down`: what a pool with no available backend does.
@@ -402,6 +416,7 @@ impl PoolConfig {
                         address,
                         weight: n.weight,
                         backup: n.backup,
+                        max_connections: n.max_connections,
                         host: Some(n.host.clone()),
                     });
                 }
@@ -420,6 +435,8 @@ pub struct NamedBackend {
     pub weight: u32,
     /// Every address the name resolves to is a backup.
     pub backup: bool,
+    /// The limit of every address the name resolves to.
+    pub max_connections: Option<u32>,
 }
 
 impl std::fmt::Display for NamedBackend {
@@ -465,6 +482,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Gets traffic only while no primary (non-backup) backend of its pool is available.
     pub backup: bool,
+    /// Requests in flight to this backend at most (the pool's `max_connections` unless the
+    /// backend sets its own); `None`: no limit.
+    pub max_connections: Option<u32>,
     /// The DNS name this address was resolved from (a `HOST:PORT` entry); `None` for an
     /// address written in the file. TLS to the backend verifies this name by default.
     pub host: Option<String>,

@@ -790,11 +790,24 @@ impl Validator<'_> {
         }
         for (i, b) in p.backends.get_ref().iter().enumerate() {
             let bkey = format!("{key}.backends[{i}]");
-            let (addr, weight, backup) = match b.get_ref() {
-                FileBackend::Address(a) => (a, 1, false),
-                FileBackend::Detailed(t) => {
-                    (&t.address, t.weight.unwrap_or(1), t.backup.unwrap_or(false))
+            let (addr, weight, backup, own_limit) = match b.get_ref() {
+                FileBackend::Address(a) => (a, 1, false, None),
+                FileBackend::Detailed(t) => (
+                    &t.address,
+                    t.weight.unwrap_or(1),
+                    t.backup.unwrap_or(false),
+                    t.max_connections.as_ref(),
+                ),
+            };
+            let max_connections = match own_limit.or(p.max_connections.as_ref()) {
+                Some(v) if *v.get_ref() == 0 => {
+                    self.push(
+                        v.span(),
+                        format!("{bkey}.max_connections: must be at least 1 (leave it out for no limit)"),
+                    );
+                    None
                 }
+                v => v.map(|v| *v.get_ref()),
             };
             let parsed = match backend_address(addr) {
                 Ok(a) => a,
@@ -827,6 +840,7 @@ impl Validator<'_> {
                         address,
                         weight,
                         backup,
+                        max_connections,
                         host: None,
                     });
                 }
@@ -840,6 +854,7 @@ impl Validator<'_> {
                         port,
                         weight,
                         backup,
+                        max_connections,
                     });
                 }
             }
@@ -905,6 +920,33 @@ impl Validator<'_> {
                 format!("{key}.retry_budget_min: only used with retry_budget"),
             );
         }
+
+        let limited = p.max_connections.is_some()
+            || p.backends.get_ref().iter().any(
+                |b| matches!(b.get_ref(), FileBackend::Detailed(t) if t.max_connections.is_some()),
+            );
+        if !limited {
+            for (field, span) in [
+                ("queue_timeout", p.queue_timeout.as_ref().map(|v| v.span())),
+                ("max_queue", p.max_queue.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(span) = span {
+                    self.push(
+                        span,
+                        format!("{key}.{field}: only used with max_connections"),
+                    );
+                }
+            }
+        }
+        let queue_timeout = self.duration(
+            &p.queue_timeout,
+            &format!("{key}.queue_timeout"),
+            defaults::QUEUE_TIMEOUT,
+        );
+        let max_queue = p
+            .max_queue
+            .as_ref()
+            .map_or(defaults::MAX_QUEUE, |v| *v.get_ref()) as usize;
 
         let health_check = p.health_check.as_ref().map(|h| {
             let hkey = format!("{key}.health_check");
@@ -994,6 +1036,8 @@ impl Validator<'_> {
             panic_threshold,
             retry_on,
             retry_budget,
+            queue_timeout,
+            max_queue,
             health_check,
             passive,
             connect_timeout: self.duration(

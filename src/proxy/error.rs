@@ -23,6 +23,10 @@ pub enum Side {
 pub enum ProxyError {
     #[error("no healthy backend in pool {pool}")]
     NoHealthyBackend { pool: Arc<str> },
+    #[error("every backend of pool {pool} at max_connections for queue_timeout ({waited:?})")]
+    QueueTimeout { pool: Arc<str>, waited: Duration },
+    #[error("every backend of pool {pool} at max_connections and its queue full")]
+    QueueFull { pool: Arc<str> },
     #[error("{0}")]
     Connect(#[source] ConnectError),
     #[error("upstream failed before responding: {0}")]
@@ -40,7 +44,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyBackend { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect(
                 ConnectError::Io(_) | ConnectError::Tls(_) | ConnectError::Handshake(_),
@@ -63,6 +69,8 @@ impl ProxyError {
                 Side::Backend
             }
             ProxyError::NoHealthyBackend { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::QueueFull { .. }
             | ProxyError::ListenerGone
             | ProxyError::DrainCut => Side::Proxy,
             ProxyError::Client(_) => Side::Client,
@@ -73,6 +81,8 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoHealthyBackend { .. } => "no_healthy_backend",
+            ProxyError::QueueTimeout { .. } => "queue_timeout",
+            ProxyError::QueueFull { .. } => "queue_full",
             ProxyError::Connect(ConnectError::Timeout(_)) => "connect_timeout",
             ProxyError::Connect(ConnectError::Io(_)) => "connect_failed",
             ProxyError::Connect(ConnectError::Handshake(_)) => "handshake_failed",
@@ -151,6 +161,11 @@ mod tests {
     fn every_error_reason_has_a_slot() {
         let errors = [
             ProxyError::NoHealthyBackend { pool: "p".into() },
+            ProxyError::QueueTimeout {
+                pool: "p".into(),
+                waited: Duration::ZERO,
+            },
+            ProxyError::QueueFull { pool: "p".into() },
             ProxyError::Connect(ConnectError::Timeout(Duration::ZERO)),
             ProxyError::Connect(ConnectError::Io(
                 std::io::ErrorKind::ConnectionRefused.into(),

@@ -24,12 +24,15 @@ use super::rules;
 use super::tunnel;
 use crate::balance::backend::Lease;
 use crate::balance::policy::hash_key;
-use crate::balance::Pool;
+use crate::balance::{NoPick, Pool};
 use crate::config::{HashKey, ListenerConfig, UpstreamProtocol};
 use crate::net::ConnPhase;
 use crate::request_body::{self, BodyLimits, BodyWatch, ClientStream, UpstreamBody};
 use crate::state::{Live, Snapshot};
 use crate::upstream::{ConnSettings, Sender};
+
+/// How often a queued request looks for a free backend without being woken.
+const QUEUE_RECHECK: Duration = Duration::from_millis(250);
 
 /// Upper bound on attempts per request, whatever `retries` says.
 const MAX_ATTEMPTS: usize = 8;
@@ -369,8 +372,25 @@ async fn forward(
                 }
             }
         }
-        let Some((idx, lease)) = pool.select(key, &tried[..attempt]) else {
-            break;
+        let tried_now = &tried[..attempt];
+        // Requests already queued go first: a newcomer queues behind them.
+        let queued_ahead = pool.queue().is_some_and(|q| q.waiting() > 0);
+        let picked = match pool.select(key, tried_now) {
+            Ok(p) if !queued_ahead => Ok(p),
+            Err(NoPick::Down) => break,
+            Ok(p) => {
+                drop(p);
+                wait_in_queue(pool, key, tried_now, true).await
+            }
+            Err(NoPick::Full) => wait_in_queue(pool, key, tried_now, queued_ahead).await,
+        };
+        let (idx, lease) = match picked {
+            Ok(p) => p,
+            Err(QueueEnd::Down) => break,
+            Err(QueueEnd::Refused(e)) => {
+                last_error = Some(e);
+                break;
+            }
         };
         tried[attempt] = idx;
         if attempt > 0 {
@@ -538,6 +558,66 @@ async fn forward(
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
         pool: Arc::clone(&pool.name),
     }))
+}
+
+/// How waiting in a pool's queue ended without a backend.
+enum QueueEnd {
+    /// Every backend went down or away meanwhile.
+    Down,
+    /// The queue was full, or `queue_timeout` passed.
+    Refused(ProxyError),
+}
+
+/// Waits in `pool`'s queue for a backend below its `max_connections`, first in first out:
+/// with requests `ahead`, it looks only once woken, so a slot freed for them stays theirs.
+async fn wait_in_queue(
+    pool: &Pool,
+    key: Option<u64>,
+    tried: &[usize],
+    ahead: bool,
+) -> Result<(usize, Lease), QueueEnd> {
+    let Some(queue) = pool.queue() else {
+        return Err(QueueEnd::Down);
+    };
+    let Some(_ticket) = queue.enter(pool.config.max_queue) else {
+        return Err(QueueEnd::Refused(ProxyError::QueueFull {
+            pool: Arc::clone(&pool.name),
+        }));
+    };
+    let started = tokio::time::Instant::now();
+    let deadline = started + pool.config.queue_timeout;
+    // Alone in the queue after all (those ahead just left): nothing to wait behind.
+    let mut look = !ahead || queue.waiting() == 1;
+    loop {
+        // Registered before looking, so a slot freed between the look and the wait is not
+        // missed; the oldest registration is woken first.
+        let notified = queue.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if look {
+            match pool.select(key, tried) {
+                Ok(p) => return Ok(p),
+                Err(NoPick::Down) => return Err(QueueEnd::Down),
+                Err(NoPick::Full) => {}
+            }
+        }
+        // Slots free up by a lease ending (which wakes a waiter), but also by a backend
+        // coming back up or a limit raised by a reload, which wake nobody: look again now
+        // and then too.
+        let recheck = tokio::time::sleep(
+            QUEUE_RECHECK.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        );
+        tokio::select! {
+            () = notified => look = true,
+            () = recheck => look = true,
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(QueueEnd::Refused(ProxyError::QueueTimeout {
+                    pool: Arc::clone(&pool.name),
+                    waited: started.elapsed(),
+                }));
+            }
+        }
+    }
 }
 
 /// RFC 9110 §9.2.2: sending these twice has the effect of sending them once.

@@ -194,7 +194,9 @@ async fn connect(
     let mut tried = Vec::with_capacity(attempts);
     let mut reason = "no_healthy_backend";
     for attempt in 0..attempts {
-        let Some((idx, lease)) = pool.select(key, &tried) else {
+        // No queue for TCP: a connection that finds every backend at max_connections is
+        // refused like one that finds none up.
+        let Ok((idx, lease)) = pool.select(key, &tried) else {
             break;
         };
         tried.push(idx);
