@@ -518,3 +518,72 @@ async fn a_reload_loses_no_queued_request() {
         assert_eq!(w.await.unwrap().0, 200, "a queued request was lost");
     }
 }
+
+/// Where 10 concurrent requests with one hash key went, per backend name.
+async fn hot_key_burst(web: std::net::SocketAddr) -> std::collections::BTreeMap<String, usize> {
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                get_with(web, "/slow/1000", &[("x-key", "hot")])
+                    .await
+                    .backend()
+                    .to_string()
+            })
+        })
+        .collect();
+    let mut got = std::collections::BTreeMap::new();
+    for b in burst {
+        *got.entry(b.await.unwrap()).or_insert(0) += 1;
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_spills_over_only_while_its_backend_is_over_the_bound() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    let hash = "algorithm = \"hash\"\nhash_key = \"header:X-Key\"";
+    let bounded = Ballast::start(
+        &TestConfig::new(&[&a, &b])
+            .pool(&format!("{hash}\nhash_balance_factor = 125"))
+            .build(),
+    );
+    let plain = Ballast::start(&TestConfig::new(&[&a, &b]).pool(hash).build());
+
+    // Unloaded, the key is sticky: every request goes to its one backend.
+    let mut home = String::new();
+    for lb in [&bounded, &plain] {
+        let mut c = Client::connect(lb.addr("web")).await.unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let mut req = http::Request::get("/")
+                .header("host", "x")
+                .header("x-key", "hot");
+            req = req.header("connection", "keep-alive");
+            let r = c
+                .request(req.body(http_body_util::Full::default()).unwrap())
+                .await
+                .unwrap();
+            seen.insert(r.backend().to_string());
+        }
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        home = seen.into_iter().next().unwrap();
+    }
+
+    let spread = hot_key_burst(plain.addr("web")).await;
+    assert_eq!(
+        spread.get(&home),
+        Some(&10),
+        "plain hashing keeps a hot key on one backend: {spread:?}"
+    );
+    let spread = hot_key_burst(bounded.addr("web")).await;
+    println!("hot key with hash_balance_factor = 125: {spread:?}");
+    // 125% of the average of 10 over 2 is 6.25: the home backend takes at most 7 (the
+    // bound is taken before each request is counted), the other the rest.
+    let at_home = spread.get(&home).copied().unwrap_or(0);
+    assert!((5..=7).contains(&at_home), "{spread:?}");
+    assert_eq!(spread.values().sum::<usize>(), 10);
+
+    // The load is gone: the key is back on its own backend.
+    let r = get_with(bounded.addr("web"), "/", &[("x-key", "hot")]).await;
+    assert_eq!(r.backend(), home);
+}

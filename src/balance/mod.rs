@@ -184,14 +184,25 @@ impl Pool {
     /// Picks a backend for one request, skipping the indices in `tried`, and returns its index
     /// and a [`Lease`] on it; or why there is none.
     pub fn select(&self, key: Option<u64>, tried: &[usize]) -> Result<(usize, Lease), NoPick> {
+        let bound = self.load_bound(key);
         let Some((max, _)) = &self.limits else {
-            let i = self.pick_index(key, tried, |_| true).ok_or(NoPick::Down)?;
+            let i = match bound {
+                None => self.pick_index(key, tried, |_| true),
+                Some(bound) => self
+                    .pick_index(key, tried, |i| self.backends[i].in_flight() < bound)
+                    .or_else(|| self.pick_index(key, tried, |_| true)),
+            }
+            .ok_or(NoPick::Down)?;
             return Ok((i, Lease::new(Arc::clone(&self.backends[i]))));
         };
+        let bound = bound.unwrap_or(usize::MAX);
         // A pick and its lease are two steps: another request may take the last slot in
         // between, and then the pick is made again.
         for _ in 0..4 {
-            let room = |i: usize| self.backends[i].in_flight() < max[i];
+            let room = |i: usize| {
+                let n = self.backends[i].in_flight();
+                n < max[i] && n < bound
+            };
             let Some(i) = self.pick_index(key, tried, room) else {
                 break;
             };
@@ -203,6 +214,23 @@ impl Pool {
             Some(_) => Err(NoPick::Full),
             None => Err(NoPick::Down),
         }
+    }
+
+    /// `hash_balance_factor` (consistent hashing with bounded loads, HAProxy's
+    /// `hash-balance-factor`): the in-flight count a backend must be below to take one more
+    /// keyed request, `ceil(factor% of (in flight + 1) / available backends)`. `None`
+    /// without a factor or a key. Costs a pass over the backends, only in pools that set it.
+    fn load_bound(&self, key: Option<u64>) -> Option<usize> {
+        let factor = self.config.hash_balance_factor?;
+        key?;
+        let (busy, up) = self
+            .backends
+            .iter()
+            .filter_map(|b| b.load_if_available())
+            .fold((0usize, 0usize), |(busy, up), n| (busy + n, up + 1));
+        let up = up.max(1) as u64;
+        let scaled = (busy as u64 + 1) * u64::from(factor);
+        Some(scaled.div_ceil(100 * up) as usize)
     }
 
     /// The policy's pick among the backends `admit` lets in.

@@ -176,6 +176,7 @@ pub struct FilePool {
     pub max_connections: Option<Spanned<u32>>,
     pub queue_timeout: Option<Text>,
     pub max_queue: Option<Spanned<u32>>,
+    pub hash_balance_factor: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

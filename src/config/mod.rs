@@ -333,6 +333,10 @@ pub struct PoolConfig {
     pub queue_timeout: Duration,
     /// Requests that may wait in the queue; beyond it, 503 at once (`reason=queue_full`).
     pub max_queue: usize,
+    /// `algorithm = "hash"`: consistent hashing with bounded loads. No backend takes more
+    /// than this percentage of the average in-flight load; a key moves on along the ring
+    /// only while its own backend is over that bound.
+    pub hash_balance_factor: Option<u32>,
 }
 
 impl PoolConfig {

@@ -938,6 +938,26 @@ impl Validator<'_> {
                 }
             }
         }
+        let hash_balance_factor = match (&p.hash_balance_factor, algorithm) {
+            (None, _) => None,
+            (Some(v), Algorithm::Hash) if *v.get_ref() >= 100 => Some(*v.get_ref()),
+            (Some(v), Algorithm::Hash) => {
+                self.push(
+                    v.span(),
+                    format!(
+                        "{key}.hash_balance_factor: a percentage of the average load, at least 100"
+                    ),
+                );
+                None
+            }
+            (Some(v), _) => {
+                self.push(
+                    v.span(),
+                    format!("{key}.hash_balance_factor: only used with algorithm = \"hash\""),
+                );
+                None
+            }
+        };
         let queue_timeout = self.duration(
             &p.queue_timeout,
             &format!("{key}.queue_timeout"),
@@ -1038,6 +1058,7 @@ impl Validator<'_> {
             retry_budget,
             queue_timeout,
             max_queue,
+            hash_balance_factor,
             health_check,
             passive,
             connect_timeout: self.duration(
