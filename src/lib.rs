@@ -6,7 +6,9 @@
 //! load per request plus atomics; its only locks are a backend's idle-connection list (or its
 //! shared HTTP/2 handle, or a `send_proxy` client's own connection), each held for a push
 //! or a pop. Off the happy path: the warning limiter's table on failures, and the
-//! per-client connection table at accept when `max_connections_per_client` is set.
+//! per-client connection table at accept when `max_connections_per_client` is set. Only when
+//! configured: a rate limiter's shard (`rate_limit`) and a pool's retry budget window
+//! (`retry_budget`), each held for a few arithmetic steps.
 //!
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
 //! - `h1`: HTTP/1.1 message framing (RFC 9112): heads, body decoding, encoding, and a server
@@ -26,11 +28,13 @@
 //!   per-backend idle pool.
 //! - `discovery`: DNS discovery: one task per `HOST:PORT` backend entry turns the name's
 //!   records into address sets for the control plane, riding out DNS outages.
-//! - `balance`: [`balance::Pool`], its backends' live state, and the selection policies.
+//! - `rate_limit`: token buckets per client address or header value, in a bounded table.
+//! - `balance`: [`balance::Pool`], its backends' live state, the selection policies, the
+//!   queue for `max_connections` and the retry budget.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
 //! - `health`: probe tasks, reconciled against each new snapshot.
-//! - `proxy`: header rules, error mapping, the HTTP forwarding path, upgrade tunnels, the
-//!   TCP (L4) forwarding path.
+//! - `proxy`: hop-by-hop headers, route rules (header rules, prefix rewrites, request id),
+//!   error mapping, the HTTP forwarding path, upgrade tunnels, the TCP (L4) forwarding path.
 //! - `handover`: listening sockets passed to a successor process or from systemd, and the
 //!   Unix socket that serves them.
 //! - `listener`: socket binding (or adoption), accept loops, per-connection limits, PROXY
@@ -68,6 +72,7 @@ pub mod probe;
 pub mod prometheus;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod rate_limit;
 pub mod request_body;
 pub mod state;
 pub mod stats;

@@ -11,8 +11,9 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::balance::Pool;
-use crate::config::{Config, HeaderRules, HostMatch};
+use crate::config::{Config, HeaderRules, HostMatch, RateLimitConfig};
 use crate::discovery::{NameKey, Resolved};
+use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
 
 pub type Live = Arc<ArcSwap<Snapshot>>;
@@ -70,10 +71,15 @@ impl Snapshot {
             .iter()
             .filter_map(|l| {
                 let default = Arc::clone(pools.get(l.default_pool.as_str())?);
+                let old = previous.and_then(|p| p.routers.get(l.name.as_str()));
                 let routes = l
                     .routes
                     .iter()
-                    .filter_map(|r| {
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        let kept = old
+                            .and_then(|o| o.routes.get(i))
+                            .and_then(|o| o.target.rate_limit.as_ref());
                         Some(Route {
                             host: r.host.clone(),
                             path_prefix: r.path_prefix.clone(),
@@ -89,6 +95,7 @@ impl Snapshot {
                                     .response_headers
                                     .clone()
                                     .or_else(|| l.response_headers.clone()),
+                                rate_limit: limiter(r.rate_limit.as_ref(), kept),
                             },
                         })
                     })
@@ -99,7 +106,12 @@ impl Snapshot {
                     rewrite: None,
                     request_headers: l.request_headers.clone(),
                     response_headers: l.response_headers.clone(),
+                    rate_limit: None,
                 };
+                let rate_limit = limiter(
+                    l.rate_limit.as_ref(),
+                    old.and_then(|o| o.rate_limit.as_ref()),
+                );
                 let stats = previous
                     .and_then(|p| p.routers.get(l.name.as_str()))
                     .map_or_else(Default::default, |r| Arc::clone(&r.stats));
@@ -109,6 +121,7 @@ impl Snapshot {
                         routes,
                         default,
                         stats,
+                        rate_limit,
                     },
                 ))
             })
@@ -121,6 +134,19 @@ impl Snapshot {
             access_log,
         }
     }
+}
+
+/// The limiter for `config`: the previous generation's when its settings are the same (a
+/// reload does not refill every bucket), else a new one.
+fn limiter(
+    config: Option<&RateLimitConfig>,
+    previous: Option<&Arc<RateLimiter>>,
+) -> Option<Arc<RateLimiter>> {
+    let config = config?;
+    Some(match previous {
+        Some(p) if p.config == *config => Arc::clone(p),
+        _ => Arc::new(RateLimiter::new(config.clone())),
+    })
 }
 
 impl Snapshot {
@@ -152,6 +178,8 @@ pub struct Target {
     /// The route's header rules, else the listener's.
     pub request_headers: Option<HeaderRules>,
     pub response_headers: Option<HeaderRules>,
+    /// The route's own rate limit (the listener's is on the [`Router`]).
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 /// (host, path prefix) → target for one listener; routes in file order, first match wins,
@@ -162,6 +190,8 @@ pub struct Router {
     default: Target,
     /// The listener's counters, carried over from the previous router of the same name.
     pub stats: Arc<ListenerStats>,
+    /// The listener's rate limit, for every request on it.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Router {

@@ -99,10 +99,11 @@ impl Drop for OpenConn {
 
 /// Why a request (or TCP connection) failed, for `ballast_pool_failures_total{reason}`.
 /// The same words as the `reason` field of the log and of the access log.
-pub const REASONS: [&str; 17] = [
+pub const REASONS: [&str; 18] = [
     "no_healthy_backend",
     "queue_timeout",
     "queue_full",
+    "rate_limited",
     "connect_timeout",
     "connect_failed",
     "handshake_failed",

@@ -587,3 +587,123 @@ async fn a_hot_key_spills_over_only_while_its_backend_is_over_the_bound() {
     let r = get_with(bounded.addr("web"), "/", &[("x-key", "hot")]).await;
     assert_eq!(r.backend(), home);
 }
+
+/// A GET on a fresh connection from the loopback address `from`.
+async fn get_from(
+    from: std::net::IpAddr,
+    web: std::net::SocketAddr,
+    path: &str,
+) -> Option<RawReply> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(std::net::SocketAddr::new(from, 0)).ok()?;
+    let mut s = socket.connect(web).await.ok()?;
+    use tokio::io::AsyncWriteExt;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    read_response(&mut s, WAIT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_rate_limit_a_client_gets_429_with_retry_after_and_the_backend_nothing() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener(
+                "rate_limit = { requests_per_second = 0.05, burst = 3 }\nroutes = [{ path_prefix = \"/keyed/\", pool = \"app\", rate_limit = { requests_per_second = 0.05, burst = 2, key = \"header:X-Api-Key\" } }]",
+            )
+            .build(),
+    );
+    let web = lb.addr("web");
+    // Refills are 20 s apart: no request in this test waits long enough to see one.
+    let mut c = Client::connect(web).await.unwrap();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..5 {
+        let r = c
+            .get("/")
+            .await
+            .expect("the connection stays open after a 429");
+        if r.status == 429 {
+            retry_after = r.headers.get("retry-after").cloned();
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429],
+        "burst of 3, then limited"
+    );
+    let secs: u64 = retry_after
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // One token per 20 s: the client is told to come back within that.
+    assert!((1..=20).contains(&secs), "{secs}");
+    assert_eq!(a.hits(), 3, "a limited request reached the backend");
+    assert!(
+        lb.wait_for_log("reason=rate_limited", WAIT),
+        "{}",
+        lb.logs()
+    );
+
+    // Another client address has its own bucket (the listener's limit is per client_ip).
+    let other = get_from("127.0.0.2".parse().unwrap(), web, "/")
+        .await
+        .expect("answer");
+    assert_eq!(other.status, 200);
+    // The route's limit is per API key, on top of the listener's.
+    let from = "127.0.0.3".parse().unwrap();
+    let key_get = |key: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        let mut s = socket.connect(web).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        let req = format!(
+            "GET /keyed/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {key}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        read_response(&mut s, WAIT).await.expect("answer").status
+    };
+    let got = [
+        key_get("k1").await,
+        key_get("k1").await,
+        key_get("k1").await,
+    ];
+    assert_eq!(got, [200, 200, 429], "burst of 2 per key");
+    // k2 has its own bucket; the listener's bucket for 127.0.0.3 (3) is spent by now.
+    assert_eq!(
+        key_get("k2").await,
+        429,
+        "the listener's limit still applies"
+    );
+    let fresh = "127.0.0.4".parse().unwrap();
+    let r = get_from(fresh, web, "/keyed/x").await.unwrap();
+    assert_eq!(r.status, 200, "no key: counted by address, a fresh one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_table_stays_bounded_under_many_client_addresses() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener("rate_limit = { requests_per_second = 0.05, burst = 1, max_keys = 32 }")
+            .admin()
+            .build(),
+    );
+    let web = lb.addr("web");
+    let mut served = 0;
+    for i in 0..300u32 {
+        let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+        let r = get_from(ip.into(), web, "/").await.expect("answer");
+        served += usize::from(r.status == 200);
+    }
+    assert_eq!(served, 300, "each new address has a full bucket");
+    let (_, status) = admin_call(lb.admin(), "GET", "/status", None).await;
+    let keys = status["listeners"]["web"]["rate_limit_keys"]
+        .as_u64()
+        .expect("keys shown");
+    assert!(keys <= 32, "{keys} keys tracked with max_keys = 32");
+    assert!(keys >= 16, "the table is in use: {keys}");
+}

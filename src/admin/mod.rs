@@ -259,9 +259,15 @@ fn status(daemon: &Daemon) -> serde_json::Value {
                 .collect();
             json!({"certificates": certs, "min_version": t.min_version, "alpn": t.alpn, "client_ca": t.client_ca.as_ref().map(|c| &c.path)})
         });
+        // Keys the listener's rate limit tracks now (bounded by its max_keys).
+        let rate_limit_keys = snap
+            .routers
+            .get(l.name.as_str())
+            .and_then(|r| r.rate_limit.as_ref())
+            .map(|r| r.keys());
         listeners.insert(
             l.name.clone(),
-            json!({"bind": l.bind.to_string(), "mode": l.mode, "pool": l.default_pool, "tls": tls}),
+            json!({"bind": l.bind.to_string(), "mode": l.mode, "pool": l.default_pool, "tls": tls, "rate_limit_keys": rate_limit_keys}),
         );
     }
     let uptime = daemon.started_at().elapsed().unwrap_or_default();

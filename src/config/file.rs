@@ -80,6 +80,17 @@ pub struct FileListener {
     pub request_id: Option<bool>,
     pub request_headers: Option<FileHeaderRules>,
     pub response_headers: Option<FileHeaderRules>,
+    pub rate_limit: Option<Spanned<FileRateLimit>>,
+}
+
+/// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    pub requests_per_second: Spanned<f64>,
+    pub burst: Option<Spanned<u32>>,
+    pub key: Option<Text>,
+    pub max_keys: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +136,7 @@ pub struct FileRoute {
     pub rewrite_prefix: Option<Text>,
     pub request_headers: Option<FileHeaderRules>,
     pub response_headers: Option<FileHeaderRules>,
+    pub rate_limit: Option<Spanned<FileRateLimit>>,
 }
 
 /// `{ set = { "X-Env" = "prod" }, remove = ["X-Debug"] }`

@@ -48,6 +48,7 @@ pub mod defaults {
     pub const RETRY_BUDGET_MIN: u32 = 10;
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
     pub const MAX_QUEUE: u32 = 1024;
+    pub const RATE_LIMIT_MAX_KEYS: u32 = 100_000;
     pub const MAX_IDLE_PER_BACKEND: u32 = 128;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -172,6 +173,8 @@ pub struct ListenerConfig {
     /// Header rules for requests that no route with its own rules matches.
     pub request_headers: Option<HeaderRules>,
     pub response_headers: Option<HeaderRules>,
+    /// Applies to every request of this listener.
+    pub rate_limit: Option<RateLimitConfig>,
     /// Whether this listener's requests go to the access log (when there is one).
     pub access_log: bool,
 }
@@ -219,6 +222,25 @@ pub struct RouteConfig {
     /// Override the listener's header rules for requests this route matches.
     pub request_headers: Option<HeaderRules>,
     pub response_headers: Option<HeaderRules>,
+    /// Applies to requests this route matches, after the listener's own.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `rate_limit`: a token bucket per key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub key: RateKey,
+    /// Keys tracked at most (buckets idle long enough to be full are dropped first).
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    /// A header's value; requests without it are counted by client address.
+    Header(http::HeaderName),
 }
 
 /// `request_headers` / `response_headers`: fields removed, then fields set (replacing any

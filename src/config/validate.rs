@@ -374,6 +374,10 @@ impl Validator<'_> {
                 .response_headers
                 .as_ref()
                 .map(|h| self.header_rules(h, &format!("{rkey}.response_headers")));
+            let rate_limit = r
+                .rate_limit
+                .as_ref()
+                .and_then(|v| self.rate_limit(v, &format!("{rkey}.rate_limit")));
             routes.push(RouteConfig {
                 host,
                 path_prefix,
@@ -382,6 +386,7 @@ impl Validator<'_> {
                 rewrite_prefix,
                 request_headers,
                 response_headers,
+                rate_limit,
             });
         }
         let max_header_size = match &l.max_header_size {
@@ -513,6 +518,10 @@ impl Validator<'_> {
             request_id,
             request_headers,
             response_headers,
+            rate_limit: l
+                .rate_limit
+                .as_ref()
+                .and_then(|v| self.rate_limit(v, &format!("{key}.rate_limit"))),
             access_log: l.access_log.unwrap_or(true),
             mode,
             accept_proxy: l.accept_proxy.as_ref().map(|list| {
@@ -589,9 +598,10 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 15] = [
+        let http_only: [(&str, bool); 16] = [
             ("routes", !l.routes.is_empty()),
             ("request_id", l.request_id.is_some()),
+            ("rate_limit", l.rate_limit.is_some()),
             ("request_headers", l.request_headers.is_some()),
             ("response_headers", l.response_headers.is_some()),
             ("tls", l.tls.is_some()),
@@ -1167,6 +1177,62 @@ impl Validator<'_> {
             return None;
         }
         Some(name)
+    }
+
+    /// `rate_limit = { requests_per_second, burst, key, max_keys }`.
+    fn rate_limit(
+        &mut self,
+        v: &Spanned<file::FileRateLimit>,
+        key: &str,
+    ) -> Option<RateLimitConfig> {
+        let r = v.get_ref();
+        let rate = *r.requests_per_second.get_ref();
+        if !(rate > 0.0 && rate <= 1e9) {
+            self.push(
+                r.requests_per_second.span(),
+                format!("{key}.requests_per_second: must be above 0"),
+            );
+            return None;
+        }
+        let burst = match &r.burst {
+            Some(b) if *b.get_ref() == 0 => {
+                self.push(b.span(), format!("{key}.burst: must be at least 1"));
+                return None;
+            }
+            Some(b) => *b.get_ref(),
+            // One second's worth.
+            None => rate.ceil().max(1.0) as u32,
+        };
+        let rate_key = match r.key.as_ref().map(|k| (k, k.get_ref().as_str())) {
+            None | Some((_, "client_ip")) => RateKey::ClientIp,
+            Some((k, text)) => match text
+                .strip_prefix("header:")
+                .and_then(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+            {
+                Some(name) => RateKey::Header(name),
+                None => {
+                    self.push(
+                        k.span(),
+                        format!("{key}.key: {text:?}: write \"client_ip\" or \"header:NAME\""),
+                    );
+                    return None;
+                }
+            },
+        };
+        let max_keys = match &r.max_keys {
+            Some(m) if *m.get_ref() == 0 => {
+                self.push(m.span(), format!("{key}.max_keys: must be at least 1"));
+                return None;
+            }
+            Some(m) => *m.get_ref(),
+            None => defaults::RATE_LIMIT_MAX_KEYS,
+        };
+        Some(RateLimitConfig {
+            requests_per_second: rate,
+            burst,
+            key: rate_key,
+            max_keys: max_keys as usize,
+        })
     }
 
     /// A share written as `"50%"` (0% to 100%), as a ratio.

@@ -197,6 +197,15 @@ async fn respond(
         .map(|(prefix, with)| rules::rewrite_prefix(path, prefix, with));
     let pool = &target.pool;
     ex.pool = Some(Arc::clone(pool));
+    // Before the body is read or a backend chosen: a limited client costs neither.
+    for limiter in [router.rate_limit.as_deref(), target.rate_limit.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Err(wait) = limiter.check(limiter.key_of(req.headers(), ctx.peer.ip())) {
+            return rate_limited(ctx, ex, wait);
+        }
+    }
     let key = pool
         .hash_key()
         .and_then(|k| request_hash(k, &req, ctx.peer));
@@ -800,6 +809,20 @@ fn redirect_https<B>(req: &Request<B>, ctx: &ConnCtx) -> Response<Inner> {
 }
 
 /// Refuses a request ballast will not forward (debug log: clients get this wrong all day).
+/// 429 with `Retry-After` (whole seconds, at least 1) for a request over a rate limit. The
+/// connection stays open: the client did nothing wrong by HTTP's rules.
+fn rate_limited(ctx: &ConnCtx, ex: &mut Exchange, wait: Duration) -> Response<Inner> {
+    ex.termination = "rate_limited";
+    if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener, "rate_limited")) {
+        tracing::info!(listener = %ctx.listener, client = %ctx.peer, status = 429, reason = %"rate_limited", suppressed, "request over the rate limit");
+    }
+    let mut resp = plain_response(StatusCode::TOO_MANY_REQUESTS);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
 fn reject(ctx: &ConnCtx, status: StatusCode, why: &str) -> Response<Inner> {
     tracing::debug!(listener = %ctx.listener, client = %ctx.peer, status = status.as_u16(), why, "rejected request");
     let mut resp = plain_response(status);

@@ -1,0 +1,149 @@
+//! Request rate limits (`rate_limit` on a listener or a route): a token bucket per key
+//! (the client's address, or a header's value), refilled at `requests_per_second` up to
+//! `burst`. A request that finds its bucket empty gets 429 with `Retry-After`.
+//!
+//! Memory is bounded whatever the clients do: keys are stored as 64-bit hashes (with a
+//! per-process random seed, so a client cannot aim collisions), at most `max_keys` of them.
+//! A bucket that has been idle long enough to be full again holds no information and is
+//! dropped first when room is needed; when every entry is still in use, the oldest in the
+//! shard goes (a flood of new addresses then resets old buckets to full: the limit fails
+//! open for a few keys rather than letting memory grow).
+//!
+//! The table is split into shards, each under its own lock, so requests of different keys
+//! rarely wait for each other.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::{RateKey, RateLimitConfig};
+
+const SHARDS: usize = 16;
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    pub config: RateLimitConfig,
+    start: Instant,
+    seed: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<u64, Bucket>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    /// Milliseconds since `start` at the last refill.
+    at_ms: u64,
+}
+
+impl RateLimiter {
+    pub fn new(config: RateLimitConfig) -> RateLimiter {
+        RateLimiter {
+            config,
+            start: Instant::now(),
+            seed: Default::default(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The key a request is counted under: its header's value, or (no such header, or
+    /// `client_ip`) the client's address.
+    pub fn key_of(&self, headers: &http::HeaderMap, client: std::net::IpAddr) -> u64 {
+        let mut h = self.seed.build_hasher();
+        match &self.config.key {
+            RateKey::Header(name) => match headers.get(name) {
+                Some(v) => {
+                    1u8.hash(&mut h);
+                    v.as_bytes().hash(&mut h);
+                }
+                None => client.hash(&mut h),
+            },
+            RateKey::ClientIp => client.hash(&mut h),
+        }
+        h.finish()
+    }
+
+    /// Takes a token for `key`, or says how long until one is there.
+    pub fn check(&self, key: u64) -> Result<(), Duration> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let rate = self.config.requests_per_second;
+        let burst = f64::from(self.config.burst);
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut table = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = self.config.max_keys.div_ceil(SHARDS).max(1);
+        if !table.contains_key(&key) && table.len() >= cap {
+            self.make_room(&mut table, now);
+        }
+        let b = table.entry(key).or_insert(Bucket {
+            tokens: burst,
+            at_ms: now,
+        });
+        let elapsed = now.saturating_sub(b.at_ms) as f64 / 1000.0;
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.at_ms = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
+        }
+    }
+
+    /// Keys tracked now (for tests and `/status`).
+    pub fn keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Drops the buckets that are full again by now; if none is, the least recently used.
+    fn make_room(&self, table: &mut HashMap<u64, Bucket>, now: u64) {
+        let refill_ms =
+            (f64::from(self.config.burst) / self.config.requests_per_second * 1000.0).ceil() as u64;
+        let before = table.len();
+        table.retain(|_, b| now.saturating_sub(b.at_ms) < refill_ms);
+        if table.len() < before {
+            return;
+        }
+        if let Some(oldest) = table.iter().min_by_key(|(_, b)| b.at_ms).map(|(k, _)| *k) {
+            table.remove(&oldest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(rate: f64, burst: u32, max_keys: usize) -> RateLimiter {
+        RateLimiter::new(RateLimitConfig {
+            requests_per_second: rate,
+            burst,
+            key: RateKey::ClientIp,
+            max_keys,
+        })
+    }
+
+    #[test]
+    fn a_burst_passes_then_the_rate_holds() {
+        let l = limiter(1.0, 3, 10);
+        let ok = (0..10).filter(|_| l.check(7).is_ok()).count();
+        assert_eq!(ok, 3);
+        let wait = l.check(7).unwrap_err();
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        assert!(l.check(8).is_ok(), "another key has its own bucket");
+    }
+
+    #[test]
+    fn the_table_never_holds_more_than_max_keys() {
+        let l = limiter(1.0, 5, 64);
+        for k in 0..10_000u64 {
+            let _ = l.check(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        assert!(l.keys() <= 64, "{}", l.keys());
+    }
+}
