@@ -72,6 +72,46 @@ fn select_slow_start(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the traffic-management keys cost per pick when they are set, next to the same pool
+/// without them (`plain`, which must cost what `select` did before they existed): backups
+/// (a tiered pick), a panic threshold (a count of available primaries), max_connections
+/// (a bounded lease) and hash_balance_factor (a pass summing in-flight counts).
+fn select_traffic(c: &mut Criterion) {
+    let mut group = c.benchmark_group("select_traffic");
+    type Set = fn(&mut ballast::config::PoolConfig);
+    let variants: [(&str, &str, Set); 5] = [
+        ("round_robin", "plain", |_| {}),
+        ("round_robin", "backup", |p| p.backends[2].backup = true),
+        ("round_robin", "panic_threshold", |p| {
+            p.panic_threshold = Some(0.5)
+        }),
+        ("round_robin", "max_connections", |p| {
+            p.backends
+                .iter_mut()
+                .for_each(|b| b.max_connections = Some(1000))
+        }),
+        ("hash", "hash_balance_factor", |p| {
+            p.hash_balance_factor = Some(125)
+        }),
+    ];
+    for (algorithm, label, set) in variants {
+        for n in [3usize, 1000] {
+            let mut config = pool_config(algorithm, n);
+            set(&mut config.pools[0]);
+            let pool = Pool::build(&config.pools[0], None, true, false);
+            let mut k = 0u64;
+            group.bench_function(BenchmarkId::new(label, n), |b| {
+                b.iter(|| {
+                    k = k.wrapping_add(1);
+                    let key = Some(hash_key(&k.to_le_bytes()));
+                    black_box(pool.select(key, &[]))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn build(c: &mut Criterion) {
     let mut group = c.benchmark_group("build");
     for algorithm in ["round_robin", "hash"] {
@@ -83,5 +123,5 @@ fn build(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, select, select_slow_start, build);
+criterion_group!(benches, select, select_slow_start, select_traffic, build);
 criterion_main!(benches);

@@ -192,6 +192,23 @@ async fn retry_on_a_status_resends_idempotent_requests_only() {
 
     let (failed, _) = storm(retrying.addr("web"), 20, &[&a, &b]).await;
     assert_eq!(failed, 0, "every 503 from a was retried on b");
+    // With a backoff, a retried request takes at least that long.
+    let paused = Ballast::start(
+        &TestConfig::new(&[&a, &b])
+            .pool("retry_on = [\"503\"]\nretry_backoff = \"300ms\"")
+            .build(),
+    );
+    let mut c = Client::connect(paused.addr("web")).await.unwrap();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest >= Duration::from_millis(300),
+        "no pause before the retry: {slowest:?}"
+    );
     let (failed, attempts) = storm(plain.addr("web"), 20, &[&a, &b]).await;
     assert_eq!(
         (failed, attempts),

@@ -189,6 +189,7 @@ pub struct FilePool {
     pub queue_timeout: Option<Text>,
     pub max_queue: Option<Spanned<u32>>,
     pub hash_balance_factor: Option<Spanned<u32>>,
+    pub retry_backoff: Option<Text>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

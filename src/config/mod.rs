@@ -359,6 +359,8 @@ pub struct PoolConfig {
     /// than this percentage of the average in-flight load; a key moves on along the ring
     /// only while its own backend is over that bound.
     pub hash_balance_factor: Option<u32>,
+    /// A pause before each retry; `None`: retry at once.
+    pub retry_backoff: Option<Duration>,
 }
 
 impl PoolConfig {

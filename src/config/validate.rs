@@ -1069,6 +1069,17 @@ impl Validator<'_> {
             queue_timeout,
             max_queue,
             hash_balance_factor,
+            retry_backoff: p
+                .retry_backoff
+                .as_ref()
+                .map(|_| {
+                    self.duration(
+                        &p.retry_backoff,
+                        &format!("{key}.retry_backoff"),
+                        Duration::ZERO,
+                    )
+                })
+                .filter(|d| !d.is_zero()),
             health_check,
             passive,
             connect_timeout: self.duration(

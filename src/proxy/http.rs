@@ -380,6 +380,9 @@ async fn forward(
                     break;
                 }
             }
+            if let Some(pause) = cfg.retry_backoff {
+                tokio::time::sleep(pause).await;
+            }
         }
         let tried_now = &tried[..attempt];
         // Requests already queued go first: a newcomer queues behind them.
