@@ -9,6 +9,9 @@
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
 #   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
 #   VARIANTS="plain threads2" bash benches/instructions.sh   # + worker_threads = 2
+#   VARIANTS="plain traffic" bash benches/instructions.sh    # + issue 11's keys all set
+#     (max_connections and its queue, panic_threshold, retry_on + retry_budget, request_id,
+#     a rate limit no request reaches, header rules: what they cost when used)
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -42,6 +45,9 @@ pool = "app"
 backends = ["127.0.0.1:$((BASE_PORT+1))", "127.0.0.1:$((BASE_PORT+2))", "127.0.0.1:$((BASE_PORT+3))"]
 CONF
 sed -e "s/worker_threads = 1/worker_threads = 2/" "$work/plain.toml" > "$work/threads2.toml"
+sed -e '/^pool = "app"/a request_id = true\nrate_limit = { requests_per_second = 1000000, burst = 1000000 }\nrequest_headers = { set = { "X-Env" = "bench", "X-Client" = "${client_ip}" }, remove = ["X-Debug"] }\nresponse_headers = { set = { "X-Request-Id" = "${request_id}" } }' \
+  -e '$a max_connections = 1000\npanic_threshold = "50%"\nretry_on = ["connect_failure", "reset", "503"]\nretry_budget = "20%"' \
+  "$work/plain.toml" > "$work/traffic.toml"
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
@@ -92,6 +98,7 @@ for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
   case $variant in
     plain) measure plain "$BALLAST" "$work/plain.toml" ;;
     threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;
+    traffic) measure traffic "$BALLAST" "$work/traffic.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
     access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
     access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;

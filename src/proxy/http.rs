@@ -126,7 +126,12 @@ pub async fn handle(
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
     let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
-    let mut resp = respond(req, &ctx, &snap, &mut ex).await;
+    // The matched route's response rules, set by `respond` once it has routed.
+    let mut response_rules = None;
+    let mut resp = respond(req, &ctx, &snap, &mut ex, &mut response_rules).await;
+    if let Some(r) = response_rules {
+        rules::apply(r, resp.headers_mut(), &rules::Vars::of(&ctx, &ex));
+    }
     drop(snap);
     ex.status = resp.status().as_u16();
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
@@ -148,11 +153,12 @@ pub async fn handle(
 #[derive(Clone, Copy)]
 struct Tunnel;
 
-async fn respond(
+async fn respond<'s>(
     mut req: Request<ClientStream>,
     ctx: &ConnCtx,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     ex: &mut Exchange,
+    response_rules: &mut Option<&'s crate::config::HeaderRules>,
 ) -> Response<Inner> {
     let Some(router) = snap.routers.get(&*ctx.listener) else {
         return error_response(&ProxyError::ListenerGone, ex);
@@ -197,6 +203,7 @@ async fn respond(
         .map(|(prefix, with)| rules::rewrite_prefix(path, prefix, with));
     let pool = &target.pool;
     ex.pool = Some(Arc::clone(pool));
+    *response_rules = target.response_headers.as_ref();
     // Before the body is read or a backend chosen: a limited client costs neither.
     for limiter in [router.rate_limit.as_deref(), target.rate_limit.as_deref()]
         .into_iter()
@@ -250,17 +257,11 @@ async fn respond(
         }
     }
     headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto);
-    let request_id = ctx
-        .config
-        .request_id
-        .then(|| rules::request_id(&mut parts.headers));
-    let vars = rules::Vars {
-        client_ip: &ctx.forwarded_for,
-        request_id: request_id.as_ref(),
-        listener: &ctx.listener,
-    };
+    if ctx.config.request_id {
+        ex.request_id = Some(rules::request_id(&mut parts.headers));
+    }
     if let Some(r) = &target.request_headers {
-        rules::apply(r, &mut parts.headers, &vars);
+        rules::apply(r, &mut parts.headers, &rules::Vars::of(ctx, ex));
     }
     if h2_backend {
         // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
@@ -296,280 +297,289 @@ async fn respond(
             .request_buffering
             .unwrap_or(ctx.config.request_buffering),
     };
-    ex.request_id = request_id.clone();
     // Before any backend is chosen: a slow or broken body costs no backend anything.
-    let mut resp = match request_body::prepare(body, limits).await {
-        Ok(body) => {
-            ex.bytes_in = BytesIn::of(&body);
-            match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
-                Ok(resp) => resp,
-                Err(e) => error_response(&e, ex),
-            }
-        }
-        Err(fault) => error_response(&ProxyError::Client(fault), ex),
+    let body = match request_body::prepare(body, limits).await {
+        Ok(b) => b,
+        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
     };
-    if let Some(r) = &target.response_headers {
-        rules::apply(r, resp.headers_mut(), &vars);
+    ex.bytes_in = BytesIn::of(&body);
+    match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e, ex),
     }
-    resp
 }
 
-/// Sends the request to a backend of `pool`, retrying on another backend when that is safe:
-/// always when the request never left (connect failed, or hyper handed it back), and when
-/// the body is in hand (none, or buffered) also after the backend failed before answering.
-/// A failure the client caused is returned at once, with no retry and no mark against the
-/// backend.
-async fn forward(
+/// Sends the request to a backend of `pool`, waiting in the pool's queue when every backend
+/// is at its `max_connections`, and retrying on another backend for what `retry_on` names,
+/// within `retries` and the retry budget: a request that never left (connect failed, or
+/// hyper handed it back) can always go again; after a reset only a body in hand (none, or
+/// buffered) can; after a retried status only an idempotent request's. A failure the client
+/// caused is returned at once, with no retry and no mark against the backend.
+///
+/// Not an `async fn`: rustc would keep its arguments twice in the future (as captured and as
+/// moved into locals), 400 bytes more in every request's future; the block uses them in
+/// place.
+#[allow(clippy::manual_async_fn)]
+fn forward<'a>(
     parts: http::request::Parts,
     body: UpstreamBody,
-    pool: &Arc<Pool>,
+    pool: &'a Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<tunnel::ClientUpgrade>,
-    ctx: &ConnCtx,
-    ex: &mut Exchange,
-) -> Result<Response<Inner>, ProxyError> {
-    let tracker = &ctx.tracker;
-    // With `send_proxy`, connections are this client's own (see `PrivateConn`).
-    let private = cfg_send_proxy(pool).map(|v| {
-        (
-            crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
-            ctx.private.get_or_init(Default::default),
-        )
-    });
-    let cfg = &pool.config;
-    let settings = ConnSettings {
-        connect_timeout: cfg.connect_timeout,
-        idle_timeout: cfg.idle_timeout,
-        max_idle: cfg.max_idle_per_backend,
-        send_timeout: cfg.response_timeout,
-        protocol: cfg.protocol,
-    };
-    let connect = parts.method == Method::CONNECT;
-    let idempotent = is_idempotent(&parts.method);
-    let watch = body.watch();
-    // Kept only when the body is in hand: such a request can be sent again after a failure.
-    let resend = if cfg.retries > 0 {
-        body.try_clone().map(|b| (parts.clone(), b))
-    } else {
-        None
-    };
-    // `resend` only ever holds a body in hand, so its copy always exists; never fall back to
-    // another body (that would send the wrong request).
-    let copy = || {
-        let (p, b) = resend.as_ref()?;
-        Some(Request::from_parts(p.clone(), b.try_clone()?))
-    };
-    let mut req = Request::from_parts(parts, body);
-    let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
-    let mut tried = [usize::MAX; MAX_ATTEMPTS];
-    let mut last_error: Option<ProxyError> = None;
-    // A response with a status in `retry_on`, kept while another backend is tried: it is
-    // the answer if that fails too.
-    let mut answered: Option<(Response<Inner>, Arc<crate::balance::backend::Backend>)> = None;
-    let budget = pool.retry_budget.as_deref().zip(cfg.retry_budget.as_ref());
-    if let Some((budget, _)) = budget {
-        budget.request();
-    }
-
-    for attempt in 0..attempts {
-        if attempt > 0 {
-            if let Some((budget, limits)) = budget {
-                if !budget.try_retry(limits) {
-                    pool.stats.retries_over_budget.incr();
-                    log_retry_refused(&pool.name);
-                    break;
-                }
-            }
-            if let Some(pause) = cfg.retry_backoff {
-                tokio::time::sleep(pause).await;
-            }
-        }
-        let tried_now = &tried[..attempt];
-        // Requests already queued go first: a newcomer queues behind them.
-        let queued_ahead = pool.queue().is_some_and(|q| q.waiting() > 0);
-        let picked = match pool.select(key, tried_now) {
-            Ok(p) if !queued_ahead => Ok(p),
-            Err(NoPick::Down) => break,
-            Ok(p) => {
-                drop(p);
-                wait_in_queue(pool, key, tried_now, true).await
-            }
-            Err(NoPick::Full) => wait_in_queue(pool, key, tried_now, queued_ahead).await,
-        };
-        let (idx, lease) = match picked {
-            Ok(p) => p,
-            Err(QueueEnd::Down) => break,
-            Err(QueueEnd::Refused(e)) => {
-                last_error = Some(e);
-                break;
-            }
-        };
-        tried[attempt] = idx;
-        if attempt > 0 {
-            pool.stats.retries.incr();
-        }
-        let backend = lease.backend();
-        ex.attempts = attempt as u32 + 1;
-        ex.backend = Some(Arc::clone(backend));
-        let got = match &private {
-            Some((header, slot)) => match slot.take(backend.addr) {
-                Some(s) => Ok((s, None)),
-                None => {
-                    let started = std::time::Instant::now();
-                    // Boxed, as in `ConnPool::get`: a new connection's future is large.
-                    Box::pin(crate::upstream::connect(
-                        backend.addr,
-                        &settings,
-                        pool.tls.as_ref(),
-                        backend.tls_name.as_ref(),
-                        Some(header),
-                        backend.cut_token(),
-                    ))
-                    .await
-                    .map(|s| (s, Some(started.elapsed())))
-                }
-            },
-            None => {
-                backend
-                    .conns
-                    .get(
-                        backend.addr,
-                        &settings,
-                        pool.tls.as_ref(),
-                        backend.tls_name.as_ref(),
-                        || backend.cut_token(),
-                    )
-                    .await
-            }
-        };
-        let mut sender = match got {
-            Ok((s, connect_time)) => {
-                if connect_time.is_some() {
-                    ex.connect = connect_time;
-                }
-                s
-            }
-            Err(e) => {
-                let ejected = backend.record_failure(&cfg.passive);
-                let error = ProxyError::Connect(e);
-                log_backend_failure(
-                    &pool.name,
-                    &backend.label,
-                    error.reason(),
-                    &error,
-                    ejected,
-                    attempt,
-                );
-                last_error = Some(error);
-                if !cfg.retry_on.connect_failure {
-                    break;
-                }
-                continue;
-            }
-        };
-        let cuts = backend.cuts();
-        let sent_at = std::time::Instant::now();
-        // If the client leaves before the answer, a request that was in hand is finished in
-        // the background and its connection kept (see `abandoned`).
-        let home = (watch.is_none() && private.is_none() && client_upgrade.is_none()).then(|| {
-            abandoned::Home {
-                backend: Arc::clone(backend),
-                settings,
-                cuts,
-            }
+    ctx: &'a ConnCtx,
+    ex: &'a mut Exchange,
+) -> impl std::future::Future<Output = Result<Response<Inner>, ProxyError>> + Send + 'a {
+    async move {
+        let tracker = &ctx.tracker;
+        // With `send_proxy`, connections are this client's own (see `PrivateConn`).
+        let private = cfg_send_proxy(pool).map(|v| {
+            (
+                crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
+                ctx.private.get_or_init(Default::default),
+            )
         });
-        let mut in_flight = abandoned::InFlight::send(sender, req, home);
-        let sent = send(&mut in_flight, watch.as_deref(), cfg.response_timeout).await;
-        // Whatever came of it, this task is still here: nothing to finish in the background.
-        in_flight.abandon();
-        let Some((sent_sender, sent)) = sent else {
-            // The request may be executing; a timeout is not retried.
-            return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
+        let cfg = &pool.config;
+        let settings = ConnSettings {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_idle: cfg.max_idle_per_backend,
+            send_timeout: cfg.response_timeout,
+            protocol: cfg.protocol,
         };
-        sender = sent_sender;
-        match sent {
-            Ok(resp) => {
-                ex.header = Some(sent_at.elapsed());
-                ex.answered = true;
-                backend.record_success();
-                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    || (connect && resp.status().is_success());
-                if switching {
-                    if let Some(client) = client_upgrade {
-                        return Ok(switch_protocols(resp, client, lease, tracker));
+        let connect = parts.method == Method::CONNECT;
+        let idempotent = is_idempotent(&parts.method);
+        let watch = body.watch();
+        // Kept only when the body is in hand: such a request can be sent again after a failure.
+        let resend = if cfg.retries > 0 {
+            body.try_clone().map(|b| (parts.clone(), b))
+        } else {
+            None
+        };
+        // `resend` only ever holds a body in hand, so its copy always exists; never fall back to
+        // another body (that would send the wrong request).
+        let copy = || {
+            let (p, b) = resend.as_ref()?;
+            Some(Request::from_parts(p.clone(), b.try_clone()?))
+        };
+        let mut req = Request::from_parts(parts, body);
+        let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
+        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut last_error: Option<ProxyError> = None;
+        // A response with a status in `retry_on`, kept while another backend is tried: it is
+        // the answer if that fails too. Boxed: it lives across every await below, and a request
+        // that is not retried for its status should not carry its room.
+        let mut answered: Option<Box<(Response<Inner>, Arc<crate::balance::backend::Backend>)>> =
+            None;
+        let budget = pool.retry_budget.as_deref().zip(cfg.retry_budget.as_ref());
+        if let Some((budget, _)) = budget {
+            budget.request();
+        }
+
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                if let Some((budget, limits)) = budget {
+                    if !budget.try_retry(limits) {
+                        pool.stats.retries_over_budget.incr();
+                        log_retry_refused(&pool.name);
+                        break;
                     }
                 }
-                let status = resp.status().as_u16();
-                let backend = Arc::clone(backend);
-                let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
-                let resp = upstream_response(
-                    resp,
-                    lease,
-                    (sender, settings, home),
-                    pool,
-                    cuts,
-                    watch.clone(),
-                );
-                // The backend saw the request: only an idempotent one with its body in hand
-                // is sent again, and only for the statuses `retry_on` names.
-                if cfg.retry_on.status(status) && idempotent && attempt + 1 < attempts {
-                    if let Some(next) = copy() {
-                        log_backend_failure(
-                            &pool.name,
-                            &backend.label,
-                            "retried_status",
-                            &status,
-                            false,
-                            attempt,
-                        );
-                        answered = Some((resp, backend));
-                        req = next;
-                        continue;
+                if let Some(pause) = cfg.retry_backoff {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            let tried_now = &tried[..attempt];
+            // Requests already queued go first: a newcomer queues behind them.
+            let queued_ahead = pool.queue().is_some_and(|q| q.waiting() > 0);
+            let picked = match pool.select(key, tried_now) {
+                Ok(p) if !queued_ahead => Ok(p),
+                Err(NoPick::Down) => break,
+                Ok(p) => {
+                    drop(p);
+                    Box::pin(wait_in_queue(pool, key, tried_now, true)).await
+                }
+                // Boxed: the queue is the rare path, its timers need not widen every request.
+                Err(NoPick::Full) => {
+                    Box::pin(wait_in_queue(pool, key, tried_now, queued_ahead)).await
+                }
+            };
+            let (idx, lease) = match picked {
+                Ok(p) => p,
+                Err(QueueEnd::Down) => break,
+                Err(QueueEnd::Refused(e)) => {
+                    last_error = Some(e);
+                    break;
+                }
+            };
+            tried[attempt] = idx;
+            if attempt > 0 {
+                pool.stats.retries.incr();
+            }
+            let backend = lease.backend();
+            ex.attempts = attempt as u32 + 1;
+            ex.backend = Some(Arc::clone(backend));
+            let got = match &private {
+                Some((header, slot)) => match slot.take(backend.addr) {
+                    Some(s) => Ok((s, None)),
+                    None => {
+                        let started = std::time::Instant::now();
+                        // Boxed, as in `ConnPool::get`: a new connection's future is large.
+                        Box::pin(crate::upstream::connect(
+                            backend.addr,
+                            &settings,
+                            pool.tls.as_ref(),
+                            backend.tls_name.as_ref(),
+                            Some(header),
+                            backend.cut_token(),
+                        ))
+                        .await
+                        .map(|s| (s, Some(started.elapsed())))
                     }
+                },
+                None => {
+                    backend
+                        .conns
+                        .get(
+                            backend.addr,
+                            &settings,
+                            pool.tls.as_ref(),
+                            backend.tls_name.as_ref(),
+                            || backend.cut_token(),
+                        )
+                        .await
                 }
-                return Ok(resp);
-            }
-            Err(_) if backend.cuts() != cuts => {
-                // Our own drain timeout ended it; the work may have run, don't resend it.
-                return Err(ProxyError::DrainCut);
-            }
-            Err(mut e) => {
-                if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
-                    // The client's body failed, not the backend: no mark, no retry.
-                    return Err(ProxyError::Client(fault));
+            };
+            let mut sender = match got {
+                Ok((s, connect_time)) => {
+                    if connect_time.is_some() {
+                        ex.connect = connect_time;
+                    }
+                    s
                 }
-                let message = e.take_message();
-                let error = e.into_error();
-                let ejected = backend.record_failure(&cfg.passive);
-                log_backend_failure(
-                    &pool.name,
-                    &backend.label,
-                    "upstream_failed",
-                    &error,
-                    ejected,
-                    attempt,
-                );
-                last_error = Some(ProxyError::Upstream(error));
-                // A request handed back never left: a connect failure in all but name.
-                let next = match message {
-                    Some(r) => cfg.retry_on.connect_failure.then_some(r),
-                    None if cfg.retry_on.reset => copy(),
-                    None => None,
-                };
-                req = match next {
-                    Some(r) => r,
-                    None => break,
-                };
+                Err(e) => {
+                    let ejected = backend.record_failure(&cfg.passive);
+                    let error = ProxyError::Connect(e);
+                    log_backend_failure(
+                        &pool.name,
+                        &backend.label,
+                        error.reason(),
+                        &error,
+                        ejected,
+                        attempt,
+                    );
+                    last_error = Some(error);
+                    if !cfg.retry_on.connect_failure {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let cuts = backend.cuts();
+            let sent_at = std::time::Instant::now();
+            // If the client leaves before the answer, a request that was in hand is finished in
+            // the background and its connection kept (see `abandoned`).
+            let home =
+                (watch.is_none() && private.is_none() && client_upgrade.is_none()).then(|| {
+                    abandoned::Home {
+                        backend: Arc::clone(backend),
+                        settings,
+                        cuts,
+                    }
+                });
+            let mut in_flight = abandoned::InFlight::send(sender, req, home);
+            let sent = send(&mut in_flight, watch.as_deref(), cfg.response_timeout).await;
+            // Whatever came of it, this task is still here: nothing to finish in the background.
+            in_flight.abandon();
+            let Some((sent_sender, sent)) = sent else {
+                // The request may be executing; a timeout is not retried.
+                return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
+            };
+            sender = sent_sender;
+            match sent {
+                Ok(resp) => {
+                    ex.header = Some(sent_at.elapsed());
+                    ex.answered = true;
+                    backend.record_success();
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && resp.status().is_success());
+                    if switching {
+                        if let Some(client) = client_upgrade {
+                            return Ok(switch_protocols(resp, client, lease, tracker));
+                        }
+                    }
+                    let status = resp.status().as_u16();
+                    let backend = Arc::clone(backend);
+                    let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
+                    let resp = upstream_response(
+                        resp,
+                        lease,
+                        (sender, settings, home),
+                        pool,
+                        cuts,
+                        watch.clone(),
+                    );
+                    // The backend saw the request: only an idempotent one with its body in hand
+                    // is sent again, and only for the statuses `retry_on` names.
+                    if cfg.retry_on.status(status) && idempotent && attempt + 1 < attempts {
+                        if let Some(next) = copy() {
+                            log_backend_failure(
+                                &pool.name,
+                                &backend.label,
+                                "retried_status",
+                                &status,
+                                false,
+                                attempt,
+                            );
+                            answered = Some(Box::new((resp, backend)));
+                            req = next;
+                            continue;
+                        }
+                    }
+                    return Ok(resp);
+                }
+                Err(_) if backend.cuts() != cuts => {
+                    // Our own drain timeout ended it; the work may have run, don't resend it.
+                    return Err(ProxyError::DrainCut);
+                }
+                Err(mut e) => {
+                    if let Some(fault) = watch.as_ref().and_then(|w| w.fault()) {
+                        // The client's body failed, not the backend: no mark, no retry.
+                        return Err(ProxyError::Client(fault));
+                    }
+                    let message = e.take_message();
+                    let error = e.into_error();
+                    let ejected = backend.record_failure(&cfg.passive);
+                    log_backend_failure(
+                        &pool.name,
+                        &backend.label,
+                        "upstream_failed",
+                        &error,
+                        ejected,
+                        attempt,
+                    );
+                    last_error = Some(ProxyError::Upstream(error));
+                    // A request handed back never left: a connect failure in all but name.
+                    let next = match message {
+                        Some(r) => cfg.retry_on.connect_failure.then_some(r),
+                        None if cfg.retry_on.reset => copy(),
+                        None => None,
+                    };
+                    req = match next {
+                        Some(r) => r,
+                        None => break,
+                    };
+                }
             }
         }
+        if let Some(kept) = answered {
+            let (resp, backend) = *kept;
+            ex.backend = Some(backend);
+            return Ok(resp);
+        }
+        Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
+            pool: Arc::clone(&pool.name),
+        }))
     }
-    if let Some((resp, backend)) = answered {
-        ex.backend = Some(backend);
-        return Ok(resp);
-    }
-    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
-        pool: Arc::clone(&pool.name),
-    }))
 }
 
 /// How waiting in a pool's queue ended without a backend.
