@@ -724,3 +724,46 @@ async fn the_rate_limit_table_stays_bounded_under_many_client_addresses() {
     assert!(keys <= 32, "{keys} keys tracked with max_keys = 32");
     assert!(keys >= 16, "the table is in use: {keys}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_answers_queued_requests_with_503_at_once_and_finishes_the_running_one() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .pool("max_connections = 1\nqueue_timeout = \"30s\"")
+            .admin()
+            .build(),
+    );
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    let holder = tokio::spawn(timed_get(web, "/slow/1500".into()));
+    assert!(eventually(WAIT, async || a.in_flight() == 1)
+        .await
+        .is_some());
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(timed_get(web, "/".into())))
+        .collect();
+    assert!(eventually(WAIT, async || queued(admin).await == 2)
+        .await
+        .is_some());
+    let drained_at = std::time::Instant::now();
+    assert_eq!(admin_backend(admin, a.addr, "drain").await, 200);
+    for w in waiting {
+        let (status, at) = w.await.unwrap();
+        assert_eq!(status, 503, "a queued request for a drained pool");
+        assert!(
+            at.duration_since(drained_at) < Duration::from_secs(5),
+            "answered only after {:?}, not at the drain",
+            at.duration_since(drained_at)
+        );
+    }
+    assert!(
+        lb.wait_for_log("reason=no_healthy_backend", WAIT),
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(
+        holder.await.unwrap().0,
+        200,
+        "the request in flight finished"
+    );
+}
