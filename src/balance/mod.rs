@@ -1,8 +1,14 @@
 //! Pools: named sets of backends with a selection policy, built once per config generation.
 //!
-//! `policy` holds the pure pick functions, `backend` the per-address live state. A [`Pool`]
+//! `policy` holds the pure pick functions, `backend` the per-address live state, `queue` the
+//! wait list for backends at their `max_connections`, `budget` the retry budget. A [`Pool`]
 //! is immutable once built; a reload builds a new one that reuses the `Arc<Backend>` of every
-//! address it keeps.
+//! address it keeps, and the queue and budget of the pool it replaces.
+//!
+//! A pick is the policy's choice among the backends that may take the request. Pools that
+//! set none of backups, `panic_threshold`, `when_all_down = "fail_open"`, `max_connections`
+//! or `hash_balance_factor` take the plain passes only (available, then ejected-but-healthy);
+//! the others add their filters around the same policy, so every algorithm keeps its order.
 
 pub mod backend;
 pub mod budget;
@@ -169,11 +175,6 @@ impl Pool {
 
     pub fn hash_key(&self) -> Option<&HashKey> {
         self.config.hash_key.as_ref()
-    }
-
-    /// Whether the backend at `i` is a backup.
-    pub fn is_backup(&self, i: usize) -> bool {
-        self.tiers.as_ref().is_some_and(|t| t.backup[i])
     }
 
     /// The pool's queue, when a backend has `max_connections`.
