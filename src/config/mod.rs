@@ -388,9 +388,12 @@ pub struct RetryOn {
     pub connect_failure: bool,
     /// The backend closed or reset the connection before a response head.
     pub reset: bool,
-    /// Statuses answered by the backend that are retried (502, 503, 504), for idempotent
-    /// methods only: the backend saw the request.
+    /// Statuses answered by the backend that are retried (502, 503, 504).
     pub statuses: [bool; 3],
+    /// `non_idempotent`: after a reset or a retried status, also resend methods that are not
+    /// idempotent (POST, PATCH, ...), which the backend may already have acted on. Off by
+    /// default, as in nginx (`proxy_next_upstream non_idempotent`).
+    pub non_idempotent: bool,
 }
 
 impl Default for RetryOn {
@@ -400,6 +403,7 @@ impl Default for RetryOn {
             connect_failure: true,
             reset: true,
             statuses: [false; 3],
+            non_idempotent: false,
         }
     }
 }

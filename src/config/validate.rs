@@ -1271,6 +1271,7 @@ impl Validator<'_> {
             connect_failure: false,
             reset: false,
             statuses: [false; 3],
+            non_idempotent: false,
         };
         for v in list.get_ref() {
             match v.get_ref().as_str() {
@@ -1279,9 +1280,10 @@ impl Validator<'_> {
                 "502" => on.statuses[0] = true,
                 "503" => on.statuses[1] = true,
                 "504" => on.statuses[2] = true,
+                "non_idempotent" => on.non_idempotent = true,
                 other => self.push(
                     v.span(),
-                    format!("{key}: {other:?}: write connect_failure, reset, \"502\", \"503\" or \"504\""),
+                    format!("{key}: {other:?}: write connect_failure, reset, \"502\", \"503\", \"504\" or non_idempotent"),
                 ),
             }
         }

@@ -312,8 +312,8 @@ async fn respond<'s>(
 /// Sends the request to a backend of `pool`, waiting in the pool's queue when every backend
 /// is at its `max_connections`, and retrying on another backend for what `retry_on` names,
 /// within `retries` and the retry budget: a request that never left (connect failed, or
-/// hyper handed it back) can always go again; after a reset only a body in hand (none, or
-/// buffered) can; after a retried status only an idempotent request's. A failure the client
+/// hyper handed it back) can always go again; after a reset or a retried status only an
+/// idempotent one (or any, with `non_idempotent`) whose body is in hand (none, or buffered). A failure the client
 /// caused is returned at once, with no retry and no mark against the backend.
 ///
 /// Not an `async fn`: rustc would keep its arguments twice in the future (as captured and as
@@ -347,7 +347,8 @@ fn forward<'a>(
             protocol: cfg.protocol,
         };
         let connect = parts.method == Method::CONNECT;
-        let idempotent = is_idempotent(&parts.method);
+        // Whether sending it again after the backend saw it is safe.
+        let resendable = cfg.retry_on.non_idempotent || is_idempotent(&parts.method);
         let watch = body.watch();
         // Kept only when the body is in hand: such a request can be sent again after a failure.
         let resend = if cfg.retries > 0 {
@@ -520,7 +521,7 @@ fn forward<'a>(
                     );
                     // The backend saw the request: only an idempotent one with its body in hand
                     // is sent again, and only for the statuses `retry_on` names.
-                    if cfg.retry_on.status(status) && idempotent && attempt + 1 < attempts {
+                    if cfg.retry_on.status(status) && resendable && attempt + 1 < attempts {
                         if let Some(next) = copy() {
                             log_backend_failure(
                                 &pool.name,
@@ -561,7 +562,7 @@ fn forward<'a>(
                     // A request handed back never left: a connect failure in all but name.
                     let next = match message {
                         Some(r) => cfg.retry_on.connect_failure.then_some(r),
-                        None if cfg.retry_on.reset => copy(),
+                        None if cfg.retry_on.reset && resendable => copy(),
                         None => None,
                     };
                     req = match next {
