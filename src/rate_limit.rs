@@ -65,11 +65,12 @@ impl RateLimiter {
 
     /// Takes a token for `key`, or says how long until one is there.
     pub fn check(&self, key: u64) -> Result<(), Duration> {
-        let now = self.start.elapsed().as_millis() as u64;
         let rate = self.config.requests_per_second;
         let burst = f64::from(self.config.burst);
         let shard = &self.shards[(key as usize) % SHARDS];
         let mut table = shard.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: a bucket's time never goes backwards.
+        let now = self.start.elapsed().as_millis() as u64;
         let cap = self.config.max_keys.div_ceil(SHARDS).max(1);
         if !table.contains_key(&key) && table.len() >= cap {
             self.make_room(&mut table, now);

@@ -48,10 +48,14 @@ impl RetryBudget {
 
     /// Whether one more retry fits; if so, it is counted.
     pub fn try_retry(&self, cfg: &RetryBudgetConfig) -> bool {
-        let now = self.start.elapsed().as_secs();
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock, so no bucket is newer than `now`.
+        let now = self.start.elapsed().as_secs();
         let (mut requests, mut retries) = (0u64, 0u64);
-        for b in window.iter().filter(|b| now - b.second < WINDOW_SECONDS) {
+        for b in window
+            .iter()
+            .filter(|b| now.saturating_sub(b.second) < WINDOW_SECONDS)
+        {
             requests += b.requests;
             retries += b.retries;
         }
@@ -66,8 +70,8 @@ impl RetryBudget {
     }
 
     fn with_bucket(&self, f: impl FnOnce(&mut Bucket)) {
-        let now = self.start.elapsed().as_secs();
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.start.elapsed().as_secs();
         f(Self::bucket(&mut window, now));
     }
 
