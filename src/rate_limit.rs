@@ -5,9 +5,10 @@
 //! Memory is bounded whatever the clients do: keys are stored as 64-bit hashes (with a
 //! per-process random seed, so a client cannot aim collisions), at most `max_keys` of them.
 //! A bucket that has been idle long enough to be full again holds no information and is
-//! dropped first when room is needed; when every entry is still in use, the oldest in the
-//! shard goes (a flood of new addresses then resets old buckets to full: the limit fails
-//! open for a few keys rather than letting memory grow).
+//! dropped first when room is needed (swept at most once a second); when every entry is
+//! still in use, an arbitrary one goes (a flood of new addresses then resets some buckets
+//! to full: the limit fails open for a few keys rather than letting memory grow, and the
+//! flood costs each request constant time, not a scan).
 //!
 //! The table is split into shards, each under its own lock, so requests of different keys
 //! rarely wait for each other.
@@ -26,7 +27,14 @@ pub struct RateLimiter {
     pub config: RateLimitConfig,
     start: Instant,
     seed: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<u64, Bucket>>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    table: HashMap<u64, Bucket>,
+    /// When (ms since `start`) the table was last swept for full-again buckets.
+    swept_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,14 +76,14 @@ impl RateLimiter {
         let rate = self.config.requests_per_second;
         let burst = f64::from(self.config.burst);
         let shard = &self.shards[(key as usize) % SHARDS];
-        let mut table = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
         // Read under the lock: a bucket's time never goes backwards.
         let now = self.start.elapsed().as_millis() as u64;
         let cap = self.config.max_keys.div_ceil(SHARDS).max(1);
-        if !table.contains_key(&key) && table.len() >= cap {
-            self.make_room(&mut table, now);
+        if !shard.table.contains_key(&key) && shard.table.len() >= cap {
+            self.make_room(&mut shard, now);
         }
-        let b = table.entry(key).or_insert(Bucket {
+        let b = shard.table.entry(key).or_insert(Bucket {
             tokens: burst,
             at_ms: now,
         });
@@ -94,21 +102,30 @@ impl RateLimiter {
     pub fn keys(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).table.len())
             .sum()
     }
 
-    /// Drops the buckets that are full again by now; if none is, the least recently used.
-    fn make_room(&self, table: &mut HashMap<u64, Bucket>, now: u64) {
-        let refill_ms =
-            (f64::from(self.config.burst) / self.config.requests_per_second * 1000.0).ceil() as u64;
-        let before = table.len();
-        table.retain(|_, b| now.saturating_sub(b.at_ms) < refill_ms);
-        if table.len() < before {
-            return;
+    /// Makes room for one key. At most once a second per shard, a sweep drops the buckets
+    /// that are full again (they hold no information); otherwise, or if the sweep freed
+    /// nothing, one entry goes, whichever the table yields first. So a flood of new
+    /// addresses costs each request O(1) here, not a scan of the shard.
+    fn make_room(&self, shard: &mut Shard, now: u64) {
+        if now.saturating_sub(shard.swept_ms) >= 1000 {
+            shard.swept_ms = now;
+            let refill_ms = (f64::from(self.config.burst) / self.config.requests_per_second
+                * 1000.0)
+                .ceil() as u64;
+            let before = shard.table.len();
+            shard
+                .table
+                .retain(|_, b| now.saturating_sub(b.at_ms) < refill_ms);
+            if shard.table.len() < before {
+                return;
+            }
         }
-        if let Some(oldest) = table.iter().min_by_key(|(_, b)| b.at_ms).map(|(k, _)| *k) {
-            table.remove(&oldest);
+        if let Some(any) = shard.table.keys().next().copied() {
+            shard.table.remove(&any);
         }
     }
 }
