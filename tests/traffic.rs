@@ -441,7 +441,9 @@ async fn the_queue_serves_in_order_within_max_connections_and_is_bounded() {
     // Three more queue up, one after the other (each seen in the queue before the next).
     let mut waiting = Vec::new();
     for i in 1..=3u64 {
-        waiting.push(tokio::spawn(timed_get(web, "/slow/50".into())));
+        // 200 ms each: their answers are far enough apart that when a client task records
+        // its time cannot reorder them.
+        waiting.push(tokio::spawn(timed_get(web, "/slow/200".into())));
         assert!(
             eventually(WAIT, async || queued(admin).await == i)
                 .await

@@ -602,21 +602,22 @@ async fn wait_in_queue(
     let Some(queue) = pool.queue() else {
         return Err(QueueEnd::Down);
     };
-    let Some(_ticket) = queue.enter(pool.config.max_queue) else {
+    let Some(ticket) = queue.enter(pool.config.max_queue) else {
         return Err(QueueEnd::Refused(ProxyError::QueueFull {
             pool: Arc::clone(&pool.name),
         }));
     };
     let started = tokio::time::Instant::now();
     let deadline = started + pool.config.queue_timeout;
-    // Alone in the queue after all (those ahead just left): nothing to wait behind.
-    let mut look = !ahead || queue.waiting() == 1;
+    // First in the queue after all (those ahead just left): nothing to wait behind.
+    let mut look = !ahead || ticket.is_first();
+    // Registered before the first look, so a slot freed between a look and the wait is not
+    // missed. Notify wakes the oldest registration first, so a waiter keeps its
+    // registration until it is woken: registering again on every recheck would send it to
+    // the back, behind requests that came later.
+    let mut notified = std::pin::pin!(queue.notify().notified());
+    notified.as_mut().enable();
     loop {
-        // Registered before looking, so a slot freed between the look and the wait is not
-        // missed; the oldest registration is woken first.
-        let notified = queue.notify().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
         if look {
             match pool.select(key, tried) {
                 Ok(p) => return Ok(p),
@@ -624,15 +625,19 @@ async fn wait_in_queue(
                 Err(NoPick::Full) => {}
             }
         }
-        // Slots free up by a lease ending (which wakes a waiter), but also by a backend
-        // coming back up or a limit raised by a reload, which wake nobody: look again now
-        // and then too.
+        // Slots free up by a lease ending (which wakes the oldest waiter), but also by a
+        // backend coming back up or a limit raised by a reload, which wake nobody: the
+        // oldest waiter looks again now and then too (only the oldest, to keep the order).
         let recheck = tokio::time::sleep(
             QUEUE_RECHECK.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
         );
         tokio::select! {
-            () = notified => look = true,
-            () = recheck => look = true,
+            () = notified.as_mut() => {
+                look = true;
+                notified.set(queue.notify().notified());
+                notified.as_mut().enable();
+            }
+            () = recheck => look = ticket.is_first(),
             () = tokio::time::sleep_until(deadline) => {
                 return Err(QueueEnd::Refused(ProxyError::QueueTimeout {
                     pool: Arc::clone(&pool.name),
