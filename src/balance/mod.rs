@@ -199,12 +199,17 @@ impl Pool {
         let bound = bound.unwrap_or(usize::MAX);
         // A pick and its lease are two steps: another request may take the last slot in
         // between, and then the pick is made again.
+        // The load bound is a preference (keys spill over only while their backend is over
+        // it); the limit is not.
         for _ in 0..4 {
-            let room = |i: usize| {
-                let n = self.backends[i].in_flight();
-                n < max[i] && n < bound
-            };
-            let Some(i) = self.pick_index(key, tried, room) else {
+            let room = |i: usize| self.backends[i].in_flight() < max[i];
+            let balanced = |i: usize| room(i) && self.backends[i].in_flight() < bound;
+            let picked = self.pick_index(key, tried, balanced).or_else(|| {
+                (bound != usize::MAX)
+                    .then(|| self.pick_index(key, tried, room))
+                    .flatten()
+            });
+            let Some(i) = picked else {
                 break;
             };
             if let Some(lease) = Lease::within(&self.backends[i], max[i]) {
