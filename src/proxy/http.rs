@@ -519,8 +519,9 @@ fn forward<'a>(
                         cuts,
                         watch.clone(),
                     );
-                    // The backend saw the request: only an idempotent one with its body in hand
-                    // is sent again, and only for the statuses `retry_on` names.
+                    // The backend saw the request: only an idempotent one (any, with
+                    // `non_idempotent`) with its body in hand is sent again, and only for the
+                    // statuses `retry_on` names. If no attempt does better, this is the answer.
                     if cfg.retry_on.status(status) && resendable && attempt + 1 < attempts {
                         if let Some(next) = copy() {
                             log_backend_failure(
