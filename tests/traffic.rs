@@ -407,6 +407,38 @@ async fn queued(admin: std::net::SocketAddr) -> u64 {
     status["pools"]["app"]["queued"].as_u64().unwrap_or(0)
 }
 
+/// Fills a pool of one backend `a` that has `max_connections = 1`: a request to
+/// `hold_path` takes the slot, then `n` requests to `path` wait in the queue (each seen in
+/// `/status` first). Returns the holder and the waiters.
+async fn hold_and_queue(
+    web: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    a: &Backend,
+    hold_path: &str,
+    n: usize,
+    path: &str,
+) -> (Waiter, Vec<Waiter>) {
+    let holder = tokio::spawn(timed_get(web, hold_path.to_string()));
+    assert!(
+        eventually(WAIT, async || a.in_flight() == 1)
+            .await
+            .is_some(),
+        "the holding request never reached the backend"
+    );
+    let waiting: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(timed_get(web, path.to_string())))
+        .collect();
+    assert!(
+        eventually(WAIT, async || queued(admin).await == n as u64)
+            .await
+            .is_some(),
+        "{n} requests did not queue"
+    );
+    (holder, waiting)
+}
+
+type Waiter = tokio::task::JoinHandle<(u16, std::time::Instant)>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_serves_in_order_within_max_connections_and_is_bounded() {
     let [a] = start_backends(["a"]).await;
@@ -516,16 +548,7 @@ async fn a_reload_loses_no_queued_request() {
     let limits = "max_connections = 1\nqueue_timeout = \"10s\"";
     let lb = Ballast::start(&TestConfig::new(&[&a]).pool(limits).admin().build());
     let (web, admin) = (lb.addr("web"), lb.admin());
-    let holder = tokio::spawn(timed_get(web, "/slow/800".into()));
-    assert!(eventually(WAIT, async || a.in_flight() == 1)
-        .await
-        .is_some());
-    let waiting: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(timed_get(web, "/slow/20".into())))
-        .collect();
-    assert!(eventually(WAIT, async || queued(admin).await == 2)
-        .await
-        .is_some());
+    let (holder, waiting) = hold_and_queue(web, admin, &a, "/slow/800", 2, "/slow/20").await;
     lb.save_config(
         &TestConfig::new(&[&a, &b]).pool(limits).admin().build(),
         Save::Rename,
@@ -607,17 +630,19 @@ async fn a_hot_key_spills_over_only_while_its_backend_is_over_the_bound() {
     assert_eq!(r.backend(), home);
 }
 
-/// A GET on a fresh connection from the loopback address `from`.
+/// A GET on a fresh connection from the loopback address `from`, with `headers` (whole
+/// field lines, each ending in CRLF) added.
 async fn get_from(
     from: std::net::IpAddr,
     web: std::net::SocketAddr,
     path: &str,
+    headers: &str,
 ) -> Option<RawReply> {
     let socket = tokio::net::TcpSocket::new_v4().ok()?;
     socket.bind(std::net::SocketAddr::new(from, 0)).ok()?;
     let mut s = socket.connect(web).await.ok()?;
     use tokio::io::AsyncWriteExt;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     read_response(&mut s, WAIT).await
 }
@@ -668,22 +693,16 @@ async fn over_the_rate_limit_a_client_gets_429_with_retry_after_and_the_backend_
     );
 
     // Another client address has its own bucket (the listener's limit is per client_ip).
-    let other = get_from("127.0.0.2".parse().unwrap(), web, "/")
+    let other = get_from("127.0.0.2".parse().unwrap(), web, "/", "")
         .await
         .expect("answer");
     assert_eq!(other.status, 200);
     // The route's limit is per API key, on top of the listener's.
     let from = "127.0.0.3".parse().unwrap();
     let key_get = |key: &'static str| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::new(from, 0)).unwrap();
-        let mut s = socket.connect(web).await.unwrap();
-        use tokio::io::AsyncWriteExt;
-        let req = format!(
-            "GET /keyed/x HTTP/1.1\r\nHost: x\r\nX-Api-Key: {key}\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        read_response(&mut s, WAIT).await.expect("answer").status
+        let key = format!("X-Api-Key: {key}\r\n");
+        let r = get_from(from, web, "/keyed/x", &key).await;
+        r.expect("answer").status
     };
     let got = [
         key_get("k1").await,
@@ -698,7 +717,7 @@ async fn over_the_rate_limit_a_client_gets_429_with_retry_after_and_the_backend_
         "the listener's limit still applies"
     );
     let fresh = "127.0.0.4".parse().unwrap();
-    let r = get_from(fresh, web, "/keyed/x").await.unwrap();
+    let r = get_from(fresh, web, "/keyed/x", "").await.unwrap();
     assert_eq!(r.status, 200, "no key: counted by address, a fresh one");
 }
 
@@ -715,7 +734,7 @@ async fn the_rate_limit_table_stays_bounded_under_many_client_addresses() {
     let mut served = 0;
     for i in 0..300u32 {
         let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
-        let r = get_from(ip.into(), web, "/").await.expect("answer");
+        let r = get_from(ip.into(), web, "/", "").await.expect("answer");
         served += usize::from(r.status == 200);
     }
     assert_eq!(served, 300, "each new address has a full bucket");
@@ -737,16 +756,7 @@ async fn a_drain_answers_queued_requests_with_503_at_once_and_finishes_the_runni
             .build(),
     );
     let (web, admin) = (lb.addr("web"), lb.admin());
-    let holder = tokio::spawn(timed_get(web, "/slow/1500".into()));
-    assert!(eventually(WAIT, async || a.in_flight() == 1)
-        .await
-        .is_some());
-    let waiting: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(timed_get(web, "/".into())))
-        .collect();
-    assert!(eventually(WAIT, async || queued(admin).await == 2)
-        .await
-        .is_some());
+    let (holder, waiting) = hold_and_queue(web, admin, &a, "/slow/1500", 2, "/").await;
     let drained_at = std::time::Instant::now();
     assert_eq!(admin_backend(admin, a.addr, "drain").await, 200);
     for w in waiting {
