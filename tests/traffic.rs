@@ -190,8 +190,11 @@ async fn retry_on_a_status_resends_idempotent_requests_only() {
     );
     let plain = Ballast::start(&TestConfig::new(&[&a, &b]).build());
 
-    let (failed, _) = storm(retrying.addr("web"), 20, &[&a, &b]).await;
+    let (failed, attempts) = storm(retrying.addr("web"), 20, &[&a, &b]).await;
     assert_eq!(failed, 0, "every 503 from a was retried on b");
+    // A 503 is an answer, not a failed backend: a is never ejected, so every request (the
+    // retry takes a round-robin turn too) still goes to a first.
+    assert_eq!(attempts, 40, "a 503 ejected a");
     // With a backoff, a retried request takes at least that long.
     let paused = Ballast::start(
         &TestConfig::new(&[&a, &b])
