@@ -7,6 +7,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use support::{backend_state, eventually, get, start_backends, Ballast, Client, T
 /// W3C WebDriver's key for an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// chromedriver on an ephemeral port; killed (by PID) on drop.
+/// chromedriver on an ephemeral port, in a process group of its own; the whole group
+/// (chromedriver and the Chromium it started) is killed on drop. A test that panics never
+/// closes its session, and killing chromedriver alone left its browsers running.
 struct Driver {
     child: Child,
     addr: SocketAddr,
@@ -26,7 +29,9 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Some(group) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -40,6 +45,7 @@ impl Driver {
         }
         let mut child = Command::new("chromedriver")
             .arg("--port=0")
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -91,6 +97,14 @@ impl Driver {
     }
 }
 
+/// How often `text` and `click` look an element up again after it went stale.
+const STALE_RETRIES: usize = 5;
+
+/// Whether a WebDriver answer says the element was replaced since it was found.
+fn is_stale(v: &Value) -> bool {
+    v.get("error").and_then(Value::as_str) == Some("stale element reference")
+}
+
 /// One browser session.
 struct Session<'d> {
     driver: &'d Driver,
@@ -136,25 +150,39 @@ impl Session<'_> {
     }
 
     /// The text of the element `css` selects, or "" when it does not exist (yet).
+    ///
+    /// The page rebuilds its tables on every refresh, so an element found a moment ago can
+    /// be gone by the next command ("stale element reference"): then it is looked up again.
     async fn text(&self, css: &str) -> String {
-        match self.find(css).await {
-            Some(e) => self
-                .cmd("GET", &format!("/element/{e}/text"), None)
-                .await
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-            None => String::new(),
+        for _ in 0..STALE_RETRIES {
+            let Some(e) = self.find(css).await else {
+                return String::new();
+            };
+            let v = self.cmd("GET", &format!("/element/{e}/text"), None).await;
+            if !is_stale(&v) {
+                return v.as_str().unwrap_or("").to_string();
+            }
         }
+        panic!("{css} went stale {STALE_RETRIES} times in a row");
     }
 
+    /// Clicks the element `css` selects, looking it up again if a refresh replaced it
+    /// between the lookup and the click (a lost click would otherwise pass silently).
     async fn click(&self, css: &str) {
-        let e = self
-            .find(css)
-            .await
-            .unwrap_or_else(|| panic!("no element {css}"));
-        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
-            .await;
+        for _ in 0..STALE_RETRIES {
+            let e = self
+                .find(css)
+                .await
+                .unwrap_or_else(|| panic!("no element {css}"));
+            let v = self
+                .cmd("POST", &format!("/element/{e}/click"), Some(json!({})))
+                .await;
+            if !is_stale(&v) {
+                assert!(v.get("error").is_none(), "click {css}: {v}");
+                return;
+            }
+        }
+        panic!("{css} went stale {STALE_RETRIES} times in a row");
     }
 
     async fn screenshot(&self, to: &std::path::Path) {
