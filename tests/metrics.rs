@@ -7,7 +7,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::{admin_call, eventually, get, start_backends, Ballast, Client, Save, TestConfig};
+use support::{
+    admin_call, eventually, get, metric, start_backends, Ballast, Client, Save, TestConfig,
+};
 
 const CHECKS: &str = "[pools.app.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\n";
 
@@ -29,22 +31,6 @@ async fn scrape(admin: SocketAddr) -> String {
     let (status, body) = scrape_with(admin, None).await;
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// Sum of every sample of `name` whose labels include all of `labels`.
-fn value(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| v.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// Runs promtool's linter on `page` if promtool is installed.
@@ -131,7 +117,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     let mut page = String::new();
     let settled = eventually(Duration::from_secs(5), async || {
         page = scrape(admin).await;
-        value(
+        metric(
             &page,
             "ballast_listener_requests_total",
             &[("listener", "web")],
@@ -141,11 +127,11 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     assert!(
         settled.is_some(),
         "counted {} of {sent}\n{page}",
-        value(&page, "ballast_listener_requests_total", &[])
+        metric(&page, "ballast_listener_requests_total", &[])
     );
 
     let web_code = |code| {
-        value(
+        metric(
             &page,
             "ballast_listener_requests_total",
             &[("listener", "web"), ("code", code)],
@@ -155,17 +141,17 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     assert_eq!(web_code("5xx"), unavailable);
     assert_eq!(
         web_code("2xx") + web_code("5xx"),
-        value(&page, "ballast_listener_requests_total", &[])
+        metric(&page, "ballast_listener_requests_total", &[])
     );
     assert_eq!(
-        value(&page, "ballast_pool_requests_total", &[("pool", "app")]),
+        metric(&page, "ballast_pool_requests_total", &[("pool", "app")]),
         sent
     );
     // Each backend's count is what that backend itself says it served.
     let mut per_backend = 0.0;
     for b in &bs {
         let addr = b.addr.to_string();
-        let counted = value(
+        let counted = metric(
             &page,
             "ballast_backend_requests_total",
             &[("backend", &addr)],
@@ -174,11 +160,11 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         assert!(counted > 0.0);
         per_backend += counted;
         assert_eq!(
-            value(&page, "ballast_backend_up", &[("backend", &addr)]),
+            metric(&page, "ballast_backend_up", &[("backend", &addr)]),
             1.0
         );
         assert_eq!(
-            value(
+            metric(
                 &page,
                 "ballast_backend_state",
                 &[("backend", &addr), ("state", "healthy")]
@@ -186,14 +172,14 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
             1.0
         );
         assert!(
-            value(
+            metric(
                 &page,
                 "ballast_backend_health_checks_total",
                 &[("backend", &addr), ("result", "pass")]
             ) >= 1.0
         );
         assert!(
-            value(
+            metric(
                 &page,
                 "ballast_backend_received_bytes_total",
                 &[("backend", &addr)]
@@ -202,7 +188,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     }
     assert_eq!(per_backend, sent);
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_request_duration_seconds_count",
             &[("pool", "app")]
@@ -210,7 +196,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         sent
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_upstream_header_duration_seconds_count",
             &[("pool", "app")]
@@ -218,25 +204,25 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         sent
     );
     assert!(
-        value(
+        metric(
             &page,
             "ballast_upstream_connect_duration_seconds_count",
             &[("pool", "app")]
         ) >= 1.0
     );
     assert_eq!(
-        value(&page, "ballast_pool_healthy_backends", &[("pool", "app")]),
+        metric(&page, "ballast_pool_healthy_backends", &[("pool", "app")]),
         3.0
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_listener_connections_accepted_total",
             &[("listener", "web")]
         ),
         CLIENTS as f64
     );
-    assert_eq!(value(&page, "ballast_pool_failures_total", &[]), 0.0);
+    assert_eq!(metric(&page, "ballast_pool_failures_total", &[]), 0.0);
     promtool_check(&page);
 
     // Backend c leaves the config: its series are gone from the next scrape.
@@ -255,17 +241,17 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     );
     assert!(page.contains(&bs[0].addr.to_string()));
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_config_reloads_total",
             &[("result", "success")]
         ),
         1.0
     );
-    assert_eq!(value(&page, "ballast_config_generation", &[]), 2.0);
+    assert_eq!(metric(&page, "ballast_config_generation", &[]), 2.0);
     // The listener's counters survive the reload.
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_listener_requests_total",
             &[("listener", "web")]
@@ -275,7 +261,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     promtool_check(&page);
 
     // A bad edit is rejected: counted as a failure, the last success time stays.
-    let last_ok = value(
+    let last_ok = metric(
         &page,
         "ballast_config_last_reload_success_timestamp_seconds",
         &[],
@@ -288,7 +274,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
     assert!(rejected.is_some(), "bad edit not rejected");
     let page = scrape(admin).await;
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_config_reloads_total",
             &[("result", "failure")]
@@ -296,7 +282,7 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_config_reloads_total",
             &[("result", "success")]
@@ -304,14 +290,14 @@ async fn counters_add_up_under_traffic_match_the_backends_and_removed_backends_d
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_config_last_reload_success_timestamp_seconds",
             &[]
         ),
         last_ok
     );
-    assert_eq!(value(&page, "ballast_config_generation", &[]), 2.0);
+    assert_eq!(metric(&page, "ballast_config_generation", &[]), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,16 +334,16 @@ async fn failures_are_counted_by_reason_and_only_where_they_belong() {
     let mut page = String::new();
     let settled = eventually(Duration::from_secs(5), async || {
         page = scrape(admin).await;
-        value(&page, "ballast_listener_requests_total", &[]) == 23.0
+        metric(&page, "ballast_listener_requests_total", &[]) == 23.0
     })
     .await;
     assert!(settled.is_some(), "{page}");
     let dead_s = dead_addr.to_string();
     // Every request round robin sent to the dead backend first was retried on the live one.
-    let retries = value(&page, "ballast_pool_retries_total", &[("pool", "app")]);
+    let retries = metric(&page, "ballast_pool_retries_total", &[("pool", "app")]);
     assert!(retries >= 1.0, "{page}");
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_backend_failures_total",
             &[("backend", &dead_s)]
@@ -365,7 +351,7 @@ async fn failures_are_counted_by_reason_and_only_where_they_belong() {
         retries
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_backend_requests_total",
             &[("backend", &dead_s)]
@@ -373,7 +359,7 @@ async fn failures_are_counted_by_reason_and_only_where_they_belong() {
         0.0
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_backend_requests_total",
             &[("backend", &live.addr.to_string()), ("code", "2xx")]
@@ -382,20 +368,20 @@ async fn failures_are_counted_by_reason_and_only_where_they_belong() {
     );
     // Retried requests succeeded: they are no failure; the 503s are.
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_pool_failures_total",
             &[("pool", "app"), ("reason", "no_healthy_backend")]
         ),
         3.0
     );
-    assert_eq!(value(&page, "ballast_pool_failures_total", &[]), 3.0);
+    assert_eq!(metric(&page, "ballast_pool_failures_total", &[]), 3.0);
     assert_eq!(
-        value(&page, "ballast_pool_healthy_backends", &[("pool", "app")]),
+        metric(&page, "ballast_pool_healthy_backends", &[("pool", "app")]),
         0.0
     );
     assert_eq!(
-        value(
+        metric(
             &page,
             "ballast_backend_state",
             &[("backend", &dead_s), ("state", "draining")]

@@ -239,7 +239,7 @@ async fn the_retry_budget_holds_during_a_503_storm() {
     a.set_status(503);
     const N: usize = 200;
     let pool = "retry_on = [\"503\"]\nretry_budget = \"20%\"\nretry_budget_min = 1";
-    let budgeted = Ballast::start(&TestConfig::new(&[&a, &b]).pool(pool).build());
+    let budgeted = Ballast::start(&TestConfig::new(&[&a, &b]).pool(pool).admin().build());
     let unbounded = Ballast::start(
         &TestConfig::new(&[&a, &b])
             .pool("retry_on = [\"503\"]")
@@ -263,6 +263,17 @@ async fn the_retry_budget_holds_during_a_503_storm() {
         budgeted.wait_for_log("reason=retry_budget", WAIT),
         "{}",
         budgeted.logs()
+    );
+    // Every retry went to b and was answered; every refused one left a's 503 as the answer.
+    let page = get(budgeted.admin(), "/metrics").await.body;
+    let app = [("pool", "app")];
+    assert_eq!(
+        metric(&page, "ballast_pool_retries_total", &app),
+        retries as f64
+    );
+    assert_eq!(
+        metric(&page, "ballast_pool_retries_over_budget_total", &app),
+        failed as f64
     );
 }
 
@@ -486,6 +497,12 @@ async fn the_queue_serves_in_order_within_max_connections_and_is_bounded() {
             "request {i} did not queue"
         );
     }
+    // The metric says what /status says.
+    let page = get(admin, "/metrics").await.body;
+    assert_eq!(
+        metric(&page, "ballast_pool_queued", &[("pool", "app")]),
+        3.0
+    );
     // The queue is full: the next one is refused at once.
     let refused = get(web, "/").await;
     assert_eq!(refused.status, 503);
@@ -510,6 +527,11 @@ async fn the_queue_serves_in_order_within_max_connections_and_is_bounded() {
         "max_connections exceeded"
     );
     assert_eq!(queued(admin).await, 0);
+    let page = get(admin, "/metrics").await.body;
+    assert_eq!(
+        metric(&page, "ballast_pool_queued", &[("pool", "app")]),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

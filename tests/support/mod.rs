@@ -754,6 +754,23 @@ impl Ballast {
     }
 }
 
+/// From a `/metrics` page: the sum of every sample of `name` whose labels include all of
+/// `labels`.
+pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// An admin API call; returns (status, parsed JSON body).
 pub async fn admin_call(
     addr: SocketAddr,
