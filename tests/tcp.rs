@@ -324,6 +324,35 @@ async fn open_connections_count_for_least_conn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_refuses_the_connection_beyond_it_and_blames_no_backend() {
+    let a = Echo::start("a").await;
+    let lb = Ballast::start(&tcp_config(&[&a], "", "max_connections = 1"));
+    let (held, name) = open(lb.addr("web"), None).await;
+    assert_eq!(name, "a");
+    // TCP has no queue: the second connection is closed at once, without reaching a.
+    let (_refused, greeting) = open(lb.addr("web"), None).await;
+    assert_eq!(
+        greeting, "",
+        "a connection beyond max_connections was served"
+    );
+    assert!(
+        lb.wait_for_log("reason=backends_full", WAIT),
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        support::backend_state(lb.admin(), "app", a.addr).await,
+        "healthy"
+    );
+    // Its slot comes back when the first one closes.
+    drop(held);
+    let served =
+        support::eventually(WAIT, async || open(lb.addr("web"), None).await.1 == "a").await;
+    assert!(served.is_some(), "the slot never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_backend_keeps_its_long_connection_until_drain_timeout() {
     let (a, b) = (Echo::start("a").await, Echo::start("b").await);
     let lb = Ballast::start(&tcp_config(&[&a, &b], "", "drain_timeout = \"1500ms\""));

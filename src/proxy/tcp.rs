@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::backend::{Backend, Lease};
 use crate::balance::policy::hash_key;
-use crate::balance::Pool;
+use crate::balance::{NoPick, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::net::{Prefixed, TimedStream};
 use crate::state::Live;
@@ -195,9 +195,14 @@ async fn connect(
     let mut reason = "no_healthy_backend";
     for attempt in 0..attempts {
         // No queue for TCP: a connection that finds every backend at max_connections is
-        // refused like one that finds none up.
-        let Ok((idx, lease)) = pool.select(key, &tried) else {
-            break;
+        // refused, with its own reason.
+        let (idx, lease) = match pool.select(key, &tried) {
+            Ok(picked) => picked,
+            Err(NoPick::Full) => {
+                reason = "backends_full";
+                break;
+            }
+            Err(NoPick::Down) => break,
         };
         tried.push(idx);
         if attempt > 0 {
@@ -231,7 +236,7 @@ async fn connect(
         }
     }
     if let Some(suppressed) = crate::log_limit::allow((listener, &*pool.name, "tcp_no_backend")) {
-        tracing::warn!(listener, client = %peer, pool = %pool.name, reason, suppressed, "tcp connection refused: no backend could be reached");
+        tracing::warn!(listener, client = %peer, pool = %pool.name, reason = %reason, suppressed, "tcp connection refused: no backend could take it");
     }
     Err(reason)
 }
