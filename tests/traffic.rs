@@ -586,6 +586,43 @@ async fn a_reload_loses_no_queued_request() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_the_backends_sends_queued_requests_to_the_new_ones() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    let limits = "max_connections = 1\nqueue_timeout = \"10s\"";
+    let lb = Ballast::start(&TestConfig::new(&[&a]).pool(limits).admin().build());
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    let (holder, waiting) = hold_and_queue(web, admin, &a, "/slow/3000", 2, "/slow/20").await;
+    // a leaves the pool and b takes its place: the queued requests go to b, without
+    // waiting for a's running request.
+    lb.save_config(
+        &TestConfig::new(&[&b]).pool(limits).admin().build(),
+        Save::Rename,
+    );
+    assert!(lb.wait_for_log("config reloaded", WAIT), "{}", lb.logs());
+    let mut served = Vec::new();
+    for w in waiting {
+        let (status, at) = w.await.unwrap();
+        assert_eq!(
+            status, 200,
+            "a queued request was not served by the new set"
+        );
+        served.push(at);
+    }
+    assert_eq!(b.hits(), 2, "the queued requests went elsewhere");
+    let (status, held_until) = holder.await.unwrap();
+    assert_eq!(
+        status, 200,
+        "the running request on the removed backend was cut"
+    );
+    assert!(
+        served.iter().all(|t| *t < held_until),
+        "the queued requests waited for the removed backend"
+    );
+    assert_eq!(a.hits(), 1);
+    assert_eq!(queued(admin).await, 0);
+}
+
 /// Where 10 concurrent requests with one hash key went, per backend name.
 async fn hot_key_burst(web: std::net::SocketAddr) -> std::collections::BTreeMap<String, usize> {
     let burst: Vec<_> = (0..10)

@@ -397,11 +397,11 @@ fn forward<'a>(
                 Err(NoPick::Down) => break,
                 Ok(p) => {
                     drop(p);
-                    Box::pin(wait_in_queue(pool, key, tried_now, true)).await
+                    Box::pin(wait_in_queue(pool, &ctx.live, key, tried_now, true)).await
                 }
                 // Boxed: the queue is the rare path, its timers need not widen every request.
                 Err(NoPick::Full) => {
-                    Box::pin(wait_in_queue(pool, key, tried_now, queued_ahead)).await
+                    Box::pin(wait_in_queue(pool, &ctx.live, key, tried_now, queued_ahead)).await
                 }
             };
             let (idx, lease) = match picked {
@@ -594,8 +594,14 @@ enum QueueEnd {
 
 /// Waits in `pool`'s queue for a backend below its `max_connections`, first in first out:
 /// with requests `ahead`, it looks only once woken, so a slot freed for them stays theirs.
+///
+/// Each look picks from the pool as it is now: once a reload has replaced `pool` (see
+/// [`successor`]), a waiting request goes to the new set of backends, and only when that
+/// set has none available does it get its 503. The index returned is `pool`'s (what
+/// `tried` holds); `usize::MAX` for a backend `pool` does not have.
 async fn wait_in_queue(
     pool: &Pool,
+    live: &Live,
     key: Option<u64>,
     tried: &[usize],
     ahead: bool,
@@ -620,7 +626,11 @@ async fn wait_in_queue(
     notified.as_mut().enable();
     loop {
         if look {
-            match pool.select(key, tried) {
+            let picked = match successor(pool, live) {
+                None => pool.select(key, tried),
+                Some(next) => select_in_successor(pool, &next, key, tried),
+            };
+            match picked {
                 Ok(p) => return Ok(p),
                 Err(NoPick::Down) => return Err(QueueEnd::Down),
                 Err(NoPick::Full) => {}
@@ -647,6 +657,41 @@ async fn wait_in_queue(
             }
         }
     }
+}
+
+/// The pool that replaced `pool` in the current generation, when a request queued in `pool`
+/// can move to it: the queue carried over (the limits did) and the transport is the same
+/// (the request was prepared for `pool`'s protocol, and its TLS settings connect).
+fn successor(pool: &Pool, live: &Live) -> Option<Arc<Pool>> {
+    let snap = live.load();
+    let next = snap.pools.get(&pool.name)?;
+    (!std::ptr::eq(pool, &**next)
+        && std::ptr::eq(pool.queue()?, next.queue()?)
+        && next.config.protocol == pool.config.protocol
+        && next.config.tls == pool.config.tls)
+        .then(|| Arc::clone(next))
+}
+
+/// [`Pool::select`] in `next` for a request of `pool`: `tried` (indices into `pool`) is
+/// translated to the same backends in `next`, and the index picked back into `pool`'s.
+fn select_in_successor(
+    pool: &Pool,
+    next: &Pool,
+    key: Option<u64>,
+    tried: &[usize],
+) -> Result<(usize, Lease), NoPick> {
+    let tried_there: Vec<usize> = tried
+        .iter()
+        .filter_map(|&i| pool.backends.get(i))
+        .filter_map(|b| next.backends.iter().position(|n| Arc::ptr_eq(n, b)))
+        .collect();
+    let (_, lease) = next.select(key, &tried_there)?;
+    let here = pool
+        .backends
+        .iter()
+        .position(|b| Arc::ptr_eq(b, lease.backend()))
+        .unwrap_or(usize::MAX);
+    Ok((here, lease))
 }
 
 /// RFC 9110 §9.2.2: sending these twice has the effect of sending them once.
