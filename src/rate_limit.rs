@@ -10,11 +10,16 @@
 //! to full: the limit fails open for a few keys rather than letting memory grow, and the
 //! flood costs each request constant time, not a scan).
 //!
+//! IPv6 clients are counted per network (`ipv6_prefix`, /64 by default), not per address:
+//! a single host or subscriber is usually handed a whole /64, and counting each of its
+//! 2^64 addresses apart would let it step around its limit and churn the table.
+//!
 //! The table is split into shards, each under its own lock, so requests of different keys
 //! rarely wait for each other.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -56,7 +61,7 @@ impl RateLimiter {
 
     /// The key a request is counted under: its header's value, or (no such header, or
     /// `client_ip`) the client's address.
-    pub fn key_of(&self, headers: &http::HeaderMap, client: std::net::IpAddr) -> u64 {
+    pub fn key_of(&self, headers: &http::HeaderMap, client: IpAddr) -> u64 {
         let mut h = self.seed.build_hasher();
         match &self.config.key {
             RateKey::Header(name) => match headers.get(name) {
@@ -64,11 +69,27 @@ impl RateLimiter {
                     1u8.hash(&mut h);
                     v.as_bytes().hash(&mut h);
                 }
-                None => client.hash(&mut h),
+                None => self.client(client).hash(&mut h),
             },
-            RateKey::ClientIp => client.hash(&mut h),
+            RateKey::ClientIp => self.client(client).hash(&mut h),
         }
         h.finish()
+    }
+
+    /// The client as it is counted: an IPv4 address (also when written as an IPv4-mapped
+    /// IPv6 one), or an IPv6 address cut to `ipv6_prefix` bits.
+    fn client(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let bits = u32::from(self.config.ipv6_prefix.min(128));
+                    let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                    IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+                }
+            },
+        }
     }
 
     /// Takes a token for `key`, or says how long until one is there.
@@ -140,6 +161,7 @@ mod tests {
             burst,
             key: RateKey::ClientIp,
             max_keys,
+            ipv6_prefix: 64,
         })
     }
 
@@ -163,5 +185,20 @@ mod tests {
             let _ = l.check(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
         assert!(l.keys() <= 64, "{}", l.keys());
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_prefix_and_mapped_ipv4_as_ipv4() {
+        let l = limiter(1.0, 1, 64);
+        let none = http::HeaderMap::new();
+        let key = |ip: &str| l.key_of(&none, ip.parse().unwrap());
+        assert_eq!(key("2001:db8:0:1::1"), key("2001:db8:0:1:ffff::9"));
+        assert_ne!(key("2001:db8:0:1::1"), key("2001:db8:0:2::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        let mut whole = limiter(1.0, 1, 64);
+        whole.config.ipv6_prefix = 128;
+        let key = |ip: &str| whole.key_of(&none, ip.parse().unwrap());
+        assert_ne!(key("2001:db8:0:1::1"), key("2001:db8:0:1::2"));
     }
 }

@@ -391,6 +391,11 @@ fn bad_rules_are_refused_with_their_place() {
             "",
             "unknown variable",
         ),
+        (
+            "rate_limit = { requests_per_second = 1, ipv6_prefix = 0 }",
+            "",
+            "ipv6_prefix",
+        ),
         ("", "when_all_down = \"maybe\"", "when_all_down"),
         ("", "panic_threshold = \"150%\"", "panic_threshold"),
         ("", "retry_on = [\"500\"]", "retry_on"),
@@ -806,6 +811,41 @@ async fn the_rate_limit_table_stays_bounded_under_many_client_addresses() {
         .expect("keys shown");
     assert!(keys <= 32, "{keys} keys tracked with max_keys = 32");
     assert!(keys >= 16, "the table is in use: {keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_limited_per_64_unless_told_otherwise() {
+    let [a] = start_backends(["a"]).await;
+    // The client addresses come from PROXY headers (the test can only connect from
+    // loopback); ballast counts the address the header gives.
+    let limited = |prefix: &str| {
+        Ballast::start(
+            &TestConfig::new(&[&a])
+                .listener(&format!(
+                    "accept_proxy = [\"127.0.0.1\"]\nrate_limit = {{ requests_per_second = 0.05, burst = 1{prefix} }}"
+                ))
+                .build(),
+        )
+    };
+    let status_from = async |web, client: &str| {
+        let head = format!("PROXY TCP6 {client} 2001:db8::80 40000 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        raw_request(web, head.as_bytes())
+            .await
+            .expect("answer")
+            .status
+    };
+    let per_64 = limited("");
+    let web = per_64.addr("web");
+    assert_eq!(status_from(web, "2001:db8:0:1::1").await, 200);
+    // Another address of the same /64 shares its bucket; another /64 has its own.
+    assert_eq!(status_from(web, "2001:db8:0:1::beef").await, 429);
+    assert_eq!(status_from(web, "2001:db8:0:2::1").await, 200);
+
+    let per_address = limited(", ipv6_prefix = 128");
+    let web = per_address.addr("web");
+    assert_eq!(status_from(web, "2001:db8:0:1::1").await, 200);
+    assert_eq!(status_from(web, "2001:db8:0:1::beef").await, 200);
+    assert_eq!(status_from(web, "2001:db8:0:1::1").await, 429);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,7 +83,8 @@ pub struct FileListener {
     pub rate_limit: Option<Spanned<FileRateLimit>>,
 }
 
-/// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000 }`
+/// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000,
+/// ipv6_prefix = 64 }`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRateLimit {
@@ -91,6 +92,7 @@ pub struct FileRateLimit {
     pub burst: Option<Spanned<u32>>,
     pub key: Option<Text>,
     pub max_keys: Option<Spanned<u32>>,
+    pub ipv6_prefix: Option<Spanned<u8>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

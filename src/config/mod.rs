@@ -49,6 +49,8 @@ pub mod defaults {
     pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
     pub const MAX_QUEUE: u32 = 1024;
     pub const RATE_LIMIT_MAX_KEYS: u32 = 100_000;
+    /// IPv6 clients are counted per /64: one subscriber's or one host's allocation.
+    pub const RATE_LIMIT_IPV6_PREFIX: u8 = 64;
     pub const MAX_IDLE_PER_BACKEND: u32 = 128;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -234,6 +236,8 @@ pub struct RateLimitConfig {
     pub key: RateKey,
     /// Keys tracked at most (buckets idle long enough to be full are dropped first).
     pub max_keys: usize,
+    /// IPv6 client addresses are counted by their first this many bits (1 to 128).
+    pub ipv6_prefix: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1190,7 +1190,7 @@ impl Validator<'_> {
         Some(name)
     }
 
-    /// `rate_limit = { requests_per_second, burst, key, max_keys }`.
+    /// `rate_limit = { requests_per_second, burst, key, max_keys, ipv6_prefix }`.
     fn rate_limit(
         &mut self,
         v: &Spanned<file::FileRateLimit>,
@@ -1238,11 +1238,23 @@ impl Validator<'_> {
             Some(m) => *m.get_ref(),
             None => defaults::RATE_LIMIT_MAX_KEYS,
         };
+        let ipv6_prefix = match &r.ipv6_prefix {
+            Some(p) if !(1..=128).contains(p.get_ref()) => {
+                self.push(
+                    p.span(),
+                    format!("{key}.ipv6_prefix: must be 1 to 128 (bits of the address)"),
+                );
+                return None;
+            }
+            Some(p) => *p.get_ref(),
+            None => defaults::RATE_LIMIT_IPV6_PREFIX,
+        };
         Some(RateLimitConfig {
             requests_per_second: rate,
             burst,
             key: rate_key,
             max_keys: max_keys as usize,
+            ipv6_prefix,
         })
     }
 
