@@ -628,6 +628,33 @@ async fn a_reload_that_replaces_the_backends_sends_queued_requests_to_the_new_on
     assert_eq!(queued(admin).await, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lifts_the_limit_serves_the_queue_at_once() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .pool("max_connections = 1\nqueue_timeout = \"10s\"")
+            .admin()
+            .build(),
+    );
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    let (holder, waiting) = hold_and_queue(web, admin, &a, "/slow/3000", 2, "/").await;
+    lb.save_config(&TestConfig::new(&[&a]).admin().build(), Save::Rename);
+    assert!(lb.wait_for_log("config reloaded", WAIT), "{}", lb.logs());
+    let mut served = Vec::new();
+    for w in waiting {
+        let (status, at) = w.await.unwrap();
+        assert_eq!(status, 200);
+        served.push(at);
+    }
+    let (status, held_until) = holder.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        served.iter().all(|t| *t < held_until),
+        "the queued requests still waited for the limit the reload lifted"
+    );
+}
+
 /// Where 10 concurrent requests with one hash key went, per backend name.
 async fn hot_key_burst(web: std::net::SocketAddr) -> std::collections::BTreeMap<String, usize> {
     let burst: Vec<_> = (0..10)

@@ -648,7 +648,11 @@ async fn wait_in_queue(
                 notified.set(queue.notify().notified());
                 notified.as_mut().enable();
             }
-            () = recheck => look = ticket.is_first(),
+            // A reload that lifted the limits leaves no order to keep: everyone looks.
+            () = recheck => {
+                look = ticket.is_first()
+                    || successor(pool, live).is_some_and(|next| next.queue().is_none());
+            }
             () = tokio::time::sleep_until(deadline) => {
                 return Err(QueueEnd::Refused(ProxyError::QueueTimeout {
                     pool: Arc::clone(&pool.name),
@@ -660,13 +664,19 @@ async fn wait_in_queue(
 }
 
 /// The pool that replaced `pool` in the current generation, when a request queued in `pool`
-/// can move to it: the queue carried over (the limits did) and the transport is the same
-/// (the request was prepared for `pool`'s protocol, and its TLS settings connect).
+/// can move to it: the queue carried over (the limits did) or there are no limits any more,
+/// and the transport is the same (the request was prepared for `pool`'s protocol, and its
+/// TLS settings connect).
 fn successor(pool: &Pool, live: &Live) -> Option<Arc<Pool>> {
     let snap = live.load();
     let next = snap.pools.get(&pool.name)?;
+    let same_queue = match (pool.queue(), next.queue()) {
+        (_, None) => true,
+        (Some(here), Some(there)) => std::ptr::eq(here, there),
+        (None, Some(_)) => false,
+    };
     (!std::ptr::eq(pool, &**next)
-        && std::ptr::eq(pool.queue()?, next.queue()?)
+        && same_queue
         && next.config.protocol == pool.config.protocol
         && next.config.tls == pool.config.tls)
         .then(|| Arc::clone(next))
