@@ -196,7 +196,7 @@ pub async fn run(
         if !trusted.iter().any(|range| range.contains(peer.ip())) {
             // Refused before a byte is read: only a trusted balancer may speak for clients.
             if let Some(suppressed) = crate::log_limit::allow((&*name, "accept_proxy")) {
-                tracing::info!(listener = %name, client = %peer, suppressed, reason = "untrusted_proxy_source", "connection refused: not from an accept_proxy range");
+                tracing::info!(listener = %name, client = %peer, suppressed, reason = %"untrusted_proxy_source", "connection refused: not from an accept_proxy range");
             }
             continue;
         }
@@ -208,7 +208,7 @@ pub async fn run(
                 Ok(h) => h,
                 Err(e) => {
                     if let Some(suppressed) = crate::log_limit::allow((&*env.name, "proxy_header")) {
-                        tracing::info!(listener = %env.name, client = %peer, error = %e, suppressed, reason = "bad_proxy_header", "connection refused: no valid PROXY header");
+                        tracing::info!(listener = %env.name, client = %peer, error = %e, suppressed, reason = %"bad_proxy_header", "connection refused: no valid PROXY header");
                     }
                     return;
                 }

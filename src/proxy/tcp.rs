@@ -232,7 +232,7 @@ async fn connect(
         if let Some(suppressed) =
             crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
         {
-            tracing::warn!(pool = %pool.name, backend = %backend.label, reason = "connect_failed", error = %error, ejected, attempt, suppressed, "backend failed");
+            tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %"connect_failed", error = %error, ejected, attempt, suppressed, "backend failed");
         }
     }
     if let Some(suppressed) = crate::log_limit::allow((listener, &*pool.name, "tcp_no_backend")) {
