@@ -573,6 +573,60 @@ async fn a_queued_request_times_out_with_503_and_blames_no_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_the_queue_free_their_places_and_blame_no_backend() {
+    use tokio::io::AsyncWriteExt;
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .pool("max_connections = 1\nmax_queue = 5\nqueue_timeout = \"30s\"")
+            .admin()
+            .build(),
+    );
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    let holder = tokio::spawn(timed_get(web, "/slow/3000".into()));
+    assert!(eventually(WAIT, async || a.in_flight() == 1)
+        .await
+        .is_some());
+    // Five clients fill the queue, then go away without waiting for their answers.
+    let mut gone = Vec::new();
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(web).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        gone.push(s);
+    }
+    assert!(
+        eventually(WAIT, async || queued(admin).await == 5)
+            .await
+            .is_some(),
+        "the five did not queue"
+    );
+    drop(gone);
+    // Their places are free long before the queue timeout: the queue takes new requests.
+    assert!(
+        eventually(WAIT, async || queued(admin).await == 0)
+            .await
+            .is_some(),
+        "clients that left still hold queue places"
+    );
+    let waiting = tokio::spawn(timed_get(web, "/".into()));
+    assert!(eventually(WAIT, async || queued(admin).await == 1)
+        .await
+        .is_some());
+    assert_eq!(holder.await.unwrap().0, 200);
+    assert_eq!(waiting.await.unwrap().0, 200);
+    // The five never reached the backend and cost it nothing.
+    assert_eq!(a.hits(), 2);
+    assert_eq!(backend_state(admin, "app", a.addr).await, "healthy");
+    // Counted as the clients' doing, and as nothing else.
+    let page = get(admin, "/metrics").await.body;
+    let closed = [("pool", "app"), ("reason", "client_closed")];
+    assert_eq!(metric(&page, "ballast_pool_failures_total", &closed), 5.0);
+    assert_eq!(metric(&page, "ballast_pool_failures_total", &[]), 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_loses_no_queued_request() {
     let [a, b] = start_backends(["a", "b"]).await;
     let limits = "max_connections = 1\nqueue_timeout = \"10s\"";
