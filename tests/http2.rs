@@ -739,3 +739,65 @@ async fn http2_streams_are_logged_and_a_reset_stream_is_the_clients() {
     let (status, _, _) = h2_get(&mut h2, "http://shop.example/after").await.unwrap();
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_reset_while_queued_free_their_places_and_blame_no_backend() {
+    let [a] = start_backends(["a"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .admin()
+            .listener("h2c = true")
+            .pool("max_connections = 1\nqueue_timeout = \"30s\"")
+            .build(),
+    );
+    let admin = lb.admin();
+    let queued = async || {
+        let (_, status) = support::admin_call(admin, "GET", "/status", None).await;
+        status["pools"]["app"]["queued"].as_u64().unwrap_or(0)
+    };
+    let holder = tokio::spawn(support::get(lb.addr("web"), "/slow/3000"));
+    assert!(support::eventually(WAIT, async || a.in_flight() == 1)
+        .await
+        .is_some());
+    // Three streams of one connection queue behind it; the client resets two of them.
+    let h2 = h2_handshake(TcpStream::connect(lb.addr("web")).await.unwrap()).await;
+    let streams: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = h2.clone();
+            tokio::spawn(async move { h2_get(&mut s, "http://test.local/").await })
+        })
+        .collect();
+    assert!(
+        support::eventually(WAIT, async || queued().await == 3)
+            .await
+            .is_some(),
+        "the streams did not queue"
+    );
+    streams[0].abort();
+    streams[1].abort();
+    assert!(
+        support::eventually(WAIT, async || queued().await == 1)
+            .await
+            .is_some(),
+        "reset streams still hold queue places"
+    );
+    assert_eq!(holder.await.unwrap().status, 200);
+    let [_, _, kept] = <[_; 3]>::try_from(streams).unwrap();
+    let (status, backend, _) = kept.await.unwrap().expect("the kept stream is answered");
+    assert_eq!((status, backend.as_str()), (200, "a"));
+    assert_eq!(a.hits(), 2, "a reset stream reached the backend");
+    assert_eq!(
+        support::backend_state(admin, "app", a.addr).await,
+        "healthy"
+    );
+    let page = support::get(admin, "/metrics").await.body;
+    let closed = [("pool", "app"), ("reason", "client_closed")];
+    assert_eq!(
+        support::metric(&page, "ballast_pool_failures_total", &closed),
+        2.0
+    );
+    assert_eq!(
+        support::metric(&page, "ballast_pool_failures_total", &[]),
+        2.0
+    );
+}
