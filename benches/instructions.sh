@@ -12,6 +12,8 @@
 #   VARIANTS="plain traffic" bash benches/instructions.sh    # + issue 11's keys all set
 #     (max_connections and its queue, panic_threshold, retry_on + retry_budget, request_id,
 #     a rate limit no request reaches, header rules: what they cost when used)
+#   VARIANTS="plain request-id rate-limit header-rules max-connections panic retry-budget"
+#     bash benches/instructions.sh   # the same keys one at a time: what each costs
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -48,6 +50,16 @@ sed -e "s/worker_threads = 1/worker_threads = 2/" "$work/plain.toml" > "$work/th
 sed -e '/^pool = "app"/a request_id = true\nrate_limit = { requests_per_second = 1000000, burst = 1000000 }\nrequest_headers = { set = { "X-Env" = "bench", "X-Client" = "${client_ip}" }, remove = ["X-Debug"] }\nresponse_headers = { set = { "X-Request-Id" = "${request_id}" } }' \
   -e '$a max_connections = 1000\npanic_threshold = "50%"\nretry_on = ["connect_failure", "reset", "503"]\nretry_budget = "20%"' \
   "$work/plain.toml" > "$work/traffic.toml"
+# The same keys one at a time (listener keys after `pool =`, pool keys at the end).
+one_key() {  # $1 = name, $2 = listener line or "", $3 = pool line or ""
+  sed -e "${2:+/^pool = \"app\"/a $2}" -e "${3:+\$a $3}" "$work/plain.toml" > "$work/$1.toml"
+}
+one_key request-id 'request_id = true' ''
+one_key rate-limit 'rate_limit = { requests_per_second = 1000000, burst = 1000000 }' ''
+one_key header-rules 'request_headers = { set = { "X-Env" = "bench", "X-Client" = "${client_ip}" }, remove = ["X-Debug"] }\nresponse_headers = { set = { "X-Listener" = "${listener}" } }' ''
+one_key max-connections '' 'max_connections = 1000'
+one_key panic '' 'panic_threshold = "50%"'
+one_key retry-budget '' 'retry_on = ["connect_failure", "reset", "503"]\nretry_budget = "20%"'
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
@@ -99,6 +111,8 @@ for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
     plain) measure plain "$BALLAST" "$work/plain.toml" ;;
     threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;
     traffic) measure traffic "$BALLAST" "$work/traffic.toml" ;;
+    request-id|rate-limit|header-rules|max-connections|panic|retry-budget)
+      measure "$variant" "$BALLAST" "$work/$variant.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
     access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
     access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;

@@ -269,7 +269,9 @@ pub struct Template(pub Vec<Piece>);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
-    Text(String),
+    /// Checked and converted once, when the config is read: a value without variables is
+    /// then a reference-count increment per request.
+    Text(http::HeaderValue),
     ClientIp,
     RequestId,
     Listener,

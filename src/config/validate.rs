@@ -1459,7 +1459,7 @@ pub(super) fn parse_template(text: &str) -> Result<Template, String> {
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         if start > 0 {
-            pieces.push(Piece::Text(rest[..start].to_string()));
+            pieces.push(text_piece(text, &rest[..start])?);
         }
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
@@ -1478,16 +1478,16 @@ pub(super) fn parse_template(text: &str) -> Result<Template, String> {
         rest = &after[end + 1..];
     }
     if !rest.is_empty() {
-        pieces.push(Piece::Text(rest.to_string()));
-    }
-    for p in &pieces {
-        if let Piece::Text(t) = p {
-            if http::HeaderValue::from_str(t).is_err() {
-                return Err(format!("{text:?}: not a valid header value"));
-            }
-        }
+        pieces.push(text_piece(text, rest)?);
     }
     Ok(Template(pieces))
+}
+
+/// The fixed text `part` of the template `text`, as a header value.
+fn text_piece(text: &str, part: &str) -> Result<Piece, String> {
+    http::HeaderValue::from_str(part)
+        .map(Piece::Text)
+        .map_err(|_| format!("{text:?}: not a valid header value"))
 }
 
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {

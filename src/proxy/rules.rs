@@ -61,11 +61,14 @@ pub fn apply(rules: &HeaderRules, headers: &mut HeaderMap, vars: &Vars<'_>) {
     for name in &rules.remove {
         headers.remove(name);
     }
+    // Room for the fields set, so a map sized for the request does not grow one at a time.
+    headers.reserve(rules.set.len());
     for (name, template) in &rules.set {
         let value = match template.0.as_slice() {
-            [Piece::Text(t)] => HeaderValue::from_str(t).ok(),
+            [Piece::Text(v)] => Some(v.clone()),
+            [Piece::ClientIp] => Some(vars.client_ip.clone()),
             pieces => {
-                let mut v: Vec<u8> = Vec::with_capacity(64);
+                let mut v = bytes::BytesMut::with_capacity(64);
                 for p in pieces {
                     match p {
                         Piece::Text(t) => v.extend_from_slice(t.as_bytes()),
@@ -76,7 +79,8 @@ pub fn apply(rules: &HeaderRules, headers: &mut HeaderMap, vars: &Vars<'_>) {
                         Piece::Listener => v.extend_from_slice(vars.listener.as_bytes()),
                     }
                 }
-                HeaderValue::from_bytes(&v).ok()
+                // Checked, but not copied again.
+                HeaderValue::from_maybe_shared(v.freeze()).ok()
             }
         };
         // Each piece is a valid value on its own (checked at load, or an id and address
@@ -160,15 +164,15 @@ mod tests {
             set: vec![
                 (
                     HeaderName::from_static("x-debug"),
-                    crate::config::Template(vec![Piece::Text("no".into())]),
+                    crate::config::Template(vec![Piece::Text(HeaderValue::from_static("no"))]),
                 ),
                 (
                     HeaderName::from_static("x-who"),
                     crate::config::Template(vec![
                         Piece::ClientIp,
-                        Piece::Text(" ".into()),
+                        Piece::Text(HeaderValue::from_static(" ")),
                         Piece::RequestId,
-                        Piece::Text(" ".into()),
+                        Piece::Text(HeaderValue::from_static(" ")),
                         Piece::Listener,
                     ]),
                 ),
