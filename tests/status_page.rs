@@ -151,8 +151,9 @@ impl Session<'_> {
 
     /// The text of the element `css` selects, or "" when it does not exist (yet).
     ///
-    /// The page rebuilds its tables on every refresh, so an element found a moment ago can
-    /// be gone by the next command ("stale element reference"): then it is looked up again.
+    /// A refresh can replace an element found a moment ago (a row whose backend changed,
+    /// a pool card that became "No backends."), so it can be gone by the next command
+    /// ("stale element reference"): then it is looked up again.
     async fn text(&self, css: &str) -> String {
         for _ in 0..STALE_RETRIES {
             let Some(e) = self.find(css).await else {
