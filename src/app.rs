@@ -88,10 +88,9 @@ pub async fn run(
 
     let shutdown = daemon.shutdown_token();
     let admin_stop = CancellationToken::new();
-    if let (Some(sock), Some(a)) = (admin_socket, &admin_config) {
+    if let (Some(sock), Some(_)) = (admin_socket, &admin_config) {
         tokio::spawn(admin::run(
             sock,
-            a.token.clone(),
             Arc::clone(&daemon),
             admin_stop.clone(),
             metrics,

@@ -336,7 +336,12 @@ impl Daemon {
             if *current.config == config {
                 return Ok(false);
             }
-            if current.config.admin != config.admin {
+            // The token is read per request, so a new one applies at once; the socket and
+            // the metrics recorder are set up once.
+            let (was, now) = (&current.config.admin, &config.admin);
+            if was.as_ref().map(|a| (a.bind, a.metrics))
+                != now.as_ref().map(|a| (a.bind, a.metrics))
+            {
                 tracing::warn!("admin settings changed: restart ballast to apply them");
             }
         }

@@ -63,6 +63,13 @@ enum Command {
         /// Give up after this long, e.g. "2s".
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Send `Authorization: Bearer <token>` with the token read from FILE (the admin
+        /// token's secret file, e.g. /run/secrets/ballast-admin-token).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// An extra request header, "Name: value"; may be repeated.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
     },
 }
 
@@ -101,12 +108,32 @@ fn main() -> ExitCode {
                 method,
                 body,
                 timeout,
+                token_file,
+                headers,
             }),
             _,
         ) => {
             let (url, method, timeout, print_body) = (url.clone(), method.clone(), *timeout, *body);
+            let mut headers = match ballast::probe::parse_headers(headers) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("probe: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(path) = token_file {
+                match ballast::probe::bearer_from_file(path) {
+                    Ok(v) => {
+                        headers.insert(http::header::AUTHORIZATION, v);
+                    }
+                    Err(e) => {
+                        eprintln!("probe: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             return block_on(Some(1), async move {
-                match ballast::probe::probe(method, &url, timeout).await {
+                match ballast::probe::probe(method, &url, headers, timeout).await {
                     Ok(answer) if print_body => {
                         use std::io::Write;
                         let _ = std::io::stdout().write_all(&answer.body);
@@ -137,6 +164,19 @@ fn main() -> ExitCode {
             eprintln!("{}: warning: {w}", path.display());
         }
         println!("{}: ok: {}", path.display(), config.summary());
+        // Names only: a value may be a secret.
+        if !config.env_vars.is_empty() {
+            println!(
+                "{}: environment variables read: {}",
+                path.display(),
+                config.env_vars.join(", ")
+            );
+        }
+        let files = config.referenced_files();
+        if !files.is_empty() {
+            let files: Vec<_> = files.iter().map(|f| f.display().to_string()).collect();
+            println!("{}: files read: {}", path.display(), files.join(", "));
+        }
         return ExitCode::SUCCESS;
     }
     let workers = config.global.worker_threads;

@@ -1,5 +1,6 @@
 //! `ballast probe URL`: one HTTP request (GET unless told), exit status 0 on a 2xx answer. It is the health check
-//! of the container image, which is built FROM scratch and has no curl.
+//! of the container image, which is built FROM scratch and has no curl, and the client of
+//! hooks that call the admin endpoint with its token (`--token-file`, `--header`).
 
 use std::time::Duration;
 
@@ -22,6 +23,37 @@ pub enum ProbeError {
     Status(http::StatusCode),
     #[error("the body broke off or is larger than 1 MiB")]
     Body,
+    #[error("{0}: expected \"Name: value\"")]
+    Header(String),
+}
+
+/// Request header fields from `--header "Name: value"` arguments.
+pub fn parse_headers(args: &[String]) -> Result<http::HeaderMap, ProbeError> {
+    let mut map = http::HeaderMap::new();
+    for arg in args {
+        let bad = || ProbeError::Header(arg.clone());
+        let (name, value) = arg.split_once(':').ok_or_else(bad)?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+        let value = http::HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// `Authorization: Bearer <token>` with the token read from `path` (a Kubernetes or Docker
+/// secret file; its trailing newline is not part of the token).
+pub fn bearer_from_file(path: &std::path::Path) -> Result<http::HeaderValue, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.trim_end_matches(['\r', '\n']);
+    if token.trim().is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| format!("--token-file {}: not a valid header value", path.display()))
 }
 
 const MAX_BODY: usize = 1024 * 1024;
@@ -33,20 +65,25 @@ pub struct Answer {
     pub body: bytes::Bytes,
 }
 
-/// Sends `method` to `url` (plain `http://` only) within `timeout`; `Ok` with the status
-/// and body when the status is 2xx.
+/// Sends `method` with `headers` to `url` (plain `http://` only) within `timeout`; `Ok`
+/// with the status and body when the status is 2xx.
 pub async fn probe(
     method: http::Method,
     url: &str,
+    headers: http::HeaderMap,
     timeout: Duration,
 ) -> Result<Answer, ProbeError> {
-    match tokio::time::timeout(timeout, request(method, url)).await {
+    match tokio::time::timeout(timeout, request(method, url, headers)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout(timeout)),
     }
 }
 
-async fn request(method: http::Method, url: &str) -> Result<Answer, ProbeError> {
+async fn request(
+    method: http::Method,
+    url: &str,
+    headers: http::HeaderMap,
+) -> Result<Answer, ProbeError> {
     let bad = || ProbeError::Url(url.to_string());
     let uri: http::Uri = url.parse().map_err(|_| bad())?;
     if uri.scheme_str() != Some("http") {
@@ -58,13 +95,14 @@ async fn request(method: http::Method, url: &str) -> Result<Answer, ProbeError> 
     let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
         .header(http::header::HOST, authority.as_str())
         .header(http::header::USER_AGENT, "ballast-probe")
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|_| bad())?;
+    req.headers_mut().extend(headers);
     let response = sender.send_request(req).await?;
     let status = response.status();
     if !status.is_success() {

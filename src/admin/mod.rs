@@ -7,14 +7,19 @@
 //!   off.
 //! - `GET /status`: JSON with every pool's backends (state, in-flight, counters) and the
 //!   last reload's result.
-//! - `GET /ready`: 200 while serving, 503 from the moment shutdown begins, so an outer
-//!   balancer stops sending first.
+//! - `GET /ready`: 200 while serving, 503 from the moment shutdown begins (or lame duck),
+//!   so an outer balancer stops sending first. Public, like HAProxy's `monitor-uri`.
+//! - `GET /live`: 200 while the process answers at all (a liveness probe). Public.
 //! - `POST /reload`: re-read the config file (same path as SIGHUP and file edits).
 //! - `POST /pools/{pool}/backends/{address}/drain` and `.../enable`.
 //!
-//! When a token is configured every request must carry `Authorization: Bearer <token>`,
-//! except `GET /`: a browser cannot send one with a page load, and the page holds no data
-//! (its script asks for the token when `/status` says 401).
+//! When a token is configured (`admin.token` or `admin.token_file`) every request must
+//! carry `Authorization: Bearer <token>`, except three that reveal nothing and change
+//! nothing: `GET /` (a browser cannot send a token with a page load, and the page holds no
+//! data; its script asks for the token when `/status` says 401), and `GET /ready` and
+//! `GET /live`, which probes (Docker's HEALTHCHECK, Kubernetes' httpGet) call without
+//! credentials. The token is read from the running config on each request, so a reload
+//! (a rotated `token_file`) applies it at once.
 //! It reads the daemon's state and calls its control methods; it never touches `Live`.
 
 use std::convert::Infallible;
@@ -41,12 +46,10 @@ const MAX_LAME_DUCK_WAIT: Duration = Duration::from_secs(300);
 /// A plain shutdown leaves it up while connections drain, so `/ready` can say 503.
 pub async fn run(
     listener: Arc<TcpListener>,
-    token: Option<String>,
     daemon: Arc<Daemon>,
     stop: CancellationToken,
     metrics: Metrics,
 ) {
-    let token: Option<Arc<str>> = token.map(Into::into);
     let metrics = Arc::new(metrics);
     loop {
         let accepted = tokio::select! {
@@ -57,16 +60,12 @@ pub async fn run(
             continue;
         };
         let daemon = Arc::clone(&daemon);
-        let token = token.clone();
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let daemon = Arc::clone(&daemon);
-                let token = token.clone();
                 let metrics = Arc::clone(&metrics);
-                async move {
-                    Ok::<_, Infallible>(handle(req, &daemon, token.as_deref(), &metrics).await)
-                }
+                async move { Ok::<_, Infallible>(handle(req, &daemon, &metrics).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -88,24 +87,22 @@ pub enum Metrics {
 async fn handle(
     req: Request<Incoming>,
     daemon: &Daemon,
-    token: Option<&str>,
     metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
-    if req.method() == Method::GET && req.uri().path() == "/" {
-        return text(StatusCode::OK, "text/html; charset=utf-8", PAGE);
-    }
-    if let Some(token) = token {
-        let presented = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "missing or wrong bearer token"}),
-            );
+    if req.method() == Method::GET {
+        match req.uri().path() {
+            "/" => return text(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+            "/live" => return reply(StatusCode::OK, json!({"live": true})),
+            "/ready" if daemon.is_ready() => return reply(StatusCode::OK, json!({"ready": true})),
+            "/ready" => return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false})),
+            _ => {}
         }
+    }
+    if !authorized(&req, daemon) {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"}),
+        );
     }
     // Segments are percent-decoded: the status page encodes addresses (`[::1]:80`).
     let decoded: Vec<String> = req
@@ -154,13 +151,6 @@ async fn handle(
                 json!({"ready": false, "waited_ms": wait.as_millis() as u64}),
             )
         }
-        (&Method::GET, ["ready"]) => {
-            if !daemon.is_ready() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false}))
-            } else {
-                reply(StatusCode::OK, json!({"ready": true}))
-            }
-        }
         (&Method::POST, ["reload"]) => match daemon.reload().await {
             Ok(changed) => reply(
                 StatusCode::OK,
@@ -180,7 +170,7 @@ async fn handle(
                 Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
             }
         }
-        (_, ["status" | "ready" | "metrics"])
+        (_, ["status" | "ready" | "live" | "metrics"])
         | (_, ["reload" | "lame-duck"])
         | (_, ["pools", _, "backends", _, _]) => reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -339,6 +329,24 @@ fn percent_decode(segment: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True when no token is configured or the request carries the running config's token.
+fn authorized(req: &Request<Incoming>, daemon: &Daemon) -> bool {
+    let snapshot = daemon.live.load();
+    let Some(token) = snapshot
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_deref())
+    else {
+        return true;
+    };
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
 }
 
 /// Compares without an early exit, so response timing says nothing about the token.

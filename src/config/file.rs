@@ -38,6 +38,7 @@ pub struct FileGlobal {
 pub struct FileAdmin {
     pub bind: Text,
     pub token: Option<Text>,
+    pub token_file: Option<Text>,
     pub metrics: Option<bool>,
 }
 
@@ -120,11 +121,32 @@ pub struct FileCertificate {
 }
 
 /// A byte size, written as an integer or as text with a unit (`"64KiB"`, `"1MiB"`, `"0"`).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum FileSize {
     Bytes(i64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for FileSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size: a number of bytes or a string such as \"64KiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FileSize, E> {
+                Ok(FileSize::Bytes(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FileSize, E> {
+                Ok(FileSize::Bytes(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileSize, E> {
+                Ok(FileSize::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,11 +234,38 @@ pub struct FileUpstreamTls {
 
 /// A backend is written either as `"ip:port"` / `"host:port"` or as
 /// `{ address = "ip:port", weight = 3 }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+///
+/// Not `#[serde(untagged)]`: an untagged enum buffers its input, which loses the spans of
+/// the table's `Spanned` fields (so `max_connections` never parsed) and turns every typo
+/// or wrong type inside the table into "did not match any variant". Dispatching on the
+/// value's kind keeps the table's own errors, at their place.
+#[derive(Debug)]
 pub enum FileBackend {
     Address(String),
     Detailed(FileBackendTable),
+}
+
+impl<'de> Deserialize<'de> for FileBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileBackend;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address string or a table { address = \"...\", weight = N, backup = true, max_connections = N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileBackend, E> {
+                Ok(FileBackend::Address(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileBackend, A::Error> {
+                FileBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(FileBackend::Detailed)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

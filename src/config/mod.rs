@@ -7,6 +7,7 @@
 //! weight, ...) is collected in a single pass. `Config` is `PartialEq` so a reload can tell
 //! that nothing changed.
 
+mod env;
 mod file;
 pub mod tls;
 mod validate;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use file::FileConfig;
+use serde::Deserialize;
 
 /// Defaults, in one place so `config/ballast.toml` and the code agree.
 pub mod defaults {
@@ -79,6 +81,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Sorted by name.
     pub pools: Vec<PoolConfig>,
+    /// Environment variables the file reads with `${env:NAME}` (names only; `--check`
+    /// lists them).
+    pub env_vars: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +99,9 @@ pub struct Global {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// From `token`, or read from `token_file` (watched: a rotated file reloads).
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     /// Serve `GET /metrics` and record the latency histograms behind it.
     pub metrics: bool,
 }
@@ -608,18 +615,40 @@ impl Config {
         }
     }
 
-    /// Parses and validates `text`; `file` is only used to label errors.
+    /// Parses and validates `text`; `file` labels errors and anchors relative paths.
+    /// `${env:NAME}` reads the process environment.
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        Config::from_toml_str_with_env(text, file, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::from_toml_str`] with the environment given by `env`.
+    pub fn from_toml_str_with_env(
+        text: &str,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut v = validate::Validator {
             text,
             base: file.parent().unwrap_or(Path::new("")),
             problems: Vec::new(),
         };
-        let config = match toml::from_str::<FileConfig>(text) {
-            Ok(raw) => v.config(raw),
+        let config = match toml::de::DeTable::parse(text) {
+            Ok(mut doc) => {
+                let mut env_problems = Vec::new();
+                let used = env::expand(doc.get_mut(), env, &mut env_problems);
+                for (span, message) in env_problems {
+                    v.push(span, message);
+                }
+                match FileConfig::deserialize(toml::de::Deserializer::from(doc)) {
+                    Ok(raw) => v.config(raw, used.into_iter().collect()),
+                    Err(e) => {
+                        v.push(e.span().unwrap_or(0..0), e.message().trim_end().to_string());
+                        None
+                    }
+                }
+            }
             Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                v.push(span, e.message().trim_end().to_string());
+                v.push(e.span().unwrap_or(0..0), e.message().trim_end().to_string());
                 None
             }
         };
@@ -636,7 +665,11 @@ impl Config {
     /// Every file besides the config file whose contents are part of the config (TLS
     /// certificates, keys, CA bundles): an edit of one reloads like an edit of the config.
     pub fn referenced_files(&self) -> Vec<PathBuf> {
-        let mut files = Vec::new();
+        let mut files: Vec<PathBuf> = self
+            .admin
+            .iter()
+            .filter_map(|a| a.token_file.clone())
+            .collect();
         for l in &self.listeners {
             if let Some(t) = &l.tls {
                 for c in &t.certificates {
@@ -692,6 +725,7 @@ impl Config {
             access_log: None,
             listeners: Vec::new(),
             pools: Vec::new(),
+            env_vars: Vec::new(),
         }
     }
 

@@ -196,7 +196,7 @@ impl Validator<'_> {
         out
     }
 
-    pub(super) fn config(&mut self, raw: FileConfig) -> Option<Config> {
+    pub(super) fn config(&mut self, raw: FileConfig, env_vars: Vec<String>) -> Option<Config> {
         let global = Global {
             worker_threads: match &raw.global.worker_threads {
                 Some(n) if *n.get_ref() == 0 => {
@@ -225,28 +225,7 @@ impl Validator<'_> {
             }),
         };
 
-        let admin = raw.admin.as_ref().and_then(|a| {
-            let bind = self.socket_addr(&a.bind, "admin.bind")?;
-            let token = a.token.as_ref().map(|t| t.get_ref().clone());
-            if let Some(t) = &a.token {
-                if t.get_ref().is_empty() {
-                    self.push(t.span(), "admin.token: must not be empty".into());
-                }
-            }
-            if !bind.ip().is_loopback() && token.is_none() {
-                self.push(
-                    a.bind.span(),
-                    format!(
-                        "admin.bind: {bind} is not a loopback address, so admin.token is required"
-                    ),
-                );
-            }
-            Some(AdminConfig {
-                bind,
-                token,
-                metrics: a.metrics.unwrap_or(true),
-            })
-        });
+        let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
         let access_log = raw.access_log.as_ref().map(|a| self.access_log(a));
 
         let pool_names: HashMap<&str, ()> = raw
@@ -294,6 +273,7 @@ impl Validator<'_> {
             access_log,
             listeners,
             pools,
+            env_vars,
         })
     }
 
@@ -554,6 +534,67 @@ impl Validator<'_> {
     }
 
     /// The `[access_log]` table.
+    fn admin(&mut self, a: &file::FileAdmin) -> Option<AdminConfig> {
+        let bind = self.socket_addr(&a.bind, "admin.bind")?;
+        let (token, token_file) = match (&a.token, &a.token_file) {
+            (Some(t), Some(f)) => {
+                self.push(
+                    f.span(),
+                    "admin.token_file: set admin.token or admin.token_file, not both".into(),
+                );
+                (Some(t.get_ref().clone()), None)
+            }
+            (Some(t), None) => {
+                if t.get_ref().is_empty() {
+                    self.push(t.span(), "admin.token: must not be empty".into());
+                }
+                (Some(t.get_ref().clone()), None)
+            }
+            (None, Some(f)) => {
+                let path = self.path(f);
+                (self.secret_file(f, &path, "admin.token_file"), Some(path))
+            }
+            (None, None) => (None, None),
+        };
+        if !bind.ip().is_loopback() && token.is_none() && token_file.is_none() {
+            self.push(
+                a.bind.span(),
+                format!(
+                    "admin.bind: {bind} is not a loopback address, so admin.token (or admin.token_file) is required"
+                ),
+            );
+        }
+        Some(AdminConfig {
+            bind,
+            token,
+            token_file,
+            metrics: a.metrics.unwrap_or(true),
+        })
+    }
+
+    /// A `*_file` secret (`/run/secrets/NAME`): the file's text without its trailing
+    /// newline. The error names the file, never its contents.
+    fn secret_file(&mut self, at: &Text, path: &std::path::Path, key: &str) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let secret = text.trim_end_matches(['\r', '\n']);
+                if secret.trim().is_empty() {
+                    self.push(at.span(), format!("{key}: {} is empty", path.display()));
+                    None
+                } else {
+                    Some(secret.to_string())
+                }
+            }
+            Err(e) => {
+                self.push(
+                    at.span(),
+                    format!("{key}: cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
     fn access_log(&mut self, a: &file::FileAccessLog) -> AccessLogConfig {
         let format = match a.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "json")) => AccessLogFormat::Json,
@@ -1451,34 +1492,43 @@ impl Validator<'_> {
     }
 }
 
-/// `"64KiB"`, `"1 MiB"`, `"512k"`, `"100"`: a number with an optional unit. Units are powers
-/// of 1024 (`k`, `KB` and `KiB` all mean 1024, as in nginx).
-/// `"prod"`, `"${client_ip}"`, `"id=${request_id} via ${listener}"`.
+/// `"prod"`, `"${client_ip}"`, `"id=${request_id} via ${listener}"`; `$${` is a literal
+/// `${` (the environment pass in `config::env` leaves it so in templates).
 pub(super) fn parse_template(text: &str) -> Result<Template, String> {
     let mut pieces = Vec::new();
+    let mut literal = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
-        if start > 0 {
-            pieces.push(text_piece(text, &rest[..start])?);
+        if start > 0 && rest.as_bytes()[start - 1] == b'$' {
+            literal.push_str(&rest[..start - 1]);
+            literal.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
         }
+        literal.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
             return Err(format!("{text:?}: \"${{\" without a closing \"}}\""));
         };
-        pieces.push(match &after[..end] {
+        let variable = match &after[..end] {
             "client_ip" => Piece::ClientIp,
             "request_id" => Piece::RequestId,
             "listener" => Piece::Listener,
             other => {
                 return Err(format!(
-                    "{text:?}: unknown variable {other:?} (client_ip, request_id, listener)"
+                    "{text:?}: unknown variable {other:?} (client_ip, request_id, listener; write $${{ for a literal ${{)"
                 ))
             }
-        });
+        };
+        if !literal.is_empty() {
+            pieces.push(text_piece(text, &std::mem::take(&mut literal))?);
+        }
+        pieces.push(variable);
         rest = &after[end + 1..];
     }
-    if !rest.is_empty() {
-        pieces.push(text_piece(text, rest)?);
+    literal.push_str(rest);
+    if !literal.is_empty() {
+        pieces.push(text_piece(text, &literal)?);
     }
     Ok(Template(pieces))
 }
@@ -1490,6 +1540,8 @@ fn text_piece(text: &str, part: &str) -> Result<Piece, String> {
         .map_err(|_| format!("{text:?}: not a valid header value"))
 }
 
+/// `"64KiB"`, `"1 MiB"`, `"512k"`, `"100"`: a number with an optional unit. Units are powers
+/// of 1024 (`k`, `KB` and `KiB` all mean 1024, as in nginx).
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
