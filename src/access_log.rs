@@ -342,7 +342,7 @@ impl LineFormat {
                     t.pop();
                     t
                 }
-                AccessLogFormat::Common => time::OffsetDateTime::from(whole)
+                AccessLogFormat::Combined => time::OffsetDateTime::from(whole)
                     .format(time::macros::format_description!(
                         "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
                     ))
@@ -353,7 +353,7 @@ impl LineFormat {
         let stamp = self.second.as_ref().map_or("", |(_, t)| t.as_str());
         match self.format {
             AccessLogFormat::Json => json(e, stamp, since.subsec_millis(), out),
-            AccessLogFormat::Common => combined(e, stamp, out),
+            AccessLogFormat::Combined => combined(e, stamp, out),
         }
     }
 }
@@ -542,7 +542,7 @@ mod tests {
     #[test]
     fn combined_format_escapes_what_a_client_controls() {
         let mut out = Vec::new();
-        LineFormat::new(AccessLogFormat::Common).write(&entry(), &mut out);
+        LineFormat::new(AccessLogFormat::Combined).write(&entry(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "192.0.2.7 - - [14/Nov/2023:22:13:20 +0000] \"GET /a?b=1 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\x22x\\x22\"\n"

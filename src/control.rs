@@ -31,6 +31,9 @@ use crate::listener::{bind_named, BindError};
 use crate::state::{Live, Snapshot};
 use crate::{listener, systemd};
 
+/// Listening sockets a config needs that are not open yet, by listener name.
+type NewSockets = HashMap<String, Arc<TcpListener>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("no config file to reload from")]
@@ -345,6 +348,35 @@ impl Daemon {
                 tracing::warn!("admin settings changed: restart ballast to apply them");
             }
         }
+        // The log format and level first, so that this reload's own lines (listeners bound,
+        // the summary) are written the new way; a rejected config puts the old ones back.
+        crate::logging::apply(&config.log);
+        let prepared = self.prepare(control, &config, &current, inherited);
+        let (new_sockets, access_log) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                crate::logging::apply(&current.config.log);
+                return Err(e);
+            }
+        };
+        let (generation, changes) = self
+            .commit(control, Arc::new(config), new_sockets, access_log)
+            .await;
+        if !startup {
+            tracing::info!(generation, changes = %changes, "config reloaded");
+        }
+        Ok(true)
+    }
+
+    /// What `config` needs that can fail, before anything changes: its new listening
+    /// sockets and its access log writer.
+    fn prepare(
+        &self,
+        control: &Control,
+        config: &Config,
+        current: &Snapshot,
+        inherited: &mut Inherited,
+    ) -> Result<(NewSockets, Option<AccessLog>), ReloadError> {
         // Bind new sockets first: if one fails, nothing has changed yet.
         let mut new_sockets = HashMap::new();
         for l in &config.listeners {
@@ -374,13 +406,7 @@ impl Daemon {
                 }
             })?),
         };
-        let (generation, changes) = self
-            .commit(control, Arc::new(config), new_sockets, access_log)
-            .await;
-        if !startup {
-            tracing::info!(generation, changes = %changes, "config reloaded");
-        }
-        Ok(true)
+        Ok((new_sockets, access_log))
     }
 
     /// The one sequence every change goes through: build, store, drain what left,

@@ -16,6 +16,8 @@
 //!   stays on hyper).
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
+//! - `logging`: the daemon log: text or JSON, level from `[log]`, dependencies' lines
+//!   limited like ballast's own.
 //! - `stats`: the data path's counters (per listener, per pool) and latency histogram
 //!   handles; per-backend ones sit on the backend.
 //! - `access_log`: one line per request or TCP connection, queued to a writer thread.
@@ -67,6 +69,7 @@ pub mod handover;
 pub mod health;
 pub mod listener;
 pub mod log_limit;
+pub mod logging;
 pub mod net;
 pub mod probe;
 pub mod prometheus;

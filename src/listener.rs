@@ -172,8 +172,11 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::error!(listener = %name, error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and say so once a
+                    // second (clients can cause this, and it repeats every 50 ms).
+                    if let Some(suppressed) = crate::log_limit::allow((&*name, "accept_failed")) {
+                        tracing::error!(listener = %name, error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -366,6 +369,17 @@ impl Env {
             }
             Ok(Err(e)) => {
                 self.stats.tls_failures.incr();
+                if is_invalid_sni(&e) {
+                    // rustls refuses these before any certificate is chosen, with no setting
+                    // to serve them the default one (see tls.rs); say so where an operator
+                    // looks, at most once a second.
+                    if let Some(suppressed) =
+                        crate::log_limit::allow((&*conn.ctx.listener, "invalid_sni"))
+                    {
+                        tracing::info!(listener = %conn.ctx.listener, client = %conn.ctx.peer, suppressed, reason = %"invalid_sni", "TLS handshake refused: the client's SNI is not a host name (e.g. host:port)");
+                    }
+                    return;
+                }
                 tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
                 return;
             }
@@ -665,6 +679,21 @@ fn refuse_over_limit(stream: &TcpStream, config: &ListenerConfig, peer: SocketAd
     if let Some(suppressed) = crate::log_limit::allow((listener, "max_connections_per_client")) {
         tracing::info!(listener, client = %peer, max, suppressed, reason = %"too_many_connections", "connection refused: client is at max_connections_per_client");
     }
+}
+
+/// A handshake rustls refused because the ClientHello's server name is not a DNS name
+/// (Go's `hey` sends "127.0.0.1:8443").
+fn is_invalid_sni(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::PeerMisbehaved(
+                    rustls::PeerMisbehaved::ServerNameMustContainOneHostName
+                ) | rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidServerName)
+            )
+        })
 }
 
 #[cfg(test)]

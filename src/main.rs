@@ -1,6 +1,5 @@
 //! The `ballast` command line: parse arguments, install logging, build the runtime.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,7 +81,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Flushes what is still queued when main returns.
-    let _log_flush = init_logging(cli.log.as_deref());
+    let _log_flush = ballast::logging::init(cli.log.as_deref());
     raise_fd_limit();
 
     let (config, path) = match (&cli.command, &cli.config) {
@@ -239,26 +238,4 @@ fn raise_fd_limit() {
             tracing::warn!(error = %e, soft = ?limit.current, "cannot raise the open-file limit")
         }
     }
-}
-
-/// Logs go to stderr through a queue drained by a thread of their own: a slow journal or a
-/// full pipe must never block a worker thread (it would stall every connection on it). When
-/// the queue is full, lines are dropped rather than waited for.
-fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::new(f),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    // At most this many lines wait for a stalled sink (a few MB), then new ones are dropped.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(16 * 1024)
-        .lossy(true)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    guard
 }

@@ -9,6 +9,11 @@ const BASE: &str = "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\n
 /// Runs `--check` on `text`; returns (exit code, stdout, stderr with the temp path replaced
 /// by `F`).
 fn check(text: &str) -> (i32, String, String) {
+    check_env(text, &[])
+}
+
+/// `check` with environment variables set for the run.
+fn check_env(text: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.toml");
     std::fs::write(&path, text).unwrap();
@@ -16,6 +21,7 @@ fn check(text: &str) -> (i32, String, String) {
         .arg("--config")
         .arg(&path)
         .arg("--check")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let p = path.display().to_string();
@@ -147,6 +153,121 @@ fn bad_weight_and_bad_backend_address_and_duplicate() {
 }
 
 #[test]
+fn backend_tables_take_every_documented_key_and_their_errors_point_inside() {
+    // The form config/ballast.toml documents (it never parsed: "did not match any variant").
+    let text = BASE.replace(
+        "[\"127.0.0.1:9001\"]",
+        "[\"127.0.0.1:9001\", { address = \"127.0.0.1:9004\", backup = true, max_connections = 50, weight = 2 }]",
+    );
+    let (code, out, err) = check(&text);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 backend(s)"), "{out}");
+    assert_error(
+        &BASE.replace(
+            "[\"127.0.0.1:9001\"]",
+            "[{ adress = \"127.0.0.1:9001\" }]",
+        ),
+        &["F:6:15: unknown field `adress`, expected one of `address`, `weight`, `backup`, `max_connections`"],
+    );
+    assert_error(
+        &BASE.replace(
+            "[\"127.0.0.1:9001\"]",
+            "[{ address = \"127.0.0.1:9001\", weight = \"3\" }]",
+        ),
+        &["F:6:52: invalid type: string \"3\", expected i64"],
+    );
+    assert_error(
+        &BASE.replace("[\"127.0.0.1:9001\"]", "[9001]"),
+        &["F:6:13: invalid type: integer `9001`, expected an address string or a table"],
+    );
+    assert_error(
+        &format!("[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nrequest_buffering = true\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n"),
+        &["F:4:21: invalid type: boolean `true`, expected a size: a number of bytes or a string such as \"64KiB\""],
+    );
+}
+
+#[test]
+fn environment_variables_fill_string_values_and_check_names_them() {
+    let text = "[admin]\nbind = \"127.0.0.1:${env:BALLAST_T_ADMIN_PORT:-9000}\"\ntoken = \"${env:BALLAST_T_TOKEN}\"\n[listeners.web]\nbind = \"${env:BALLAST_T_BIND}\"\npool = \"app\"\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n";
+    let env = [
+        ("BALLAST_T_BIND", "127.0.0.1:8080"),
+        ("BALLAST_T_TOKEN", "s3cret-value"),
+    ];
+    let (code, out, err) = check_env(text, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "F: environment variables read: BALLAST_T_ADMIN_PORT, BALLAST_T_BIND, BALLAST_T_TOKEN"
+        ),
+        "{out}"
+    );
+    assert!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "values never printed:\n{out}{err}"
+    );
+
+    // A missing variable without a default: an error at its string.
+    let (code, _, err) = check_env(text, &env[..1]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "F:3:9: admin.token: environment variable BALLAST_T_TOKEN is not set (write ${env:BALLAST_T_TOKEN:-default} to give a default)"
+    );
+    // The value goes through the same checks as a written one.
+    let (code, _, err) = check_env(text, &[("BALLAST_T_BIND", "nowhere"), env[1]]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("F:5:8: listeners.web.bind: "), "{err}");
+    // $${ is a literal ${: not a variable, not an error.
+    let literal = text.replace("${env:BALLAST_T_TOKEN}", "$${env:BALLAST_T_TOKEN}");
+    let (code, out, err) = check_env(&literal, &env[..1]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("BALLAST_T_TOKEN"), "{out}");
+    assert_error(
+        &format!("{BASE}retry_backoff = \"${{env:BALLAST_T_NO_SUCH\"\n"),
+        &["F:7:17: pools.app.retry_backoff: \"${env:\" without a closing \"}\""],
+    );
+}
+
+#[test]
+fn a_token_file_is_read_and_named_but_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("admin-token");
+    std::fs::write(&secret, "file-token-value\n").unwrap();
+    let text = format!(
+        "[admin]\nbind = \"0.0.0.0:9000\"\ntoken_file = \"{}\"\n{BASE}",
+        secret.display()
+    );
+    let (code, out, err) = check(&text);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("files read: {}", secret.display())),
+        "{out}"
+    );
+    assert!(!out.contains("file-token-value"), "{out}");
+    let missing = text.replace("admin-token", "nope");
+    let (code, _, err) = check(&missing);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("F:3:14: admin.token_file: cannot read"),
+        "{err}"
+    );
+    std::fs::write(&secret, "\n").unwrap();
+    let (code, _, err) = check(&text);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("F:3:14: admin.token_file:") && err.contains("is empty"),
+        "{err}"
+    );
+    let both = text.replace("token_file", "token = \"x\"\ntoken_file");
+    let (code, _, err) = check(&both);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("set admin.token or admin.token_file, not both"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_algorithm() {
     assert_error(&format!("{BASE}algorithm = \"fastest\"\n"), &["F:7:13: unknown variant `fastest`, expected one of `round_robin`, `least_conn`, `random`, `hash`"]);
 }
@@ -185,7 +306,7 @@ fn admin_on_a_public_address_needs_a_token() {
     let text = format!("[admin]\nbind = \"0.0.0.0:9000\"\n{BASE}");
     assert_error(
         &text,
-        &["F:2:8: admin.bind: 0.0.0.0:9000 is not a loopback address, so admin.token is required"],
+        &["F:2:8: admin.bind: 0.0.0.0:9000 is not a loopback address, so admin.token (or admin.token_file) is required"],
     );
 }
 
@@ -325,5 +446,213 @@ fn an_expiring_certificate_passes_the_check_with_a_warning() {
     assert!(
         err.contains("warning") && err.contains("expires in"),
         "{err}"
+    );
+}
+
+/// One commented example of a reference config, and how to make it live.
+#[derive(Debug)]
+enum Example {
+    /// `# key = value` (or a multi-line array) in a table that is live: uncommented in
+    /// place, replacing the table's own line for that key, if any.
+    Key {
+        lines: Vec<usize>,
+        keys: Vec<String>,
+    },
+    /// `# [table]` and the example lines under it: uncommented and moved to the end of the
+    /// file (in place, a live key after the block would fall into the table).
+    Table { lines: Vec<usize> },
+    /// `# { address = ... }`: a backend entry, appended to the table's `backends`.
+    Entry { line: usize },
+}
+
+/// The text of a commented line (`# ` stripped), if it is one.
+fn commented(line: &str) -> Option<&str> {
+    line.strip_prefix("# ")
+}
+
+/// `key = value` that is TOML on its own, or `key = [` opening a multi-line array. Prose
+/// that happens to start with a key (`algorithm = "hash" only: ...`) does not parse.
+fn key_of(text: &str) -> Option<(String, bool)> {
+    let (key, value) = text.split_once(" = ")?;
+    if !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') || key.is_empty() {
+        return None;
+    }
+    if value == "[" {
+        return Some((key.to_string(), true));
+    }
+    text.parse::<toml::Table>().ok()?;
+    Some((key.to_string(), false))
+}
+
+/// Lines `from..` of a multi-line array, through its closing `# ]`.
+fn array_lines(lines: &[&str], from: usize) -> Vec<usize> {
+    let mut out = vec![from];
+    for (j, l) in lines.iter().enumerate().skip(from + 1) {
+        out.push(j);
+        if commented(l).is_some_and(|t| t.trim() == "]") {
+            break;
+        }
+    }
+    out
+}
+
+fn examples(lines: &[&str]) -> Vec<Example> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(text) = commented(lines[i]) else {
+            i += 1;
+            continue;
+        };
+        let is_header = text.starts_with('[')
+            && text.ends_with(']')
+            && text[1..text.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.');
+        if is_header {
+            let mut block = vec![i];
+            let mut j = i + 1;
+            while let Some(t) = lines.get(j).and_then(|l| commented(l)) {
+                match key_of(t) {
+                    Some((_, true)) => {
+                        let array = array_lines(lines, j);
+                        j = *array.last().unwrap_or(&j);
+                        block.extend(array);
+                    }
+                    Some(_) => block.push(j),
+                    None => {}
+                }
+                j += 1;
+            }
+            found.push(Example::Table { lines: block });
+            i = j;
+        } else if key_of(text).is_some() {
+            // Consecutive example lines form one example: keys that only work together
+            // (retry_budget and retry_budget_min) are written together.
+            let mut lines_of = Vec::new();
+            let mut keys = Vec::new();
+            while let Some((key, multi)) = lines.get(i).and_then(|l| commented(l)).and_then(key_of)
+            {
+                let these = if multi {
+                    array_lines(lines, i)
+                } else {
+                    vec![i]
+                };
+                i = *these.last().unwrap_or(&i) + 1;
+                lines_of.extend(these);
+                keys.push(key);
+            }
+            found.push(Example::Key {
+                lines: lines_of,
+                keys,
+            });
+        } else if text.starts_with('{')
+            && text.ends_with('}')
+            && format!("x = {text}").parse::<toml::Table>().is_ok()
+        {
+            found.push(Example::Entry { line: i });
+            i += 1;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+/// The live table section around line `at`: from its header to the next header.
+fn section(lines: &[&str], at: usize) -> std::ops::Range<usize> {
+    let header = |l: &&str| l.starts_with('[');
+    let start = (0..=at).rev().find(|&j| header(&lines[j])).unwrap_or(0);
+    let end = (at + 1..lines.len())
+        .find(|&j| header(&lines[j]))
+        .unwrap_or(lines.len());
+    start..end
+}
+
+/// The reference config with `example` made live.
+fn with_example(lines: &[&str], example: &Example) -> String {
+    let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let uncomment = |out: &mut Vec<String>, j: usize| {
+        out[j] = commented(lines[j]).unwrap_or(lines[j]).to_string();
+    };
+    match example {
+        Example::Key { lines: ls, keys } => {
+            let own = section(lines, ls[0]);
+            for j in own {
+                if keys
+                    .iter()
+                    .any(|k| lines[j].starts_with(&format!("{k} = ")))
+                {
+                    out[j] = String::new();
+                }
+            }
+            for &j in ls {
+                uncomment(&mut out, j);
+            }
+        }
+        Example::Table { lines: ls } => {
+            let mut moved = vec![String::new()];
+            for &j in ls {
+                moved.push(commented(lines[j]).unwrap_or(lines[j]).to_string());
+                out[j] = String::new();
+            }
+            out.extend(moved);
+        }
+        Example::Entry { line } => {
+            let entry = commented(lines[*line]).unwrap_or_default();
+            let own = section(lines, *line);
+            let at = own
+                .clone()
+                .find(|&j| lines[j].starts_with("backends = ["))
+                .expect("a backend entry example sits in a pool with backends");
+            let list = lines[at].trim_end();
+            out[at] = format!("{}, {entry}]", &list[..list.len() - 1]);
+        }
+    }
+    out.join("\n") + "\n"
+}
+
+/// Every commented example of `file` (a reference config shipped in the repository) is
+/// made live, alone, and must pass `--check`: a reference whose examples do not parse is
+/// a defect. File paths under /etc/ballast/ point at test certificates.
+fn check_every_example(file: &str, min_examples: usize) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let pki = support::tls::Pki::new("examples");
+    pki.issue("example.com", &["example.com"]);
+    pki.issue("wildcard.example.org", &["*.example.org"]);
+    for ca in ["clients-ca.pem", "backend-ca.pem"] {
+        std::fs::copy(&pki.ca_path, pki.dir.path().join(ca)).unwrap();
+    }
+    let text = text.replace("/etc/ballast/", &format!("{}/", pki.dir.path().display()));
+    let lines: Vec<&str> = text.lines().collect();
+    let found = examples(&lines);
+    assert!(
+        found.len() >= min_examples,
+        "{file}: found only {} examples: {found:?}",
+        found.len()
+    );
+    eprintln!("{file}: {} examples: {found:?}", found.len());
+    let mut failures = Vec::new();
+    for example in &found {
+        let candidate = with_example(&lines, example);
+        let (code, _, err) = check(&candidate);
+        if code != 0 {
+            failures.push(format!("{example:?}:\n{err}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{file}: {} of {} examples fail --check:\n{}",
+        failures.len(),
+        found.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_commented_example_of_the_reference_config_passes_check() {
+    check_every_example(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/ballast.toml"),
+        25,
     );
 }

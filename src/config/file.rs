@@ -18,6 +18,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub global: FileGlobal,
     pub admin: Option<FileAdmin>,
+    pub log: Option<FileLog>,
     pub access_log: Option<FileAccessLog>,
     #[serde(default)]
     pub listeners: BTreeMap<Text, FileListener>,
@@ -40,6 +41,13 @@ pub struct FileAdmin {
     pub token: Option<Text>,
     pub token_file: Option<Text>,
     pub metrics: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub format: Option<Text>,
+    pub level: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

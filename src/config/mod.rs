@@ -75,6 +75,7 @@ pub mod defaults {
 pub struct Config {
     pub global: Global,
     pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
     /// `None`: no access log.
     pub access_log: Option<AccessLogConfig>,
     /// Sorted by name.
@@ -121,8 +122,35 @@ pub struct AccessLogConfig {
 pub enum AccessLogFormat {
     /// One JSON object per line.
     Json,
-    /// Apache/nginx "combined" format.
-    Common,
+    /// nginx's (and Apache's) "combined" format; `"common"` is accepted as an alias.
+    Combined,
+}
+
+/// The `[log]` table: the daemon's own log (stderr, the journal under systemd).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive: `"info"`, `"warn,ballast=debug"`. `--log` and `RUST_LOG`
+    /// win over it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2026-12-06T22:05:39.123Z  INFO ballast::app: message key=value ...`
+    Text,
+    /// One JSON object per line with the same fields: `timestamp`, `level`, `target`,
+    /// `message` and each `key`.
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -636,11 +664,15 @@ impl Config {
             Ok(mut doc) => {
                 let mut env_problems = Vec::new();
                 let used = env::expand(doc.get_mut(), env, &mut env_problems);
+                // A string left unexpanded would also fail its own check: report the cause
+                // alone.
+                let expanded = env_problems.is_empty();
                 for (span, message) in env_problems {
                     v.push(span, message);
                 }
                 match FileConfig::deserialize(toml::de::Deserializer::from(doc)) {
-                    Ok(raw) => v.config(raw, used.into_iter().collect()),
+                    Ok(raw) if expanded => v.config(raw, used.into_iter().collect()),
+                    Ok(_) => None,
                     Err(e) => {
                         v.push(e.span().unwrap_or(0..0), e.message().trim_end().to_string());
                         None
@@ -722,6 +754,7 @@ impl Config {
                 handover_socket: None,
             },
             admin: None,
+            log: LogConfig::default(),
             access_log: None,
             listeners: Vec::new(),
             pools: Vec::new(),

@@ -226,6 +226,7 @@ impl Validator<'_> {
         };
 
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
+        let log = raw.log.as_ref().map(|l| self.log(l)).unwrap_or_default();
         let access_log = raw.access_log.as_ref().map(|a| self.access_log(a));
 
         let pool_names: HashMap<&str, ()> = raw
@@ -270,6 +271,7 @@ impl Validator<'_> {
         Some(Config {
             global,
             admin,
+            log,
             access_log,
             listeners,
             pools,
@@ -595,14 +597,37 @@ impl Validator<'_> {
         }
     }
 
+    fn log(&mut self, l: &file::FileLog) -> LogConfig {
+        let mut config = LogConfig::default();
+        match l.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "text")) => {}
+            Some((_, "json")) => config.format = LogFormat::Json,
+            Some((f, other)) => self.push(
+                f.span(),
+                format!("log.format: expected \"text\" or \"json\", got {other:?}"),
+            ),
+        }
+        if let Some(level) = &l.level {
+            match tracing_subscriber::EnvFilter::builder().parse(level.get_ref()) {
+                Ok(_) if !level.get_ref().trim().is_empty() => config.level = level.get_ref().clone(),
+                Ok(_) => self.push(level.span(), "log.level: must not be empty".into()),
+                Err(e) => self.push(
+                    level.span(),
+                    format!("log.level: invalid {:?} ({e}); write e.g. \"info\", \"warn\" or \"info,ballast=debug\"", level.get_ref()),
+                ),
+            }
+        }
+        config
+    }
+
     fn access_log(&mut self, a: &file::FileAccessLog) -> AccessLogConfig {
         let format = match a.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "json")) => AccessLogFormat::Json,
-            Some((_, "common")) => AccessLogFormat::Common,
+            Some((_, "combined" | "common")) => AccessLogFormat::Combined,
             Some((f, other)) => {
                 self.push(
                     f.span(),
-                    format!("access_log.format: expected \"json\" or \"common\", got {other:?}"),
+                    format!("access_log.format: expected \"json\" or \"combined\", got {other:?}"),
                 );
                 AccessLogFormat::Json
             }

@@ -410,6 +410,14 @@ impl Ballast {
         Self::launch(dir, config_path, &[], env)
     }
 
+    /// Starts ballast with neither `--log` nor `RUST_LOG`: the config's `[log] level` rules.
+    pub fn start_config_level(config: &str) -> Ballast {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("ballast.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        Self::launch_reading(dir, config_path, &[], &[], true, false)
+    }
+
     /// Starts ballast with the log filter production runs with (`info`).
     pub fn start_production_logging(config: &str) -> Ballast {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -424,7 +432,7 @@ impl Ballast {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("ballast.toml");
         std::fs::write(&config_path, config).expect("write config");
-        Self::launch_reading(dir, config_path, &["--log", filter], &[], false)
+        Self::launch_reading(dir, config_path, &["--log", filter], &[], false, true)
     }
 
     /// Starts a second process on the same config file with `--upgrade`: it takes this
@@ -442,7 +450,7 @@ impl Ballast {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Ballast {
-        Self::launch_reading(dir, config_path, args, env, true)
+        Self::launch_reading(dir, config_path, args, env, true, true)
     }
 
     fn launch_reading(
@@ -451,11 +459,14 @@ impl Ballast {
         args: &[&str],
         env: &[(&str, &str)],
         keep_reading: bool,
+        log_flag: bool,
     ) -> Ballast {
         let bin = std::env::var("BALLAST_TEST_BIN").unwrap_or_else(|_| ballast_bin().into());
         let mut cmd = Command::new(bin);
         cmd.args(args);
-        if !args.contains(&"--log") {
+        if !log_flag {
+            cmd.env_remove("RUST_LOG");
+        } else if !args.contains(&"--log") {
             cmd.args(["--log", "info,ballast=debug"]);
         }
         cmd.arg("--config")
@@ -602,6 +613,15 @@ impl Drop for Ballast {
 
 /// `key=value` from a tracing log line (values without spaces).
 pub fn field(line: &str, key: &str) -> Option<String> {
+    if line.starts_with('{') {
+        // `[log] format = "json"`: the same fields, at the top level of the object.
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        return match &v[key] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        };
+    }
     let pat = format!(" {key}=");
     let start = line.find(&pat)? + pat.len();
     let rest = &line[start..];
