@@ -138,7 +138,7 @@ fn access_log(c: &mut Criterion) {
     let mut out = Vec::with_capacity(4096);
     for (name, format) in [
         ("format_json", AccessLogFormat::Json),
-        ("format_combined", AccessLogFormat::Common),
+        ("format_combined", AccessLogFormat::Combined),
     ] {
         let mut lines = LineFormat::new(format);
         group.bench_function(name, |b| {
