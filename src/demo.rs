@@ -126,7 +126,7 @@ pub fn config_text(bind: SocketAddr, admin: SocketAddr, backends: &[SocketAddr])
 bind = "{admin}"
 
 [access_log]
-format = "common"
+format = "combined"
 
 [listeners.demo]
 bind = "{bind}"

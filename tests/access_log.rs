@@ -128,7 +128,7 @@ async fn json_lines_hold_what_happened_and_a_listener_can_opt_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn combined_format_is_what_log_tools_parse() {
     let [b] = start_backends(["a"]).await;
-    let lb = Ballast::start(&TestConfig::new(&[&b]).head(&access_log("common")).build());
+    let lb = Ballast::start(&TestConfig::new(&[&b]).head(&access_log("combined")).build());
     let r = get_with(
         lb.addr("web"),
         "/page?q=1",

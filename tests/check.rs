@@ -181,7 +181,7 @@ fn backend_tables_take_every_documented_key_and_their_errors_point_inside() {
         &["F:6:13: invalid type: integer `9001`, expected an address string or a table"],
     );
     assert_error(
-        &format!("[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nrequest_buffering = true\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n"),
+        "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nrequest_buffering = true\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
         &["F:4:21: invalid type: boolean `true`, expected a size: a number of bytes or a string such as \"64KiB\""],
     );
 }
@@ -654,5 +654,17 @@ fn every_commented_example_of_the_reference_config_passes_check() {
     check_every_example(
         concat!(env!("CARGO_MANIFEST_DIR"), "/config/ballast.toml"),
         25,
+    );
+}
+
+#[test]
+fn access_log_formats_are_combined_json_and_the_old_name_common() {
+    for format in ["combined", "json", "common"] {
+        let (code, _, err) = check(&format!("[access_log]\nformat = \"{format}\"\n{BASE}"));
+        assert_eq!(code, 0, "{format}: {err}");
+    }
+    assert_error(
+        &format!("[access_log]\nformat = \"clf\"\n{BASE}"),
+        &["F:2:10: access_log.format: expected \"json\" or \"combined\", got \"clf\""],
     );
 }
