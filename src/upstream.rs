@@ -89,6 +89,24 @@ pub enum ConnectError {
     Handshake(#[source] hyper::Error),
 }
 
+impl ConnectError {
+    /// Nothing listens at the address (ECONNREFUSED): the process is gone or not up yet.
+    pub fn refused(&self) -> bool {
+        matches!(self, ConnectError::Io(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    }
+
+    /// The connection failed before a byte of any request could be written (refused, or
+    /// reset or aborted during the TCP handshake): the request reached no one.
+    pub fn never_reached(&self) -> bool {
+        matches!(self, ConnectError::Io(e) if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+        ))
+    }
+}
+
 /// Per-backend limits, taken from the pool's config.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnSettings {

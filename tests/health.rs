@@ -189,3 +189,60 @@ async fn a_refused_connection_ejects_the_backend_before_the_next_check() {
         .count();
     assert_eq!(failures, 1, "{}", lb.logs());
 }
+
+/// Five of seven backends exit at once under load, like replicas of an app that exits on
+/// SIGTERM without a lame-duck period when a compose service scales from 7 to 2, with the
+/// default settings (`retries = 1`). A request that finds a dead replica never reached it
+/// (refused, or a pooled connection closed before the request was written): it goes on to
+/// the next backend without spending its retry, and the refusing backend leaves the next
+/// picks at once. No request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_of_a_pool_exiting_at_once_under_load_costs_no_request() {
+    let backends = start_backends(["a", "b", "c", "d", "e", "f", "g"]).await;
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let lb = Ballast::start(&config(&refs, ""));
+    let addr = lb.addr("web");
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            let mut statuses = Vec::new();
+            for n in 0..200 {
+                // Some clients come and go, as a load tester's do.
+                if i % 2 == 0 && n % 5 == 0 {
+                    client = Client::connect(addr).await.unwrap();
+                }
+                let r = client.get("/").await;
+                statuses.push(r.map(|r| r.status).unwrap_or(0));
+            }
+            statuses
+        }));
+    }
+    support::eventually(Duration::from_secs(5), async || {
+        backends.iter().all(|b| b.hits() > 10)
+    })
+    .await
+    .expect("traffic reaches every backend");
+    for b in &backends[2..] {
+        b.kill();
+    }
+    let survivors_before = backends[0].hits() + backends[1].hits();
+    let mut failed = Vec::new();
+    let mut total = 0;
+    for t in tasks {
+        let statuses = t.await.unwrap();
+        total += statuses.len();
+        failed.extend(statuses.into_iter().filter(|s| *s != 200));
+    }
+    assert_eq!(total, 1200);
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}; log:\n{}",
+        failed.len(),
+        lb.logs()
+    );
+    assert!(
+        backends[0].hits() + backends[1].hits() > survivors_before + 200,
+        "the survivors took the load"
+    );
+}

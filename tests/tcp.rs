@@ -785,3 +785,31 @@ async fn splice_moves_the_same_bytes_with_half_close_and_idle_timeout() {
         started.elapsed()
     );
 }
+
+/// Three of four backends refuse (their process is gone): each connection goes on past
+/// them without spending `retries` (a refused connect sent nothing), and each refusing
+/// backend is ejected at its first refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_go_on_past_every_refusing_backend() {
+    let live = Echo::start("live").await;
+    let dead: Vec<_> = (0..3).map(|_| support::refusing_addr()).collect();
+    let mut addrs: Vec<SocketAddr> = dead.iter().map(|(_, a)| *a).collect();
+    addrs.push(live.addr);
+    let lb = Ballast::start(
+        &TestConfig::addresses(addrs)
+            .admin()
+            .listener("mode = \"tcp\"")
+            .pool("retries = 0")
+            .build(),
+    );
+    for _ in 0..8 {
+        let (_s, name) = open(lb.addr("web"), None).await;
+        assert_eq!(name, "live");
+    }
+    for (_, addr) in &dead {
+        assert_eq!(
+            support::backend_state(lb.admin(), "app", *addr).await,
+            "ejected"
+        );
+    }
+}

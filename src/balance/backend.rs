@@ -347,19 +347,31 @@ impl Backend {
             return false;
         }
         let fails = self.passive_fails.fetch_add(1, Ordering::Relaxed) + 1;
-        if fails >= passive.max_fails {
-            self.passive_fails.store(0, Ordering::Relaxed);
-            self.stats.ejections.incr();
-            let now = now_ms();
-            self.changed_ms.store(now, Ordering::Relaxed);
-            let until = now + passive.fail_timeout.as_millis() as u64;
-            self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
-            // Slow start (when the pool has it) begins when the ejection ends: a backend
-            // that was failing comes back gently, as after a failed health check.
-            self.ramp_start_ms.store(until.max(1), Ordering::Relaxed);
-            return true;
-        }
-        false
+        fails >= passive.max_fails && self.eject(passive)
+    }
+
+    /// A connection refused: nothing listens there (a replica that exited, most often
+    /// with requests still being aimed at it). Ejected at once for `fail_timeout`, without
+    /// waiting for `max_fails`, so the next picks skip it; `max_fails = 0` still turns
+    /// passive ejection off. Returns whether it was ejected now.
+    pub fn record_refused(&self, passive: &PassiveConfig) -> bool {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        self.conns.clear();
+        passive.max_fails > 0 && self.eject(passive)
+    }
+
+    /// No traffic for `fail_timeout` (unless every backend is ejected); always `true`.
+    fn eject(&self, passive: &PassiveConfig) -> bool {
+        self.passive_fails.store(0, Ordering::Relaxed);
+        self.stats.ejections.incr();
+        let now = now_ms();
+        self.changed_ms.store(now, Ordering::Relaxed);
+        let until = now + passive.fail_timeout.as_millis() as u64;
+        self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+        // Slow start (when the pool has it) begins when the ejection ends: a backend
+        // that was failing comes back gently, as after a failed health check.
+        self.ramp_start_ms.store(until.max(1), Ordering::Relaxed);
+        true
     }
 
     /// Called when a response head arrived from this backend.

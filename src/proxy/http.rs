@@ -363,8 +363,14 @@ fn forward<'a>(
             Some(Request::from_parts(p.clone(), b.try_clone()?))
         };
         let mut req = Request::from_parts(parts, body);
+        // Attempts that count against `retries`: not one that never reached its backend
+        // (a refused connection, or a pooled one closed before the request was written;
+        // see `may_try_free`).
         let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
-        let mut tried = [usize::MAX; MAX_ATTEMPTS];
+        let mut charged = 0usize;
+        let mut free_retry = false;
+        let first_attempt = std::time::Instant::now();
+        let mut tried: smallvec::SmallVec<[usize; MAX_ATTEMPTS]> = smallvec::SmallVec::new();
         let mut last_error: Option<ProxyError> = None;
         // A response with a status in `retry_on`, kept while another backend is tried: it is
         // the answer if that fails too. Boxed: it lives across every await below, and a request
@@ -376,8 +382,12 @@ fn forward<'a>(
             budget.request();
         }
 
-        for attempt in 0..attempts {
-            if attempt > 0 {
+        loop {
+            let attempt = tried.len();
+            if attempt > 0 && !free_retry {
+                if charged >= attempts {
+                    break;
+                }
                 if let Some((budget, limits)) = budget {
                     if !budget.try_retry(limits) {
                         pool.stats.retries_over_budget.incr();
@@ -389,7 +399,7 @@ fn forward<'a>(
                     tokio::time::sleep(pause).await;
                 }
             }
-            let tried_now = &tried[..attempt];
+            let tried_now = &tried[..];
             // Requests already queued go first: a newcomer queues behind them.
             let queued_ahead = pool.queue().is_some_and(|q| q.waiting() > 0);
             let picked = match pool.select(key, tried_now) {
@@ -412,7 +422,10 @@ fn forward<'a>(
                     break;
                 }
             };
-            tried[attempt] = idx;
+            tried.push(idx);
+            // Charged unless it turns out it never reached the backend.
+            charged += 1;
+            free_retry = false;
             if attempt > 0 {
                 pool.stats.retries.incr();
             }
@@ -458,7 +471,17 @@ fn forward<'a>(
                     s
                 }
                 Err(e) => {
-                    let ejected = backend.record_failure(&cfg.passive);
+                    let ejected = if e.refused() {
+                        backend.record_refused(&cfg.passive)
+                    } else {
+                        backend.record_failure(&cfg.passive)
+                    };
+                    if e.never_reached()
+                        && super::may_try_free(attempt, first_attempt, cfg.connect_timeout)
+                    {
+                        charged -= 1;
+                        free_retry = true;
+                    }
                     let error = ProxyError::Connect(e);
                     log_backend_failure(
                         &pool.name,
@@ -522,7 +545,7 @@ fn forward<'a>(
                     // The backend saw the request: only an idempotent one (any, with
                     // `non_idempotent`) with its body in hand is sent again, and only for the
                     // statuses `retry_on` names. If no attempt does better, this is the answer.
-                    if cfg.retry_on.status(status) && resendable && attempt + 1 < attempts {
+                    if cfg.retry_on.status(status) && resendable && charged < attempts {
                         if let Some(next) = copy() {
                             log_backend_failure(
                                 &pool.name,
@@ -562,7 +585,14 @@ fn forward<'a>(
                     last_error = Some(ProxyError::Upstream(error));
                     // A request handed back never left: a connect failure in all but name.
                     let next = match message {
-                        Some(r) => cfg.retry_on.connect_failure.then_some(r),
+                        Some(r) if cfg.retry_on.connect_failure => {
+                            if super::may_try_free(attempt, first_attempt, cfg.connect_timeout) {
+                                charged -= 1;
+                                free_retry = true;
+                            }
+                            Some(r)
+                        }
+                        Some(_) => None,
                         None if cfg.retry_on.reset && resendable => copy(),
                         None => None,
                     };

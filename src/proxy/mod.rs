@@ -10,3 +10,19 @@ pub mod rules;
 pub mod splice;
 pub mod tcp;
 pub mod tunnel;
+
+use std::time::{Duration, Instant};
+
+/// Upper bound on backends tried for one request or connection, counting those it never
+/// reached.
+const MAX_TRIES: usize = 64;
+
+/// Whether the try numbered `attempt` (from 0), which never reached its backend (refused,
+/// or closed before a byte was written), may be followed by one that `retries` does not
+/// count. Such a try has no side effect anywhere, so when most of a pool exits at once the
+/// request goes on to the next backend instead of running out of retries on dead replicas;
+/// the pool's untried backends, `MAX_TRIES` and `connect_timeout` since the first try bound
+/// it.
+fn may_try_free(attempt: usize, first: Instant, connect_timeout: Duration) -> bool {
+    attempt + 1 < MAX_TRIES && first.elapsed() < connect_timeout
+}

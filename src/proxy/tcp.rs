@@ -2,7 +2,8 @@
 //! ways with no parsing.
 //!
 //! - A connect that fails (refused, timed out) counts against the backend and is retried on
-//!   another one: nothing has been sent yet, so that is always safe. Once joined, whatever
+//!   another one: nothing has been sent yet, so that is always safe. A refused one ejects
+//!   the backend at once and is not counted against `retries` (see `proxy::may_try_free`). Once joined, whatever
 //!   happens to the bytes is nobody's fault that ballast could tell, so nothing more is
 //!   counted, like HAProxy's `mode tcp`.
 //! - A half-close is passed on: when one side shuts down its write side, the other side's
@@ -193,7 +194,15 @@ async fn connect(
     let attempts = (cfg.retries as usize + 1).min(8);
     let mut tried = Vec::with_capacity(attempts);
     let mut reason = "no_healthy_backend";
-    for attempt in 0..attempts {
+    // Tries that count against `retries`: not a refused connect (nothing was sent; see
+    // `may_try_free`).
+    let mut charged = 0;
+    let first_try = std::time::Instant::now();
+    loop {
+        let attempt = tried.len();
+        if charged >= attempts {
+            break;
+        }
         // No queue for TCP: a connection that finds every backend at max_connections is
         // refused, with its own reason.
         let (idx, lease) = match pool.select(key, &tried) {
@@ -205,6 +214,7 @@ async fn connect(
             Err(NoPick::Down) => break,
         };
         tried.push(idx);
+        charged += 1;
         if attempt > 0 {
             pool.stats.retries.incr();
         }
@@ -225,10 +235,19 @@ async fn connect(
                     crate::upstream::ConnectError::Timeout(_) => "connect_timeout",
                     _ => "connect_failed",
                 };
-                e.to_string()
+                if e.never_reached() && super::may_try_free(attempt, first_try, cfg.connect_timeout)
+                {
+                    charged -= 1;
+                }
+                let ejected = if e.refused() {
+                    backend.record_refused(&cfg.passive)
+                } else {
+                    backend.record_failure(&cfg.passive)
+                };
+                (e.to_string(), ejected)
             }
         };
-        let ejected = backend.record_failure(&cfg.passive);
+        let (error, ejected) = error;
         if let Some(suppressed) =
             crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
         {
