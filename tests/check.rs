@@ -668,3 +668,110 @@ fn access_log_formats_are_combined_json_and_the_old_name_common() {
         &["F:2:10: access_log.format: expected \"json\" or \"combined\", got \"clf\""],
     );
 }
+
+#[test]
+fn the_starter_config_that_readme_installs_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/starter.toml");
+    let out = Command::new(support::ballast_bin())
+        .args(["--config", path, "--check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its commented alternatives parse too.
+    check_every_example(path, 0);
+    // And README's install steps use it, not the annotated reference.
+    let readme = include_str!("../README.md");
+    assert!(readme.contains("install -m 644 config/starter.toml /etc/ballast/ballast.toml"));
+    assert!(!readme.contains("config/ballast.toml /etc/ballast/ballast.toml"));
+}
+
+/// A README block completed into a whole config: listeners without a bind or pool get
+/// one, pools a listener names and the block leaves out are added, pools without
+/// backends get one. Everything the block itself says stays as written.
+fn completed(block: &str) -> Result<String, String> {
+    use toml::{Table, Value};
+    let mut doc: Table = block.parse().map_err(|e| format!("not TOML: {e}"))?;
+    let mut listeners = match doc.remove("listeners") {
+        Some(Value::Table(t)) => t,
+        _ => Table::new(),
+    };
+    if listeners.is_empty() {
+        listeners.insert("web".into(), Value::Table(Table::new()));
+    }
+    let mut pools = match doc.remove("pools") {
+        Some(Value::Table(t)) => t,
+        _ => Table::new(),
+    };
+    for (i, (_, l)) in listeners.iter_mut().enumerate() {
+        let Value::Table(l) = l else { continue };
+        l.entry("bind")
+            .or_insert_with(|| Value::String(format!("127.0.0.1:{}", 18080 + i)));
+        let pool = l
+            .entry("pool")
+            .or_insert_with(|| Value::String("app".into()))
+            .as_str()
+            .unwrap_or("app")
+            .to_string();
+        let mut named = vec![pool];
+        if let Some(Value::Array(routes)) = l.get("routes") {
+            named.extend(
+                routes
+                    .iter()
+                    .filter_map(|r| r.get("pool").and_then(Value::as_str).map(String::from)),
+            );
+        }
+        for name in named {
+            pools
+                .entry(name)
+                .or_insert_with(|| Value::Table(Table::new()));
+        }
+    }
+    for (_, p) in pools.iter_mut() {
+        if let Value::Table(p) = p {
+            p.entry("backends")
+                .or_insert_with(|| Value::Array(vec![Value::String("127.0.0.1:9001".into())]));
+        }
+    }
+    doc.insert("listeners".into(), Value::Table(listeners));
+    doc.insert("pools".into(), Value::Table(pools));
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
+#[test]
+fn every_toml_block_of_the_readme_passes_check() {
+    let pki = support::tls::Pki::new("readme");
+    pki.issue("example.com", &["example.com", "www.example.com"]);
+    let readme = include_str!("../README.md")
+        .replace("/etc/ballast/tls/", "/etc/ballast/")
+        .replace("/etc/ballast/", &format!("{}/", pki.dir.path().display()));
+    let mut blocks = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(start) = rest.find("```toml\n") {
+        let body = &rest[start + 8..];
+        let end = body.find("```").expect("a closed block");
+        blocks.push(&body[..end]);
+        rest = &body[end..];
+    }
+    assert!(blocks.len() >= 6, "{} toml blocks", blocks.len());
+    let mut failures = Vec::new();
+    for block in &blocks {
+        match completed(block) {
+            Ok(config) => {
+                let (code, _, err) = check(&config);
+                if code != 0 {
+                    failures.push(format!("{block}\n=> {err}"));
+                }
+            }
+            Err(e) => failures.push(format!("{block}\n=> {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "README blocks that fail --check:\n{}",
+        failures.join("\n")
+    );
+}
