@@ -614,7 +614,7 @@ fn with_example(lines: &[&str], example: &Example) -> String {
 
 /// Every commented example of `file` (a reference config shipped in the repository) is
 /// made live, alone, and must pass `--check`: a reference whose examples do not parse is
-/// a defect. File paths under /etc/ballast/ point at test certificates.
+/// a defect. File paths under /etc/ballast/ point at test certificates and secrets.
 fn check_every_example(file: &str, min_examples: usize) {
     let text = std::fs::read_to_string(file).unwrap();
     let pki = support::tls::Pki::new("examples");
@@ -623,6 +623,7 @@ fn check_every_example(file: &str, min_examples: usize) {
     for ca in ["clients-ca.pem", "backend-ca.pem"] {
         std::fs::copy(&pki.ca_path, pki.dir.path().join(ca)).unwrap();
     }
+    std::fs::write(pki.dir.path().join("admin-token"), "example-token\n").unwrap();
     let text = text.replace("/etc/ballast/", &format!("{}/", pki.dir.path().display()));
     let lines: Vec<&str> = text.lines().collect();
     let found = examples(&lines);
@@ -635,7 +636,8 @@ fn check_every_example(file: &str, min_examples: usize) {
     let mut failures = Vec::new();
     for example in &found {
         let candidate = with_example(&lines, example);
-        let (code, _, err) = check(&candidate);
+        // The variables the examples name, set as a user would.
+        let (code, _, err) = check_env(&candidate, &[("BALLAST_ADMIN_TOKEN", "example-token")]);
         if code != 0 {
             failures.push(format!("{example:?}:\n{err}"));
         }
