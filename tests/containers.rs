@@ -138,14 +138,12 @@ const MANIFESTS: [&str; 4] = [
     "pdb.yaml",
 ];
 
-#[test]
-fn kubernetes_manifests_validate_offline() {
+const SECRET_PATH: &str = "/run/secrets/ballast/admin-token";
+
+/// The ballast.toml of config/kubernetes/configmap.yaml, with the Secret's mount point
+/// replaced by `token_file`.
+fn configmap_toml(token_file: &std::path::Path) -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
-    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
-    for m in MANIFESTS {
-        assert!(kustomization.contains(m), "kustomization lists {m}");
-    }
-    // The config inside the ConfigMap is a valid ballast config.
     let cm = std::fs::read_to_string(dir.join("configmap.yaml")).unwrap();
     let toml: String = cm
         .split_once("ballast.toml: |\n")
@@ -154,7 +152,95 @@ fn kubernetes_manifests_validate_offline() {
         .lines()
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
         .collect();
-    let (ok, err) = check_config(&toml);
+    assert!(toml.contains(SECRET_PATH), "the ConfigMap reads the Secret's token");
+    toml.replace(SECRET_PATH, &token_file.display().to_string())
+}
+
+/// What the kubelet mounts from the Secret `ballast-admin`: a file `admin-token`.
+fn mounted_secret(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("admin-token");
+    std::fs::write(&path, "k8s-admin-token").unwrap();
+    path
+}
+
+/// The exec command of `key` (`readinessProbe:`, `livenessProbe:`, `preStop:`) in
+/// deployment.yaml, written as a JSON-style list on one line or as a YAML list.
+fn exec_command(deployment: &str, key: &str) -> Vec<String> {
+    let after = deployment.split_once(key).expect(key).1;
+    let (_, rest) = after.split_once("command:").expect("an exec command");
+    let rest = rest.trim_start_matches(' ');
+    if rest.starts_with('[') {
+        let list = &rest[..rest.find(']').expect("]") + 1];
+        return serde_json::from_str(list).expect("a JSON-style list");
+    }
+    rest.lines()
+        .skip(1)
+        .map(str::trim)
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l[2..].to_string())
+        .collect()
+}
+
+/// The ConfigMap's config and the Deployment's probes and preStop hook, run as the
+/// kubelet runs them, with the admin token set: readiness and liveness pass without the
+/// token, the hook sends it from the mounted Secret and turns readiness off, and the
+/// token scrapes /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_probes_and_hook_run_with_the_admin_token() {
+    let app = Backend::start("app").await;
+    let secret = tempfile::tempdir().unwrap();
+    let token_file = mounted_secret(secret.path());
+    let config = configmap_toml(&token_file)
+        .replace("0.0.0.0:9000", "127.0.0.1:0")
+        .replace("0.0.0.0:8080", "127.0.0.1:0")
+        .replace(
+            "app-headless.default.svc.cluster.local:8000",
+            &format!("localhost:{}", app.addr.port()),
+        );
+    let lb = Ballast::start(&config);
+    let admin = lb.admin();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
+    let deployment = std::fs::read_to_string(dir.join("deployment.yaml")).unwrap();
+    let run = |key: &str| {
+        let argv: Vec<String> = exec_command(&deployment, key)
+            .into_iter()
+            .map(|a| {
+                a.replace("/usr/local/bin/ballast", ballast_bin())
+                    .replace("127.0.0.1:9000", &admin.to_string())
+                    .replace(SECRET_PATH, &token_file.display().to_string())
+                    .replace("wait=10s", "wait=100ms")
+            })
+            .collect();
+        let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run("readinessProbe:");
+    assert!(ok, "readiness with a token set: {err}");
+    let (ok, err) = run("livenessProbe:");
+    assert!(ok, "liveness: {err}");
+    // The Prometheus scrape: the token as bearer credentials.
+    let (status, _) = admin_call(admin, "GET", "/metrics", Some("k8s-admin-token")).await;
+    assert_eq!(status, 200);
+    assert_eq!(admin_call(admin, "GET", "/metrics", None).await.0, 401);
+    let (ok, err) = run("preStop:");
+    assert!(ok, "the preStop hook: {err}");
+    let (ok, err) = run("readinessProbe:");
+    assert!(!ok && err.contains("503"), "not ready after the hook: {err}");
+    let (ok, err) = run("livenessProbe:");
+    assert!(ok, "still live: {err}");
+    assert_eq!(get(lb.addr("web"), "/").await.status, 200, "still serving");
+}
+
+#[test]
+fn kubernetes_manifests_validate_offline() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for m in MANIFESTS {
+        assert!(kustomization.contains(m), "kustomization lists {m}");
+    }
+    // The config inside the ConfigMap is a valid ballast config, with its Secret mounted.
+    let secret = tempfile::tempdir().unwrap();
+    let (ok, err) = check_config(&configmap_toml(&mounted_secret(secret.path())));
     assert!(ok, "the ConfigMap's ballast.toml: {err}");
 
     let found = Command::new("kubernetes-validate")
