@@ -15,6 +15,9 @@ cp docker/compose/ballast.toml "$work/ballast.toml"
 chmod 755 "$work"
 chmod 644 "$work/ballast.toml"
 export BALLAST_IMAGE="$image" BALLAST_CONFIG_DIR="$work"
+# Run as users are told to: with an admin token (the HEALTHCHECK must not need it).
+BALLAST_ADMIN_TOKEN="e2e-$$-$RANDOM$RANDOM"
+export BALLAST_ADMIN_TOKEN
 # Ephemeral host ports on loopback: nothing else on the machine is disturbed.
 export BALLAST_PORT="127.0.0.1:"
 
@@ -61,7 +64,10 @@ wait_for() {
   done
 }
 # The admin endpoint listens on the container's loopback: ask through the image's own probe.
-status() { docker exec "$lb" /usr/local/bin/ballast probe --body http://127.0.0.1:9000/status; }
+status() {
+  docker exec "$lb" /usr/local/bin/ballast probe \
+    --header "Authorization: Bearer $BALLAST_ADMIN_TOKEN" --body http://127.0.0.1:9000/status
+}
 healthy_backends() {
   status 2>/dev/null |
     python3 -c 'import json,sys; print(sum(b["state"]=="healthy" for b in json.load(sys.stdin)["pools"]["app"]["backends"]))' 2>/dev/null || echo 0
@@ -76,7 +82,11 @@ hosts() {
 }
 
 wait_for 60 container_healthy || fail "the image's HEALTHCHECK (ballast probe) never passed"
-echo "ok: HEALTHCHECK passes inside the image"
+echo "ok: HEALTHCHECK passes inside the image, with an admin token set"
+! docker exec "$lb" /usr/local/bin/ballast probe http://127.0.0.1:9000/status 2>/dev/null ||
+  fail "/status answered without the token"
+status >/dev/null || fail "/status refused the token"
+echo "ok: /status needs the token and takes it"
 uids=$(docker top "$lb" -eo pid,uid | tail -n +2 | awk '{print $2}' | sort -u | tr '\n' ' ')
 [ "$uids" = "10001 " ] || fail "ballast runs as uid(s) $uids, expected 10001"
 echo "ok: ballast runs as uid 10001"
@@ -154,6 +164,22 @@ stop_load
 distinct=$(hosts 20 | sort -u | wc -l)
 [ "$distinct" -eq 2 ] || fail "after scale-down: $distinct replicas answer, expected 2"
 echo "ok: $sent requests, 0 failed; then 2 replicas"
+
+# --- most replicas exit at once, with no lame duck -------------------------------------------
+step "scale to 7, then 5 replicas killed at once under load (apps that exit on SIGTERM)"
+dc up -d --scale app=7 --no-recreate 2>&1 | tail -n 1
+wait_for 30 has_healthy 7 || fail "ballast counts $(healthy_backends) healthy replicas, expected 7"
+start_load
+sleep 1
+# SIGKILL: no lame duck, no draining; the port refuses at once and DNS still names them.
+killed=$(dc ps -q app | head -n 5)
+docker kill $killed >/dev/null
+wait_for 30 has_healthy 2 || fail "ballast counts $(healthy_backends) healthy replicas, expected 2"
+sleep 1
+stop_load
+[ "$failed" -eq 0 ] || fail "$failed of $sent requests failed when 5 of 7 replicas died at once"
+echo "ok: $sent requests, 0 failed while 5 of 7 replicas died at once"
+docker rm -f $killed >/dev/null
 
 # --- edit the mounted config ----------------------------------------------------------------
 step "editing the mounted ballast.toml (round_robin -> hash on X-User)"

@@ -152,7 +152,10 @@ fn configmap_toml(token_file: &std::path::Path) -> String {
         .lines()
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
         .collect();
-    assert!(toml.contains(SECRET_PATH), "the ConfigMap reads the Secret's token");
+    assert!(
+        toml.contains(SECRET_PATH),
+        "the ConfigMap reads the Secret's token"
+    );
     toml.replace(SECRET_PATH, &token_file.display().to_string())
 }
 
@@ -212,7 +215,10 @@ async fn kubernetes_probes_and_hook_run_with_the_admin_token() {
             })
             .collect();
         let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, err) = run("readinessProbe:");
     assert!(ok, "readiness with a token set: {err}");
@@ -225,7 +231,10 @@ async fn kubernetes_probes_and_hook_run_with_the_admin_token() {
     let (ok, err) = run("preStop:");
     assert!(ok, "the preStop hook: {err}");
     let (ok, err) = run("readinessProbe:");
-    assert!(!ok && err.contains("503"), "not ready after the hook: {err}");
+    assert!(
+        !ok && err.contains("503"),
+        "not ready after the hook: {err}"
+    );
     let (ok, err) = run("livenessProbe:");
     assert!(ok, "still live: {err}");
     assert_eq!(get(lb.addr("web"), "/").await.status, 200, "still serving");

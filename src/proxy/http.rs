@@ -369,7 +369,7 @@ fn forward<'a>(
         let attempts = (cfg.retries as usize + 1).min(MAX_ATTEMPTS);
         let mut charged = 0usize;
         let mut free_retry = false;
-        let first_attempt = std::time::Instant::now();
+        let mut first_miss = None;
         let mut tried: smallvec::SmallVec<[usize; MAX_ATTEMPTS]> = smallvec::SmallVec::new();
         let mut last_error: Option<ProxyError> = None;
         // A response with a status in `retry_on`, kept while another backend is tried: it is
@@ -477,7 +477,7 @@ fn forward<'a>(
                         backend.record_failure(&cfg.passive)
                     };
                     if e.never_reached()
-                        && super::may_try_free(attempt, first_attempt, cfg.connect_timeout)
+                        && super::may_try_free(attempt, &mut first_miss, cfg.connect_timeout)
                     {
                         charged -= 1;
                         free_retry = true;
@@ -586,7 +586,7 @@ fn forward<'a>(
                     // A request handed back never left: a connect failure in all but name.
                     let next = match message {
                         Some(r) if cfg.retry_on.connect_failure => {
-                            if super::may_try_free(attempt, first_attempt, cfg.connect_timeout) {
+                            if super::may_try_free(attempt, &mut first_miss, cfg.connect_timeout) {
                                 charged -= 1;
                                 free_retry = true;
                             }

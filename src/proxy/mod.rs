@@ -21,8 +21,9 @@ const MAX_TRIES: usize = 64;
 /// or closed before a byte was written), may be followed by one that `retries` does not
 /// count. Such a try has no side effect anywhere, so when most of a pool exits at once the
 /// request goes on to the next backend instead of running out of retries on dead replicas;
-/// the pool's untried backends, `MAX_TRIES` and `connect_timeout` since the first try bound
-/// it.
-fn may_try_free(attempt: usize, first: Instant, connect_timeout: Duration) -> bool {
+/// the pool's untried backends, `MAX_TRIES` and `connect_timeout` since the first such
+/// failure (`first`, set here: the clock is read only on this path) bound it.
+fn may_try_free(attempt: usize, first: &mut Option<Instant>, connect_timeout: Duration) -> bool {
+    let first = *first.get_or_insert_with(Instant::now);
     attempt + 1 < MAX_TRIES && first.elapsed() < connect_timeout
 }

@@ -197,7 +197,7 @@ async fn connect(
     // Tries that count against `retries`: not a refused connect (nothing was sent; see
     // `may_try_free`).
     let mut charged = 0;
-    let first_try = std::time::Instant::now();
+    let mut first_miss = None;
     loop {
         let attempt = tried.len();
         if charged >= attempts {
@@ -235,7 +235,8 @@ async fn connect(
                     crate::upstream::ConnectError::Timeout(_) => "connect_timeout",
                     _ => "connect_failed",
                 };
-                if e.never_reached() && super::may_try_free(attempt, first_try, cfg.connect_timeout)
+                if e.never_reached()
+                    && super::may_try_free(attempt, &mut first_miss, cfg.connect_timeout)
                 {
                     charged -= 1;
                 }
