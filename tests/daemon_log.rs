@@ -40,6 +40,20 @@ fn lines_after(lb: &Ballast, seen: usize, needle: &str) -> Vec<String> {
     lb.lines()[seen..].to_vec()
 }
 
+/// Saves the config with `log` as its `[log]` table, reloads, and returns the line that
+/// reports the reload.
+async fn reload_with_log(lb: &Ballast, log: &str) -> String {
+    let seen = lb.lines().len();
+    lb.save_config(&with_log(log), Save::Rename);
+    let (status, _) = admin_call(lb.admin(), "POST", "/reload", None).await;
+    assert_eq!(status, 200);
+    let after = lines_after(lb, seen, "config reloaded");
+    after
+        .into_iter()
+        .find(|l| l.contains("config reloaded"))
+        .expect("the reload line")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_parse_and_a_reload_switches_between_text_and_json() {
     let lb = Ballast::start(&with_log("format = \"json\""));
@@ -71,32 +85,13 @@ async fn json_lines_parse_and_a_reload_switches_between_text_and_json() {
     assert_eq!(v["addr"], lb.addr("web").to_string());
 
     // Reload to text: the line that reports the reload is already text.
-    let seen = lb.lines().len();
-    lb.save_config(&with_log("format = \"text\""), Save::Rename);
-    let (status, _) = admin_call(lb.admin(), "POST", "/reload", None).await;
-    assert_eq!(status, 200);
-    let after = lines_after(&lb, seen, "config reloaded");
-    let reloaded = after
-        .iter()
-        .find(|l| l.contains("config reloaded"))
-        .unwrap();
+    let reloaded = reload_with_log(&lb, "format = \"text\"").await;
     assert!(!reloaded.starts_with('{'), "{reloaded}");
     assert!(reloaded.contains(" generation="), "{reloaded}");
 
     // And back.
-    let seen = lb.lines().len();
-    lb.save_config(
-        &with_log("format = \"json\"\nlevel = \"info\""),
-        Save::Rename,
-    );
-    let (status, _) = admin_call(lb.admin(), "POST", "/reload", None).await;
-    assert_eq!(status, 200);
-    let after = lines_after(&lb, seen, "config reloaded");
-    let reloaded = after
-        .iter()
-        .find(|l| l.contains("config reloaded"))
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(reloaded).unwrap();
+    let reloaded = reload_with_log(&lb, "format = \"json\"\nlevel = \"info\"").await;
+    let v: serde_json::Value = serde_json::from_str(&reloaded).unwrap();
     assert!(
         v["generation"].as_u64().is_some_and(|g| g >= 2),
         "{reloaded}"
