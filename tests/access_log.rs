@@ -260,7 +260,7 @@ fn a_bad_access_log_section_is_refused_with_its_line() {
     );
     assert!(!ok);
     assert!(
-        err.contains(":2:10: access_log.format: expected \"json\" or \"common\", got \"xml\""),
+        err.contains(":2:10: access_log.format: expected \"json\" or \"combined\", got \"xml\""),
         "{err}"
     );
 }
