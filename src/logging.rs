@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tracing::{Event, Subscriber};
-use tracing_log::NormalizeEvent;
+use tracing_log::{AsLog, NormalizeEvent};
 use tracing_subscriber::fmt::format::{Format, Full, Json, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -99,6 +99,9 @@ pub fn apply(config: &LogConfig) {
         if let Err(e) = control.filter.reload(filter) {
             tracing::warn!(error = %e, "cannot apply [log] level");
         }
+        // Records of the `log` crate (rustls) are cut at the level set when the subscriber
+        // was installed: follow the new one.
+        tracing_log::log::set_max_level(tracing::level_filters::LevelFilter::current().as_log());
     }
 }
 
