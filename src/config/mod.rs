@@ -646,15 +646,7 @@ impl Config {
     /// Parses and validates `text`; `file` labels errors and anchors relative paths.
     /// `${env:NAME}` reads the process environment.
     pub fn from_toml_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        Config::from_toml_str_with_env(text, file, &|name| std::env::var(name).ok())
-    }
-
-    /// [`Config::from_toml_str`] with the environment given by `env`.
-    pub fn from_toml_str_with_env(
-        text: &str,
-        file: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
         let mut v = validate::Validator {
             text,
             base: file.parent().unwrap_or(Path::new("")),
@@ -663,7 +655,7 @@ impl Config {
         let config = match toml::de::DeTable::parse(text) {
             Ok(mut doc) => {
                 let mut env_problems = Vec::new();
-                let used = env::expand(doc.get_mut(), env, &mut env_problems);
+                let used = env::expand(doc.get_mut(), &env, &mut env_problems);
                 // A string left unexpanded would also fail its own check: report the cause
                 // alone.
                 let expanded = env_problems.is_empty();

@@ -535,7 +535,7 @@ impl Validator<'_> {
         }
     }
 
-    /// The `[access_log]` table.
+    /// The `[admin]` table: a token, or a file that holds it.
     fn admin(&mut self, a: &file::FileAdmin) -> Option<AdminConfig> {
         let bind = self.socket_addr(&a.bind, "admin.bind")?;
         let (token, token_file) = match (&a.token, &a.token_file) {
@@ -597,6 +597,7 @@ impl Validator<'_> {
         }
     }
 
+    /// The `[log]` table: the daemon log's format and level.
     fn log(&mut self, l: &file::FileLog) -> LogConfig {
         let mut config = LogConfig::default();
         match l.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
@@ -620,6 +621,7 @@ impl Validator<'_> {
         config
     }
 
+    /// The `[access_log]` table.
     fn access_log(&mut self, a: &file::FileAccessLog) -> AccessLogConfig {
         let format = match a.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "json")) => AccessLogFormat::Json,
