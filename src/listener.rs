@@ -370,9 +370,9 @@ impl Env {
             Ok(Err(e)) => {
                 self.stats.tls_failures.incr();
                 if is_invalid_sni(&e) {
-                    // rustls refuses these before any certificate is chosen, with no setting
-                    // to serve them the default one (see tls.rs); say so where an operator
-                    // looks, at most once a second.
+                    // rustls refuses these before any certificate is chosen and has no
+                    // setting to serve them the default one (README, "Known limit"); say so
+                    // where an operator looks, at most once a second.
                     if let Some(suppressed) =
                         crate::log_limit::allow((&*conn.ctx.listener, "invalid_sni"))
                     {

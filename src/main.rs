@@ -113,24 +113,13 @@ fn main() -> ExitCode {
             _,
         ) => {
             let (url, method, timeout, print_body) = (url.clone(), method.clone(), *timeout, *body);
-            let mut headers = match ballast::probe::parse_headers(headers) {
+            let headers = match ballast::probe::request_headers(headers, token_file.as_deref()) {
                 Ok(h) => h,
                 Err(e) => {
                     eprintln!("probe: {e}");
                     return ExitCode::from(2);
                 }
             };
-            if let Some(path) = token_file {
-                match ballast::probe::bearer_from_file(path) {
-                    Ok(v) => {
-                        headers.insert(http::header::AUTHORIZATION, v);
-                    }
-                    Err(e) => {
-                        eprintln!("probe: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            }
             return block_on(Some(1), async move {
                 match ballast::probe::probe(method, &url, headers, timeout).await {
                     Ok(answer) if print_body => {

@@ -23,26 +23,31 @@ pub enum ProbeError {
     Status(http::StatusCode),
     #[error("the body broke off or is larger than 1 MiB")]
     Body,
-    #[error("{0}: expected \"Name: value\"")]
-    Header(String),
 }
 
-/// Request header fields from `--header "Name: value"` arguments.
-pub fn parse_headers(args: &[String]) -> Result<http::HeaderMap, ProbeError> {
+/// Request header fields from `--header "Name: value"` arguments, plus `Authorization:
+/// Bearer <token>` from `--token-file`.
+pub fn request_headers(
+    args: &[String],
+    token_file: Option<&std::path::Path>,
+) -> Result<http::HeaderMap, String> {
     let mut map = http::HeaderMap::new();
     for arg in args {
-        let bad = || ProbeError::Header(arg.clone());
+        let bad = || format!("{arg}: expected \"Name: value\"");
         let (name, value) = arg.split_once(':').ok_or_else(bad)?;
         let name = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
         let value = http::HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
         map.append(name, value);
+    }
+    if let Some(path) = token_file {
+        map.insert(http::header::AUTHORIZATION, bearer_from_file(path)?);
     }
     Ok(map)
 }
 
 /// `Authorization: Bearer <token>` with the token read from `path` (a Kubernetes or Docker
 /// secret file; its trailing newline is not part of the token).
-pub fn bearer_from_file(path: &std::path::Path) -> Result<http::HeaderValue, String> {
+fn bearer_from_file(path: &std::path::Path) -> Result<http::HeaderValue, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
     let token = text.trim_end_matches(['\r', '\n']);
