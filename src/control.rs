@@ -351,7 +351,7 @@ impl Daemon {
         // The log format and level first, so that this reload's own lines (listeners bound,
         // the summary) are written the new way; a rejected config puts the old ones back.
         crate::logging::apply(&config.log);
-        let prepared = self.prepare(control, &config, &current, inherited);
+        let prepared = Self::prepare(control, &config, &current, inherited);
         let (new_sockets, access_log) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -371,7 +371,6 @@ impl Daemon {
     /// What `config` needs that can fail, before anything changes: its new listening
     /// sockets and its access log writer.
     fn prepare(
-        &self,
         control: &Control,
         config: &Config,
         current: &Snapshot,

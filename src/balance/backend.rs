@@ -347,21 +347,37 @@ impl Backend {
             return false;
         }
         let fails = self.passive_fails.fetch_add(1, Ordering::Relaxed) + 1;
-        fails >= passive.max_fails && self.eject(passive)
+        if fails < passive.max_fails {
+            return false;
+        }
+        self.eject(passive);
+        true
     }
 
-    /// A connection refused: nothing listens there (a replica that exited, most often
-    /// with requests still being aimed at it). Ejected at once for `fail_timeout`, without
-    /// waiting for `max_fails`, so the next picks skip it; `max_fails = 0` still turns
-    /// passive ejection off. Returns whether it was ejected now.
-    pub fn record_refused(&self, passive: &PassiveConfig) -> bool {
+    /// A failed connect. A refused one means nothing listens there (a replica that exited,
+    /// most often with requests still aimed at it): ejected at once for `fail_timeout`,
+    /// without waiting for `max_fails`, so the next picks skip it (`max_fails = 0` still
+    /// turns passive ejection off). Any other counts like [`Self::record_failure`].
+    /// Returns whether the backend was ejected now.
+    pub fn record_connect_error(
+        &self,
+        error: &crate::upstream::ConnectError,
+        passive: &PassiveConfig,
+    ) -> bool {
+        if !error.refused() {
+            return self.record_failure(passive);
+        }
         self.failures_total.fetch_add(1, Ordering::Relaxed);
         self.conns.clear();
-        passive.max_fails > 0 && self.eject(passive)
+        if passive.max_fails == 0 {
+            return false;
+        }
+        self.eject(passive);
+        true
     }
 
-    /// No traffic for `fail_timeout` (unless every backend is ejected); always `true`.
-    fn eject(&self, passive: &PassiveConfig) -> bool {
+    /// No traffic for `fail_timeout` (unless every backend is ejected).
+    fn eject(&self, passive: &PassiveConfig) {
         self.passive_fails.store(0, Ordering::Relaxed);
         self.stats.ejections.incr();
         let now = now_ms();
@@ -371,7 +387,6 @@ impl Backend {
         // Slow start (when the pool has it) begins when the ejection ends: a backend
         // that was failing comes back gently, as after a failed health check.
         self.ramp_start_ms.store(until.max(1), Ordering::Relaxed);
-        true
     }
 
     /// Called when a response head arrived from this backend.

@@ -471,11 +471,7 @@ fn forward<'a>(
                     s
                 }
                 Err(e) => {
-                    let ejected = if e.refused() {
-                        backend.record_refused(&cfg.passive)
-                    } else {
-                        backend.record_failure(&cfg.passive)
-                    };
+                    let ejected = backend.record_connect_error(&e, &cfg.passive);
                     if e.never_reached()
                         && super::may_try_free(attempt, &mut first_miss, cfg.connect_timeout)
                     {

@@ -3,9 +3,9 @@
 //!
 //! - A connect that fails (refused, timed out) counts against the backend and is retried on
 //!   another one: nothing has been sent yet, so that is always safe. A refused one ejects
-//!   the backend at once and is not counted against `retries` (see `proxy::may_try_free`). Once joined, whatever
-//!   happens to the bytes is nobody's fault that ballast could tell, so nothing more is
-//!   counted, like HAProxy's `mode tcp`.
+//!   the backend at once and is not counted against `retries` (see `proxy::may_try_free`).
+//!   Once joined, whatever happens to the bytes is nobody's fault that ballast could tell,
+//!   so nothing more is counted, like HAProxy's `mode tcp`.
 //! - A half-close is passed on: when one side shuts down its write side, the other side's
 //!   write side is shut down and the opposite direction keeps flowing.
 //! - The connection holds a lease on its backend for its whole life: `least_conn` counts it,
@@ -224,7 +224,7 @@ async fn connect(
         let started = Instant::now();
         let connected =
             crate::upstream::connect_tcp(backend.addr, cfg.connect_timeout, proxy_header).await;
-        let error = match connected {
+        let (error, ejected) = match connected {
             Ok(stream) => {
                 account.connect = Some(started.elapsed());
                 backend.record_success();
@@ -240,15 +240,10 @@ async fn connect(
                 {
                     charged -= 1;
                 }
-                let ejected = if e.refused() {
-                    backend.record_refused(&cfg.passive)
-                } else {
-                    backend.record_failure(&cfg.passive)
-                };
+                let ejected = backend.record_connect_error(&e, &cfg.passive);
                 (e.to_string(), ejected)
             }
         };
-        let (error, ejected) = error;
         if let Some(suppressed) =
             crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
         {
