@@ -112,17 +112,60 @@ impl ConnectError {
 pub struct ConnSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    pub max_idle: usize,
+    /// Idle HTTP/1.1 connections kept per backend at most; `None`: as many as the backend
+    /// had in use at once lately (see [`Idle`]).
+    pub max_idle: Option<usize>,
     /// A write to the backend (a request body) blocked this long fails the connection.
     pub send_timeout: Duration,
     pub protocol: UpstreamProtocol,
 }
 
+/// A backend's idle HTTP/1.1 connections, and how many it needed lately.
+///
+/// Why sized by recent need: a fixed cap below the steady concurrency (640 HTTP/2 streams
+/// spread over 4 backends need 160 connections each) closes the surplus after every burst
+/// and opens it again on the next: a connect, and a backend accept, per request over the
+/// cap. HAProxy keeps what it opened until it idles out; nginx's `keepalive N` churns.
+/// Here the pool keeps up to the most requests the backend had in flight at once in the
+/// last one or two `idle_timeout` windows, and `idle_timeout` closes what a past burst
+/// left over. An explicit `max_idle_per_backend` caps it.
+#[derive(Debug, Default)]
+struct Idle {
+    /// Most recently used last (LIFO keeps a few connections hot; old ones age out).
+    conns: Vec<(http1::SendRequest<UpstreamBody>, Instant)>,
+    /// Peak in-flight requests seen in the current window and in the one before.
+    peak: usize,
+    previous_peak: usize,
+    window_start: Option<Instant>,
+}
+
+impl Idle {
+    /// Notes `busy` requests in flight now; returns how many idle connections to keep.
+    fn note_busy(&mut self, busy: usize, window: Duration) -> usize {
+        let now = Instant::now();
+        match self.window_start {
+            Some(start) if now.duration_since(start) < window => {}
+            Some(start) => {
+                // Two windows or more passed: the older peak is stale too.
+                self.previous_peak = if now.duration_since(start) < window * 2 {
+                    self.peak
+                } else {
+                    0
+                };
+                self.peak = 0;
+                self.window_start = Some(now);
+            }
+            None => self.window_start = Some(now),
+        }
+        self.peak = self.peak.max(busy);
+        self.peak.max(self.previous_peak)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ConnPool {
-    /// HTTP/1.1: most recently used last (LIFO keeps a few connections hot; old ones age
-    /// out).
-    idle: Mutex<Vec<(http1::SendRequest<UpstreamBody>, Instant)>>,
+    /// HTTP/1.1.
+    idle: Mutex<Idle>,
     /// HTTP/2: the connection new requests are multiplexed onto.
     shared: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     /// HTTP/2: held while the shared connection is being opened, so that a burst of requests
@@ -206,7 +249,7 @@ impl ConnPool {
 
     fn pop(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut idle = self.lock();
-        while let Some((sender, since)) = idle.pop() {
+        while let Some((sender, since)) = idle.conns.pop() {
             if !sender.is_closed() && since.elapsed() < idle_timeout {
                 return Some(sender);
             }
@@ -214,23 +257,27 @@ impl ConnPool {
         None
     }
 
-    /// Returns a connection whose last response has been read completely.
-    pub fn put(&self, sender: Sender, s: &ConnSettings) {
+    /// Returns a connection whose last response has been read completely; `busy` is how
+    /// many requests the backend has in flight now, this one included.
+    pub fn put(&self, sender: Sender, s: &ConnSettings, busy: usize) {
         // An HTTP/2 handle is just dropped: the shared connection stays in `shared`.
         let Sender::H1(sender) = sender else { return };
-        if sender.is_closed() || s.max_idle == 0 {
+        if sender.is_closed() || s.max_idle == Some(0) {
             return;
         }
         let mut idle = self.lock();
-        if idle.len() >= s.max_idle {
-            idle.remove(0);
+        let needed = idle.note_busy(busy, s.idle_timeout);
+        let keep = s.max_idle.map_or(needed, |cap| needed.min(cap)).max(1);
+        while idle.conns.len() >= keep {
+            idle.conns.remove(0);
         }
-        idle.push((sender, Instant::now()));
+        idle.conns.push((sender, Instant::now()));
     }
 
     /// Closes idle connections that outlived `idle_timeout` or were closed by the backend.
     pub fn evict_expired(&self, idle_timeout: Duration) {
         self.lock()
+            .conns
             .retain(|(s, since)| !s.is_closed() && since.elapsed() < idle_timeout);
         let mut shared = self.shared_lock();
         if shared.as_ref().is_some_and(|s| s.is_closed()) {
@@ -241,16 +288,16 @@ impl ConnPool {
     /// Closes every idle connection (dropping the sender ends hyper's connection task), and
     /// stops handing out the shared HTTP/2 one (it closes when its last request ends).
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().conns.clear();
         *self.shared_lock() = None;
     }
 
     /// Idle HTTP/1.1 connections, plus the shared HTTP/2 one.
     pub fn idle_count(&self) -> usize {
-        self.lock().len() + usize::from(self.shared_lock().is_some())
+        self.lock().conns.len() + usize::from(self.shared_lock().is_some())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(http1::SendRequest<UpstreamBody>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -379,4 +426,35 @@ where
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Idle;
+    use std::time::Duration;
+
+    #[test]
+    fn the_idle_pool_keeps_what_recent_load_needed_then_forgets_it() {
+        let window = Duration::from_millis(40);
+        let mut idle = Idle::default();
+        assert_eq!(idle.note_busy(3, window), 3);
+        assert_eq!(
+            idle.note_busy(160, window),
+            160,
+            "a burst raises it at once"
+        );
+        assert_eq!(
+            idle.note_busy(1, window),
+            160,
+            "and it holds within the window"
+        );
+        std::thread::sleep(window);
+        assert_eq!(
+            idle.note_busy(2, window),
+            160,
+            "the window before still counts"
+        );
+        std::thread::sleep(window * 2);
+        assert_eq!(idle.note_busy(2, window), 2, "two quiet windows forget it");
+    }
 }

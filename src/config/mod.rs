@@ -53,7 +53,6 @@ pub mod defaults {
     pub const RATE_LIMIT_MAX_KEYS: u32 = 100_000;
     /// IPv6 clients are counted per /64: one subscriber's or one host's allocation.
     pub const RATE_LIMIT_IPV6_PREFIX: u8 = 64;
-    pub const MAX_IDLE_PER_BACKEND: u32 = 128;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
     pub const RISE: u32 = 2;
@@ -363,7 +362,9 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub retries: u32,
-    pub max_idle_per_backend: usize,
+    /// Idle connections kept per backend at most; `None` (the default): as many as the
+    /// backend had in use at once lately, so that steady load opens no new connections.
+    pub max_idle_per_backend: Option<usize>,
     /// Overrides the listener's `request_buffering` for this pool.
     pub request_buffering: Option<usize>,
     /// What the backends speak.

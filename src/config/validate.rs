@@ -1178,9 +1178,7 @@ impl Validator<'_> {
             max_idle_per_backend: p
                 .max_idle_per_backend
                 .as_ref()
-                .map(|r| *r.get_ref())
-                .unwrap_or(defaults::MAX_IDLE_PER_BACKEND)
-                as usize,
+                .map(|r| *r.get_ref() as usize),
             request_buffering: self
                 .request_buffering(&p.request_buffering, &format!("{key}.request_buffering")),
             protocol: match p.protocol {

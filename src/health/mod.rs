@@ -218,7 +218,7 @@ async fn probe_inner(
     let settings = ConnSettings {
         connect_timeout: check.timeout,
         idle_timeout: check.timeout,
-        max_idle: 0,
+        max_idle: Some(0),
         send_timeout: check.timeout,
         protocol: transport.protocol,
     };

@@ -79,7 +79,7 @@ impl Home {
             if let Ok(Some(sender)) = finished {
                 let backend = lease.backend();
                 if backend.cuts() == self.cuts && !backend.is_draining() {
-                    backend.conns.put(sender, &self.settings);
+                    backend.conns.put(sender, &self.settings, backend.in_flight());
                     tracing::debug!(backend = %backend.label, "kept a backend connection after its client left");
                 }
             }
