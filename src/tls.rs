@@ -40,9 +40,18 @@ impl<T: crate::h1::server::Transport> crate::h1::server::Transport
     }
 }
 
+#[cfg(all(feature = "tls-aws-lc", not(feature = "tls-ring")))]
+pub use rustls::crypto::aws_lc_rs as crypto;
+/// The crypto under every TLS config: ring unless built with `tls-aws-lc` alone (Cargo.toml
+/// says why).
+#[cfg(feature = "tls-ring")]
+pub use rustls::crypto::ring as crypto;
+#[cfg(not(any(feature = "tls-aws-lc", feature = "tls-ring")))]
+compile_error!("build with the feature tls-aws-lc (the default) or tls-ring");
+
 /// The crypto provider every TLS config uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(crypto::default_provider())
 }
 
 /// Builds the server config for a TLS listener.
@@ -66,7 +75,7 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> 
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(t)));
     config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // Stateless resumption: a returning client skips the expensive signature.
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.ticketer = crypto::Ticketer::new()?;
     Ok(Arc::new(config))
 }
 

@@ -133,7 +133,7 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertPair, String> 
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| format!("{}: not a PEM private key: {e}", key_path.display()))?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = crate::tls::provider();
     let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => format!(
             "{}: the key does not match the certificate {}",

@@ -138,7 +138,7 @@ impl Pki {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(ballast::tls::crypto::default_provider())
 }
 
 fn connector(mut config: ClientConfig, alpn: &[&str]) -> TlsConnector {
@@ -224,7 +224,7 @@ pub async fn backend(leaf: &Leaf, bind: &str) -> std::net::SocketAddr {
     let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        ballast::tls::crypto::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
