@@ -34,9 +34,11 @@
 //! - `balance`: [`balance::Pool`], its backends' live state, the selection policies, the
 //!   queue for `max_connections` and the retry budget.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
+//! - `routing`: per listener, the routes (host, path prefix) and the target each names.
 //! - `health`: probe tasks, reconciled against each new snapshot.
 //! - `proxy`: hop-by-hop headers, route rules (header rules, prefix rewrites, request id),
-//!   error mapping, the HTTP forwarding path, upgrade tunnels, the TCP (L4) forwarding path.
+//!   error mapping, the connection context, the HTTP forwarding path (one file per step
+//!   under `proxy/http/`), upgrade tunnels, the TCP (L4) forwarding path.
 //! - `handover`: listening sockets passed to a successor process or from systemd, and the
 //!   Unix socket that serves them.
 //! - `listener`: socket binding (or adoption), accept loops, per-connection limits, PROXY
@@ -77,6 +79,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod request_body;
+pub mod routing;
 pub mod state;
 pub mod stats;
 pub mod systemd;

@@ -11,10 +11,9 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::balance::Pool;
-use crate::config::{Config, HeaderRules, HostMatch, RateLimitConfig};
+use crate::config::Config;
 use crate::discovery::{NameKey, Resolved};
-use crate::rate_limit::RateLimiter;
-use crate::stats::ListenerStats;
+use crate::routing::Router;
 
 pub type Live = Arc<ArcSwap<Snapshot>>;
 
@@ -70,60 +69,8 @@ impl Snapshot {
             .listeners
             .iter()
             .filter_map(|l| {
-                let default = Arc::clone(pools.get(l.default_pool.as_str())?);
                 let old = previous.and_then(|p| p.routers.get(l.name.as_str()));
-                let routes = l
-                    .routes
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, r)| {
-                        let kept = old
-                            .and_then(|o| o.routes.get(i))
-                            .and_then(|o| o.target.rate_limit.as_ref());
-                        Some(Route {
-                            host: r.host.clone(),
-                            path_prefix: r.path_prefix.clone(),
-                            target: Target {
-                                pool: Arc::clone(pools.get(r.pool.as_str())?),
-                                upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
-                                rewrite: r.path_prefix.clone().zip(r.rewrite_prefix.clone()),
-                                request_headers: r
-                                    .request_headers
-                                    .clone()
-                                    .or_else(|| l.request_headers.clone()),
-                                response_headers: r
-                                    .response_headers
-                                    .clone()
-                                    .or_else(|| l.response_headers.clone()),
-                                rate_limit: limiter(r.rate_limit.as_ref(), kept),
-                            },
-                        })
-                    })
-                    .collect();
-                let default = Target {
-                    pool: default,
-                    upgrade: l.upgrade.clone(),
-                    rewrite: None,
-                    request_headers: l.request_headers.clone(),
-                    response_headers: l.response_headers.clone(),
-                    rate_limit: None,
-                };
-                let rate_limit = limiter(
-                    l.rate_limit.as_ref(),
-                    old.and_then(|o| o.rate_limit.as_ref()),
-                );
-                let stats = previous
-                    .and_then(|p| p.routers.get(l.name.as_str()))
-                    .map_or_else(Default::default, |r| Arc::clone(&r.stats));
-                Some((
-                    l.name.as_str().into(),
-                    Router {
-                        routes,
-                        default,
-                        stats,
-                        rate_limit,
-                    },
-                ))
+                Some((l.name.as_str().into(), Router::build(l, &pools, old)?))
             })
             .collect();
         Snapshot {
@@ -136,19 +83,6 @@ impl Snapshot {
     }
 }
 
-/// The limiter for `config`: the previous generation's when its settings are the same (a
-/// reload does not refill every bucket), else a new one.
-fn limiter(
-    config: Option<&RateLimitConfig>,
-    previous: Option<&Arc<RateLimiter>>,
-) -> Option<Arc<RateLimiter>> {
-    let config = config?;
-    Some(match previous {
-        Some(p) if p.config == *config => Arc::clone(p),
-        _ => Arc::new(RateLimiter::new(config.clone())),
-    })
-}
-
 impl Snapshot {
     /// Closes idle upstream connections that outlived their pool's idle timeout.
     pub fn evict_idle_connections(&self) {
@@ -157,118 +91,5 @@ impl Snapshot {
                 b.conns.evict_expired(pool.config.idle_timeout);
             }
         }
-    }
-}
-
-#[derive(Debug)]
-struct Route {
-    host: Option<HostMatch>,
-    path_prefix: Option<String>,
-    target: Target,
-}
-
-/// Where a route sends a request, and what it lets through.
-#[derive(Debug)]
-pub struct Target {
-    pub pool: Arc<Pool>,
-    /// `Upgrade` protocols forwarded (lower case); others are removed from the request.
-    pub upgrade: Vec<String>,
-    /// `strip_prefix` / `rewrite_prefix`: the matched path prefix and what replaces it.
-    pub rewrite: Option<(String, String)>,
-    /// The route's header rules, else the listener's.
-    pub request_headers: Option<HeaderRules>,
-    pub response_headers: Option<HeaderRules>,
-    /// The route's own rate limit (the listener's is on the [`Router`]).
-    pub rate_limit: Option<Arc<RateLimiter>>,
-}
-
-/// (host, path prefix) → target for one listener; routes in file order, first match wins,
-/// then the listener's default pool.
-#[derive(Debug)]
-pub struct Router {
-    routes: Vec<Route>,
-    default: Target,
-    /// The listener's counters, carried over from the previous router of the same name.
-    pub stats: Arc<ListenerStats>,
-    /// The listener's rate limit, for every request on it.
-    pub rate_limit: Option<Arc<RateLimiter>>,
-}
-
-impl Router {
-    /// `host` is the request's host without port.
-    pub fn route(&self, host: Option<&str>, path: &str) -> &Target {
-        self.routes
-            .iter()
-            .find(|r| {
-                r.host
-                    .as_ref()
-                    .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
-                    && r.path_prefix
-                        .as_ref()
-                        .is_none_or(|p| path.starts_with(p.as_str()))
-            })
-            .map_or(&self.default, |r| &r.target)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snapshot(toml: &str) -> Snapshot {
-        let config = Config::from_toml_str(toml, std::path::Path::new("t.toml"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        Snapshot::build(Arc::new(config), None, &Resolved::new(), true, None)
-    }
-
-    #[test]
-    fn routes_match_host_then_prefix_first_match_wins_then_default() {
-        let snap = snapshot(
-            r#"
-[listeners.web]
-bind = "127.0.0.1:0"
-pool = "default"
-routes = [
-  { host = "api.example.com", path_prefix = "/v2/", pool = "v2" },
-  { host = "api.example.com", pool = "api" },
-  { path_prefix = "/static/", pool = "static" },
-  { host = "*.example.org", pool = "org" },
-  { path_prefix = "/static/never", pool = "never" },
-]
-[pools.default]
-backends = ["127.0.0.1:1"]
-[pools.v2]
-backends = ["127.0.0.1:2"]
-[pools.api]
-backends = ["127.0.0.1:3"]
-[pools.static]
-backends = ["127.0.0.1:4"]
-[pools.org]
-backends = ["127.0.0.1:5"]
-[pools.never]
-backends = ["127.0.0.1:6"]
-"#,
-        );
-        let router = &snap.routers["web"];
-        let pool = |host: Option<&str>, path: &str| router.route(host, path).pool.name.to_string();
-        assert_eq!(pool(Some("api.example.com"), "/v2/users"), "v2");
-        assert_eq!(pool(Some("api.example.com"), "/v1/users"), "api");
-        // File order: the host-only route comes before the /static/ one.
-        assert_eq!(pool(Some("api.example.com"), "/static/x"), "api");
-        assert_eq!(pool(Some("www.example.com"), "/static/x"), "static");
-        assert_eq!(pool(None, "/static/never"), "static", "first match wins");
-        assert_eq!(pool(Some("a.example.org"), "/"), "org");
-        assert_eq!(
-            pool(Some("example.org"), "/"),
-            "default",
-            "a wildcard needs a label"
-        );
-        assert_eq!(pool(Some("b.a.example.org"), "/"), "org");
-        assert_eq!(
-            pool(None, "/v2/users"),
-            "default",
-            "no host matches no host route"
-        );
-        assert_eq!(pool(Some("other"), "/"), "default");
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::Request;
 
-use super::http::ConnCtx;
+use super::context::ConnCtx;
 use crate::access_log::{AccessLog, Entry, RequestLine};
 use crate::balance::backend::Backend;
 use crate::balance::Pool;

@@ -2,6 +2,7 @@
 //! TCP (L4) forwarding path (userspace copy, or splice(2)).
 
 mod abandoned;
+pub mod context;
 pub mod error;
 mod exchange;
 pub mod headers;

@@ -24,16 +24,6 @@ pub struct Vars<'a> {
     pub listener: &'a str,
 }
 
-impl<'a> Vars<'a> {
-    pub(super) fn of(ctx: &'a super::http::ConnCtx, ex: &'a super::exchange::Exchange) -> Self {
-        Vars {
-            client_ip: &ctx.forwarded_for,
-            request_id: ex.request_id.as_ref(),
-            listener: &ctx.listener,
-        }
-    }
-}
-
 /// The request's id: the client's `X-Request-Id` when it is sane, else a new random one
 /// (128 bits, hex, like nginx's `$request_id`), which is put into `headers`.
 pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {

@@ -1,0 +1,218 @@
+//! Response bodies on their way to the client: the backend's (which holds the request's
+//! lease and gives the upstream connection back once read to the end), and the wrapper
+//! that ends the request's account when the client side is done with it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::Either;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::attempt::log_backend_failure;
+use super::Inner;
+use crate::balance::backend::Lease;
+use crate::balance::Pool;
+use crate::proxy::abandoned;
+use crate::proxy::context::PrivateConn;
+use crate::proxy::error::ProxyError;
+use crate::proxy::exchange::{BytesIn, Exchange};
+use crate::proxy::headers;
+use crate::request_body::BodyWatch;
+use crate::upstream::{ConnSettings, Sender};
+
+/// A response body on its way to the client. Once hyper has finished with it (dropped it),
+/// the request is over: the connection is idle and its keep-alive timer runs, and the
+/// request is counted and logged (see [`Exchange`]).
+pub struct ProxyBody {
+    pub(super) inner: Inner,
+    pub(super) ex: Exchange,
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // Bodies that are empty by framing (HEAD, 204, 304) are never polled to the end.
+        if self.inner.is_end_stream() {
+            self.ex.complete = true;
+        }
+    }
+}
+
+pub(super) fn upstream_response(
+    resp: Response<Incoming>,
+    lease: Lease,
+    (sender, settings, home): (Sender, ConnSettings, Option<Arc<PrivateConn>>),
+    pool: &Pool,
+    cuts: u64,
+    watch: Option<Arc<BodyWatch>>,
+) -> Response<Inner> {
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    let body = UpstreamResponseBody {
+        inner: Some(body),
+        conn: Some((sender, settings)),
+        home,
+        lease,
+        pool: Arc::clone(&pool.name),
+        passive: pool.config.passive,
+        cuts,
+        watch,
+    };
+    Response::from_parts(parts, Either::Left(body))
+}
+
+/// A backend's response body on its way to the client. It holds the [`Lease`], so the
+/// request counts as in flight until the body is done, and gives the upstream connection back
+/// to the pool once the body has been read to the end.
+pub struct UpstreamResponseBody {
+    /// `None` once handed to [`abandoned`] to be finished.
+    inner: Option<Incoming>,
+    conn: Option<(Sender, ConnSettings)>,
+    /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
+    /// backend's pool.
+    home: Option<Arc<PrivateConn>>,
+    lease: Lease,
+    /// For reporting a body the backend broke off: it counts against the backend.
+    pool: Arc<str>,
+    passive: crate::config::PassiveConfig,
+    /// The backend's cut count when the response began, to tell our drain cut apart.
+    cuts: u64,
+    /// A request body still streaming when the response began: if it fails, the upstream
+    /// connection (and so this body) breaks by the client's fault.
+    watch: Option<Arc<BodyWatch>>,
+}
+
+impl UpstreamResponseBody {
+    fn release_conn(&mut self) {
+        if let Some((sender, settings)) = self.conn.take() {
+            let backend = self.lease.backend();
+            match &self.home {
+                Some(slot) => slot.put(backend.addr, sender),
+                None => backend.conns.put(sender, &settings, backend.in_flight()),
+            }
+        }
+    }
+}
+
+impl Body for UpstreamResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release_conn(),
+            Poll::Ready(Some(Err(e))) => {
+                // A broken body leaves the connection unusable. A client that leaves just stops
+                // polling, so unless our own drain timeout cut it or the client's streamed
+                // request body failed under it, the backend broke it: a truncated response.
+                this.conn = None;
+                let backend = this.lease.backend();
+                let client_fault = this.watch.as_ref().is_some_and(|w| w.fault().is_some());
+                if backend.cuts() == this.cuts && !client_fault {
+                    let ejected = backend.record_failure(&this.passive);
+                    log_backend_failure(
+                        &this.pool,
+                        &backend.label,
+                        "response_truncated",
+                        e,
+                        ejected,
+                        0,
+                    );
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Either::Left(b) => Pin::new(b).poll_frame(cx),
+            Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.ex.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.ex.complete = true,
+            Poll::Ready(Some(Err(_))) => {
+                // The client's own streamed body failing breaks the response too: its fault.
+                let fault = match &this.ex.bytes_in {
+                    BytesIn::Streamed(w) => w.fault(),
+                    BytesIn::Known(_) => None,
+                };
+                this.ex.termination =
+                    fault.map_or("response_truncated", |f| ProxyError::Client(f).reason());
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamResponseBody {
+    fn drop(&mut self) {
+        // Bodies that are empty by framing (HEAD, 204, 304) may never be polled.
+        if self.is_end_stream() {
+            self.release_conn();
+            return;
+        }
+        // The client left mid-body: a small rest is read in the background so the
+        // connection can be kept, unless it is this client's own or its upload broke.
+        let upload_done = self
+            .watch
+            .as_ref()
+            .is_none_or(|w| w.read_all() && w.fault().is_none());
+        if self.home.is_some() || !upload_done {
+            return;
+        }
+        if let (Some((sender, settings)), Some(body)) = (self.conn.take(), self.inner.take()) {
+            let home = abandoned::Home {
+                backend: Arc::clone(self.lease.backend()),
+                settings,
+                cuts: self.cuts,
+            };
+            home.finish_body(sender, body);
+        }
+    }
+}

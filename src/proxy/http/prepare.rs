@@ -1,0 +1,192 @@
+//! Request preparation: everything decided before a backend is chosen. The head is checked
+//! (one `Host`, CONNECT allowed), routed (host and normalized path), rate-limited, shaped
+//! for the backend (hop-by-hop fields, `X-Forwarded-*`, header rules, the URI form the
+//! backend's protocol wants), and its body made ready: a slow or broken body costs no
+//! backend anything.
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+
+use super::attempt::forward;
+use super::synthetic::{error_response, rate_limited, redirect_https, reject};
+use super::{vars, Inner};
+use crate::balance::policy::hash_key;
+use crate::config::{HashKey, UpstreamProtocol};
+use crate::proxy::context::ConnCtx;
+use crate::proxy::error::ProxyError;
+use crate::proxy::exchange::{BytesIn, Exchange};
+use crate::proxy::{headers, rules, tunnel};
+use crate::request_body::{self, BodyLimits, ClientStream};
+use crate::state::Snapshot;
+use std::sync::Arc;
+
+pub(super) async fn respond<'s>(
+    mut req: Request<ClientStream>,
+    ctx: &ConnCtx,
+    snap: &'s Snapshot,
+    ex: &mut Exchange,
+    response_rules: &mut Option<&'s crate::config::HeaderRules>,
+) -> Response<Inner> {
+    let Some(router) = snap.routers.get(&*ctx.listener) else {
+        return error_response(&ProxyError::ListenerGone, ex);
+    };
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host_field = hosts.next();
+    if hosts.next().is_some() {
+        // Two Host fields make the target ambiguous (RFC 9112 §3.2): refuse, like nginx.
+        return reject(ctx, StatusCode::BAD_REQUEST, "several Host fields");
+    }
+    if host_field.is_none() && req.version() == Version::HTTP_11 {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
+        return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
+    }
+    if ctx.config.redirect_https {
+        return redirect_https(&req, ctx);
+    }
+    let connect = req.method() == Method::CONNECT;
+    if connect && !ctx.config.allow_connect {
+        return reject(
+            ctx,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not allowed",
+        );
+    }
+    let host = host_field
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(headers::host_without_port);
+    // Route and forward the path the backend will act on, not one that dot-segments change.
+    let normalized = match headers::normalize_path(req.uri().path()) {
+        Ok(n) => n,
+        Err(headers::PathAboveRoot) => {
+            return reject(ctx, StatusCode::BAD_REQUEST, "path climbs above the root")
+        }
+    };
+    let path = normalized.as_deref().unwrap_or(req.uri().path());
+    let target = router.route(host, path);
+    let rewritten = target
+        .rewrite
+        .as_ref()
+        .map(|(prefix, with)| rules::rewrite_prefix(path, prefix, with));
+    let pool = &target.pool;
+    ex.pool = Some(Arc::clone(pool));
+    *response_rules = target.response_headers.as_ref();
+    // Before the body is read or a backend chosen: a limited client costs neither.
+    for limiter in [router.rate_limit.as_deref(), target.rate_limit.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Err(wait) = limiter.check(limiter.key_of(req.headers(), ctx.peer.ip())) {
+            return rate_limited(ctx, ex, wait);
+        }
+    }
+    let key = pool
+        .hash_key()
+        .and_then(|k| request_hash(k, &req, ctx.peer));
+
+    let h2_backend = pool.config.protocol == UpstreamProtocol::H2;
+    // An HTTP/1.1 upgrade cannot cross to an HTTP/2 backend; it is dropped like any other
+    // protocol the route does not allow.
+    let upgrade = tunnel::requested_upgrade(req.headers(), &target.upgrade).filter(|_| !h2_backend);
+    // `TE: trailers` is hop-by-hop, yet gRPC servers require it on HTTP/2: keep that one.
+    let te_trailers = h2_backend
+        && req.headers().get_all(http::header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+    let client_upgrade =
+        (upgrade.is_some() || connect).then(|| tunnel::ClientUpgrade::of(&mut req));
+    let (mut parts, body) = req.into_parts();
+    if let Some(path) = rewritten.or(normalized) {
+        let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
+        parts.uri =
+            Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    let close = headers::remove_hop_by_hop(&mut parts.headers);
+    if close {
+        ctx.phase.closing();
+    }
+    // ballast answers `Expect: 100-continue` itself, when it starts reading the body.
+    parts.headers.remove(http::header::EXPECT);
+    if let Some(protocol) = upgrade {
+        tunnel::restore_upgrade_headers(&mut parts.headers, protocol);
+    }
+    if !parts.headers.contains_key(http::header::HOST) {
+        // HTTP/2 carries the host in `:authority`; an HTTP/1.1 backend needs `Host`.
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
+    headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto);
+    if ctx.config.request_id {
+        ex.request_id = Some(rules::request_id(&mut parts.headers));
+    }
+    if let Some(r) = &target.request_headers {
+        rules::apply(r, &mut parts.headers, &vars(ctx, ex));
+    }
+    if h2_backend {
+        // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
+        let scheme = if pool.tls.is_some() { "https" } else { "http" };
+        let authority = parts
+            .headers
+            .remove(http::header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| "localhost".to_owned());
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(format!("{scheme}://{authority}{pq}"))
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        parts.version = Version::HTTP_2;
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else {
+        if parts.uri.scheme().is_some() {
+            // Absolute-form from the client: backends expect origin-form.
+            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        }
+        parts.version = Version::HTTP_11;
+    }
+
+    let limits = BodyLimits {
+        read_timeout: ctx.config.request_body_timeout,
+        max_size: ctx.config.max_request_body,
+        buffer: pool
+            .config
+            .request_buffering
+            .unwrap_or(ctx.config.request_buffering),
+    };
+    // Before any backend is chosen: a slow or broken body costs no backend anything.
+    let body = match request_body::prepare(body, limits).await {
+        Ok(b) => b,
+        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
+    };
+    ex.bytes_in = BytesIn::of(&body);
+    match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e, ex),
+    }
+}
+
+fn request_hash<B>(key: &HashKey, req: &Request<B>, peer: SocketAddr) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
+        }),
+        HashKey::Path => Some(hash_key(req.uri().path().as_bytes())),
+        HashKey::Header(name) => req.headers().get(name).map(|v| hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            headers::cookie(req.headers(), name).map(|v| hash_key(v.as_bytes()))
+        }
+    }
+}
