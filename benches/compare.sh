@@ -5,6 +5,7 @@
 #   bash benches/compare.sh            # 3 rounds x 10 s per proxy
 #   ROUNDS=5 DURATION=20 CONNS=64 bash benches/compare.sh
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/compare.sh   # + that build, same run
+#   BALLAST_BIN=/path/to/ballast bash benches/compare.sh   # that build (no cargo build first)
 #   OBSERVABILITY=1 bash benches/compare.sh   # + ballast with /metrics on, with an access log
 #   THREADS2=1 bash benches/compare.sh   # + ballast with worker_threads = 2 on both CPUs
 #   SCENARIO=idle IDLE_CLIENTS=4000 bash benches/compare.sh   # RSS per idle keep-alive client
@@ -12,7 +13,14 @@
 #     (both in two stages of N clients: per client from the start, and the second
 #     stage's marginal cost, free of what the proxy keeps whatever the client count)
 #   SCENARIO=close bash benches/compare.sh   # a new connection per request (Connection: close)
+#   PERF=1 bash benches/compare.sh   # + a `perf record -e cpu-clock -g` of each proxy's first
+#     round (kernel symbols included), summarised per proxy: the top symbols, and the
+#     kernel's share; the raw profiles stay in PERF_DIR (default /tmp/ballast-perf)
 #   LISTENER_EXTRA='response_buffer = "16KiB"' bash benches/compare.sh   # ballast listener keys
+#   SCENARIO=h2 bash benches/compare.sh        # HTTP/2 over TLS, h2load -c64 -m10; h2-m100:
+#     -c16 -m100 (both with peak RSS and new backend connections); handshake-rsa,
+#     handshake-ecdsa: TLS full handshakes; tls-idle: RSS per idle TLS client. These run in
+#     benches/protocols.sh (BALLAST_BASELINE works there too); SCENARIO may list several.
 #
 # Needs Debian's haproxy, nginx-light (or nginx) and wrk; installs them if missing (root).
 # The proxy runs pinned to CPU 0; the backends (one nginx worker) and wrk share CPU 1, so
@@ -23,6 +31,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+case " ${SCENARIO:-} " in
+  *" h2 "*|*" h2-m100 "*|*" handshake-"*|*" tls-"*|*" l4"*)
+    SCENARIOS="$SCENARIO" exec bash benches/protocols.sh ;;
+esac
+
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-50}
@@ -32,7 +45,7 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx || ! need wrk; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light wrk >/dev/null
 fi
-cargo build --release --quiet
+[ -n "${BALLAST_BIN:-}" ] || cargo build --release --quiet
 BALLAST=${BALLAST_BIN:-target/release/ballast}
 
 work=$(mktemp -d)
@@ -255,10 +268,17 @@ for round in $(seq 1 "$ROUNDS"); do
       ( for _ in $(seq 1 "$DURATION"); do curl -s -o /dev/null "http://127.0.0.1:$((BASE_PORT+20))/metrics"; sleep 1; done ) &
       scraper=$!
     fi
+    recorder=""
+    if [ -n "${PERF:-}" ] && [ "$round" = 1 ]; then
+      mkdir -p "${PERF_DIR:-/tmp/ballast-perf}"
+      perf record -q -e cpu-clock -g -p "$wpid" -o "${PERF_DIR:-/tmp/ballast-perf}/$proxy.data" \
+        -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
+    fi
     t0=$(cpu_ticks "$wpid"); u0=$(user_ticks "$wpid")
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${wrk_args[@]}" "http://127.0.0.1:$lb/")
     t1=$(cpu_ticks "$wpid"); u1=$(user_ticks "$wpid")
     if [ -n "$scraper" ]; then wait "$scraper" || true; fi
+    if [ -n "$recorder" ]; then wait "$recorder" || true; fi
     stop_proxy
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -298,3 +318,17 @@ for p in ("ballast", "ballast-base", "ballast-2t", "ballast-metrics", "ballast-l
           f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f} "
           f"{m['user']/h['user']:6.2f}")
 PY
+
+if [ -n "${PERF:-}" ]; then
+  for proxy in $proxies; do
+    data="${PERF_DIR:-/tmp/ballast-perf}/$proxy.data"
+    [ -f "$data" ] || continue
+    echo; echo "== $proxy: top symbols (self time, cpu-clock samples) =="
+    perf report -i "$data" --stdio --no-children --sort sym -g none --percent-limit 1.2 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | head -40
+    # [k] marks kernel symbols in perf's output.
+    perf report -i "$data" --stdio --no-children --sort sym -g none 2>/dev/null \
+      | awk '/\[k\]/ {k+=$1} /\[\.\]/ {u+=$1} END {printf "kernel %.1f%%, user %.1f%% of samples\n", k, u}'
+  done
+fi
+

@@ -5,6 +5,7 @@
 #
 #   bash benches/instructions.sh         # ballast: plain, metrics on, access log (JSON, common)
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/instructions.sh   # + that build
+#   BALLAST_BIN=/path/to/ballast bash benches/instructions.sh   # that build, not a new one
 #   REQUESTS=20000 bash benches/instructions.sh
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
 #   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
@@ -25,8 +26,8 @@ cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-10000}
 BASE_PORT=${BASE_PORT:-18600}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
-cargo build --release --quiet
-BALLAST=target/release/ballast
+[ -n "${BALLAST_BIN:-}" ] || cargo build --release --quiet
+BALLAST=${BALLAST_BIN:-target/release/ballast}
 
 work=$(mktemp -d)
 pids=()

@@ -5,7 +5,13 @@
 #                    handshakes/s and proxy CPU per handshake
 #   handshake-rsa    the same with an RSA-2048 certificate
 #   tls-keepalive    TLS, keep-alive: req/s and proxy CPU per request
-#   h2               HTTP/2 over TLS (h2load, 10 streams per connection): req/s
+#   h2               HTTP/2 over TLS, h2load -c64 -m10 (H2_CONNS, H2_STREAMS): req/s, proxy
+#                    CPU per request, the proxy's peak RSS, and the connections the proxy
+#                    opened to the backends during the measured run (0 once warm is ideal)
+#   h2-m100          the same with -c16 -m100 (H2_M100_CONNS, H2_M100_STREAMS)
+#   tls-idle         memory per idle TLS client: TLS_IDLE_CLIENTS (2,000) clients each make
+#                    one HTTP/1.1 request over TLS and stay connected; the proxy worker's
+#                    RSS growth divided by them
 #   l4               TCP mode, iperf3 bulk transfer: Gbit/s and proxy CPU s/GB
 #                    (plus ballast with `splice = true` and HAProxy with `option splice-auto`)
 #   l4-small         TCP mode, many small exchanges: redis-benchmark PING over 50
@@ -17,6 +23,8 @@
 #                                                   # extra keys for ballast's HTTP pool
 #   BALLAST_BIN=/path/to/other/ballast SCENARIOS=tls-keepalive bash benches/protocols.sh
 #                                                   # another build (runs are separate)
+#   BALLAST_BASELINE=/path/to/older/ballast bash benches/protocols.sh
+#                                                   # + that build as ballast-base, same run
 #
 # Needs Debian's haproxy, nginx-light + libnginx-mod-stream, wrk, nghttp2-client (h2load),
 # iperf3 and openssl; installs them if missing (root). The proxy runs pinned to CPU 0, the
@@ -29,7 +37,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-50}
 BASE_PORT=${BASE_PORT:-18600}
-SCENARIOS=${SCENARIOS:-"handshake-ecdsa handshake-rsa tls-keepalive h2 l4 l4-small"}
+SCENARIOS=${SCENARIOS:-"handshake-ecdsa handshake-rsa tls-keepalive h2 h2-m100 tls-idle l4 l4-small"}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need iperf3 \
@@ -38,7 +46,7 @@ if ! need haproxy || ! need nginx || ! need wrk || ! need h2load || ! need iperf
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx-light libnginx-mod-stream \
     wrk nghttp2-client iperf3 openssl redis-server redis-tools >/dev/null
 fi
-cargo build --release --quiet
+[ -n "${BALLAST_BIN:-}" ] || cargo build --release --quiet
 BALLAST=${BALLAST_BIN:-$PWD/target/release/ballast}
 
 work=$(mktemp -d)
@@ -63,6 +71,7 @@ worker_processes 1; daemon off; error_log $work/backends.err; pid $work/backends
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$b1; location / { return 200 "backend-1\n"; } }
+  server { listen 127.0.0.1:$((BASE_PORT+4)); location / { stub_status; } }
   server { listen 127.0.0.1:$b2; location / { return 200 "backend-2\n"; } }
   server { listen 127.0.0.1:$b3; location / { return 200 "backend-3\n"; } } }
 CONF
@@ -173,6 +182,7 @@ hz=$(getconf CLK_TCK)
 start_proxy() {
   case $1 in
     ballast) taskset -c 0 "$BALLAST" --config "$work/ballast.toml" --log warn & ;;
+    ballast-base) taskset -c 0 "$BALLAST_BASELINE" --config "$work/ballast.toml" --log warn & ;;
     ballast-splice) taskset -c 0 "$BALLAST" --config "$work/ballast-splice.toml" --log warn & ;;
     haproxy) taskset -c 0 haproxy -db -f "$work/haproxy.cfg" & ;;
     haproxy-splice) taskset -c 0 haproxy -db -f "$work/haproxy-splice.cfg" & ;;
@@ -194,6 +204,11 @@ results="$work/results"
 # Runs the load for scenario $1 against the proxy; prints "<rate> <work units>" where the
 # rate is what the scenario reports (req/s or Gbit/s) and work units divide the CPU time
 # (requests, or GB).
+# Connections the backends accepted so far (nginx's stub_status, on a port of its own).
+backend_accepts() { curl -s "http://127.0.0.1:$((BASE_PORT+4))/" | awk 'NR==3 {print $1}'; }
+peak_rss_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
 run_load() {
   case $1 in
     handshake-*)
@@ -209,8 +224,9 @@ run_load() {
     tls-keepalive)
       out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "https://localhost:$lb/")
       echo "$(awk '/Requests\/sec/ {print $2}' <<<"$out") $(awk '/requests in/ {print $1}' <<<"$out")" ;;
-    h2)
-      out=$(taskset -c 1 h2load -c "$CONNS" -m 10 -D "$DURATION" "https://localhost:$lb/" 2>&1)
+    h2|h2-m100)
+      if [ "$1" = h2 ]; then c=${H2_CONNS:-64} m=${H2_STREAMS:-10}; else c=${H2_M100_CONNS:-16} m=${H2_M100_STREAMS:-100}; fi
+      out=$(taskset -c 1 h2load -c "$c" -m "$m" -D "$DURATION" "https://localhost:$lb/" 2>&1)
       ok=$(awk '/^requests:/ {print $8}' <<<"$out")
       echo "$(awk '/^finished in/ {print $4}' <<<"$out") $ok" ;;
     l4-small)
@@ -223,23 +239,87 @@ run_load() {
   esac
 }
 
+cat > "$work/tls_clients.py" <<'PY'
+# Holds n TLS clients, each after one HTTP/1.1 request, until the stop file appears.
+import asyncio, os, ssl, sys
+port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+async def one(sem, held):
+    async with sem:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        w.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = await r.readuntil(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+        await r.readexactly(length)
+        held.append(w)
+async def main():
+    held, sem = [], asyncio.Semaphore(100)
+    await asyncio.gather(*(one(sem, held) for _ in range(n)))
+    open(ready, "w").write(str(len(held)))
+    for _ in range(1200):  # at most 120 s
+        if os.path.exists(stop):
+            return
+        await asyncio.sleep(0.1)
+asyncio.run(main())
+PY
+
+base_proxy=""
+[ -n "${BALLAST_BASELINE:-}" ] && base_proxy=ballast-base
+extras="$work/extras"
+: > "$extras"
+
 for scenario in $SCENARIOS; do
+  if [ "$scenario" = tls-idle ]; then
+    write_configs ecdsa
+    n=${TLS_IDLE_CLIENTS:-2000}
+    for proxy in ballast $base_proxy haproxy nginx; do
+      start_proxy $proxy
+      wpid=$(worker_pid $proxy)
+      taskset -c 1 wrk -t1 -c50 -d2s "https://localhost:$lb/" >/dev/null 2>&1 || true   # warm-up
+      sleep 1
+      before=$(rss_kib "$wpid")
+      rm -f "$work/ready" "$work/stop"
+      ( ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; taskset -c 1 python3 "$work/tls_clients.py" "$lb" "$n" "$work/ready" "$work/stop" ) & client=$!
+      for _ in $(seq 1 1200); do [ -f "$work/ready" ] && break; sleep 0.1; done
+      sleep "${IDLE_SETTLE:-3}"
+      held=$(cat "$work/ready" 2>/dev/null || echo 0)
+      after=$(rss_kib "$wpid")
+      touch "$work/stop"; wait "$client" || true
+      stop_proxy
+      per=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN {printf "%.0f", (a-b)*1024/(n>0?n:1)}')
+      echo "tls-idle $proxy $per" >> "$extras"
+      printf '%-16s %-15s %5s TLS clients held: RSS %7s KiB -> %7s KiB, %6s bytes each\n' tls-idle "$proxy" "$held" "$before" "$after" "$per"
+    done
+    continue
+  fi
   case $scenario in
-    handshake-ecdsa|tls-keepalive|h2) write_configs ecdsa ;;
+    handshake-ecdsa|tls-keepalive|h2|h2-m100) write_configs ecdsa ;;
     handshake-rsa) write_configs rsa ;;
     l4) write_configs tcp $iperf_port ;;
     l4-small) write_configs tcp $redis_port ;;
   esac
-  proxies="ballast haproxy nginx"
-  case $scenario in l4*) proxies="ballast ballast-splice haproxy haproxy-splice nginx" ;; esac
+  proxies="ballast $base_proxy haproxy nginx"
+  case $scenario in l4*) proxies="ballast $base_proxy ballast-splice haproxy haproxy-splice nginx" ;; esac
   for round in $(seq 1 "$ROUNDS"); do
     for proxy in $proxies; do
       start_proxy $proxy
       wpid=$(worker_pid $proxy)
-      case $scenario in l4*) ;; *) taskset -c 1 wrk -t1 -c8 -d1s "https://localhost:$lb/" >/dev/null 2>&1 || true ;; esac
-      t0=$(cpu_ticks "$wpid")
+      # Warm-up in the measured shape, so that "new backend connections" counts churn, not
+      # the first opening of what the load needs.
+      case $scenario in
+        l4*) ;;
+        h2) taskset -c 1 h2load -c "${H2_CONNS:-64}" -m "${H2_STREAMS:-10}" -D 2 "https://localhost:$lb/" >/dev/null 2>&1 || true ;;
+        h2-m100) taskset -c 1 h2load -c "${H2_M100_CONNS:-16}" -m "${H2_M100_STREAMS:-100}" -D 2 "https://localhost:$lb/" >/dev/null 2>&1 || true ;;
+        *) taskset -c 1 wrk -t1 -c8 -d1s "https://localhost:$lb/" >/dev/null 2>&1 || true ;;
+      esac
+      t0=$(cpu_ticks "$wpid"); a0=$(backend_accepts)
       read -r rate units < <(run_load "$scenario")
-      t1=$(cpu_ticks "$wpid")
+      t1=$(cpu_ticks "$wpid"); a1=$(backend_accepts)
+      case $scenario in h2*)
+        echo "$scenario $proxy $round $(peak_rss_kib "$wpid") $((a1 - a0))" >> "$extras"
+        printf '%-16s round %s %-15s peak RSS %s KiB, new backend connections %s\n' "$scenario" "$round" "$proxy" "$(peak_rss_kib "$wpid")" "$((a1 - a0))" ;;
+      esac
       stop_proxy
       cpu=$(awk -v d=$((t1-t0)) -v hz="$hz" -v n="$units" 'BEGIN { if (n > 0) printf "%.9f", d/hz/n; else print "nan" }')
       echo "$scenario $proxy $round $rate $cpu" >> "$results"
@@ -248,9 +328,13 @@ for scenario in $SCENARIOS; do
   done
 done
 
-python3 - "$results" <<'PY'
+python3 - "$results" "$extras" <<'PY'
 import statistics, sys
 rows = {}
+extra = {}
+for line in open(sys.argv[2]):
+    f = line.split()
+    extra.setdefault(f[0], {}).setdefault(f[1], []).append([float(x) for x in f[2:]])
 for line in open(sys.argv[1]):
     s, p, _, rate, cpu = line.split()
     r = rows.setdefault(s, {}).setdefault(p, {"rate": [], "cpu": []})
@@ -266,5 +350,15 @@ for s, by_proxy in rows.items():
         cpu = m["cpu"] * (1e6 if cpu_u.endswith("req") else 1)
         hcpu = h["cpu"] * (1e6 if cpu_u.endswith("req") else 1)
         cpu_s = f"{cpu:10.2f}{' us' if cpu_u.endswith('req') else ' s '}"
-        print(f"  {p:15} {m['rate']:12.2f} {cpu_s} | rate x{m['rate']/h['rate']:.2f}  cpu x{(cpu/hcpu if hcpu else float('nan')):.2f}")
+        more = ""
+        if s in extra and p in extra[s]:
+            rss = statistics.median(r[1] for r in extra[s][p]) / 1024
+            new = [int(r[2]) for r in extra[s][p]]
+            more = f" | peak RSS {rss:6.1f} MiB, new backend connections {min(new)}-{max(new)}"
+        print(f"  {p:15} {m['rate']:12.2f} {cpu_s} | rate x{m['rate']/h['rate']:.2f}  cpu x{(cpu/hcpu if hcpu else float('nan')):.2f}{more}")
+if "tls-idle" in extra:
+    t = {p: v[0][0] for p, v in extra["tls-idle"].items()}
+    print("\ntls-idle (bytes of RSS per idle TLS client; ratio to haproxy)")
+    for p, v in t.items():
+        print(f"  {p:15} {v:8.0f} B  x{v / t['haproxy']:.2f}")
 PY
