@@ -140,9 +140,8 @@ struct Idle {
 }
 
 impl Idle {
-    /// Notes `busy` requests in flight now; returns how many idle connections to keep.
-    fn note_busy(&mut self, busy: usize, window: Duration) -> usize {
-        let now = Instant::now();
+    /// Notes `busy` requests in flight at `now`; returns how many idle connections to keep.
+    fn note_busy(&mut self, busy: usize, window: Duration, now: Instant) -> usize {
         match self.window_start {
             Some(start) if now.duration_since(start) < window => {}
             Some(start) => {
@@ -265,13 +264,14 @@ impl ConnPool {
         if sender.is_closed() || s.max_idle == Some(0) {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.lock();
-        let needed = idle.note_busy(busy, s.idle_timeout);
+        let needed = idle.note_busy(busy, s.idle_timeout, now);
         let keep = s.max_idle.map_or(needed, |cap| needed.min(cap)).max(1);
         while idle.conns.len() >= keep {
             idle.conns.remove(0);
         }
-        idle.conns.push((sender, Instant::now()));
+        idle.conns.push((sender, now));
     }
 
     /// Closes idle connections that outlived `idle_timeout` or were closed by the backend.
@@ -431,30 +431,40 @@ where
 #[cfg(test)]
 mod tests {
     use super::Idle;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn the_idle_pool_keeps_what_recent_load_needed_then_forgets_it() {
-        let window = Duration::from_millis(40);
+        let window = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
         let mut idle = Idle::default();
-        assert_eq!(idle.note_busy(3, window), 3);
+        assert_eq!(idle.note_busy(3, window, at(0)), 3);
         assert_eq!(
-            idle.note_busy(160, window),
+            idle.note_busy(160, window, at(1)),
             160,
             "a burst raises it at once"
         );
         assert_eq!(
-            idle.note_busy(1, window),
+            idle.note_busy(1, window, at(59)),
             160,
-            "and it holds within the window"
+            "and it holds in its window"
         );
-        std::thread::sleep(window);
         assert_eq!(
-            idle.note_busy(2, window),
+            idle.note_busy(2, window, at(61)),
             160,
-            "the window before still counts"
+            "and the window after"
         );
-        std::thread::sleep(window * 2);
-        assert_eq!(idle.note_busy(2, window), 2, "two quiet windows forget it");
+        assert_eq!(idle.note_busy(2, window, at(119)), 160);
+        assert_eq!(
+            idle.note_busy(2, window, at(122)),
+            2,
+            "then it is forgotten"
+        );
+        assert_eq!(
+            idle.note_busy(9, window, at(400)),
+            9,
+            "a long quiet forgets both"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! backend anything.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
@@ -19,8 +20,9 @@ use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::{headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
 use crate::state::Snapshot;
-use std::sync::Arc;
 
+/// Checks, routes and shapes `req`, then forwards it (see `attempt::forward`); every
+/// outcome is a response. `response_rules` receives the matched route's response rules.
 pub(super) async fn respond<'s>(
     mut req: Request<ClientStream>,
     ctx: &ConnCtx,
