@@ -120,6 +120,15 @@ impl BodyDecoder {
         self.state == State::Done
     }
 
+    /// Body bytes still to come, when the framing says (a length, or done).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
     /// The sender closed its side: fine for a body that ends at close, a truncated body
     /// otherwise.
     pub fn end_of_input(&mut self) -> Result<(), BodyError> {

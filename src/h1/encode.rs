@@ -50,6 +50,13 @@ pub fn chunk_start(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(CHUNK_END);
 }
 
+/// The last chunk with `trailers` as its trailer section (framing fields in it are skipped:
+/// they mean nothing there).
+pub fn last_chunk_with_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    out.extend_from_slice(b"0\r\n");
+    fields(out, trailers, Framing::UntilClose);
+}
+
 fn fields(out: &mut Vec<u8>, headers: &HeaderMap, framing: Framing) {
     for (name, value) in headers {
         if name == TRANSFER_ENCODING || (name == CONTENT_LENGTH && framing != Framing::Empty) {

@@ -44,6 +44,7 @@
 //! - A response with an invalid length, obs-fold or bare CR: 502 (§6.3 ¶5, §5.2).
 
 pub mod body;
+pub mod client;
 pub mod encode;
 pub mod head;
 pub mod server;

@@ -34,7 +34,7 @@ pub enum ProbeError {
     #[error("{0}")]
     Upstream(#[source] upstream::ConnectError),
     #[error("HTTP error: {0}")]
-    Http(#[source] hyper::Error),
+    Http(#[source] crate::upstream::UpstreamError),
     #[error("bad request: {0}")]
     Request(#[source] http::Error),
     #[error("unexpected status {0}")]
@@ -228,7 +228,7 @@ async fn probe_inner(
     let header = transport
         .send_proxy
         .map(crate::proxy_protocol::encode_local);
-    let mut sender = upstream::connect(
+    let sender = upstream::connect(
         addr,
         &settings,
         transport.tls.as_ref(),

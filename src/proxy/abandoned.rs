@@ -23,10 +23,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 
 use crate::balance::backend::{Backend, Lease};
-use crate::upstream::{ConnSettings, SendResult, Sender, Sending};
+use crate::upstream::{ConnSettings, SendResult, Sender, Sending, UpstreamIncoming};
 
 /// The most response body read and thrown away to keep one backend connection.
 pub const FINISH_BYTES: u64 = 256 * 1024;
@@ -43,18 +43,19 @@ pub struct Home {
 }
 
 impl Home {
-    /// Finishes `body` and returns `sender` to the backend's pool, in a task of its own.
-    /// Does nothing (the connection closes) when the rest of the body is known to be large.
-    pub fn finish_body(self, sender: Sender, body: Incoming) {
-        if body.size_hint().lower() > FINISH_BYTES || !matches!(sender, Sender::H1(_)) {
+    /// Finishes `body` and returns its connection to the backend's pool, in a task of its
+    /// own. Does nothing (the connection closes) when the rest of the body is known to be
+    /// large, or it is not a pooled HTTP/1.1 connection's.
+    pub fn finish_body(self, body: UpstreamIncoming) {
+        if body.size_hint().lower() > FINISH_BYTES || !body.is_h1() {
             return;
         }
-        self.spawn(async move { Some((sender, body)) });
+        self.spawn(async move { Some(body) });
     }
 
     fn spawn<F>(self, head: F)
     where
-        F: Future<Output = Option<(Sender, Incoming)>> + Send + 'static,
+        F: Future<Output = Option<UpstreamIncoming>> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -62,7 +63,7 @@ impl Home {
         let lease = Lease::new(Arc::clone(&self.backend));
         runtime.spawn(async move {
             let finished = tokio::time::timeout(FINISH_TIME, async {
-                let (sender, mut body) = head.await?;
+                let mut body = head.await?;
                 let mut read = 0u64;
                 while let Some(frame) = body.frame().await {
                     let frame = frame.ok()?;
@@ -73,7 +74,7 @@ impl Home {
                         }
                     }
                 }
-                Some(sender)
+                body.take_conn()
             })
             .await;
             if let Ok(Some(sender)) = finished {
@@ -90,7 +91,6 @@ impl Home {
 /// A request on its way to a backend, up to its response head. It owns the connection, so
 /// that if it is dropped unfinished (the client left) it can go on in the background.
 pub struct InFlight {
-    sender: Option<Sender>,
     sending: Option<Sending>,
     /// `None`: dropping an unfinished request closes its connection.
     home: Option<Home>,
@@ -100,14 +100,13 @@ impl InFlight {
     /// Sends `req` on `sender`. `home` says where the connection may be finished into;
     /// `None` when it must not be (a streamed body, a connection private to this client).
     pub fn send(
-        mut sender: Sender,
+        sender: Sender,
         req: http::Request<crate::upstream::UpstreamBody>,
         home: Option<Home>,
     ) -> InFlight {
         let home = home.filter(|_| matches!(sender, Sender::H1(_)));
         InFlight {
             sending: Some(sender.send(req)),
-            sender: Some(sender),
             home,
         }
     }
@@ -119,37 +118,31 @@ impl InFlight {
 }
 
 impl Future for InFlight {
-    /// The connection back, with the answer. Polling again after that is a caller's bug,
-    /// never a network condition: it stays pending.
-    type Output = (Sender, SendResult);
+    /// Polling again after it resolved is a caller's bug, never a network condition: it
+    /// stays pending.
+    type Output = SendResult;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(sending) = self.sending.as_mut() else {
             return Poll::Pending;
         };
-        let result = std::task::ready!(sending.as_mut().poll(cx));
+        let result = std::task::ready!(Pin::new(sending).poll(cx));
         self.sending = None;
-        match self.sender.take() {
-            Some(sender) => Poll::Ready((sender, result)),
-            None => Poll::Pending,
-        }
+        Poll::Ready(result)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let (Some(sending), Some(sender), Some(home)) =
-            (self.sending.take(), self.sender.take(), self.home.take())
-        {
+        if let (Some(sending), Some(home)) = (self.sending.take(), self.home.take()) {
             home.spawn(async move {
-                let result = sending.await;
-                let resp = result.ok()?;
+                let resp = sending.await.ok()?;
                 // A 101 or other upgrade has no body to finish and no connection to keep.
                 if resp.status().is_informational() {
                     return None;
                 }
                 let body = resp.into_body();
-                (body.size_hint().lower() <= FINISH_BYTES).then_some((sender, body))
+                (body.size_hint().lower() <= FINISH_BYTES).then_some(body)
             });
         }
     }

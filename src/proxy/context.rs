@@ -49,16 +49,12 @@ pub struct PrivateConn(std::sync::Mutex<Option<(SocketAddr, Sender)>>);
 impl PrivateConn {
     pub(super) fn take(&self, addr: SocketAddr) -> Option<Sender> {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match slot.take() {
-            Some((a, s)) if a == addr && s.is_ready() => Some(s),
-            _ => None,
-        }
+        let (a, mut s) = slot.take()?;
+        (a == addr && s.is_usable()).then_some(s)
     }
 
     pub(super) fn put(&self, addr: SocketAddr, sender: Sender) {
-        if !sender.is_closed() {
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
-        }
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
     }
 }
 

@@ -30,7 +30,7 @@ pub enum ProxyError {
     #[error("{0}")]
     Connect(#[source] ConnectError),
     #[error("upstream failed before responding: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] crate::upstream::UpstreamError),
     #[error("no response header within {0:?}")]
     ResponseTimeout(Duration),
     #[error("listener was removed by a reload")]

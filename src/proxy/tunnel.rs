@@ -108,14 +108,36 @@ impl ClientUpgrade {
     }
 }
 
+/// The backend's side of a tunnel: hyper's HTTP/2 client resolves an `OnUpgrade`;
+/// ballast's own HTTP/1.1 client hands over its stream with the bytes read past the head.
+pub enum BackendUpgrade {
+    Hyper(OnUpgrade),
+    Own(Box<dyn ClientIo>),
+    /// The response did not leave a stream to switch to.
+    Missing,
+}
+
+impl BackendUpgrade {
+    async fn resolve(self) -> Result<Box<dyn ClientIo>, String> {
+        match self {
+            BackendUpgrade::Hyper(on) => match on.await {
+                Ok(up) => Ok(Box::new(TokioIo::new(up))),
+                Err(e) => Err(e.to_string()),
+            },
+            BackendUpgrade::Own(io) => Ok(io),
+            BackendUpgrade::Missing => Err("the backend's connection was not handed over".into()),
+        }
+    }
+}
+
 /// Copies between the client's and the backend's upgraded connections until one side
 /// closes or the backend's connections are cut. The task runs on `tracker`, so a graceful
 /// shutdown waits for open tunnels (up to its timeout) like for any other connection.
-pub fn spawn(client: ClientUpgrade, backend: OnUpgrade, lease: Lease, tracker: &TaskTracker) {
+pub fn spawn(client: ClientUpgrade, backend: BackendUpgrade, lease: Lease, tracker: &TaskTracker) {
     tracker.spawn(async move {
         let b = lease.backend();
         let cut = b.cut_token();
-        let backend = async { backend.await.map_err(|e| e.to_string()) };
+        let backend = backend.resolve();
         let (mut client, upstream) = match tokio::try_join!(client.resolve(), backend) {
             Ok(pair) => pair,
             Err(e) => {
@@ -123,7 +145,7 @@ pub fn spawn(client: ClientUpgrade, backend: OnUpgrade, lease: Lease, tracker: &
                 return;
             }
         };
-        let mut upstream = TokioIo::new(upstream);
+        let mut upstream = upstream;
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = r {

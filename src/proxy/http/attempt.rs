@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use super::body::upstream_response;
 use super::queue::{wait_in_queue, QueueEnd};
@@ -20,7 +19,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{headers, tunnel};
 use crate::request_body::{BodyWatch, UpstreamBody};
-use crate::upstream::ConnSettings;
+use crate::upstream::{ConnSettings, UpstreamIncoming};
 
 /// Upper bound on attempts per request, whatever `retries` says.
 const MAX_ATTEMPTS: usize = 8;
@@ -179,7 +178,7 @@ pub(super) fn forward<'a>(
                         .await
                 }
             };
-            let mut sender = match got {
+            let sender = match got {
                 Ok((s, connect_time)) => {
                     if connect_time.is_some() {
                         ex.connect = connect_time;
@@ -226,11 +225,10 @@ pub(super) fn forward<'a>(
             let sent = send(&mut in_flight, watch.as_deref(), cfg.response_timeout).await;
             // Whatever came of it, this task is still here: nothing to finish in the background.
             in_flight.abandon();
-            let Some((sent_sender, sent)) = sent else {
+            let Some(sent) = sent else {
                 // The request may be executing; a timeout is not retried.
                 return Err(ProxyError::ResponseTimeout(cfg.response_timeout));
             };
-            sender = sent_sender;
             match sent {
                 Ok(resp) => {
                     ex.header = Some(sent_at.elapsed());
@@ -246,14 +244,8 @@ pub(super) fn forward<'a>(
                     let status = resp.status().as_u16();
                     let backend = Arc::clone(backend);
                     let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
-                    let resp = upstream_response(
-                        resp,
-                        lease,
-                        (sender, settings, home),
-                        pool,
-                        cuts,
-                        watch.clone(),
-                    );
+                    let resp =
+                        upstream_response(resp, lease, (settings, home), pool, cuts, watch.clone());
                     // The backend saw the request: only an idempotent one (any, with
                     // `non_idempotent`) with its body in hand is sent again, and only for the
                     // statuses `retry_on` names. If no attempt does better, this is the answer.
@@ -391,14 +383,24 @@ fn cfg_send_proxy(pool: &Pool) -> Option<crate::proxy_protocol::Version> {
 /// The backend agreed to switch protocols (a 101, or a 2xx to CONNECT): answer the client
 /// the same and join the two connections once both sides have upgraded.
 fn switch_protocols(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamIncoming>,
     client: tunnel::ClientUpgrade,
     lease: Lease,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Response<Inner> {
-    let backend = hyper::upgrade::on(&mut resp);
+    // hyper's (HTTP/2 CONNECT) hands its stream over through the response's extensions.
+    let hyper_side = hyper::upgrade::on(&mut resp);
     let protocol = resp.headers().get(http::header::UPGRADE).cloned();
-    let (mut parts, _) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let backend = match body {
+        UpstreamIncoming::H1(body) => match body.into_upgraded() {
+            Some((io, read_ahead)) => tunnel::BackendUpgrade::Own(Box::new(
+                crate::net::Prefixed::new(read_ahead.to_vec(), io),
+            )),
+            None => tunnel::BackendUpgrade::Missing,
+        },
+        UpstreamIncoming::H2(..) => tunnel::BackendUpgrade::Hyper(hyper_side),
+    };
     headers::remove_hop_by_hop(&mut parts.headers);
     if let Some(p) = protocol.filter(|_| parts.status == StatusCode::SWITCHING_PROTOCOLS) {
         tunnel::restore_upgrade_headers(&mut parts.headers, p);

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::Response;
 use http_body_util::Either;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::attempt::log_backend_failure;
 use super::Inner;
@@ -21,7 +21,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::headers;
 use crate::request_body::BodyWatch;
-use crate::upstream::{ConnSettings, Sender};
+use crate::upstream::{ConnSettings, UpstreamError, UpstreamIncoming};
 
 /// A response body on its way to the client. Once hyper has finished with it (dropped it),
 /// the request is over: the connection is idle and its keep-alive timer runs, and the
@@ -41,9 +41,9 @@ impl Drop for ProxyBody {
 }
 
 pub(super) fn upstream_response(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamIncoming>,
     lease: Lease,
-    (sender, settings, home): (Sender, ConnSettings, Option<Arc<PrivateConn>>),
+    (settings, home): (ConnSettings, Option<Arc<PrivateConn>>),
     pool: &Pool,
     cuts: u64,
     watch: Option<Arc<BodyWatch>>,
@@ -52,7 +52,7 @@ pub(super) fn upstream_response(
     headers::remove_hop_by_hop(&mut parts.headers);
     let body = UpstreamResponseBody {
         inner: Some(body),
-        conn: Some((sender, settings)),
+        settings,
         home,
         lease,
         pool: Arc::clone(&pool.name),
@@ -67,9 +67,10 @@ pub(super) fn upstream_response(
 /// request counts as in flight until the body is done, and gives the upstream connection back
 /// to the pool once the body has been read to the end.
 pub struct UpstreamResponseBody {
-    /// `None` once handed to [`abandoned`] to be finished.
-    inner: Option<Incoming>,
-    conn: Option<(Sender, ConnSettings)>,
+    /// `None` once handed to [`abandoned`] to be finished. It carries the connection, and
+    /// gives it back once read to the end.
+    inner: Option<UpstreamIncoming>,
+    settings: ConnSettings,
     /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
     /// backend's pool.
     home: Option<Arc<PrivateConn>>,
@@ -86,11 +87,13 @@ pub struct UpstreamResponseBody {
 
 impl UpstreamResponseBody {
     fn release_conn(&mut self) {
-        if let Some((sender, settings)) = self.conn.take() {
+        if let Some(sender) = self.inner.as_mut().and_then(UpstreamIncoming::take_conn) {
             let backend = self.lease.backend();
             match &self.home {
                 Some(slot) => slot.put(backend.addr, sender),
-                None => backend.conns.put(sender, &settings, backend.in_flight()),
+                None => backend
+                    .conns
+                    .put(sender, &self.settings, backend.in_flight()),
             }
         }
     }
@@ -98,12 +101,12 @@ impl UpstreamResponseBody {
 
 impl Body for UpstreamResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -115,7 +118,7 @@ impl Body for UpstreamResponseBody {
                 // A broken body leaves the connection unusable. A client that leaves just stops
                 // polling, so unless our own drain timeout cut it or the client's streamed
                 // request body failed under it, the backend broke it: a truncated response.
-                this.conn = None;
+                // (The body keeps no connection after an error: nothing goes back.)
                 let backend = this.lease.backend();
                 let client_fault = this.watch.as_ref().is_some_and(|w| w.fault().is_some());
                 if backend.cuts() == this.cuts && !client_fault {
@@ -148,13 +151,13 @@ impl Body for UpstreamResponseBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     #[inline]
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Either::Left(b) => Pin::new(b).poll_frame(cx),
@@ -206,13 +209,13 @@ impl Drop for UpstreamResponseBody {
         if self.home.is_some() || !upload_done {
             return;
         }
-        if let (Some((sender, settings)), Some(body)) = (self.conn.take(), self.inner.take()) {
+        if let Some(body) = self.inner.take() {
             let home = abandoned::Home {
                 backend: Arc::clone(self.lease.backend()),
-                settings,
+                settings: self.settings,
                 cuts: self.cuts,
             };
-            home.finish_body(sender, body);
+            home.finish_body(body);
         }
     }
 }

@@ -1,20 +1,24 @@
-//! Connections to backends: connect with a deadline, TLS when the pool asks for it, the
-//! HTTP/1.1 or HTTP/2 handshake, and per backend a small pool of idle HTTP/1.1 connections
-//! or one shared HTTP/2 connection that carries many requests at once.
+//! Connections to backends: connect with a deadline, TLS when the pool asks for it, then
+//! HTTP/1.1 on ballast's own client ([`crate::h1::client`]) or the HTTP/2 handshake on
+//! hyper's; and per backend a pool of idle HTTP/1.1 connections sized by recent need, or one
+//! shared HTTP/2 connection that carries many requests at once.
 //!
-//! We drive hyper's low-level client connection ourselves (instead of hyper-util's pooled
-//! client) for three reasons: `try_send_request` hands back a request that never reached the
-//! wire, so it can be retried on another backend whatever its method; a draining or failed
-//! backend can drop exactly its own idle connections; and each pool is sized per backend.
+//! The pools are ballast's own (not hyper-util's pooled client): a request that never
+//! reached the wire comes back and can be retried on another backend whatever its method; a
+//! draining or failed backend drops exactly its own idle connections; and each pool is sized
+//! per backend. `sender` holds the one type the request path sends on.
+
+mod sender;
+pub use sender::{
+    H1Conn, SendError, SendResult, Sender, Sending, UpIo, UpstreamError, UpstreamIncoming,
+};
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -24,54 +28,6 @@ use crate::net::TimedStream;
 pub use crate::request_body::UpstreamBody;
 use crate::tls::BackendTls;
 use rustls::pki_types::ServerName;
-
-/// A connection to a backend, ready to carry a request.
-pub enum Sender {
-    H1(http1::SendRequest<UpstreamBody>),
-    /// A handle on the backend's shared HTTP/2 connection.
-    H2(http2::SendRequest<UpstreamBody>),
-}
-
-impl Sender {
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
-
-    pub fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
-        match self {
-            Sender::H1(s) => s.ready().await,
-            Sender::H2(s) => s.ready().await,
-        }
-    }
-
-    /// Sends `req`; a request that never reached the wire comes back in the error. hyper
-    /// queues the request to the connection at once; the future only waits for the answer
-    /// and does not borrow the connection (it can outlive this call's caller: see
-    /// `proxy::abandoned`).
-    pub fn send(&mut self, req: Request<UpstreamBody>) -> Sending {
-        match self {
-            Sender::H1(s) => Box::pin(s.try_send_request(req)),
-            Sender::H2(s) => Box::pin(s.try_send_request(req)),
-        }
-    }
-}
-
-/// The response head of a request sent on a [`Sender`], or the error (with the request, if
-/// it never reached the wire).
-pub type SendResult = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
-
-/// A request on its way: see [`Sender::send`].
-pub type Sending = std::pin::Pin<Box<dyn std::future::Future<Output = SendResult> + Send>>;
 
 /// Largest read from a backend, and so the most response data read ahead of a slow client
 /// per connection (hyper would grow it to 400 KiB); also the limit on a response head.
@@ -129,14 +85,24 @@ pub struct ConnSettings {
 /// Here the pool keeps up to the most requests the backend had in flight at once in the
 /// last one or two `idle_timeout` windows, and `idle_timeout` closes what a past burst
 /// left over. An explicit `max_idle_per_backend` caps it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Idle {
     /// Most recently used last (LIFO keeps a few connections hot; old ones age out).
-    conns: Vec<(http1::SendRequest<UpstreamBody>, Instant)>,
+    conns: Vec<(H1Conn, Instant)>,
     /// Peak in-flight requests seen in the current window and in the one before.
     peak: usize,
     previous_peak: usize,
     window_start: Option<Instant>,
+}
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idle")
+            .field("conns", &self.conns.len())
+            .field("peak", &self.peak)
+            .field("previous_peak", &self.previous_peak)
+            .finish()
+    }
 }
 
 impl Idle {
@@ -189,18 +155,8 @@ impl ConnPool {
         if s.protocol == UpstreamProtocol::H2 {
             return self.get_shared(addr, s, tls, tls_name, cut).await;
         }
-        while let Some(mut sender) = self.pop(s.idle_timeout) {
-            // A connection goes back to the pool as its response body ends; hyper may need a
-            // moment to settle it into idle. `ready` is immediate for a healthy idle one and
-            // errors for a closed one.
-            if sender.is_ready() {
-                return Ok((Sender::H1(sender), None));
-            }
-            // Bounded: a connection that does not settle quickly is dropped, not waited on.
-            let settle = s.connect_timeout.min(Duration::from_millis(100));
-            if let Ok(Ok(())) = tokio::time::timeout(settle, sender.ready()).await {
-                return Ok((Sender::H1(sender), None));
-            }
+        if let Some(conn) = self.pop(s.idle_timeout) {
+            return Ok((Sender::H1(conn), None));
         }
         let started = Instant::now();
         // Boxed: opening (with a TLS handshake) is a ~7 KB future; inline, every request's
@@ -246,22 +202,23 @@ impl ConnPool {
         }
     }
 
-    fn pop(&self, idle_timeout: Duration) -> Option<http1::SendRequest<UpstreamBody>> {
-        let mut idle = self.lock();
-        while let Some((sender, since)) = idle.conns.pop() {
-            if !sender.is_closed() && since.elapsed() < idle_timeout {
-                return Some(sender);
+    /// The most recently used idle connection that is still open. The check (a read that
+    /// finds nothing) runs outside the lock.
+    fn pop(&self, idle_timeout: Duration) -> Option<H1Conn> {
+        loop {
+            let (mut conn, since) = self.lock().conns.pop()?;
+            if since.elapsed() < idle_timeout && conn.is_reusable() {
+                return Some(conn);
             }
         }
-        None
     }
 
     /// Returns a connection whose last response has been read completely; `busy` is how
     /// many requests the backend has in flight now, this one included.
     pub fn put(&self, sender: Sender, s: &ConnSettings, busy: usize) {
         // An HTTP/2 handle is just dropped: the shared connection stays in `shared`.
-        let Sender::H1(sender) = sender else { return };
-        if sender.is_closed() || s.max_idle == Some(0) {
+        let Sender::H1(conn) = sender else { return };
+        if s.max_idle == Some(0) {
             return;
         }
         let now = Instant::now();
@@ -271,21 +228,21 @@ impl ConnPool {
         while idle.conns.len() >= keep {
             idle.conns.remove(0);
         }
-        idle.conns.push((sender, now));
+        idle.conns.push((conn, now));
     }
 
     /// Closes idle connections that outlived `idle_timeout` or were closed by the backend.
     pub fn evict_expired(&self, idle_timeout: Duration) {
         self.lock()
             .conns
-            .retain(|(s, since)| !s.is_closed() && since.elapsed() < idle_timeout);
+            .retain_mut(|(c, since)| since.elapsed() < idle_timeout && c.is_reusable());
         let mut shared = self.shared_lock();
         if shared.as_ref().is_some_and(|s| s.is_closed()) {
             *shared = None;
         }
     }
 
-    /// Closes every idle connection (dropping the sender ends hyper's connection task), and
+    /// Closes every idle connection, and
     /// stops handing out the shared HTTP/2 one (it closes when its last request ends).
     pub fn clear(&self) {
         self.lock().conns.clear();
@@ -337,21 +294,33 @@ pub async fn connect(
     // A backend that reads a request body slowly holds a bounded send queue here too.
     let _ = crate::net::limit_unsent(&stream, READ_BUFFER);
     let stream = TimedStream::upstream(stream, s.send_timeout);
-    match tls {
-        None => handshake(stream, addr, s.protocol, cut).await,
+    let io = match tls {
+        None => UpIo::Plain(stream),
         Some(tls) => {
             let left = timeout.saturating_sub(started.elapsed());
             let name = tls.server_name(addr.ip(), tls_name);
-            let stream = match tokio::time::timeout(left, tls.connector.connect(name, stream)).await
-            {
-                Ok(Ok(s)) => s,
+            match tokio::time::timeout(left, tls.connector.connect(name, stream)).await {
+                Ok(Ok(s)) => UpIo::Tls(Box::new(s)),
                 Ok(Err(e)) => return Err(ConnectError::Tls(e)),
                 Err(_) => return Err(ConnectError::Timeout(timeout)),
-            };
-            handshake(stream, addr, s.protocol, cut).await
+            }
         }
+    };
+    match s.protocol {
+        UpstreamProtocol::Http1 => Ok(Sender::H1(H1Conn::new(io, cut, H1_CLIENT))),
+        UpstreamProtocol::H2 => handshake_h2(io, addr, cut).await,
     }
 }
+
+/// How ballast's HTTP/1.1 client reads responses: heads up to [`READ_BUFFER`] and hyper's
+/// default of 100 fields; reads of up to [`READ_BUFFER`].
+const H1_CLIENT: crate::h1::client::ClientConfig = crate::h1::client::ClientConfig {
+    limits: crate::h1::Limits {
+        max_head: READ_BUFFER,
+        max_headers: 100,
+    },
+    read_size: READ_BUFFER,
+};
 
 /// A TCP connection to `addr` within `timeout`, with `proxy_header` sent first.
 pub async fn connect_tcp(
@@ -374,41 +343,23 @@ pub async fn connect_tcp(
     }
 }
 
-async fn handshake<I>(
-    io: I,
+/// The HTTP/2 handshake on `io`; hyper drives the connection in a task of its own.
+async fn handshake_h2(
+    io: UpIo,
     addr: SocketAddr,
-    protocol: UpstreamProtocol,
     cut: CancellationToken,
-) -> Result<Sender, ConnectError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let io = TokioIo::new(io);
-    match protocol {
-        UpstreamProtocol::Http1 => {
-            let (sender, conn) = http1::Builder::new()
-                .writev(false)
-                .max_buf_size(READ_BUFFER)
-                .handshake(io)
-                .await
-                .map_err(ConnectError::Handshake)?;
-            spawn_conn(conn.with_upgrades(), addr, cut);
-            Ok(Sender::H1(sender))
-        }
-        UpstreamProtocol::H2 => {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                // A backend that stops answering PINGs fails its streams instead of hanging.
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .max_send_buf_size(READ_BUFFER * 4)
-                .handshake(io)
-                .await
-                .map_err(ConnectError::Handshake)?;
-            spawn_conn(conn, addr, cut);
-            Ok(Sender::H2(sender))
-        }
-    }
+) -> Result<Sender, ConnectError> {
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // A backend that stops answering PINGs fails its streams instead of hanging.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_send_buf_size(READ_BUFFER * 4)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    spawn_conn(conn, addr, cut);
+    Ok(Sender::H2(sender))
 }
 
 /// Drives a connection until it ends or `cut` (a drain timeout) fires.
