@@ -16,6 +16,8 @@
 #   PERF=1 bash benches/compare.sh   # + a `perf record -e cpu-clock -g` of each proxy's first
 #     round (kernel symbols included), summarised per proxy: the top symbols, and the
 #     kernel's share; the raw profiles stay in PERF_DIR (default /tmp/ballast-perf)
+#   SYSCALLS=1 bash benches/compare.sh   # + system calls and wake-ups per request of each
+#     proxy in round 1 (perf stat on tracepoints: cheap enough not to move the numbers much)
 #   LISTENER_EXTRA='response_buffer = "16KiB"' bash benches/compare.sh   # ballast listener keys
 #   SCENARIO=h2 bash benches/compare.sh        # HTTP/2 over TLS, h2load -c64 -m10; h2-m100:
 #     -c16 -m100 (both with peak RSS and new backend connections); handshake-rsa,
@@ -274,6 +276,12 @@ for round in $(seq 1 "$ROUNDS"); do
       perf record -q -e cpu-clock -g -p "$wpid" -o "${PERF_DIR:-/tmp/ballast-perf}/$proxy.data" \
         -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
     fi
+    if [ -n "${SYSCALLS:-}" ] && [ "$round" = 1 ]; then
+      # Counted in the proxy's own context: its calls, and the wake-ups it causes (a
+      # send waking the reader on the other end is billed to the sender on loopback).
+      perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,sched:sched_wakeup \
+        -p "$wpid" -o "$work/syscalls.$proxy" -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
+    fi
     t0=$(cpu_ticks "$wpid"); u0=$(user_ticks "$wpid")
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${wrk_args[@]}" "http://127.0.0.1:$lb/")
     t1=$(cpu_ticks "$wpid"); u1=$(user_ticks "$wpid")
@@ -288,6 +296,12 @@ for round in $(seq 1 "$ROUNDS"); do
     cpu_us=$(awk -v d=$((t1-t0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
     user_us=$(awk -v d=$((u1-u0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
     echo "$proxy $round $rps $p50 $p99 $cpu_us $user_us" >> "$results"
+    if [ -f "$work/syscalls.$proxy" ]; then
+      awk -F, -v n="$reqs" -v p="$proxy" '$1 ~ /^[0-9]+$/ {sub(/^.*:(sys_enter_)?/, "", $3); v[$3]=$1/n; o[++k]=$3}
+        END {printf "%s per request:", p; for (i=1;i<=k;i++) printf " %s %.2f", o[i], v[o[i]]; printf "\n"}' \
+        "$work/syscalls.$proxy" >> "$work/syscalls"
+      rm -f "$work/syscalls.$proxy"
+    fi
     printf 'round %s %-8s %10s req/s  p50 %-8s p99 %-8s cpu/req %6s us (user %s) %s\n' "$round" "$proxy" "$rps" "$p50" "$p99" "$cpu_us" "$user_us" "$errors"
   done
 done
@@ -318,6 +332,11 @@ for p in ("ballast", "ballast-base", "ballast-2t", "ballast-metrics", "ballast-l
           f"{m['rps']/h['rps']:6.2f} {m['p50']/h['p50']:6.2f} {m['p99']/h['p99']:6.2f} {m['cpu']/h['cpu']:6.2f} "
           f"{m['user']/h['user']:6.2f}")
 PY
+
+if [ -f "$work/syscalls" ]; then
+  echo; echo "== system calls and wake-ups per request (round 1; sys_enter = every call) =="
+  cat "$work/syscalls"
+fi
 
 if [ -n "${PERF:-}" ]; then
   for proxy in $proxies; do

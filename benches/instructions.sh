@@ -8,6 +8,8 @@
 #   BALLAST_BIN=/path/to/ballast bash benches/instructions.sh   # that build, not a new one
 #   REQUESTS=20000 bash benches/instructions.sh
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
+#   KEEP_DIR=/tmp/cg bash benches/instructions.sh     # keep each variant's runtime-thread
+#     profile there (callgrind_annotate --inclusive=no DIR/plain.callgrind)
 #   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
 #   VARIANTS="plain threads2" bash benches/instructions.sh   # + worker_threads = 2
 #   VARIANTS="plain traffic" bash benches/instructions.sh    # + issue 11's keys all set
@@ -99,6 +101,7 @@ measure() {  # $1 = label, $2 = binary, $3 = config
   total=$(cat "$out.$pid.1-"* | awk '/^summary:/ {s += $2} END {print s}')
   main=$(awk '/^summary:/ {print $2}' "$out.$pid.1-01")
   echo "$1 $total $main" >> "$work/results"
+  if [ -n "${KEEP_DIR:-}" ]; then mkdir -p "$KEEP_DIR"; cp "$out.$pid.1-01" "$KEEP_DIR/$1.callgrind"; fi
   if [ -n "${ANNOTATE:-}" ]; then  # where the instructions went (inclusive, top functions)
     { callgrind_annotate ${INCLUSIVE:+--inclusive=yes} "$out.$pid.1-01" 2>/dev/null | sed -n "1,/^$/d;p" | head -n "$ANNOTATE"; } || true
   fi

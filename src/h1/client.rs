@@ -143,7 +143,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 upgrade,
                 parts: Some(parts),
                 upload: Upload {
-                    body: (framing != Framing::Empty).then_some(body),
+                    body: Some(body),
+                    unread: None,
                     framing,
                     left,
                     out,
@@ -219,6 +220,8 @@ struct State<IO, B> {
 struct Upload<B> {
     /// `None` once the body has ended (or had none).
     body: Option<B>,
+    /// A body that ended without being polled (an empty one): kept to hand back.
+    unread: Option<B>,
     framing: Framing,
     /// What a `Length` body still owes.
     left: u64,
@@ -369,7 +372,10 @@ where
     }
 
     fn finish_with(&mut self, trailers: Option<&HeaderMap>) -> Result<(), UploadError> {
-        self.body = None;
+        let body = self.body.take();
+        if !self.touched {
+            self.unread = body;
+        }
         match self.framing {
             Framing::Chunked => match trailers {
                 Some(t) => encode::last_chunk_with_trailers(&mut self.out, t),
@@ -477,7 +483,7 @@ where
             return None;
         }
         let parts = self.parts.take()?;
-        let body = self.upload.body.take()?;
+        let body = self.upload.body.take().or(self.upload.unread.take())?;
         Some(Request::from_parts(parts, body))
     }
 
