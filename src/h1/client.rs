@@ -116,36 +116,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
-        let framing = if body.is_end_stream() {
-            Framing::Empty
-        } else if let Some(n) = body.size_hint().exact() {
-            Framing::Length(n)
-        } else {
-            Framing::Chunked
-        };
-        let mut out = Vec::with_capacity(512);
-        let target = if parts.method == Method::CONNECT {
-            parts.uri.authority().map_or("", |a| a.as_str())
-        } else {
-            parts.uri.path_and_query().map_or("/", |pq| pq.as_str())
-        };
-        encode::request_head(&mut out, &parts.method, target, &parts.headers, framing);
-        // A 101 is valid only for a request that asked to switch (CONNECT is told by its
-        // method).
-        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
-        let left = match framing {
+        let head = EncodedHead::new(&parts, &body);
+        self.send_encoded(head, body)
+    }
+
+    /// Starts sending a request whose head is already encoded (for `body`'s framing).
+    pub fn send_encoded<B>(self, head: EncodedHead, body: B) -> Exchange<IO, B>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut out = Vec::with_capacity(head.bytes.len().max(512));
+        out.extend_from_slice(&head.bytes);
+        let left = match head.framing {
             Framing::Length(n) => n,
             _ => 0,
         };
         Exchange {
             state: Some(Box::new(State {
-                method: parts.method.clone(),
-                upgrade,
-                parts: Some(parts),
                 upload: Upload {
                     body: Some(body),
                     unread: None,
-                    framing,
+                    framing: head.framing,
                     left,
                     out,
                     at: 0,
@@ -156,6 +148,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     unflushed: false,
                     outcome: None,
                 },
+                head,
                 buf: BytesMut::new(),
                 eof: false,
                 decoder: BodyDecoder::new(Framing::Empty, 0),
@@ -186,11 +179,61 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     }
 }
 
-/// A request that failed, with the request itself when none of it reached the backend.
+/// A request head encoded once for HTTP/1.1, with the body framing it announces. Cloning
+/// it shares the bytes: a retry sends the same head again without building it anew (or
+/// keeping a copy of the request's `http` parts for the purpose).
+#[derive(Debug, Clone)]
+pub struct EncodedHead {
+    bytes: Bytes,
+    method: Method,
+    /// The request asked to switch protocols (a 101 is valid only then; CONNECT is told by
+    /// its method).
+    upgrade: bool,
+    framing: Framing,
+}
+
+impl EncodedHead {
+    /// `parts` as an HTTP/1.1 head: origin-form target (authority-form for CONNECT), the
+    /// fields, and the framing field `body` calls for (none, its exact length, or chunked).
+    pub fn new<B: Body>(parts: &http::request::Parts, body: &B) -> EncodedHead {
+        let framing = if body.is_end_stream() {
+            Framing::Empty
+        } else if let Some(n) = body.size_hint().exact() {
+            Framing::Length(n)
+        } else {
+            Framing::Chunked
+        };
+        let target = if parts.method == Method::CONNECT {
+            parts.uri.authority().map_or("", |a| a.as_str())
+        } else {
+            parts.uri.path_and_query().map_or("/", |pq| pq.as_str())
+        };
+        let mut out = Vec::with_capacity(512);
+        encode::request_head(&mut out, &parts.method, target, &parts.headers, framing);
+        EncodedHead {
+            bytes: Bytes::from(out),
+            method: parts.method.clone(),
+            upgrade: parts.headers.contains_key(http::header::UPGRADE),
+            framing,
+        }
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The head as written.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A request that failed, with the request itself (its head and its untouched body) when
+/// none of it reached the backend.
 #[derive(Debug)]
 pub struct SendError<B> {
     pub error: ClientError,
-    pub request: Option<Request<B>>,
+    pub request: Option<(EncodedHead, B)>,
 }
 
 /// A request on its way, up to its response head.
@@ -202,11 +245,8 @@ pub struct Exchange<IO, B> {
 /// and lives in neither when idle.
 struct State<IO, B> {
     conn: Conn<IO>,
-    /// The request head, until any byte of the request was written: handed back on failure.
-    parts: Option<http::request::Parts>,
-    method: Method,
-    /// The request asked to switch protocols.
-    upgrade: bool,
+    /// The request head: handed back on failure when none of the request was written.
+    head: EncodedHead,
     upload: Upload<B>,
     /// Response bytes read and not yet handed on.
     buf: BytesMut,
@@ -401,9 +441,6 @@ where
             return Ok(());
         }
         let polled = self.upload.poll(&mut self.conn.io, cx);
-        if self.upload.wrote {
-            self.parts = None;
-        }
         match polled {
             Poll::Pending => Ok(()),
             Poll::Ready(Ok(())) => {
@@ -441,11 +478,12 @@ where
         self.drive_upload(cx)?;
         loop {
             if !self.buf.is_empty() {
+                let sent = &self.head;
                 match parse_response(
                     &self.buf,
                     &self.conn.config.limits,
-                    &self.method,
-                    self.upgrade,
+                    &sent.method,
+                    sent.upgrade,
                 ) {
                     Ok(Some((head, len))) => {
                         self.buf.advance(len);
@@ -478,13 +516,12 @@ where
     }
 
     /// The request, when none of it reached the backend and its body was not read.
-    fn hand_back(&mut self) -> Option<Request<B>> {
+    fn hand_back(&mut self) -> Option<(EncodedHead, B)> {
         if self.upload.wrote || self.upload.touched {
             return None;
         }
-        let parts = self.parts.take()?;
         let body = self.upload.body.take().or(self.upload.unread.take())?;
-        Some(Request::from_parts(parts, body))
+        Some((self.head.clone(), body))
     }
 
     /// Reads the response body: the next piece of data, or its end.

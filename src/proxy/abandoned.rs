@@ -99,14 +99,10 @@ pub struct InFlight {
 impl InFlight {
     /// Sends `req` on `sender`. `home` says where the connection may be finished into;
     /// `None` when it must not be (a streamed body, a connection private to this client).
-    pub fn send(
-        sender: Sender,
-        req: http::Request<crate::upstream::UpstreamBody>,
-        home: Option<Home>,
-    ) -> InFlight {
+    pub fn send(sender: Sender, out: crate::upstream::Outgoing, home: Option<Home>) -> InFlight {
         let home = home.filter(|_| matches!(sender, Sender::H1(_)));
         InFlight {
-            sending: Some(sender.send(req)),
+            sending: Some(sender.send_outgoing(out)),
             home,
         }
     }

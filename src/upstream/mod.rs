@@ -10,7 +10,7 @@
 
 mod sender;
 pub use sender::{
-    H1Conn, SendError, SendResult, Sender, Sending, UpIo, UpstreamError, UpstreamIncoming,
+    H1Conn, Outgoing, SendError, SendResult, Sender, Sending, UpIo, UpstreamError, UpstreamIncoming,
 };
 
 use std::io;

@@ -18,7 +18,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http2, TrySendError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::h1::client::{self, ClientError};
+use crate::config::UpstreamProtocol;
+use crate::h1::client::{self, ClientError, EncodedHead};
 use crate::net::TimedStream;
 use crate::request_body::UpstreamBody;
 
@@ -95,12 +96,62 @@ impl Sender {
         }
     }
 
-    /// Sends `req`. The future owns what it needs (it can outlive its caller: see
-    /// `proxy::abandoned`); a request that never reached the wire comes back in the error.
+    /// Sends `req` (see [`Sender::send_outgoing`]).
     pub fn send(self, req: Request<UpstreamBody>) -> Sending {
         match self {
             Sender::H1(conn) => Sending::H1(conn.send(req)),
             Sender::H2(mut s) => Sending::H2(Box::pin(s.try_send_request(req)), Some(s)),
+        }
+    }
+
+    /// Sends a request made for this pool's protocol. The future owns what it needs (it can
+    /// outlive its caller: see `proxy::abandoned`); a request that never reached the wire
+    /// comes back in the error.
+    pub fn send_outgoing(self, out: Outgoing) -> Sending {
+        match (self, out) {
+            (Sender::H1(conn), Outgoing::H1(head, body)) => {
+                Sending::H1(conn.send_encoded(head, body))
+            }
+            (sender, Outgoing::H2(req)) => sender.send(req),
+            // Never made: a pool's requests and connections share its protocol.
+            (Sender::H2(_), out @ Outgoing::H1(..)) => Sending::Refused(Some(SendError {
+                error: UpstreamError::Protocol,
+                request: Some(Box::new(out)),
+            })),
+        }
+    }
+}
+
+/// A request ready for a pool's protocol. For HTTP/1.1 the head is encoded once: a retry
+/// sends the same bytes again, so nothing of the request is copied to keep it.
+pub enum Outgoing {
+    H1(EncodedHead, UpstreamBody),
+    H2(Request<UpstreamBody>),
+}
+
+impl Outgoing {
+    pub fn new(req: Request<UpstreamBody>, protocol: UpstreamProtocol) -> Outgoing {
+        match protocol {
+            UpstreamProtocol::Http1 => {
+                let (parts, body) = req.into_parts();
+                Outgoing::H1(EncodedHead::new(&parts, &body), body)
+            }
+            UpstreamProtocol::H2 => Outgoing::H2(req),
+        }
+    }
+
+    /// A copy to send again, when the body is in hand.
+    pub fn try_clone(&self) -> Option<Outgoing> {
+        match self {
+            Outgoing::H1(head, body) => Some(Outgoing::H1(head.clone(), body.try_clone()?)),
+            Outgoing::H2(req) => {
+                let mut copy = Request::new(req.body().try_clone()?);
+                *copy.method_mut() = req.method().clone();
+                *copy.uri_mut() = req.uri().clone();
+                *copy.version_mut() = req.version();
+                *copy.headers_mut() = req.headers().clone();
+                Some(Outgoing::H2(copy))
+            }
         }
     }
 }
@@ -109,6 +160,8 @@ impl Sender {
 pub enum Sending {
     H1(client::Exchange<UpIo, UpstreamBody>),
     H2(H2Sending, Option<http2::SendRequest<UpstreamBody>>),
+    /// Failed before it started.
+    Refused(Option<SendError>),
 }
 
 /// The response head of a request, or why there is none.
@@ -123,16 +176,22 @@ impl Future for Sending {
                 Ok(resp) => Ok(resp.map(UpstreamIncoming::H1)),
                 Err(e) => Err(SendError {
                     error: UpstreamError::H1(e.error),
-                    request: e.request.map(Box::new),
+                    request: e
+                        .request
+                        .map(|(head, body)| Box::new(Outgoing::H1(head, body))),
                 }),
             }),
             Sending::H2(fut, handle) => fut.as_mut().poll(cx).map(|r| match r {
                 Ok(resp) => Ok(resp.map(|b| UpstreamIncoming::H2(b, handle.take()))),
                 Err(mut e) => Err(SendError {
-                    request: e.take_message().map(Box::new),
+                    request: e.take_message().map(|r| Box::new(Outgoing::H2(r))),
                     error: UpstreamError::H2(e.into_error()),
                 }),
             }),
+            Sending::Refused(e) => match e.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
         }
     }
 }
@@ -141,12 +200,12 @@ impl Future for Sending {
 pub struct SendError {
     error: UpstreamError,
     /// Boxed: it is rare, and the error travels in every send's result.
-    request: Option<Box<Request<UpstreamBody>>>,
+    request: Option<Box<Outgoing>>,
 }
 
 impl SendError {
     /// The request, if it never reached the wire: it may go to another backend.
-    pub fn take_message(&mut self) -> Option<Request<UpstreamBody>> {
+    pub fn take_message(&mut self) -> Option<Outgoing> {
         self.request.take().map(|r| *r)
     }
 
@@ -162,6 +221,8 @@ pub enum UpstreamError {
     H1(ClientError),
     #[error(transparent)]
     H2(hyper::Error),
+    #[error("an HTTP/1.1 request reached an HTTP/2 connection")]
+    Protocol,
 }
 
 /// A backend's response body.

@@ -19,7 +19,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{headers, tunnel};
 use crate::request_body::{BodyWatch, UpstreamBody};
-use crate::upstream::{ConnSettings, UpstreamIncoming};
+use crate::upstream::{ConnSettings, Outgoing, UpstreamIncoming};
 
 /// Upper bound on attempts per request, whatever `retries` says.
 const MAX_ATTEMPTS: usize = 8;
@@ -65,19 +65,17 @@ pub(super) fn forward<'a>(
         // Whether sending it again after the backend saw it is safe.
         let resendable = cfg.retry_on.non_idempotent || is_idempotent(&parts.method);
         let watch = body.watch();
+        let mut req = Outgoing::new(Request::from_parts(parts, body), cfg.protocol);
         // Kept only when the body is in hand: such a request can be sent again after a failure.
+        // (An HTTP/1.1 copy shares the encoded head and the body's bytes.)
         let resend = if cfg.retries > 0 {
-            body.try_clone().map(|b| (parts.clone(), b))
+            req.try_clone()
         } else {
             None
         };
         // `resend` only ever holds a body in hand, so its copy always exists; never fall back to
         // another body (that would send the wrong request).
-        let copy = || {
-            let (p, b) = resend.as_ref()?;
-            Some(Request::from_parts(p.clone(), b.try_clone()?))
-        };
-        let mut req = Request::from_parts(parts, body);
+        let copy = || resend.as_ref()?.try_clone();
         // Attempts that count against `retries`: not one that never reached its backend
         // (a refused connection, or a pooled one closed before the request was written;
         // see `may_try_free`).
