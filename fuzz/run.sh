@@ -4,6 +4,7 @@
 #
 #   bash fuzz/run.sh config_toml 60     # target, seconds
 #   bash fuzz/run.sh headers 30
+#   bash fuzz/run.sh h1_client 1800 -runs=10000000   # further arguments go to libFuzzer
 set -euo pipefail
 cd "$(dirname "$0")"
 target=${1:?target: config_toml or headers}
@@ -17,4 +18,4 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp corpus/"$target"/* "$work"/
 mkdir -p artifacts
-"target/cov/$host/release/$target" -max_total_time="$secs" -artifact_prefix=artifacts/ "$work"
+"target/cov/$host/release/$target" -max_total_time="$secs" -artifact_prefix=artifacts/ "${@:3}" "$work"

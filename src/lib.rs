@@ -12,8 +12,8 @@
 //!
 //! - `proxy_protocol`: PROXY protocol v1/v2 headers: parse (bounded, incremental) and write.
 //! - `h1`: HTTP/1.1 message framing (RFC 9112): heads, body decoding, encoding, and a server
-//!   connection on them, serving HTTP/1.1 on every HTTP listener, plain or TLS (HTTP/2
-//!   stays on hyper).
+//!   and a client connection on them: HTTP/1.1 on every HTTP listener, plain or TLS, and to
+//!   every HTTP/1.1 backend (HTTP/2 stays on hyper both ways).
 //! - `config`: the TOML file → validated [`config::Config`], errors as `FILE:LINE:COL: ...`.
 //! - `log_limit`: at most one line a second per repeated data-path warning.
 //! - `logging`: the daemon log: text or JSON, level from `[log]`, dependencies' lines
@@ -26,8 +26,9 @@
 //! - `tls`: rustls configurations: certificate by SNI, versions, ALPN, client certificates.
 //! - `request_body`: request bodies buffered or streamed upstream, with read timeout, size
 //!   limit, and a record of the client's faults so they are never blamed on a backend.
-//! - `upstream`: connections to backends (TLS, PROXY header, HTTP/1.1 or HTTP/2) and the
-//!   per-backend idle pool.
+//! - `upstream`: connections to backends (TLS, PROXY header, HTTP/1.1 on `h1::client` or
+//!   HTTP/2 on hyper), the per-backend idle pool, and `upstream::sender`: the one type the
+//!   request path sends on and gets a response body from, whichever the protocol.
 //! - `discovery`: DNS discovery: one task per `HOST:PORT` backend entry turns the name's
 //!   records into address sets for the control plane, riding out DNS outages.
 //! - `rate_limit`: token buckets per client address or header value, in a bounded table.

@@ -9,6 +9,10 @@
 //! deliberately stricter than hyper (the reason is given), and the test checks that they
 //! still differ, so the list stays true. ballast's own server connection (`h1::server`) is
 //! fed the corpus too, and must read every case exactly as the framing functions do.
+//!
+//! The client side the same way: a corpus of backends' answers to `GET /`, read by
+//! ballast's client connection (`h1::client`) and by hyper's, each over a duplex stream to a
+//! backend that writes the bytes and closes; status, body and where it failed must agree.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -362,6 +366,188 @@ async fn ballast_and_hyper_frame_the_corpus_alike_except_where_ballast_is_strict
         if case.differs.is_some() {
             assert!(
                 matches!(ours.last(), Some(Event::Refused(_) | Event::BadBody)),
+                "{}: ballast should refuse, got {ours:?}",
+                case.name
+            );
+        }
+    }
+    assert_none_wrong(&wrong, cases.len());
+}
+
+// --- The client side: backends' answers read by ballast's client and by hyper's ----------
+
+/// What a client made of a backend's answer to `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// The status and the whole body.
+    Response(u16, Vec<u8>),
+    /// No response: the head was refused, or the connection ended before one.
+    NoHead,
+    /// The head was accepted (this status), the body failed.
+    BadBody(u16),
+}
+
+/// A backend's answer; `differs` says why ballast deliberately reads it otherwise.
+struct Reply {
+    name: &'static str,
+    raw: &'static [u8],
+    differs: Option<&'static str>,
+}
+
+const fn reply(name: &'static str, raw: &'static [u8]) -> Reply {
+    Reply {
+        name,
+        raw,
+        differs: None,
+    }
+}
+
+const fn reply_differs(name: &'static str, raw: &'static [u8], why: &'static str) -> Reply {
+    Reply {
+        name,
+        raw,
+        differs: Some(why),
+    }
+}
+
+const RESPONSE_LENGTH: &str = "RFC 9112 §6.3 ¶5: a Content-Length that is not a valid number \
+     (a comma list included) is an unrecoverable error for a proxy (502); hyper folds a list \
+     of equal values (equal repeated lines pass in both)";
+
+fn replies() -> Vec<Reply> {
+    vec![
+        reply("length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+        reply("length zero", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        reply("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        reply("chunked with extensions", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a=b\r\nabc\r\n0;x\r\n\r\n"),
+        reply("chunked with trailers", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"),
+        reply("until close", b"HTTP/1.1 200 OK\r\n\r\nall of it"),
+        reply("http/1.0 until close", b"HTTP/1.0 200 OK\r\n\r\nold"),
+        reply("204 without body", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        reply("304 keeps no body", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        reply("100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        reply("103 then 200", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        reply("empty reason", b"HTTP/1.1 404 \r\nContent-Length: 1\r\n\r\nx"),
+        reply("bare LF lines", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
+        reply("chunked beats length", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        reply("500 with body", b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"),
+        // Broken answers.
+        reply("length cut short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"),
+        reply("chunked cut short", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"),
+        reply("chunk size not hex", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        reply("chunk size overflow", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
+        reply("head cut short", b"HTTP/1.1 200 OK\r\nContent-Le"),
+        reply("nothing", b""),
+        reply("not http", b"garbage\r\n\r\n"),
+        reply("status not a number", b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n"),
+        reply("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\nContent-Length: 0\r\n\r\n"),
+        reply("negative length", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+        reply("space before colon", b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"),
+        reply_differs("equal length list", b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", RESPONSE_LENGTH),
+        reply("equal repeated lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
+        reply("different lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"),
+    ]
+}
+
+/// A backend on the other end of `io`: reads the request head, writes `raw`, closes.
+async fn backend(mut io: tokio::io::DuplexStream, raw: &'static [u8]) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = io.write_all(raw).await;
+    let _ = io.shutdown().await;
+}
+
+fn get() -> hyper::Request<http_body_util::Empty<Bytes>> {
+    hyper::Request::get("/")
+        .header("host", "a")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+async fn answer<B>(resp: Option<hyper::Response<B>>) -> Answer
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
+    let Some(resp) = resp else {
+        return Answer::NoHead;
+    };
+    let status = resp.status().as_u16();
+    match resp.into_body().collect().await {
+        Ok(body) => Answer::Response(status, body.to_bytes().to_vec()),
+        Err(_) => Answer::BadBody(status),
+    }
+}
+
+async fn hyper_client(raw: &'static [u8]) -> Answer {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let serve = tokio::spawn(backend(theirs, raw));
+    let run = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        answer(sender.send_request(get()).await.ok()).await
+    };
+    let got = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("hyper's client ended within 10 s");
+    let _ = serve.await;
+    got
+}
+
+async fn ballast_client(raw: &'static [u8]) -> Answer {
+    use ballast::h1::client::{ClientConfig, Conn};
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let serve = tokio::spawn(backend(theirs, raw));
+    let config = ClientConfig {
+        limits: LIMITS,
+        read_size: 16 * 1024,
+    };
+    let conn = Conn::new(ours, tokio_util::sync::CancellationToken::new(), config);
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        answer(conn.send(get()).await.ok()).await
+    })
+    .await
+    .expect("ballast's client ended within 10 s");
+    let _ = serve.await;
+    got
+}
+
+#[tokio::test]
+async fn ballast_s_client_reads_backend_answers_as_hyper_s_does_except_where_stricter() {
+    let mut wrong = Vec::new();
+    let cases = replies();
+    for case in &cases {
+        let ours = ballast_client(case.raw).await;
+        let theirs = hyper_client(case.raw).await;
+        let agree = ours == theirs;
+        println!(
+            "{:<28} {:<8} ballast {:?} / hyper {:?}",
+            case.name,
+            if agree { "same" } else { "differs" },
+            ours,
+            theirs
+        );
+        match (agree, case.differs) {
+            (true, None) | (false, Some(_)) => {}
+            (false, None) => {
+                wrong.push(format!("{}: ballast {ours:?}, hyper {theirs:?}", case.name))
+            }
+            (true, Some(why)) => wrong.push(format!(
+                "{}: expected ballast to differ ({why}) but both say {ours:?}",
+                case.name
+            )),
+        }
+        // Where ballast is stricter it refuses; it never accepts what hyper refuses.
+        if case.differs.is_some() {
+            assert!(
+                matches!(ours, Answer::NoHead | Answer::BadBody(_)),
                 "{}: ballast should refuse, got {ours:?}",
                 case.name
             );
