@@ -28,7 +28,7 @@ use crate::upstream::{ConnSettings, UpstreamError, UpstreamIncoming};
 /// request is counted and logged (see [`Exchange`]).
 pub struct ProxyBody {
     pub(super) inner: Inner,
-    pub(super) ex: Exchange,
+    pub(super) ex: Box<Exchange>,
 }
 
 impl Drop for ProxyBody {

@@ -56,7 +56,10 @@ pub async fn handle(
         .cloned();
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
-    let mut ex = Exchange::start(Arc::clone(&ctx), &req, log);
+    // Boxed: it rides inside the response body, which is moved several times on its way
+    // to the writer; a pointer moves cheaper than its ~290 bytes (callgrind: memcpy was 14%
+    // of a proxied request's instructions).
+    let mut ex = Box::new(Exchange::start(Arc::clone(&ctx), &req, log));
     // The matched route's response rules, set by `respond` once it has routed.
     let mut response_rules = None;
     let mut resp = respond(req, &ctx, &snap, &mut ex, &mut response_rules).await;
