@@ -1,9 +1,9 @@
 //! The client's request body on its way to a backend: buffered or streamed, with a read
 //! timeout, a size limit, and a record of whose fault it was when it failed.
 //!
-//! Why this exists: when hyper's client fails to send a request, its error alone does not
-//! say whether the backend broke the connection or the client's body did (bad chunk framing,
-//! a body that ends early, a client that stalls or goes away). Blaming the backend for the
+//! Why this exists: when the upstream client fails to send a request, its error alone does
+//! not say whether the backend broke the connection or the client's body did (bad chunk
+//! framing, a body that ends early, a client that stalls or goes away). Blaming the backend for the
 //! client's faults ejects healthy backends; one hostile client could empty a pool. So every
 //! body failure is first recorded in a shared [`BodyWatch`], and the request path asks it
 //! before it counts anything against a backend.
@@ -48,7 +48,7 @@ pub struct BodyLimits {
     pub buffer: usize,
 }
 
-/// Shared between a streamed body (owned by hyper's client) and the request path.
+/// Shared between a streamed body (owned by the upstream client) and the request path.
 #[derive(Debug, Default)]
 pub struct BodyWatch {
     /// Body bytes read from the client so far (for the access log and metrics).
@@ -100,7 +100,7 @@ impl BodyWatch {
     }
 }
 
-/// The error a failed client body gives hyper's client; the cause is in the [`BodyWatch`].
+/// The error a failed client body gives the upstream client; the cause is in the [`BodyWatch`].
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BodyError(ClientFault);
@@ -312,7 +312,7 @@ impl Body for ClientBody {
                 }
                 this.waiting = false;
                 if this.inner.is_end_stream() {
-                    // A sized body's last bytes: hyper's client may not ask for the end.
+                    // A sized body's last bytes: a client may not ask for the end.
                     this.watch
                         .read_all
                         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -30,7 +30,7 @@ use crate::tls::BackendTls;
 use rustls::pki_types::ServerName;
 
 /// Largest read from a backend, and so the most response data read ahead of a slow client
-/// per connection (hyper would grow it to 400 KiB); also the limit on a response head.
+/// per connection; also the limit on a response head.
 pub const READ_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
