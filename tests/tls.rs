@@ -201,6 +201,33 @@ async fn old_versions_and_weak_suites_are_refused() {
         .is_ok());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_certificate_serves_tls_1_3_and_1_2_and_its_signatures_verify() {
+    // RSA keys sign through aws-lc-rs under the ring provider (`rsa-aws-lc`): the clients
+    // (ring) check the handshake signature (PSS in TLS 1.3, PSS or PKCS#1 in TLS 1.2) and
+    // the chain; an ECDSA certificate beside it still loads through ring.
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("rsa");
+    let rsa = pki.issue_rsa("rsa", &["localhost"]);
+    let ecdsa = pki.issue("ecdsa", &["ec.example.com"]);
+    let lb = start(&[&a], &[&rsa, &ecdsa], "");
+    for (label, client) in [
+        ("1.3", pki.client(&["http/1.1"])),
+        ("1.2", pki.client_tls12()),
+    ] {
+        let s = connect(lb.addr("web"), Some("localhost"), &client)
+            .await
+            .unwrap_or_else(|e| panic!("TLS {label} handshake with the RSA certificate: {e}"));
+        assert_eq!(served_cert(&s), rsa.der, "TLS {label}: the RSA certificate");
+        let reply = get_h1(s, "localhost", "/").await.expect("request");
+        assert_eq!(reply.status, 200, "TLS {label}");
+    }
+    let s = connect(lb.addr("web"), Some("ec.example.com"), &pki.client(&[]))
+        .await
+        .expect("the ECDSA certificate beside it");
+    assert_eq!(served_cert(&s), ecdsa.der);
+}
+
 /// Writes `contents` to `path` the way editors and certbot do: a new file renamed over it.
 fn rename_save(path: &Path, contents: &str) {
     let tmp = path.with_extension("tmp");

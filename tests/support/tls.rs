@@ -63,7 +63,10 @@ impl Pki {
 
     /// A leaf that expires at `not_after`.
     pub fn issue_until(&self, stem: &str, names: &[&str], not_after: time::OffsetDateTime) -> Leaf {
-        let leaf = self.make_leaf(names, not_after);
+        self.write(stem, self.make_leaf(names, not_after))
+    }
+
+    fn write(&self, stem: &str, leaf: Leaf) -> Leaf {
         let cert = self.dir.path().join(format!("{stem}.pem"));
         let key = self.dir.path().join(format!("{stem}.key"));
         std::fs::write(&cert, &leaf.cert_pem).expect("write cert");
@@ -71,9 +74,28 @@ impl Pki {
         Leaf { cert, key, ..leaf }
     }
 
+    /// A leaf for `names` with an RSA-2048 key (a fixed test-only key: ring, rcgen's
+    /// backend here, cannot generate RSA keys), written under `stem`.
+    pub fn issue_rsa(&self, stem: &str, names: &[&str]) -> Leaf {
+        let key = rcgen::KeyPair::from_pem(include_str!("../fixtures/test-only-rsa2048.key"))
+            .expect("the RSA fixture key");
+        let not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        self.write(stem, self.leaf_with(key, names, not_after))
+    }
+
     /// A leaf held in memory only (for replacing files in a test's own way).
     pub fn make_leaf(&self, names: &[&str], not_after: time::OffsetDateTime) -> Leaf {
         let key = rcgen::KeyPair::generate().expect("leaf key");
+        self.leaf_with(key, names, not_after)
+    }
+
+    /// A leaf for `names` with `key`, signed by the CA.
+    fn leaf_with(
+        &self,
+        key: rcgen::KeyPair,
+        names: &[&str],
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("params");
