@@ -344,34 +344,38 @@ async fn ballast_and_hyper_frame_the_corpus_alike_except_where_ballast_is_strict
     for case in &cases {
         let ours = ballast(case.raw);
         let theirs = hyper(case.raw).await;
-        let agree = ours == theirs;
-        println!(
-            "{:<40} {:<8} ballast {:?} / hyper {:?}",
-            case.name,
-            if agree { "same" } else { "differs" },
-            ours,
-            theirs
-        );
-        match (agree, case.differs) {
-            (true, None) | (false, Some(_)) => {}
-            (false, None) => {
-                wrong.push(format!("{}: ballast {ours:?}, hyper {theirs:?}", case.name))
-            }
-            (true, Some(why)) => wrong.push(format!(
-                "{}: expected ballast to differ ({why}) but both say {ours:?}",
-                case.name
-            )),
-        }
-        // Where ballast is stricter it refuses; it never accepts what hyper refuses.
-        if case.differs.is_some() {
-            assert!(
-                matches!(ours.last(), Some(Event::Refused(_) | Event::BadBody)),
-                "{}: ballast should refuse, got {ours:?}",
-                case.name
-            );
-        }
+        let refused = matches!(ours.last(), Some(Event::Refused(_) | Event::BadBody));
+        judge(case.name, &ours, &theirs, case.differs, refused, &mut wrong);
     }
     assert_none_wrong(&wrong, cases.len());
+}
+
+/// Records where ballast and hyper disagree unexpectedly (or agree where ballast should
+/// be stricter). Where ballast is stricter it refuses (`refused`): it never accepts what
+/// hyper refuses.
+fn judge<T: std::fmt::Debug + PartialEq>(
+    name: &str,
+    ours: &T,
+    theirs: &T,
+    differs: Option<&str>,
+    refused: bool,
+    wrong: &mut Vec<String>,
+) {
+    let agree = ours == theirs;
+    println!(
+        "{name:<40} {:<8} ballast {ours:?} / hyper {theirs:?}",
+        if agree { "same" } else { "differs" },
+    );
+    match (agree, differs) {
+        (true, None) | (false, Some(_)) => {}
+        (false, None) => wrong.push(format!("{name}: ballast {ours:?}, hyper {theirs:?}")),
+        (true, Some(why)) => wrong.push(format!(
+            "{name}: expected ballast to differ ({why}) but both say {ours:?}"
+        )),
+    }
+    if differs.is_some() {
+        assert!(refused, "{name}: ballast should refuse, got {ours:?}");
+    }
 }
 
 // --- The client side: backends' answers read by ballast's client and by hyper's ----------
@@ -526,32 +530,8 @@ async fn ballast_s_client_reads_backend_answers_as_hyper_s_does_except_where_str
     for case in &cases {
         let ours = ballast_client(case.raw).await;
         let theirs = hyper_client(case.raw).await;
-        let agree = ours == theirs;
-        println!(
-            "{:<28} {:<8} ballast {:?} / hyper {:?}",
-            case.name,
-            if agree { "same" } else { "differs" },
-            ours,
-            theirs
-        );
-        match (agree, case.differs) {
-            (true, None) | (false, Some(_)) => {}
-            (false, None) => {
-                wrong.push(format!("{}: ballast {ours:?}, hyper {theirs:?}", case.name))
-            }
-            (true, Some(why)) => wrong.push(format!(
-                "{}: expected ballast to differ ({why}) but both say {ours:?}",
-                case.name
-            )),
-        }
-        // Where ballast is stricter it refuses; it never accepts what hyper refuses.
-        if case.differs.is_some() {
-            assert!(
-                matches!(ours, Answer::NoHead | Answer::BadBody(_)),
-                "{}: ballast should refuse, got {ours:?}",
-                case.name
-            );
-        }
+        let refused = matches!(ours, Answer::NoHead | Answer::BadBody(_));
+        judge(case.name, &ours, &theirs, case.differs, refused, &mut wrong);
     }
     assert_none_wrong(&wrong, cases.len());
 }
