@@ -62,6 +62,12 @@ async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     got
 }
 
+/// The backend's side of one exchange: waits for the whole request head, then writes `raw`.
+async fn answer_head(backend: &mut TcpStream, raw: &[u8]) {
+    read_until(backend, b"\r\n\r\n").await;
+    backend.write_all(raw).await.unwrap();
+}
+
 async fn body_of<B>(body: B) -> Bytes
 where
     B: Body<Data = Bytes>,
@@ -158,11 +164,7 @@ async fn a_body_until_close_and_bytes_after_a_response_keep_the_connection_out_o
     // No length: the body ends when the backend closes.
     let (conn, mut backend, _cut) = connect(&l).await;
     let serve = async {
-        read_until(&mut backend, b"\r\n\r\n").await;
-        backend
-            .write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
-            .await
-            .unwrap();
+        answer_head(&mut backend, b"HTTP/1.1 200 OK\r\n\r\nall of it").await;
         drop(backend);
     };
     let (resp, ()) = tokio::join!(conn.send(get("/")), serve);
@@ -180,11 +182,11 @@ async fn a_body_until_close_and_bytes_after_a_response_keep_the_connection_out_o
     // Bytes past the declared length: the backend and ballast disagree on framing.
     let (conn, mut backend, _cut) = connect(&l).await;
     let serve = async {
-        read_until(&mut backend, b"\r\n\r\n").await;
-        backend
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n")
-            .await
-            .unwrap();
+        answer_head(
+            &mut backend,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n",
+        )
+        .await;
     };
     let (resp, ()) = tokio::join!(conn.send(get("/")), serve);
     let mut body = resp.unwrap_or_else(|e| panic!("{}", e.error)).into_body();
@@ -208,11 +210,11 @@ async fn a_head_answer_has_no_body_but_keeps_its_length() {
         .body(Empty::<Bytes>::new())
         .unwrap();
     let serve = async {
-        read_until(&mut backend, b"\r\n\r\n").await;
-        backend
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")
-            .await
-            .unwrap();
+        answer_head(
+            &mut backend,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n",
+        )
+        .await;
     };
     let (resp, ()) = tokio::join!(conn.send(req), serve);
     let mut resp = resp.unwrap_or_else(|e| panic!("{}", e.error));
