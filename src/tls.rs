@@ -304,6 +304,26 @@ impl ResolvesServerCert for SniResolver {
 mod tests {
     use super::*;
 
+    /// The RSA test of `tests/tls.rs` passes on ring alone too; this pins that RSA keys go
+    /// to aws-lc-rs (the speed is in BENCHMARKS.md) and what else stays on ring.
+    #[cfg(feature = "rsa-aws-lc")]
+    #[test]
+    fn rsa_keys_load_through_aws_lc_and_the_rest_of_the_provider_stays() {
+        use rustls::pki_types::pem::PemObject;
+        let p = provider();
+        assert_eq!(format!("{:?}", p.key_provider), "RsaByAwsLc");
+        let own = crypto::default_provider();
+        assert_eq!(
+            format!("{:?}", p.cipher_suites),
+            format!("{:?}", own.cipher_suites)
+        );
+        let pem = include_str!("../tests/fixtures/test-only-rsa2048.key");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("fixture key");
+        let signer = p.key_provider.load_private_key(key).expect("RSA key");
+        assert_eq!(signer.algorithm(), rustls::SignatureAlgorithm::RSA);
+    }
+
     #[test]
     fn only_ecdhe_aead_suites_are_offered() {
         for suite in provider().cipher_suites.iter() {

@@ -126,8 +126,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut out = Vec::with_capacity(head.bytes.len().max(512));
-        out.extend_from_slice(&head.bytes);
+        // The head's own allocation becomes the write buffer when no retry copy shares it
+        // (the usual case); the head's bytes stay in its first `head_len` bytes until
+        // something is written, which is all a hand-back needs.
+        let mut head = head;
+        let head_len = head.bytes.len();
+        let out = Vec::from(std::mem::take(&mut head.bytes));
         let left = match head.framing {
             Framing::Length(n) => n,
             _ => 0,
@@ -149,6 +153,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                     outcome: None,
                 },
                 head,
+                head_len,
                 buf: BytesMut::new(),
                 eof: false,
                 decoder: BodyDecoder::new(Framing::Empty, 0),
@@ -245,8 +250,10 @@ pub struct Exchange<IO, B> {
 /// and lives in neither when idle.
 struct State<IO, B> {
     conn: Conn<IO>,
-    /// The request head: handed back on failure when none of the request was written.
+    /// What the request head says (its bytes moved to the upload's buffer).
     head: EncodedHead,
+    /// The head's length at the start of the upload's buffer.
+    head_len: usize,
     upload: Upload<B>,
     /// Response bytes read and not yet handed on.
     buf: BytesMut,
@@ -521,7 +528,13 @@ where
             return None;
         }
         let body = self.upload.body.take().or(self.upload.unread.take())?;
-        Some((self.head.clone(), body))
+        // Nothing was written or queued behind the head: the buffer still starts with it.
+        let bytes = Bytes::copy_from_slice(self.upload.out.get(..self.head_len)?);
+        let head = EncodedHead {
+            bytes,
+            ..self.head.clone()
+        };
+        Some((head, body))
     }
 
     /// Reads the response body: the next piece of data, or its end.
@@ -625,6 +638,11 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    /// Whether it still holds its connection (not failed, not taken apart).
+    pub fn holds_conn(&self) -> bool {
+        self.state.is_some()
+    }
+
     /// The connection, if the response has ended and it can be reused.
     pub fn take_conn(&mut self) -> Option<Conn<IO>> {
         if !self.state.as_ref()?.reusable() {

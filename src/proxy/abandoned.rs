@@ -45,9 +45,9 @@ pub struct Home {
 impl Home {
     /// Finishes `body` and returns its connection to the backend's pool, in a task of its
     /// own. Does nothing (the connection closes) when the rest of the body is known to be
-    /// large, or it is not a pooled HTTP/1.1 connection's.
+    /// large, or it holds no pooled HTTP/1.1 connection (an HTTP/2 stream, a failed body).
     pub fn finish_body(self, body: UpstreamIncoming) {
-        if body.size_hint().lower() > FINISH_BYTES || !body.is_h1() {
+        if body.size_hint().lower() > FINISH_BYTES || !body.holds_h1_conn() {
             return;
         }
         self.spawn(async move { Some(body) });

@@ -242,9 +242,10 @@ impl UpstreamIncoming {
         }
     }
 
-    /// Whether this is a pooled HTTP/1.1 connection's body (worth finishing to keep it).
-    pub fn is_h1(&self) -> bool {
-        matches!(self, UpstreamIncoming::H1(_))
+    /// Whether this is an HTTP/1.1 body that still holds its connection: only such a one
+    /// is worth finishing to keep the connection (a failed one holds none).
+    pub fn holds_h1_conn(&self) -> bool {
+        matches!(self, UpstreamIncoming::H1(b) if b.holds_conn())
     }
 }
 
