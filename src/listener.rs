@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -225,7 +226,10 @@ pub async fn run(
             let Some(slot) = env.admit(&stream, peer) else {
                 return;
             };
-            env.serve(stream, peer, local, rest, slot, permit).await;
+            // A task of its own: this one is sized for reading the PROXY header, which an
+            // idle connection no longer needs.
+            let tracker = env.tracker.clone();
+            tracker.spawn(env.serve(stream, peer, local, rest, slot, permit));
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
@@ -266,138 +270,113 @@ impl Env {
 
     /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
     /// header when there was one); `prefix` holds bytes read past that header.
-    /// `_slot` and `_permit` are held while the connection lives.
+    /// `slot` and `permit` are held while the connection lives.
     ///
-    /// Not an `async fn`: one moves its arguments into new locals and keeps both copies in
-    /// its future, and this future is most of what an idle connection's task holds.
-    #[allow(clippy::manual_async_fn)] // see above: the size of the future
+    /// Not an `async fn`: the setup runs here, before the task exists, so the future keeps
+    /// none of these arguments (an async fn or block stores its arguments for its whole life,
+    /// and this future is most of what an idle connection's task holds). Plain HTTP/1.1 is
+    /// the future itself; TLS, HTTP/2 and TCP are boxed (several KiB each), so the task is
+    /// not sized for them.
     fn serve(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
         prefix: Vec<u8>,
-        _slot: Option<ClientSlot>,
-        _permit: tokio::sync::OwnedSemaphorePermit,
+        slot: Option<ClientSlot>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> + Send {
-        async move {
-            // Captured by the block, so held until the connection ends.
-            let _held = (&_slot, &_permit);
-            let _open = self.stats.open();
-            if !self.inherited_options {
-                let _ = stream.set_nodelay(true);
-            }
-            if self.config.mode == ListenerMode::Tcp {
-                let client = if self.config.splice {
-                    ClientConn::Splice(stream, prefix)
-                } else {
-                    ClientConn::Copy(Prefixed::new(
-                        prefix,
-                        TimedStream::tcp_client(stream, self.config.send_timeout),
-                    ))
-                };
-                // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
-                // graceful shutdown waits for it (up to shutdown_timeout).
-                let live = Arc::clone(&self.live);
-                let stats = Arc::clone(&self.stats);
-                Box::pin(crate::proxy::tcp::serve(
-                    client,
-                    peer,
-                    local,
-                    live,
-                    Arc::clone(&self.config),
-                    stats,
-                ))
-                .await;
-                return;
-            }
-            if !self.inherited_options {
-                let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
-            }
-            let phase = Arc::new(ConnPhase::default());
-            let ctx = Arc::new(ConnCtx {
-                forwarded_for: crate::proxy::headers::client_header(peer.ip()),
-                live: Arc::clone(&self.live),
-                listener: Arc::clone(&self.name),
-                config: Arc::clone(&self.config),
-                peer,
-                local,
-                proto: if self.tls.is_some() { "https" } else { "http" },
-                tracker: self.tracker.clone(),
-                phase: Arc::clone(&phase),
-                private: Default::default(),
-                shutdown: self.shutdown.clone(),
-                stats: Arc::clone(&self.stats),
-            });
-            let conn = Conn { ctx, env: &self };
-            let send_timeout = self.config.send_timeout;
-            // Only the plain HTTP/1 path runs inline: an idle connection is this task and
-            // nothing else, so the task must not be sized for the TLS, HTTP/2 or TCP states
-            // (several KiB each; an async fn is as large as its largest state).
-            match &self.tls {
-                None if !conn.ctx.config.h2c => {
-                    // ballast's own server runs the read timers; the stream times writes.
-                    let io = Prefixed::new(prefix, TimedStream::tcp_client(stream, send_timeout));
-                    // Boxed once: the idle task then holds a pointer, not a second copy of the
-                    // stream (an async fn keeps its arguments apart from its locals).
-                    conn.serve_own_h1(Box::new(io)).await
-                }
-                tls => {
-                    let timed =
-                        TimedStream::downstream(stream, send_timeout, phase, self.read_limits);
-                    let io = Prefixed::new(prefix, timed);
-                    match tls {
-                        None => Box::pin(conn.serve_auto(io)).await,
-                        Some(acceptor) => Box::pin(self.serve_tls(conn, acceptor, io)).await,
-                    }
-                }
-            }
-        }
-    }
-
-    async fn serve_tls(
-        &self,
-        conn: Conn<'_>,
-        acceptor: &tokio_rustls::TlsAcceptor,
-        io: Prefixed<TimedStream>,
-    ) {
-        // The same timer as a request head: a handshake that stalls is cut.
-        let limit = conn.ctx.config.request_header_timeout;
-        let mut stream = match tokio::time::timeout(limit, acceptor.accept(io)).await {
-            Ok(Ok(s)) => {
-                self.stats.tls_handshakes.incr();
-                s
-            }
-            Ok(Err(e)) => {
-                self.stats.tls_failures.incr();
-                if is_invalid_sni(&e) {
-                    // rustls refuses these before any certificate is chosen and has no
-                    // setting to serve them the default one (README, "Known limit"); say so
-                    // where an operator looks, at most once a second.
-                    if let Some(suppressed) =
-                        crate::log_limit::allow((&*conn.ctx.listener, "invalid_sni"))
-                    {
-                        tracing::info!(listener = %conn.ctx.listener, client = %conn.ctx.peer, suppressed, reason = %"invalid_sni", "TLS handshake refused: the client's SNI is not a host name (e.g. host:port)");
-                    }
-                    return;
-                }
-                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                self.stats.tls_failures.incr();
-                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
-                return;
-            }
+        let held = Held {
+            _open: self.stats.open(),
+            _slot: slot,
+            _permit: permit,
         };
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            conn.serve_h2(stream).await
-        } else {
-            // ballast's own server runs the head and keep-alive timers.
-            stream.get_mut().0.get_mut().untime_reads();
-            conn.serve_own_h1(Box::new(Prefixed::new(Vec::new(), stream)))
-                .await
+        if !self.inherited_options {
+            let _ = stream.set_nodelay(true);
         }
+        if self.config.mode == ListenerMode::Tcp {
+            let client = if self.config.splice {
+                ClientConn::Splice(stream, prefix)
+            } else {
+                ClientConn::Copy(Prefixed::new(
+                    prefix,
+                    TimedStream::tcp_client(stream, self.config.send_timeout),
+                ))
+            };
+            // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
+            // graceful shutdown waits for it (up to shutdown_timeout).
+            let live = Arc::clone(&self.live);
+            let stats = Arc::clone(&self.stats);
+            let config = Arc::clone(&self.config);
+            return Either::Right(Box::pin(async move {
+                let _held = held;
+                crate::proxy::tcp::serve(client, peer, local, live, config, stats).await
+            }) as BoxedConn);
+        }
+        if !self.inherited_options {
+            let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
+        }
+        let ctx = Arc::new(ConnCtx {
+            forwarded_for: crate::proxy::headers::client_header(peer.ip()),
+            live: Arc::clone(&self.live),
+            listener: Arc::clone(&self.name),
+            config: Arc::clone(&self.config),
+            peer,
+            local,
+            tls: self.tls.is_some(),
+            tracker: self.tracker.clone(),
+            phase: ConnPhase::default(),
+            private: Default::default(),
+            shutdown: self.shutdown.clone(),
+            stats: Arc::clone(&self.stats),
+        });
+        let send_timeout = self.config.send_timeout;
+        if self.tls.is_none() && !ctx.config.h2c {
+            // ballast's own server runs the read timers; the stream times writes. Boxed
+            // once: the idle task then holds a pointer to the stream.
+            let io = Box::new(Prefixed::new(
+                prefix,
+                TimedStream::tcp_client(stream, send_timeout),
+            ));
+            return Either::Left(serve_plain_h1(Conn { ctx, env: self }, io, held));
+        }
+        let owner: Arc<dyn crate::net::HasPhase> = Arc::clone(&ctx) as _;
+        let timed = TimedStream::downstream(stream, send_timeout, owner, self.read_limits);
+        let io = Prefixed::new(prefix, timed);
+        let conn = Conn { ctx, env: self };
+        Either::Right(Box::pin(async move {
+            match &conn.env.tls {
+                None => conn.serve_auto(io).await,
+                Some(acceptor) => conn.serve_tls(acceptor, io).await,
+            }
+            drop(held);
+        }) as BoxedConn)
+    }
+}
+
+/// A connection served by a boxed future (TLS, HTTP/2, TCP).
+type BoxedConn = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What a connection holds until it ends: its place in the listener's counts and limits.
+struct Held {
+    _open: crate::stats::OpenConn,
+    _slot: Option<ClientSlot>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A plain HTTP/1.1 connection: the task's whole future, so it holds only what an idle
+/// connection needs (see [`Env::serve`]).
+///
+/// Not an `async fn`, which would keep a second copy of each argument.
+#[allow(clippy::manual_async_fn)] // see above: the size of the future
+fn serve_plain_h1(
+    conn: Conn,
+    io: Box<Prefixed<TimedStream>>,
+    held: Held,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        conn.serve_own_h1(io).await;
+        drop(held);
     }
 }
 
@@ -457,64 +436,127 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One accepted client connection and what it needs to be served. Small on purpose: it
 /// lives in the connection's task for as long as the connection.
-struct Conn<'a> {
+struct Conn {
     ctx: Arc<ConnCtx>,
-    env: &'a Env,
+    env: Arc<Env>,
 }
 
-impl Conn<'_> {
+impl Conn {
+    /// TLS: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Each step is boxed apart
+    /// and the handshake's box is freed when it ends, so an idle connection holds only the
+    /// protocol it speaks (one box sized for all three was 6.5 KB per connection).
+    async fn serve_tls(&self, acceptor: &tokio_rustls::TlsAcceptor, io: Prefixed<TimedStream>) {
+        let Some(mut stream) = Box::pin(self.handshake(acceptor, io)).await else {
+            return;
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Box::pin(self.serve_h2(stream)).await
+        } else {
+            // ballast's own server runs the head and keep-alive timers.
+            stream.get_mut().0.get_mut().untime_reads();
+            Box::pin(self.serve_own_h1(Box::new(Prefixed::new(Vec::new(), stream)))).await
+        }
+    }
+
+    /// The TLS handshake, within `request_header_timeout`; `None` (logged and counted) if
+    /// it failed.
+    async fn handshake(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        io: Prefixed<TimedStream>,
+    ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TimedStream>>> {
+        let conn = self;
+        // The same timer as a request head: a handshake that stalls is cut.
+        let limit = conn.ctx.config.request_header_timeout;
+        match tokio::time::timeout(limit, acceptor.accept(io)).await {
+            Ok(Ok(s)) => {
+                conn.env.stats.tls_handshakes.incr();
+                Some(s)
+            }
+            Ok(Err(e)) => {
+                conn.env.stats.tls_failures.incr();
+                if is_invalid_sni(&e) {
+                    // rustls refuses these before any certificate is chosen and has no
+                    // setting to serve them the default one (README, "Known limit"); say so
+                    // where an operator looks, at most once a second.
+                    if let Some(suppressed) =
+                        crate::log_limit::allow((&*conn.ctx.listener, "invalid_sni"))
+                    {
+                        tracing::info!(listener = %conn.ctx.listener, client = %conn.ctx.peer, suppressed, reason = %"invalid_sni", "TLS handshake refused: the client's SNI is not a host name (e.g. host:port)");
+                    }
+                    return None;
+                }
+                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                conn.env.stats.tls_failures.incr();
+                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+                None
+            }
+        }
+    }
+
     /// HTTP/1.1 over TCP or TLS, on ballast's own server ([`crate::h1::server`]): the request
     /// path runs in this task, a connection holds a read buffer only while a message is in
     /// flight, and an idle keep-alive connection waits for its next request's first byte
     /// holding no buffer (BENCHMARKS.md, issue 10). On shutdown an idle connection closes,
     /// the request in progress finishes with `Connection: close`, and a just-accepted
     /// connection's first request is still served.
-    async fn serve_own_h1<T>(&self, io: Box<Prefixed<T>>)
+    ///
+    /// Not an `async fn`, which would keep a second copy of each argument.
+    #[allow(clippy::manual_async_fn)] // see above: the size of the future
+    fn serve_own_h1<T>(
+        &self,
+        io: Box<Prefixed<T>>,
+    ) -> impl std::future::Future<Output = ()> + Send + '_
     where
         T: Transport + Send + 'static,
     {
-        // The sending end of the stream for a request that asks to switch protocols: the
-        // request carries the receiving end to the tunnel (`tunnel::ClientUpgrade`).
-        let switched: Mutex<Option<oneshot::Sender<Box<dyn ClientIo>>>> = Mutex::new(None);
-        let service = |mut req: Request<RequestBody>| {
-            if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
-                let (tx, rx) = oneshot::channel();
-                *switched.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-                req.extensions_mut()
-                    .insert(OwnUpgrade(Arc::new(Mutex::new(Some(rx)))));
-            }
-            let ctx = Arc::clone(&self.ctx);
-            async move {
-                match handle(req.map(ClientStream::H1), ctx).await {
-                    Ok(resp) => resp,
-                    Err(never) => match never {},
+        async move {
+            // The sending end of the stream for a request that asks to switch protocols: the
+            // request carries the receiving end to the tunnel (`tunnel::ClientUpgrade`).
+            let switched: Mutex<Option<oneshot::Sender<Box<dyn ClientIo>>>> = Mutex::new(None);
+            let service = |mut req: Request<RequestBody>| {
+                if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+                    let (tx, rx) = oneshot::channel();
+                    *switched.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                    req.extensions_mut()
+                        .insert(OwnUpgrade(Arc::new(Mutex::new(Some(rx)))));
                 }
-            }
-        };
-        let ending =
-            crate::h1::server::serve(io, &self.env.h1_own, &self.env.shutdown, service).await;
-        let peer = &self.ctx.peer;
-        match ending {
-            Ending::Closed => {}
-            Ending::Upgraded { mut io, read_ahead } => {
-                // Bytes the client sent right behind its request belong to the tunnel.
-                io.put_back(&read_ahead);
-                let tx = switched.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(tx) = tx {
-                    let _ = tx.send(io);
+                let ctx = Arc::clone(&self.ctx);
+                async move {
+                    match handle(req.map(ClientStream::H1), ctx).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
                 }
-            }
-            Ending::Refused(rejection) => {
-                tracing::debug!(client = %peer, status = rejection.status.as_u16(), reason = rejection.reason, "request head refused");
-            }
-            Ending::HeadTimeout => {
-                tracing::debug!(client = %peer, "request head not complete within request_header_timeout");
-            }
-            Ending::ResponseFailed => {
-                tracing::debug!(client = %peer, "response body failed; connection closed");
-            }
-            Ending::Io(e) => {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+            };
+            let ending =
+                crate::h1::server::serve(io, &self.env.h1_own, &self.env.shutdown, service).await;
+            let peer = &self.ctx.peer;
+            match ending {
+                Ending::Closed => {}
+                Ending::Upgraded { mut io, read_ahead } => {
+                    // Bytes the client sent right behind its request belong to the tunnel.
+                    io.put_back(&read_ahead);
+                    let tx = switched.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(tx) = tx {
+                        let _ = tx.send(io);
+                    }
+                }
+                Ending::Refused(rejection) => {
+                    tracing::debug!(client = %peer, status = rejection.status.as_u16(), reason = rejection.reason, "request head refused");
+                }
+                Ending::HeadTimeout => {
+                    tracing::debug!(client = %peer, "request head not complete within request_header_timeout");
+                }
+                Ending::ResponseFailed => {
+                    tracing::debug!(client = %peer, "response body failed; connection closed");
+                }
+                Ending::Io(e) => {
+                    tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+                }
             }
         }
     }
@@ -557,11 +599,12 @@ impl Conn<'_> {
             }
         };
         io.put_back(&seen);
+        // Boxed apart, as in `serve_tls`: an idle connection holds only its own protocol.
         if h2 {
-            self.serve_h2(io).await
+            Box::pin(self.serve_h2(io)).await
         } else {
             io.get_mut().untime_reads();
-            self.serve_own_h1(Box::new(io)).await
+            Box::pin(self.serve_own_h1(Box::new(io))).await
         }
     }
 

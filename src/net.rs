@@ -105,8 +105,20 @@ pub struct ReadLimits {
     pub keepalive_timeout: Duration,
 }
 
+/// What holds a connection's [`ConnPhase`]: the connection's context, so the phase needs
+/// no allocation of its own.
+pub trait HasPhase: Send + Sync + 'static {
+    fn phase(&self) -> &ConnPhase;
+}
+
+impl HasPhase for ConnPhase {
+    fn phase(&self) -> &ConnPhase {
+        self
+    }
+}
+
 struct ReadTimer {
-    phase: std::sync::Arc<ConnPhase>,
+    owner: std::sync::Arc<dyn HasPhase>,
     limits: ReadLimits,
     /// The phase word the timer was armed for.
     armed_for: u64,
@@ -120,9 +132,12 @@ pub struct TimedStream {
     inner: TcpStream,
     write_timeout: Duration,
     /// Names the peer and the setting in the timeout error, e.g. `client` / `send_timeout`.
-    write_names: (&'static str, &'static str),
+    /// A reference, not the pair: every pooled and client stream carries it.
+    write_names: &'static (&'static str, &'static str),
     write_blocked: Option<Pin<Box<Sleep>>>,
-    read: Option<ReadTimer>,
+    /// Boxed: most streams (backends, TCP clients, HTTP/1.1 clients once past TLS) have
+    /// none, and an idle connection's stream should not carry its room.
+    read: Option<Box<ReadTimer>>,
 }
 
 impl TimedStream {
@@ -132,7 +147,7 @@ impl TimedStream {
         TimedStream {
             inner,
             write_timeout,
-            write_names: ("backend", "response_timeout"),
+            write_names: &("backend", "response_timeout"),
             write_blocked: None,
             read: None,
         }
@@ -142,27 +157,27 @@ impl TimedStream {
     /// the TCP proxy's business).
     pub fn tcp_client(inner: TcpStream, write_timeout: Duration) -> TimedStream {
         TimedStream {
-            write_names: ("client", "send_timeout"),
+            write_names: &("client", "send_timeout"),
             ..TimedStream::upstream(inner, write_timeout)
         }
     }
 
-    /// A client connection, its reads bounded by `phase` and `limits`.
+    /// A client connection, its reads bounded by the phase `owner` holds and `limits`.
     pub fn downstream(
         inner: TcpStream,
         write_timeout: Duration,
-        phase: std::sync::Arc<ConnPhase>,
+        owner: std::sync::Arc<dyn HasPhase>,
         limits: ReadLimits,
     ) -> TimedStream {
         TimedStream {
-            read: Some(ReadTimer {
-                phase,
+            read: Some(Box::new(ReadTimer {
+                owner,
                 limits,
                 armed_for: u64::MAX,
                 due: Instant::now(),
                 timer: None,
-            }),
-            write_names: ("client", "send_timeout"),
+            })),
+            write_names: &("client", "send_timeout"),
             ..TimedStream::upstream(inner, write_timeout)
         }
     }
@@ -211,8 +226,10 @@ impl ReadTimer {
     /// and tokio then wakes its driver with a write(2) to an eventfd, one syscall per
     /// connection for a timer that never fires (measured with `Connection: close` load).
     fn arm_if_idle(&mut self, cx: &mut Context<'_>) {
-        let word = self.phase.load();
-        if word & 3 == IDLE && self.armed_for != word && !self.phase.closing.load(Ordering::Relaxed)
+        let word = self.owner.phase().load();
+        if word & 3 == IDLE
+            && self.armed_for != word
+            && !self.owner.phase().closing.load(Ordering::Relaxed)
         {
             // Arms and registers the waker; an expiry is reported by the next read.
             let _ = self.poll_expired(cx);
@@ -221,7 +238,7 @@ impl ReadTimer {
 
     /// Called when a read is pending: fails it once the current phase has lasted too long.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let word = self.phase.load();
+        let word = self.owner.phase().load();
         let (limit, what) = match word & 3 {
             HEAD => (
                 self.limits.header_timeout,
@@ -276,9 +293,9 @@ impl AsyncRead for TimedStream {
         };
         match polled {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && read.phase.load() & 3 == IDLE {
+                if buf.filled().len() > before && read.owner.phase().load() & 3 == IDLE {
                     // The first byte of the next request: the head timer starts now.
-                    read.phase.set(HEAD);
+                    read.owner.phase().set(HEAD);
                 }
                 Poll::Ready(Ok(()))
             }

@@ -211,58 +211,81 @@ where
         ));
         let stop = pin!(shutdown.cancelled());
         let mut waits = Waits { timer, stop };
-        loop {
-            let head = match read_head(&mut io, &mut buf, config, first, &mut waits).await {
-                HeadRead::Head(head) => head,
-                HeadRead::Closed => return Ending::Closed,
-                HeadRead::Io(e) => return Ending::Io(e),
-                HeadRead::TimedOut { partial } => {
-                    if partial {
-                        let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
+        'requests: loop {
+            // The rare endings leave this block as a small `Early`, so no `HeadRead` (a whole
+            // head wide) stays in the future across their awaits: held there, it was part of
+            // every idle connection's task.
+            let early = 'early: {
+                let head = match read_head(&mut io, &mut buf, config, first, &mut waits).await {
+                    HeadRead::Head(head) => head,
+                    HeadRead::Closed => return Ending::Closed,
+                    HeadRead::Io(e) => return Ending::Io(e),
+                    HeadRead::TimedOut { partial } => break 'early Early::TimedOut { partial },
+                    HeadRead::Refused(rejection) => break 'early Early::Refused(rejection),
+                };
+                first = false;
+                // Boxed: an async fn is as large as its largest state, and the exchange (service,
+                // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
+                // Written into a box allocated first: `Box::pin(exchange(..))` built the future on
+                // the stack and copied all of it (then 13.7 KiB) into the box, every request
+                // (callgrind: ~14,000 of 48,700 instructions per proxied request).
+                let slot = Box::new_uninit();
+                let fut = Box::into_pin(Box::write(
+                    slot,
+                    exchange(&mut io, &mut buf, head, config, shutdown, &mut service),
+                ));
+                match fut.await {
+                    Exchange::KeepAlive => {
+                        if buf.is_empty() {
+                            // Give the buffer back while idle; a pipelined request keeps it.
+                            buf = BytesMut::new();
+                        }
                     }
-                    return Ending::HeadTimeout;
-                }
-                HeadRead::Refused(rejection) => {
-                    // A body may follow the refused head: linger so the answer is not reset.
-                    if answer(&mut io, rejection.status).await.is_ok() {
-                        linger(&mut io).await;
+                    Exchange::Close { unread } => {
+                        if io.shutdown().await.is_ok() && unread {
+                            // Boxed, as the answers below: a rare path whose state would
+                            // otherwise size every idle connection's future.
+                            Box::pin(linger(&mut io)).await;
+                        }
+                        return Ending::Closed;
                     }
-                    return Ending::Refused(rejection);
+                    Exchange::Upgrade => {
+                        return Ending::Upgraded {
+                            io,
+                            read_ahead: buf.freeze(),
+                        }
+                    }
+                    Exchange::Failed => return Ending::ResponseFailed,
+                    Exchange::Io(e) => return Ending::Io(e),
                 }
+                continue 'requests;
             };
-            first = false;
-            // Boxed: an async fn is as large as its largest state, and the exchange (service,
-            // feeder, writer) is several KiB; unboxed, every idle connection would carry it.
-            // Written into a box allocated first: `Box::pin(exchange(..))` built the future on
-            // the stack and copied all of it (then 13.7 KiB) into the box, every request
-            // (callgrind: ~14,000 of 48,700 instructions per proxied request).
-            let slot = Box::new_uninit();
-            let fut = Box::into_pin(Box::write(
-                slot,
-                exchange(&mut io, &mut buf, head, config, shutdown, &mut service),
-            ));
-            match fut.await {
-                Exchange::KeepAlive => {
-                    if buf.is_empty() {
-                        // Give the buffer back while idle; a pipelined request keeps it.
-                        buf = BytesMut::new();
-                    }
-                }
-                Exchange::Close { unread } => {
-                    if io.shutdown().await.is_ok() && unread {
-                        linger(&mut io).await;
-                    }
-                    return Ending::Closed;
-                }
-                Exchange::Upgrade => {
-                    return Ending::Upgraded {
-                        io,
-                        read_ahead: buf.freeze(),
-                    }
-                }
-                Exchange::Failed => return Ending::ResponseFailed,
-                Exchange::Io(e) => return Ending::Io(e),
+            return Box::pin(end_early(io, early)).await;
+        }
+    }
+}
+
+/// How [`serve`] ends before a request reached the service.
+enum Early {
+    TimedOut { partial: bool },
+    Refused(Rejection),
+}
+
+/// Answers a head that timed out or was refused, and ends the connection.
+async fn end_early<IO: Transport>(mut io: IO, early: Early) -> Ending<IO> {
+    match early {
+        Early::TimedOut { partial } => {
+            if partial {
+                let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
             }
+            Ending::HeadTimeout
+        }
+        Early::Refused(rejection) => {
+            // A body may follow the refused head: linger so the answer is not reset.
+            if answer(&mut io, rejection.status).await.is_ok() {
+                linger(&mut io).await;
+            }
+            Ending::Refused(rejection)
         }
     }
 }
@@ -291,94 +314,154 @@ fn may_be_complete(buf: &[u8]) -> bool {
     false
 }
 
-async fn read_head<R: Transport>(
+/// Reads until a request head parses, the connection closes, or a timer or shutdown ends
+/// the wait. A hand-written future, not an `async fn`: this is the state an idle connection
+/// sleeps in, so its size is part of every idle connection (an async fn keeps its
+/// arguments and its locals apart, and its `select!` over async blocks was larger still).
+fn read_head<'a, 'w, 't, R: Transport>(
+    rd: &'a mut R,
+    buf: &'a mut BytesMut,
+    config: &'a ServerConfig,
+    first: bool,
+    waits: &'a mut Waits<'w, 't>,
+) -> ReadHead<'a, 'w, 't, R> {
+    let limit = if first || !buf.is_empty() {
+        config.head_timeout
+    } else {
+        config.keepalive_timeout
+    };
+    ReadHead {
+        rd,
+        buf,
+        config,
+        waits,
+        deadline: Instant::now() + limit,
+        grace_until: None,
+        first,
+        unparsed: true,
+    }
+}
+
+struct ReadHead<'a, 'w, 't, R> {
+    rd: &'a mut R,
+    buf: &'a mut BytesMut,
+    config: &'a ServerConfig,
+    waits: &'a mut Waits<'w, 't>,
+    deadline: Instant,
+    /// Set once shutdown began while a new connection waited for its first byte.
+    grace_until: Option<Instant>,
+    first: bool,
+    /// Bytes arrived since the last parse attempt.
+    unparsed: bool,
+}
+
+impl<R: Transport> Future for ReadHead<'_, '_, '_, R> {
+    type Output = HeadRead;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HeadRead> {
+        let this = self.get_mut();
+        let config = this.config;
+        let limits = &config.limits;
+        loop {
+            if std::mem::take(&mut this.unparsed) {
+                let buf = &mut *this.buf;
+                let window = &buf[..buf.len().min(limits.max_head)];
+                if may_be_complete(window) {
+                    // Parse from shared memory: the target and field values become slices
+                    // of the head (no copy each); what follows the head goes back into
+                    // `buf`.
+                    let head = buf.split().freeze();
+                    match super::parse_request_shared(&head, limits) {
+                        Ok(Some((parsed, len))) => {
+                            buf.extend_from_slice(&head[len..]);
+                            return Poll::Ready(HeadRead::Head(parsed));
+                        }
+                        Ok(None) => {
+                            // Not complete after all (empty lines before the request line).
+                            let mut again = BytesMut::with_capacity(head.len() + config.read_size);
+                            again.extend_from_slice(&head);
+                            *buf = again;
+                        }
+                        Err(rejection) => return Poll::Ready(HeadRead::Refused(rejection)),
+                    }
+                } else if buf.len() >= limits.max_head {
+                    // Too large (431), or already malformed (400): the parser says which.
+                    if let Err(rejection) = super::parse_request(buf, limits) {
+                        return Poll::Ready(HeadRead::Refused(rejection));
+                    }
+                }
+            }
+            let was_empty = this.buf.is_empty();
+            // While nothing of a request has arrived, shutdown ends the wait: at once for a
+            // connection that was served before, after `first_request_grace` for a new one.
+            let due = match this.grace_until {
+                Some(grace) if was_empty => grace.min(this.deadline),
+                _ => this.deadline,
+            };
+            arm(this.waits.timer.as_mut(), due);
+            // Biased: a read that is ready wins over a timer or shutdown that is ready too.
+            let woke =
+                if let Poll::Ready(r) = poll_read_more(this.rd, this.buf, config.read_size, cx) {
+                    Woke::Read(r)
+                } else if was_empty
+                    && this.grace_until.is_none()
+                    && this.waits.stop.as_mut().poll(cx).is_ready()
+                {
+                    if !this.first {
+                        Woke::Stop
+                    } else {
+                        this.grace_until = Some(Instant::now() + config.first_request_grace);
+                        // Again, with the grace's timer armed.
+                        continue;
+                    }
+                } else if poll_expire(this.waits.timer.as_mut(), due, cx).is_ready() {
+                    Woke::Timer
+                } else {
+                    return Poll::Pending;
+                };
+            return Poll::Ready(match woke {
+                Woke::Read(Ok(0)) | Woke::Stop => HeadRead::Closed,
+                Woke::Read(Ok(_)) => {
+                    if was_empty && !this.first {
+                        // The next request began: its head gets `head_timeout` from here.
+                        this.deadline = Instant::now() + config.head_timeout;
+                    }
+                    this.unparsed = true;
+                    continue;
+                }
+                Woke::Read(Err(e)) => HeadRead::Io(e),
+                Woke::Timer if was_empty && (!this.first || this.grace_until.is_some()) => {
+                    HeadRead::Closed
+                }
+                Woke::Timer => HeadRead::TimedOut {
+                    partial: !was_empty,
+                },
+            });
+        }
+    }
+}
+
+/// What ended one wait of [`read_head`].
+enum Woke {
+    Read(std::io::Result<usize>),
+    Stop,
+    Timer,
+}
+
+/// Reads more of a head into `buf`. A buffer with nothing reserved (a connection between
+/// requests) waits for readiness first and reserves only then: a reserved buffer costs its
+/// first page even unread.
+fn poll_read_more<R: Transport>(
     rd: &mut R,
     buf: &mut BytesMut,
-    config: &ServerConfig,
-    first: bool,
-    waits: &mut Waits<'_, '_>,
-) -> HeadRead {
-    let limits = &config.limits;
-    let start = Instant::now();
-    let mut deadline = start
-        + if first {
-            config.head_timeout
-        } else {
-            config.keepalive_timeout
-        };
-    if !buf.is_empty() {
-        deadline = start + config.head_timeout;
+    read_size: usize,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() == 0 {
+        std::task::ready!(rd.poll_readable(cx))?;
     }
-    loop {
-        let window = &buf[..buf.len().min(limits.max_head)];
-        if may_be_complete(window) {
-            // Parse from shared memory: the target and field values become slices of the
-            // head (no copy each); what follows the head goes back into `buf`.
-            let head = buf.split().freeze();
-            match super::parse_request_shared(&head, limits) {
-                Ok(Some((parsed, len))) => {
-                    buf.extend_from_slice(&head[len..]);
-                    return HeadRead::Head(parsed);
-                }
-                Ok(None) => {
-                    // Not complete after all (empty lines before the request line).
-                    let mut again = BytesMut::with_capacity(head.len() + config.read_size);
-                    again.extend_from_slice(&head);
-                    *buf = again;
-                }
-                Err(rejection) => return HeadRead::Refused(rejection),
-            }
-        } else if buf.len() >= limits.max_head {
-            // Too large (431), or already malformed (400): the parser says which.
-            if let Err(rejection) = super::parse_request(buf, limits) {
-                return HeadRead::Refused(rejection);
-            }
-        }
-        let was_empty = buf.is_empty();
-        let read_size = config.read_size;
-        let read_more = async {
-            if buf.is_empty() {
-                // Wait for the first byte holding no buffer: between requests a connection
-                // holds none (a reserved buffer costs its first page even unread).
-                std::future::poll_fn(|cx| rd.poll_readable(cx)).await?;
-            }
-            buf.reserve(read_size);
-            rd.read_buf(buf).await
-        };
-        let stop = async {
-            waits.stop.as_mut().await;
-            if first {
-                // Boxed: a rare path (shutdown) that would otherwise make every idle
-                // connection's future a timer larger.
-                Box::pin(tokio::time::sleep(config.first_request_grace)).await;
-            }
-        };
-        arm(waits.timer.as_mut(), deadline);
-        let read = tokio::select! {
-            biased;
-            r = read_more => Ok(Some(r)),
-            // An idle keep-alive connection closes at shutdown. A head on its way is let
-            // finish, and a new connection gets `first_request_grace` for its first.
-            () = stop, if was_empty => Ok(None),
-            () = expire(waits.timer.as_mut(), deadline) => Err(()),
-        };
-        match read {
-            Ok(Some(Ok(0))) | Ok(None) => return HeadRead::Closed,
-            Ok(Some(Ok(_))) => {
-                if was_empty && !first {
-                    // The next request began: its head gets `head_timeout` from here.
-                    deadline = Instant::now() + config.head_timeout;
-                }
-            }
-            Ok(Some(Err(e))) => return HeadRead::Io(e),
-            Err(_) if was_empty && !first => return HeadRead::Closed,
-            Err(_) => {
-                return HeadRead::TimedOut {
-                    partial: !was_empty,
-                }
-            }
-        }
-    }
+    buf.reserve(read_size);
+    tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, buf)
 }
 
 /// What a connection waits on between requests besides its socket.
@@ -390,7 +473,7 @@ struct Waits<'a, 't> {
 
 /// Sets `timer` for `due`, unless it is set earlier: moving a timer is a timer-wheel update,
 /// and keep-alive deadlines only move later, so a busy connection's timer stays put and
-/// fires once per keep-alive period ([`expire`] then moves it on) instead of moving with
+/// fires once per keep-alive period ([`poll_expire`] then moves it on) instead of moving with
 /// every request.
 fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, due: Instant) {
     if timer.deadline() > due {
@@ -398,12 +481,18 @@ fn arm(timer: std::pin::Pin<&mut tokio::time::Sleep>, due: Instant) {
     }
 }
 
-/// Completes at `due`, with `timer` set by [`arm`] for `due` or earlier.
-async fn expire(mut timer: std::pin::Pin<&mut tokio::time::Sleep>, due: Instant) {
+/// Ready at `due`, with `timer` set by [`arm`] for `due` or earlier.
+fn poll_expire(
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    due: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     loop {
-        timer.as_mut().await;
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
         if timer.deadline() >= due {
-            return;
+            return Poll::Ready(());
         }
         timer.as_mut().reset(due);
     }

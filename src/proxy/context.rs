@@ -25,12 +25,12 @@ pub struct ConnCtx {
     pub forwarded_for: HeaderValue,
     /// The address the client connected to (from a PROXY header when there was one).
     pub local: SocketAddr,
-    /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
-    pub proto: &'static str,
+    /// Whether the client connected over TLS (see [`ConnCtx::proto`]).
+    pub tls: bool,
     /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
     pub tracker: tokio_util::task::TaskTracker,
     /// Busy while a request is served, idle after: the socket's read timers follow it.
-    pub phase: Arc<ConnPhase>,
+    pub phase: ConnPhase,
     /// This client connection's own upstream connection, for pools with `send_proxy`
     /// (made on first use: most connections never need one).
     pub private: std::sync::OnceLock<Arc<PrivateConn>>,
@@ -38,6 +38,24 @@ pub struct ConnCtx {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The listener's counters.
     pub stats: Arc<crate::stats::ListenerStats>,
+}
+
+impl ConnCtx {
+    /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
+    pub fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// The phase lives in the context: one allocation per connection, not two.
+impl crate::net::HasPhase for ConnCtx {
+    fn phase(&self) -> &ConnPhase {
+        &self.phase
+    }
 }
 
 /// An upstream connection that belongs to one client connection: with `send_proxy` its

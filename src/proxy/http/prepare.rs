@@ -126,7 +126,7 @@ pub(super) async fn respond<'s>(
             parts.headers.insert(http::header::HOST, v);
         }
     }
-    headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto);
+    headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto());
     if ctx.config.request_id {
         ex.request_id = Some(rules::request_id(&mut parts.headers));
     }
