@@ -758,4 +758,57 @@ mod tests {
         assert!(sock.tcp_nodelay().unwrap());
         assert_eq!(sock.tcp_notsent_lowat().unwrap(), 12_345);
     }
+
+    /// An idle keep-alive connection is mostly its task: tokio's task cell is the
+    /// connection's future plus 128 bytes (the tracker's token, header, scheduler, id,
+    /// trailer), in 128-byte steps. The future must stay within 512 bytes for the cell to
+    /// stay at 640 (it was 1,280; BENCHMARKS.md, issue 24 third pass). This pins the size
+    /// where a change to the connection path would grow it unnoticed: a local held across
+    /// an await, an argument an `async fn` copies, a `select!`.
+    #[tokio::test]
+    async fn an_idle_plain_http1_connection_future_fits_its_size_class() {
+        use std::sync::Arc;
+        let text = r#"
+            [listeners.web]
+            bind = "127.0.0.1:0"
+            pool = "app"
+            [pools.app]
+            backends = ["127.0.0.1:1"]
+        "#;
+        let config = crate::config::Config::from_toml_str(text, std::path::Path::new("t.toml"))
+            .expect("test config parses");
+        let listener_config = Arc::new(config.listeners[0].clone());
+        let tracker = tokio_util::task::TaskTracker::new();
+        let env = Arc::new(super::Env {
+            inherited_options: true,
+            live: Arc::new(arc_swap::ArcSwap::from_pointee(crate::state::Snapshot::empty())),
+            name: "web".into(),
+            h1_own: super::own_h1_config(&listener_config),
+            h2: super::h2_builder(&listener_config),
+            read_limits: crate::net::ReadLimits {
+                header_timeout: listener_config.request_header_timeout,
+                keepalive_timeout: listener_config.keepalive_timeout,
+            },
+            config: listener_config,
+            tls: None,
+            per_client: None,
+            tracker: tracker.clone(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            stats: Default::default(),
+        });
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let connection = env.serve(stream, peer, addr, Vec::new(), None, permit);
+        let size = std::mem::size_of_val(&connection);
+        assert!(
+            size <= 512,
+            "the plain HTTP/1.1 connection future is {size} bytes (at most 512)"
+        );
+    }
 }
