@@ -17,6 +17,10 @@
 #     a rate limit no request reaches, header rules: what they cost when used)
 #   VARIANTS="plain request-id rate-limit header-rules max-connections panic retry-budget"
 #     bash benches/instructions.sh   # the same keys one at a time: what each costs
+#   VARIANTS="plain close h2" bash benches/instructions.sh   # + a new connection per request
+#     (`Connection: close`, per connection) and HTTP/2 over TLS (h2load, 4 connections x 10
+#     streams, per request; needs h2load and openssl, installed if missing); with
+#     BALLAST_BASELINE set, the baseline is measured for each of plain, close and h2 asked for
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -28,6 +32,10 @@ cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-10000}
 BASE_PORT=${BASE_PORT:-18600}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+case " ${VARIANTS:-} " in
+  *" h2 "*) { command -v h2load >/dev/null && command -v openssl >/dev/null; } \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client openssl >/dev/null; } ;;
+esac
 [ -n "${BALLAST_BIN:-}" ] || cargo build --release --quiet
 BALLAST=${BALLAST_BIN:-target/release/ballast}
 
@@ -63,34 +71,53 @@ one_key header-rules 'request_headers = { set = { "X-Env" = "bench", "X-Client" 
 one_key max-connections '' 'max_connections = 1000'
 one_key panic '' 'panic_threshold = "50%"'
 one_key retry-budget '' 'retry_on = ["connect_failure", "reset", "503"]\nretry_budget = "20%"'
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost \
+  -addext "subjectAltName=DNS:localhost" -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+sed -e "/^pool = \"app\"/a [listeners.web.tls]\ncertificates = [{ cert = \"$work/tls.pem\", key = \"$work/tls.key\" }]" \
+  "$work/plain.toml" > "$work/h2.toml"
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
 
-load() {  # $1 = number of requests, over 4 keep-alive connections
-  python3 - "$lb" "$1" <<'PY'
+load() {  # $1 = number of requests; $2 = keepalive (4 connections), close or h2
+  case ${2:-keepalive} in
+    h2)
+      local answered
+      answered=$(h2load -n "$1" -c 4 -m 10 "https://localhost:$lb/bench" 2>&1)
+      echo "$answered" | grep -q "^status codes: $1 2xx" \
+        || { echo "h2load: not all $1 answered 2xx: $answered" >&2; exit 1; } ;;
+    *)
+      python3 - "$lb" "$1" "${2:-keepalive}" <<'PY'
 import http.client, sys, threading
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def run(k):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for _ in range(k):
-        c.request("GET", "/bench")
+        if mode == "close":
+            c.request("GET", "/bench", headers={"Connection": "close"})
+        else:
+            c.request("GET", "/bench")
         r = c.getresponse(); r.read()
         assert r.status == 200, r.status
+        if mode == "close":
+            c.close()
 threads = [threading.Thread(target=run, args=(n // 4,)) for _ in range(4)]
 [t.start() for t in threads]; [t.join() for t in threads]
 PY
+      ;;
+  esac
 }
 
-measure() {  # $1 = label, $2 = binary, $3 = config
-  local out="$work/callgrind.$1"
+measure() {  # $1 = label, $2 = binary, $3 = config, $4 = load kind (see `load`)
+  local out="$work/callgrind.$1" kind=${4:-keepalive}
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out.%p" "$2" --config "$3" --log warn >/dev/null 2>&1 &
   local pid=$!
   pids+=($pid)
-  for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$lb/" && break; sleep 0.2; done
-  load 500
+  local scheme=http; [ "$kind" = h2 ] && scheme=https
+  for _ in $(seq 1 300); do curl -skf -o /dev/null "$scheme://localhost:$lb/" && break; sleep 0.2; done
+  load 500 "$kind"
   callgrind_control --zero "$pid" >/dev/null
-  load "$REQUESTS"
+  load "$REQUESTS" "$kind"
   callgrind_control --dump="measured" "$pid" >/dev/null
   kill "$pid"; wait "$pid" 2>/dev/null || true
   # The first dump (FILE.PID.1-TT, one file per thread) holds what ran between the zeroing
@@ -113,6 +140,10 @@ if [ -n "${BALLAST_BASELINE:-}" ]; then measure baseline "$BALLAST_BASELINE" "$w
 for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
   case $variant in
     plain) measure plain "$BALLAST" "$work/plain.toml" ;;
+    close|h2)
+      config="$work/plain.toml"; [ "$variant" = h2 ] && config="$work/h2.toml"
+      if [ -n "${BALLAST_BASELINE:-}" ]; then measure "baseline-$variant" "$BALLAST_BASELINE" "$config" "$variant"; fi
+      measure "$variant" "$BALLAST" "$config" "$variant" ;;
     threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;
     traffic) measure traffic "$BALLAST" "$work/traffic.toml" ;;
     request-id|rate-limit|header-rules|max-connections|panic|retry-budget)
@@ -127,8 +158,8 @@ python3 - "$work/results" "$REQUESTS" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 n = int(sys.argv[2])
-ref = {r[0]: r for r in rows}["plain"]
-print(f"\ninstructions per request; ratio = variant / plain")
+ref = {r[0]: r for r in rows}.get("plain", rows[0])
+print(f"\ninstructions per request (close: per connection); ratio = variant / plain")
 print(f"{'variant':18} {'all threads':>12} {'ratio':>6} {'runtime thread':>15} {'ratio':>6}")
 for label, total, main in rows:
     print(f"{label:18} {int(total)/n:12.0f} {int(total)/int(ref[1]):6.3f} {int(main)/n:15.0f} {int(main)/int(ref[2]):6.3f}")

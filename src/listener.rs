@@ -781,7 +781,9 @@ mod tests {
         let tracker = tokio_util::task::TaskTracker::new();
         let env = Arc::new(super::Env {
             inherited_options: true,
-            live: Arc::new(arc_swap::ArcSwap::from_pointee(crate::state::Snapshot::empty())),
+            live: Arc::new(arc_swap::ArcSwap::from_pointee(
+                crate::state::Snapshot::empty(),
+            )),
             name: "web".into(),
             h1_own: super::own_h1_config(&listener_config),
             h2: super::h2_builder(&listener_config),
