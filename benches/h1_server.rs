@@ -101,7 +101,11 @@ async fn accept_loop(
                 }
                 Engine::Ballast => {
                     let svc = move |_req| async move { Response::new(Download { left: size }) };
-                    let _ = server::serve(stream, &config, &stop, svc).await;
+                    let shared = server::Server {
+                        config,
+                        shutdown: stop,
+                    };
+                    let _ = server::serve(stream, &shared, svc).await;
                 }
             }
         });

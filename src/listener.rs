@@ -138,7 +138,10 @@ pub async fn run(
         .filter(|a| !a.ip().is_unspecified());
     let env = Arc::new(Env {
         inherited_options,
-        h1_own: own_h1_config(&config),
+        h1_own: crate::h1::server::Server {
+            config: own_h1_config(&config),
+            shutdown: shutdown.clone(),
+        },
         h2: h2_builder(&config),
         read_limits: ReadLimits {
             header_timeout: config.request_header_timeout,
@@ -151,6 +154,7 @@ pub async fn run(
         per_client: config
             .max_connections_per_client
             .map(|max| Arc::new(PerClient::new(max))),
+        limit: Arc::clone(&limit),
         tracker: tracker.clone(),
         shutdown,
         stats,
@@ -189,13 +193,13 @@ pub async fn run(
             None => stream.local_addr().unwrap_or(config.bind),
         };
         let Some(trusted) = &config.accept_proxy else {
-            let Some(slot) = env.admit(&stream, peer) else {
+            if !env.admit(&stream, peer) {
                 continue;
-            };
+            }
             // The connection's future itself, not one wrapped in an async block: a block
             // would hold its own copies of the arguments beside the future's (rustc keeps
             // both), and the task is what an idle connection costs.
-            tracker.spawn(Arc::clone(&env).serve(stream, peer, local, Vec::new(), slot, permit));
+            tracker.spawn(Arc::clone(&env).serve(stream, peer, local, Vec::new(), permit));
             continue;
         };
         if !trusted.iter().any(|range| range.contains(peer.ip())) {
@@ -223,13 +227,13 @@ pub async fn run(
                 (Some(src), Some(dst)) if header.proxied => (src, dst),
                 _ => (peer, local),
             };
-            let Some(slot) = env.admit(&stream, peer) else {
+            if !env.admit(&stream, peer) {
                 return;
-            };
+            }
             // A task of its own: this one is sized for reading the PROXY header, which an
             // idle connection no longer needs.
             let tracker = env.tracker.clone();
-            tracker.spawn(env.serve(stream, peer, local, rest, slot, permit));
+            tracker.spawn(env.serve(stream, peer, local, rest, permit));
         });
     }
     tracing::info!(listener = %name, "listener stopped accepting");
@@ -243,34 +247,48 @@ struct Env {
     name: Arc<str>,
     config: Arc<ListenerConfig>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    h1_own: crate::h1::server::ServerConfig,
+    h1_own: crate::h1::server::Server,
     h2: http2::Builder<TokioExecutor>,
     read_limits: ReadLimits,
     per_client: Option<Arc<PerClient>>,
+    /// `max_connections`: one permit per open connection.
+    limit: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     stats: Arc<ListenerStats>,
 }
 
 impl Env {
-    /// Applies `max_connections_per_client` to `peer`: `None` if refused (and answered),
-    /// else the slot to hold while the connection lives.
-    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> Option<Option<ClientSlot>> {
+    /// Applies `max_connections_per_client` to `peer`: false if refused (and answered).
+    /// An admitted connection holds its share until [`Env::release`]; [`Env::serve`] must
+    /// follow at once.
+    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
         let Some(table) = &self.per_client else {
-            return Some(None);
+            return true;
         };
-        match PerClient::acquire(table, peer.ip()) {
-            Some(slot) => Some(Some(slot)),
-            None => {
-                refuse_over_limit(stream, &self.config, peer, table.max);
-                None
-            }
+        if table.acquire(peer.ip()) {
+            return true;
         }
+        refuse_over_limit(stream, &self.config, peer, table.max);
+        false
+    }
+
+    /// Gives back what a connection from `client` took: its `max_connections` permit, its
+    /// share of `max_connections_per_client` and its place in the open count. Called once,
+    /// when the connection's [`Conn`] (HTTP) or [`Held`] (TCP) drops.
+    fn release(&self, client: IpAddr) {
+        self.limit.add_permits(1);
+        if let Some(table) = &self.per_client {
+            table.release(client);
+        }
+        self.stats.closed();
     }
 
     /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
     /// header when there was one); `prefix` holds bytes read past that header.
-    /// `slot` and `permit` are held while the connection lives.
+    /// `permit` and what [`Env::admit`] took become the connection's, given back by
+    /// [`Env::release`] when its `Conn` or `Held` drops (one pointer there instead of three
+    /// guards in every idle connection).
     ///
     /// Not an `async fn`: the setup runs here, before the task exists, so the future keeps
     /// none of these arguments (an async fn or block stores its arguments for its whole life,
@@ -283,18 +301,18 @@ impl Env {
         peer: SocketAddr,
         local: SocketAddr,
         prefix: Vec<u8>,
-        slot: Option<ClientSlot>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> + Send {
-        let held = Held {
-            _open: self.stats.open(),
-            _slot: slot,
-            _permit: permit,
-        };
+        permit.forget();
+        self.stats.opened();
         if !self.inherited_options {
             let _ = stream.set_nodelay(true);
         }
         if self.config.mode == ListenerMode::Tcp {
+            let held = Held {
+                env: Arc::clone(&self),
+                client: peer.ip(),
+            };
             let client = if self.config.splice {
                 ClientConn::Splice(stream, prefix)
             } else {
@@ -338,7 +356,7 @@ impl Env {
                 prefix,
                 TimedStream::tcp_client(stream, send_timeout),
             ));
-            return Either::Left(serve_plain_h1(Conn { ctx, env: self }, io, held));
+            return Either::Left(Conn::serve_own_h1(Conn { ctx, env: self }, io));
         }
         let owner: Arc<dyn crate::net::HasPhase> = Arc::clone(&ctx) as _;
         let timed = TimedStream::downstream(stream, send_timeout, owner, self.read_limits);
@@ -349,7 +367,6 @@ impl Env {
                 None => conn.serve_auto(io).await,
                 Some(acceptor) => conn.serve_tls(acceptor, io).await,
             }
-            drop(held);
         }) as BoxedConn)
     }
 }
@@ -357,26 +374,16 @@ impl Env {
 /// A connection served by a boxed future (TLS, HTTP/2, TCP).
 type BoxedConn = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// What a connection holds until it ends: its place in the listener's counts and limits.
+/// A TCP connection's place in the listener's counts and limits, given back on drop (an
+/// HTTP connection's [`Conn`] does the same).
 struct Held {
-    _open: crate::stats::OpenConn,
-    _slot: Option<ClientSlot>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    env: Arc<Env>,
+    client: IpAddr,
 }
 
-/// A plain HTTP/1.1 connection: the task's whole future, so it holds only what an idle
-/// connection needs (see [`Env::serve`]).
-///
-/// Not an `async fn`, which would keep a second copy of each argument.
-#[allow(clippy::manual_async_fn)] // see above: the size of the future
-fn serve_plain_h1(
-    conn: Conn,
-    io: Box<Prefixed<TimedStream>>,
-    held: Held,
-) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        conn.serve_own_h1(io).await;
-        drop(held);
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.env.release(self.client);
     }
 }
 
@@ -435,10 +442,17 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One accepted client connection and what it needs to be served. Small on purpose: it
-/// lives in the connection's task for as long as the connection.
+/// lives in the connection's task for as long as the connection. Dropping it gives back
+/// the connection's place in the listener's counts and limits ([`Env::release`]).
 struct Conn {
     ctx: Arc<ConnCtx>,
     env: Arc<Env>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.env.release(self.ctx.peer.ip());
+    }
 }
 
 impl Conn {
@@ -454,7 +468,11 @@ impl Conn {
         } else {
             // ballast's own server runs the head and keep-alive timers.
             stream.get_mut().0.get_mut().untime_reads();
-            Box::pin(self.serve_own_h1(Box::new(Prefixed::new(Vec::new(), stream)))).await
+            Box::pin(Conn::serve_own_h1(
+                self,
+                Box::new(Prefixed::new(Vec::new(), stream)),
+            ))
+            .await
         }
     }
 
@@ -504,27 +522,31 @@ impl Conn {
     /// the request in progress finishes with `Connection: close`, and a just-accepted
     /// connection's first request is still served.
     ///
-    /// Not an `async fn`, which would keep a second copy of each argument.
+    /// Not an `async fn`, which would keep a second copy of each argument. Takes the
+    /// connection owned (plain HTTP/1.1: this is the task's whole future) or borrowed (TLS
+    /// and `h2c`, whose box holds it).
     #[allow(clippy::manual_async_fn)] // see above: the size of the future
-    fn serve_own_h1<T>(
-        &self,
+    fn serve_own_h1<C, T>(
+        conn: C,
         io: Box<Prefixed<T>>,
-    ) -> impl std::future::Future<Output = ()> + Send + '_
+    ) -> impl std::future::Future<Output = ()> + Send
     where
+        C: std::borrow::Borrow<Conn> + Send + Sync,
         T: Transport + Send + 'static,
     {
         async move {
             // The sending end of the stream for a request that asks to switch protocols: the
             // request carries the receiving end to the tunnel (`tunnel::ClientUpgrade`).
-            let switched: Mutex<Option<oneshot::Sender<Box<dyn ClientIo>>>> = Mutex::new(None);
+            // Boxed: an upgrade is rare, and the slot is part of every idle connection.
+            let mut switched: Option<Box<oneshot::Sender<Box<dyn ClientIo>>>> = None;
             let service = |mut req: Request<RequestBody>| {
                 if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
                     let (tx, rx) = oneshot::channel();
-                    *switched.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                    switched = Some(Box::new(tx));
                     req.extensions_mut()
                         .insert(OwnUpgrade(Arc::new(Mutex::new(Some(rx)))));
                 }
-                let ctx = Arc::clone(&self.ctx);
+                let ctx = Arc::clone(&conn.borrow().ctx);
                 async move {
                     match handle(req.map(ClientStream::H1), ctx).await {
                         Ok(resp) => resp,
@@ -532,16 +554,14 @@ impl Conn {
                     }
                 }
             };
-            let ending =
-                crate::h1::server::serve(io, &self.env.h1_own, &self.env.shutdown, service).await;
-            let peer = &self.ctx.peer;
+            let ending = crate::h1::server::serve(io, &conn.borrow().env.h1_own, service).await;
+            let peer = &conn.borrow().ctx.peer;
             match ending {
                 Ending::Closed => {}
                 Ending::Upgraded { mut io, read_ahead } => {
                     // Bytes the client sent right behind its request belong to the tunnel.
                     io.put_back(&read_ahead);
-                    let tx = switched.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    if let Some(tx) = tx {
+                    if let Some(tx) = switched.take() {
                         let _ = tx.send(io);
                     }
                 }
@@ -604,7 +624,7 @@ impl Conn {
             Box::pin(self.serve_h2(io)).await
         } else {
             io.get_mut().untime_reads();
-            Box::pin(self.serve_own_h1(Box::new(io))).await
+            Box::pin(Conn::serve_own_h1(self, Box::new(io))).await
         }
     }
 
@@ -666,12 +686,6 @@ struct PerClient {
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// One connection's share of its address's count; given back on drop.
-struct ClientSlot {
-    table: Arc<PerClient>,
-    ip: IpAddr,
-}
-
 impl PerClient {
     fn new(max: usize) -> PerClient {
         PerClient {
@@ -684,28 +698,27 @@ impl PerClient {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn acquire(table: &Arc<PerClient>, ip: IpAddr) -> Option<ClientSlot> {
-        let mut open = table.lock();
+    /// Counts one more connection from `ip`, unless it has `max` already.
+    fn acquire(&self, ip: IpAddr) -> bool {
+        let mut open = self.lock();
         let n = open.entry(ip).or_insert(0);
-        if *n >= table.max {
-            return None;
+        if *n >= self.max {
+            return false;
         }
         *n += 1;
-        Some(ClientSlot {
-            table: Arc::clone(table),
-            ip,
-        })
+        true
     }
 }
 
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = self.table.lock();
-        if let Some(n) = open.get_mut(&self.ip) {
+impl PerClient {
+    /// A connection from `ip` counted by [`PerClient::acquire`] ended.
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.lock();
+        if let Some(n) = open.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
                 // Entries live only while the address has connections: memory follows load.
-                open.remove(&self.ip);
+                open.remove(&ip);
             }
         }
     }
@@ -761,8 +774,8 @@ mod tests {
 
     /// An idle keep-alive connection is mostly its task: tokio's task cell is the
     /// connection's future plus 128 bytes (the tracker's token, header, scheduler, id,
-    /// trailer), in 128-byte steps. The future must stay within 512 bytes for the cell to
-    /// stay at 640 (it was 1,280; BENCHMARKS.md, issue 24 third pass). This pins the size
+    /// trailer), in 128-byte steps. The future must stay within 384 bytes for the cell to
+    /// stay at 512 (it was 1,280; BENCHMARKS.md, issue 24 third pass). This pins the size
     /// where a change to the connection path would grow it unnoticed: a local held across
     /// an await, an argument an `async fn` copies, a `select!`.
     #[tokio::test]
@@ -785,7 +798,10 @@ mod tests {
                 crate::state::Snapshot::empty(),
             )),
             name: "web".into(),
-            h1_own: super::own_h1_config(&listener_config),
+            h1_own: crate::h1::server::Server {
+                config: super::own_h1_config(&listener_config),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            },
             h2: super::h2_builder(&listener_config),
             read_limits: crate::net::ReadLimits {
                 header_timeout: listener_config.request_header_timeout,
@@ -794,6 +810,7 @@ mod tests {
             config: listener_config,
             tls: None,
             per_client: None,
+            limit: Arc::new(tokio::sync::Semaphore::new(1)),
             tracker: tracker.clone(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             stats: Default::default(),
@@ -802,15 +819,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .acquire_owned()
-            .await
-            .unwrap();
-        let connection = env.serve(stream, peer, addr, Vec::new(), None, permit);
+        let permit = Arc::clone(&env.limit).acquire_owned().await.unwrap();
+        let connection = env.serve(stream, peer, addr, Vec::new(), permit);
         let size = std::mem::size_of_val(&connection);
         assert!(
-            size <= 512,
-            "the plain HTTP/1.1 connection future is {size} bytes (at most 512)"
+            size <= 384,
+            "the plain HTTP/1.1 connection future is {size} bytes (at most 384)"
         );
     }
 }

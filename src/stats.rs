@@ -75,25 +75,19 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
-    /// Counts a connection as open until the guard drops.
-    pub fn open(self: &std::sync::Arc<Self>) -> OpenConn {
+    /// Counts a connection as open, until [`ListenerStats::closed`].
+    pub fn opened(&self) {
         self.accepted.incr();
         self.open.fetch_add(1, Ordering::Relaxed);
-        OpenConn(std::sync::Arc::clone(self))
+    }
+
+    /// A connection counted by [`ListenerStats::opened`] ended.
+    pub fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn open_now(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
-    }
-}
-
-/// An open client connection, counted in [`ListenerStats`] until dropped.
-#[derive(Debug)]
-pub struct OpenConn(std::sync::Arc<ListenerStats>);
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

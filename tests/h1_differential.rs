@@ -252,8 +252,11 @@ async fn ballast_server(raw: &'static [u8]) -> Vec<Event> {
         first_request_grace: Duration::from_secs(1),
     };
     let serve = tokio::spawn(async move {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        h1::server::serve(server, &config, &shutdown, |req| {
+        let shared = h1::server::Server {
+            config,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        };
+        h1::server::serve(server, &shared, |req| {
             let record_to = record_to.clone();
             async move {
                 let event = record(req).await;

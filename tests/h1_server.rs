@@ -110,9 +110,13 @@ impl Server {
         let token = shutdown.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (tx, token) = (tx.clone(), token.clone());
+                let tx = tx.clone();
+                let shared = server::Server {
+                    config,
+                    shutdown: token.clone(),
+                };
                 tokio::spawn(async move {
-                    let ending = match server::serve(stream, &config, &token, service).await {
+                    let ending = match server::serve(stream, &shared, service).await {
                         Ending::Upgraded { mut io, read_ahead } => {
                             // An echo protocol: what came with the head, then the rest.
                             let _ = io.write_all(&read_ahead).await;

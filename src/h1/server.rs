@@ -181,17 +181,26 @@ impl Body for RequestBody {
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// Serves requests on `io` until the connection ends. `shutdown` closes an idle keep-alive
-/// connection at once and makes the current exchange the last (its response says
-/// `Connection: close`); a new connection's first request is still awaited.
+/// What every connection of one server shares: its limits and timers, and its shutdown
+/// signal. One reference in each connection's future, not two.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub config: ServerConfig,
+    /// Closes an idle keep-alive connection at once and makes the current exchange the
+    /// last (its response says `Connection: close`); a new connection's first request is
+    /// still awaited.
+    pub shutdown: CancellationToken,
+}
+
+/// Serves requests on `io` until the connection ends (see [`Server::shutdown`] for how
+/// shutdown ends it).
 ///
 /// Not an `async fn`: one moves its arguments into new locals and keeps both copies in its
 /// future, and this future is most of what an idle connection holds.
 #[allow(clippy::manual_async_fn)] // see above: the size of the future
 pub fn serve<'a, IO, S, F, B>(
     mut io: IO,
-    config: &'a ServerConfig,
-    shutdown: &'a CancellationToken,
+    server: &'a Server,
     mut service: S,
 ) -> impl Future<Output = Ending<IO>> + 'a
 where
@@ -206,17 +215,18 @@ where
         let mut first = true;
         // Kept for the connection's life: a timer and a shutdown waiter registered anew for
         // each request cost ~350 instructions a request (callgrind).
-        let timer = pin!(tokio::time::sleep_until(
-            Instant::now() + config.head_timeout
-        ));
-        let stop = pin!(shutdown.cancelled());
-        let mut waits = Waits { timer, stop };
+        let mut waits = pin!(Waits {
+            timer: tokio::time::sleep_until(Instant::now() + server.config.head_timeout),
+            stop: server.shutdown.cancelled(),
+        });
         'requests: loop {
             // The rare endings leave this block as a small `Early`, so no `HeadRead` (a whole
             // head wide) stays in the future across their awaits: held there, it was part of
             // every idle connection's task.
             let early = 'early: {
-                let head = match read_head(&mut io, &mut buf, config, first, &mut waits).await {
+                let head = match read_head(&mut io, &mut buf, &server.config, first, waits.as_mut())
+                    .await
+                {
                     HeadRead::Head(head) => head,
                     HeadRead::Closed => return Ending::Closed,
                     HeadRead::Io(e) => return Ending::Io(e),
@@ -232,23 +242,26 @@ where
                 let slot = Box::new_uninit();
                 let fut = Box::into_pin(Box::write(
                     slot,
-                    exchange(&mut io, &mut buf, head, config, shutdown, &mut service),
+                    exchange(
+                        &mut io,
+                        &mut buf,
+                        head,
+                        &server.config,
+                        &server.shutdown,
+                        &mut service,
+                    ),
                 ));
-                match fut.await {
+                // Only the small `unread` outlives this match: the `Exchange` held across the
+                // awaits below took room in every state of this future.
+                let unread = match fut.await {
                     Exchange::KeepAlive => {
                         if buf.is_empty() {
                             // Give the buffer back while idle; a pipelined request keeps it.
                             buf = BytesMut::new();
                         }
+                        continue 'requests;
                     }
-                    Exchange::Close { unread } => {
-                        if io.shutdown().await.is_ok() && unread {
-                            // Boxed, as the answers below: a rare path whose state would
-                            // otherwise size every idle connection's future.
-                            Box::pin(linger(&mut io)).await;
-                        }
-                        return Ending::Closed;
-                    }
+                    Exchange::Close { unread } => unread,
                     Exchange::Upgrade => {
                         return Ending::Upgraded {
                             io,
@@ -257,8 +270,13 @@ where
                     }
                     Exchange::Failed => return Ending::ResponseFailed,
                     Exchange::Io(e) => return Ending::Io(e),
+                };
+                if io.shutdown().await.is_ok() && unread {
+                    // Boxed, as the answers below: a rare path whose state would otherwise
+                    // size every idle connection's future.
+                    Box::pin(linger(&mut io)).await;
                 }
-                continue 'requests;
+                return Ending::Closed;
             };
             return Box::pin(end_early(io, early)).await;
         }
@@ -318,13 +336,13 @@ fn may_be_complete(buf: &[u8]) -> bool {
 /// the wait. A hand-written future, not an `async fn`: this is the state an idle connection
 /// sleeps in, so its size is part of every idle connection (an async fn keeps its
 /// arguments and its locals apart, and its `select!` over async blocks was larger still).
-fn read_head<'a, 'w, 't, R: Transport>(
+fn read_head<'a, 't, R: Transport>(
     rd: &'a mut R,
     buf: &'a mut BytesMut,
     config: &'a ServerConfig,
     first: bool,
-    waits: &'a mut Waits<'w, 't>,
-) -> ReadHead<'a, 'w, 't, R> {
+    waits: std::pin::Pin<&'a mut Waits<'t>>,
+) -> ReadHead<'a, 't, R> {
     let limit = if first || !buf.is_empty() {
         config.head_timeout
     } else {
@@ -342,11 +360,11 @@ fn read_head<'a, 'w, 't, R: Transport>(
     }
 }
 
-struct ReadHead<'a, 'w, 't, R> {
+struct ReadHead<'a, 't, R> {
     rd: &'a mut R,
     buf: &'a mut BytesMut,
     config: &'a ServerConfig,
-    waits: &'a mut Waits<'w, 't>,
+    waits: std::pin::Pin<&'a mut Waits<'t>>,
     deadline: Instant,
     /// Set once shutdown began while a new connection waited for its first byte.
     grace_until: Option<Instant>,
@@ -355,7 +373,7 @@ struct ReadHead<'a, 'w, 't, R> {
     unparsed: bool,
 }
 
-impl<R: Transport> Future for ReadHead<'_, '_, '_, R> {
+impl<R: Transport> Future for ReadHead<'_, '_, R> {
     type Output = HeadRead;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HeadRead> {
@@ -398,14 +416,14 @@ impl<R: Transport> Future for ReadHead<'_, '_, '_, R> {
                 Some(grace) if was_empty => grace.min(this.deadline),
                 _ => this.deadline,
             };
-            arm(this.waits.timer.as_mut(), due);
+            arm(this.waits.as_mut().timer(), due);
             // Biased: a read that is ready wins over a timer or shutdown that is ready too.
             let woke =
                 if let Poll::Ready(r) = poll_read_more(this.rd, this.buf, config.read_size, cx) {
                     Woke::Read(r)
                 } else if was_empty
                     && this.grace_until.is_none()
-                    && this.waits.stop.as_mut().poll(cx).is_ready()
+                    && this.waits.as_mut().stop().poll(cx).is_ready()
                 {
                     if !this.first {
                         Woke::Stop
@@ -414,7 +432,7 @@ impl<R: Transport> Future for ReadHead<'_, '_, '_, R> {
                         // Again, with the grace's timer armed.
                         continue;
                     }
-                } else if poll_expire(this.waits.timer.as_mut(), due, cx).is_ready() {
+                } else if poll_expire(this.waits.as_mut().timer(), due, cx).is_ready() {
                     Woke::Timer
                 } else {
                     return Poll::Pending;
@@ -464,11 +482,28 @@ fn poll_read_more<R: Transport>(
     tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, buf)
 }
 
-/// What a connection waits on between requests besides its socket.
-struct Waits<'a, 't> {
-    /// The head or keep-alive deadline; see [`arm`].
-    timer: std::pin::Pin<&'a mut tokio::time::Sleep>,
-    stop: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'t>>,
+pin_project_lite::pin_project! {
+    /// What a connection waits on between requests besides its socket. Owned here and
+    /// pinned once in the connection's future (references to the two, held separately,
+    /// were 16 bytes more of every idle connection). `timer` is the head or keep-alive deadline; see [`arm`].
+    struct Waits<'t> {
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        stop: tokio_util::sync::WaitForCancellationFuture<'t>,
+    }
+}
+
+impl<'t> Waits<'t> {
+    fn timer(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut tokio::time::Sleep> {
+        self.project().timer
+    }
+
+    fn stop(
+        self: std::pin::Pin<&mut Self>,
+    ) -> std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'t>> {
+        self.project().stop
+    }
 }
 
 /// Sets `timer` for `due`, unless it is set earlier: moving a timer is a timer-wheel update,
