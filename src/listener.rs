@@ -341,7 +341,6 @@ impl Env {
             config: Arc::clone(&self.config),
             peer,
             local,
-            tls: self.tls.is_some(),
             tracker: self.tracker.clone(),
             phase: ConnPhase::default(),
             private: Default::default(),

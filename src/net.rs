@@ -111,12 +111,6 @@ pub trait HasPhase: Send + Sync + 'static {
     fn phase(&self) -> &ConnPhase;
 }
 
-impl HasPhase for ConnPhase {
-    fn phase(&self) -> &ConnPhase {
-        self
-    }
-}
-
 struct ReadTimer {
     owner: std::sync::Arc<dyn HasPhase>,
     limits: ReadLimits,

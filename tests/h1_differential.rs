@@ -41,6 +41,7 @@ enum Event {
     BadBody,
 }
 
+/// Bytes one side sends: a client's requests (`corpus`) or a backend's answer (`replies`).
 struct Case {
     name: &'static str,
     raw: &'static [u8],
@@ -394,65 +395,43 @@ enum Answer {
     BadBody(u16),
 }
 
-/// A backend's answer; `differs` says why ballast deliberately reads it otherwise.
-struct Reply {
-    name: &'static str,
-    raw: &'static [u8],
-    differs: Option<&'static str>,
-}
-
-const fn reply(name: &'static str, raw: &'static [u8]) -> Reply {
-    Reply {
-        name,
-        raw,
-        differs: None,
-    }
-}
-
-const fn reply_differs(name: &'static str, raw: &'static [u8], why: &'static str) -> Reply {
-    Reply {
-        name,
-        raw,
-        differs: Some(why),
-    }
-}
-
 const RESPONSE_LENGTH: &str = "RFC 9112 §6.3 ¶5: a Content-Length that is not a valid number \
      (a comma list included) is an unrecoverable error for a proxy (502); hyper folds a list \
      of equal values (equal repeated lines pass in both)";
 
-fn replies() -> Vec<Reply> {
+/// Backends' answers, as [`Case`]s (the same `same` and `differs`).
+fn replies() -> Vec<Case> {
     vec![
-        reply("length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
-        reply("length zero", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
-        reply("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-        reply("chunked with extensions", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a=b\r\nabc\r\n0;x\r\n\r\n"),
-        reply("chunked with trailers", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"),
-        reply("until close", b"HTTP/1.1 200 OK\r\n\r\nall of it"),
-        reply("http/1.0 until close", b"HTTP/1.0 200 OK\r\n\r\nold"),
-        reply("204 without body", b"HTTP/1.1 204 No Content\r\n\r\n"),
-        reply("304 keeps no body", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
-        reply("100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
-        reply("103 then 200", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
-        reply("empty reason", b"HTTP/1.1 404 \r\nContent-Length: 1\r\n\r\nx"),
-        reply("bare LF lines", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
-        reply("chunked beats length", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
-        reply("500 with body", b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"),
+        same("length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+        same("length zero", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        same("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        same("chunked with extensions", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;a=b\r\nabc\r\n0;x\r\n\r\n"),
+        same("chunked with trailers", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"),
+        same("until close", b"HTTP/1.1 200 OK\r\n\r\nall of it"),
+        same("http/1.0 until close", b"HTTP/1.0 200 OK\r\n\r\nold"),
+        same("204 without body", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        same("304 keeps no body", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        same("100 then 200", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        same("103 then 200", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        same("empty reason", b"HTTP/1.1 404 \r\nContent-Length: 1\r\n\r\nx"),
+        same("bare LF lines", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"),
+        same("chunked beats length", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+        same("500 with body", b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail"),
         // Broken answers.
-        reply("length cut short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"),
-        reply("chunked cut short", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"),
-        reply("chunk size not hex", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
-        reply("chunk size overflow", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
-        reply("head cut short", b"HTTP/1.1 200 OK\r\nContent-Le"),
-        reply("nothing", b""),
-        reply("not http", b"garbage\r\n\r\n"),
-        reply("status not a number", b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n"),
-        reply("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\nContent-Length: 0\r\n\r\n"),
-        reply("negative length", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
-        reply("space before colon", b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"),
-        reply_differs("equal length list", b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", RESPONSE_LENGTH),
-        reply("equal repeated lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
-        reply("different lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"),
+        same("length cut short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"),
+        same("chunked cut short", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"),
+        same("chunk size not hex", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        same("chunk size overflow", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
+        same("head cut short", b"HTTP/1.1 200 OK\r\nContent-Le"),
+        same("nothing", b""),
+        same("not http", b"garbage\r\n\r\n"),
+        same("status not a number", b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n"),
+        same("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\nContent-Length: 0\r\n\r\n"),
+        same("negative length", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+        same("space before colon", b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"),
+        differs("equal length list", b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", RESPONSE_LENGTH),
+        same("equal repeated lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"),
+        same("different lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"),
     ]
 }
 

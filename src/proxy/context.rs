@@ -25,8 +25,6 @@ pub struct ConnCtx {
     pub forwarded_for: HeaderValue,
     /// The address the client connected to (from a PROXY header when there was one).
     pub local: SocketAddr,
-    /// Whether the client connected over TLS (see [`ConnCtx::proto`]).
-    pub tls: bool,
     /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
     pub tracker: tokio_util::task::TaskTracker,
     /// Busy while a request is served, idle after: the socket's read timers follow it.
@@ -41,9 +39,9 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
-    /// `"http"` or `"https"`, for `X-Forwarded-Proto`.
+    /// `"http"` or `"https"`, for `X-Forwarded-Proto`: the listener's TLS settings say.
     pub fn proto(&self) -> &'static str {
-        if self.tls {
+        if self.config.tls.is_some() {
             "https"
         } else {
             "http"
