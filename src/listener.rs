@@ -105,7 +105,7 @@ pub async fn run(
     let tls = match &config.tls {
         None => None,
         Some(t) => match crate::tls::server_config(t) {
-            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Ok(c) => Some(c),
             Err(e) => {
                 tracing::error!(listener = %name, error = %e, "cannot set up TLS: not accepting");
                 return;
@@ -246,7 +246,7 @@ struct Env {
     live: Live,
     name: Arc<str>,
     config: Arc<ListenerConfig>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     h1_own: crate::h1::server::Server,
     h2: http2::Builder<TokioExecutor>,
     read_limits: ReadLimits,
@@ -458,15 +458,15 @@ impl Conn {
     /// TLS: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Each step is boxed apart
     /// and the handshake's box is freed when it ends, so an idle connection holds only the
     /// protocol it speaks (one box sized for all three was 6.5 KB per connection).
-    async fn serve_tls(&self, acceptor: &tokio_rustls::TlsAcceptor, io: Prefixed<TimedStream>) {
+    async fn serve_tls(&self, acceptor: &Arc<rustls::ServerConfig>, io: Prefixed<TimedStream>) {
         let Some(mut stream) = Box::pin(self.handshake(acceptor, io)).await else {
             return;
         };
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        if stream.alpn_protocol() == Some(b"h2") {
             Box::pin(self.serve_h2(stream)).await
         } else {
             // ballast's own server runs the head and keep-alive timers.
-            stream.get_mut().0.get_mut().untime_reads();
+            stream.get_mut().get_mut().untime_reads();
             Box::pin(Conn::serve_own_h1(
                 self,
                 Box::new(Prefixed::new(Vec::new(), stream)),
@@ -479,13 +479,13 @@ impl Conn {
     /// it failed.
     async fn handshake(
         &self,
-        acceptor: &tokio_rustls::TlsAcceptor,
+        acceptor: &Arc<rustls::ServerConfig>,
         io: Prefixed<TimedStream>,
-    ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TimedStream>>> {
+    ) -> Option<crate::tls::ServerStream<Prefixed<TimedStream>>> {
         let conn = self;
         // The same timer as a request head: a handshake that stalls is cut.
         let limit = conn.ctx.config.request_header_timeout;
-        match tokio::time::timeout(limit, acceptor.accept(io)).await {
+        match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(acceptor), io)).await {
             Ok(Ok(s)) => {
                 conn.env.stats.tls_handshakes.incr();
                 Some(s)

@@ -22,23 +22,9 @@ use rustls::ClientConfig;
 
 use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
-/// ballast's own HTTP/1.1 server waits for a request over TLS by the socket's readiness,
-/// holding no buffer, unless rustls already holds decrypted bytes or the peer's close
-/// (`wants_read` is false): then a read answers at once.
-impl<T: crate::h1::server::Transport> crate::h1::server::Transport
-    for tokio_rustls::server::TlsStream<T>
-{
-    fn poll_readable(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let (io, conn) = self.get_mut();
-        if !conn.wants_read() {
-            return std::task::Poll::Ready(Ok(()));
-        }
-        io.poll_readable(cx)
-    }
-}
+mod server_stream;
+
+pub use server_stream::{accept, ServerStream};
 
 #[cfg(all(feature = "tls-aws-lc", not(feature = "tls-ring")))]
 pub use rustls::crypto::aws_lc_rs as crypto;
@@ -317,7 +303,7 @@ mod tests {
             format!("{:?}", p.cipher_suites),
             format!("{:?}", own.cipher_suites)
         );
-        let pem = include_str!("../tests/fixtures/test-only-rsa2048.key");
+        let pem = include_str!("../../tests/fixtures/test-only-rsa2048.key");
         let key =
             rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("fixture key");
         let signer = p.key_provider.load_private_key(key).expect("RSA key");
