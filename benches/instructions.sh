@@ -17,10 +17,11 @@
 #     a rate limit no request reaches, header rules: what they cost when used)
 #   VARIANTS="plain request-id rate-limit header-rules max-connections panic retry-budget"
 #     bash benches/instructions.sh   # the same keys one at a time: what each costs
-#   VARIANTS="plain close h2" bash benches/instructions.sh   # + a new connection per request
-#     (`Connection: close`, per connection) and HTTP/2 over TLS (h2load, 4 connections x 10
-#     streams, per request; needs h2load and openssl, installed if missing); with
-#     BALLAST_BASELINE set, the baseline is measured for each of plain, close and h2 asked for
+#   VARIANTS="plain close tls h2" bash benches/instructions.sh   # + a new connection per
+#     request (`Connection: close`, per connection), HTTP/1.1 keep-alive over TLS (4
+#     connections), and HTTP/2 over TLS (h2load, 4 connections x 10 streams, per request;
+#     needs h2load and openssl, installed if missing); with BALLAST_BASELINE set, the
+#     baseline is measured for each of plain, close, tls and h2 asked for
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
@@ -79,7 +80,7 @@ sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/met
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
 
-load() {  # $1 = number of requests; $2 = keepalive (4 connections), close or h2
+load() {  # $1 = number of requests; $2 = keepalive (4 connections), close, tls or h2
   case ${2:-keepalive} in
     h2)
       local answered
@@ -88,10 +89,14 @@ load() {  # $1 = number of requests; $2 = keepalive (4 connections), close or h2
         || { echo "h2load: not all $1 answered 2xx: $answered" >&2; exit 1; } ;;
     *)
       python3 - "$lb" "$1" "${2:-keepalive}" <<'PY'
-import http.client, sys, threading
+import http.client, ssl, sys, threading
 port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def run(k):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    if mode == "tls":
+        insecure = ssl._create_unverified_context()
+        c = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=insecure)
+    else:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for _ in range(k):
         if mode == "close":
             c.request("GET", "/bench", headers={"Connection": "close"})
@@ -113,7 +118,7 @@ measure() {  # $1 = label, $2 = binary, $3 = config, $4 = load kind (see `load`)
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out.%p" "$2" --config "$3" --log warn >/dev/null 2>&1 &
   local pid=$!
   pids+=($pid)
-  local scheme=http; [ "$kind" = h2 ] && scheme=https
+  local scheme=http; case $kind in h2|tls) scheme=https ;; esac
   for _ in $(seq 1 300); do curl -skf -o /dev/null "$scheme://localhost:$lb/" && break; sleep 0.2; done
   load 500 "$kind"
   callgrind_control --zero "$pid" >/dev/null
@@ -140,8 +145,8 @@ if [ -n "${BALLAST_BASELINE:-}" ]; then measure baseline "$BALLAST_BASELINE" "$w
 for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
   case $variant in
     plain) measure plain "$BALLAST" "$work/plain.toml" ;;
-    close|h2)
-      config="$work/plain.toml"; [ "$variant" = h2 ] && config="$work/h2.toml"
+    close|h2|tls)
+      config="$work/plain.toml"; case $variant in h2|tls) config="$work/h2.toml" ;; esac
       if [ -n "${BALLAST_BASELINE:-}" ]; then measure "baseline-$variant" "$BALLAST_BASELINE" "$config" "$variant"; fi
       measure "$variant" "$BALLAST" "$config" "$variant" ;;
     threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;

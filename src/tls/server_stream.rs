@@ -45,10 +45,9 @@ const MAX_WRITE: usize = 4 * 16_384;
 pub struct ServerStream<IO> {
     io: IO,
     conn: UnbufferedServerConnection,
-    /// Ciphertext read and not yet processed is `incoming[..in_len]`; the rest is zeroed room
-    /// for the next read. Empty, with no allocation, while the connection waits.
+    /// Ciphertext read and not yet processed (reads go into its spare capacity, which is
+    /// never zeroed). Empty, with no allocation, while the connection waits.
     incoming: Vec<u8>,
-    in_len: usize,
     /// Decrypted bytes a reader's buffer had no room for: `plain[plain_at..]`.
     plain: Vec<u8>,
     plain_at: usize,
@@ -74,7 +73,6 @@ where
         io,
         conn,
         incoming: Vec::new(),
-        in_len: 0,
         plain: Vec::new(),
         plain_at: 0,
         out: Vec::new(),
@@ -148,9 +146,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
     /// from the peer; what rustls has to send goes to `out`.
     fn process(&mut self, job: &mut Job<'_, '_>) -> io::Result<Stop> {
         loop {
-            let UnbufferedStatus { discard, state } = self
-                .conn
-                .process_tls_records(&mut self.incoming[..self.in_len]);
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming);
             let stop = match state {
                 Err(e) => Err(invalid(e)),
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -255,39 +252,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
 
     /// Removes `n` processed bytes from the front of `incoming`.
     fn discard(&mut self, n: usize) {
-        if n >= self.in_len {
-            self.in_len = 0;
+        if n >= self.incoming.len() {
+            self.incoming.clear();
         } else if n > 0 {
-            self.incoming.copy_within(n..self.in_len, 0);
-            self.in_len -= n;
+            self.incoming.drain(..n);
         }
     }
 
     /// Reads ciphertext from the socket into `incoming`: at least [`READ_CHUNK`] bytes of
     /// room, or the rest of the record that has begun.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let held = &self.incoming[..self.in_len];
-        let record_rest = match held {
+        let held = &self.incoming;
+        let record_rest = match held[..] {
             [_, _, _, hi, lo, ..] => {
-                (5 + usize::from(u16::from_be_bytes([*hi, *lo]))).saturating_sub(held.len())
+                (5 + usize::from(u16::from_be_bytes([hi, lo]))).saturating_sub(held.len())
             }
             _ => 0,
         };
-        let want = self.in_len + record_rest.max(READ_CHUNK);
-        if want > MAX_INCOMING + READ_CHUNK {
+        let want = record_rest.max(READ_CHUNK);
+        if held.len() + want > MAX_INCOMING + READ_CHUNK {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "TLS message too large",
             )));
         }
-        if self.incoming.len() < want {
-            self.incoming.resize(want, 0);
-        }
-        let mut buf = ReadBuf::new(&mut self.incoming[self.in_len..]);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-        let n = buf.filled().len();
-        self.in_len += n;
-        Poll::Ready(Ok(n))
+        self.incoming.reserve(want);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.incoming)
     }
 
     /// Writes `out` to the socket; ready when all of it is sent.
@@ -317,7 +307,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
 
     /// Gives back every buffer that holds nothing: the connection is about to wait.
     fn release_idle(&mut self) {
-        if self.in_len == 0 {
+        if self.incoming.is_empty() {
             self.incoming = Vec::new();
         }
         if self.plain_at == self.plain.len() {
@@ -332,8 +322,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
 
     /// `incoming` holds at least one whole record.
     fn holds_record(&self) -> bool {
-        match &self.incoming[..self.in_len] {
-            [_, _, _, hi, lo, ..] => self.in_len >= 5 + usize::from(u16::from_be_bytes([*hi, *lo])),
+        match self.incoming[..] {
+            [_, _, _, hi, lo, ..] => {
+                self.incoming.len() >= 5 + usize::from(u16::from_be_bytes([hi, lo]))
+            }
             _ => false,
         }
     }
