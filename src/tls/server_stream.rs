@@ -259,8 +259,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
         }
     }
 
-    /// Reads ciphertext from the socket into `incoming`: at least [`READ_CHUNK`] bytes of
-    /// room, or the rest of the record that has begun.
+    /// Reads ciphertext from the socket into `incoming`: with room for the rest of the
+    /// record that has begun, or at least [`READ_CHUNK`] bytes.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let held = &self.incoming;
         let record_rest = match held[..] {
@@ -269,7 +269,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
             }
             _ => 0,
         };
-        let want = record_rest.max(READ_CHUNK);
+        // Room for the rest of a record that has begun, or a read's worth; `reserve` keeps
+        // the buffer when it already has that much room (no copy of a partial record).
+        let want = if record_rest > 0 {
+            record_rest
+        } else {
+            READ_CHUNK
+        };
         if held.len() + want > MAX_INCOMING + READ_CHUNK {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
