@@ -160,9 +160,12 @@ if [ "${SCENARIO:-}" = idle ] || [ "${SCENARIO:-}" = busy ]; then
   if [ "$mode" = idle ]; then
     # Per stage: two stages hold 8,000 clients, under every proxy's connection limit here.
     n=${IDLE_CLIENTS:-4000}
-    # An allocator returns freed pages over seconds (jemalloc's decay): the same wait
-    # applies to every proxy, after each stage. IDLE_SETTLE=12 lets jemalloc's 10 s pass.
-    settle=${IDLE_SETTLE:-3}
+    # An allocator returns freed pages over seconds: the same wait applies to every proxy,
+    # after each stage. ballast's jemalloc gives back the clients' freed request buffers in
+    # one step 10-11 s after they were freed (dirty_decay_ms = 10 s; sampled once a second
+    # in BENCHMARKS.md, issue 24 fourth pass), so a wait of 12 s read either side of that
+    # step (1,010 or 1,255 B). The default waits well past it.
+    settle=${IDLE_SETTLE:-20}
     what="idle keep-alive connection"
   else
     n=${BUSY_CLIENTS:-2000}
