@@ -33,13 +33,12 @@ use crate::config::{ListenerConfig, ListenerMode};
 use crate::h1::server::{Ending, RequestBody, Transport};
 use crate::handover::Inherited;
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
-use crate::proxy::context::ConnCtx;
+use crate::proxy::context::{ConnCtx, ListenerCtx};
 use crate::proxy::http::handle;
 use crate::proxy::tcp::ClientConn;
 use crate::proxy::tunnel::{ClientIo, OwnUpgrade};
 use crate::request_body::ClientStream;
 use crate::state::Live;
-use crate::stats::ListenerStats;
 
 /// A listening socket could not be bound (or adopted).
 #[derive(Debug, thiserror::Error)]
@@ -147,17 +146,19 @@ pub async fn run(
             header_timeout: config.request_header_timeout,
             keepalive_timeout: config.keepalive_timeout,
         },
-        live,
-        name: Arc::clone(&name),
-        config: Arc::clone(&config),
+        shared: Arc::new(ListenerCtx {
+            live,
+            name: Arc::clone(&name),
+            config: Arc::clone(&config),
+            tracker: tracker.clone(),
+            shutdown,
+            stats,
+        }),
         tls,
         per_client: config
             .max_connections_per_client
             .map(|max| Arc::new(PerClient::new(max))),
         limit: Arc::clone(&limit),
-        tracker: tracker.clone(),
-        shutdown,
-        stats,
     });
     // One waiter for the loop's life: made and polled anew per connection, it took a lock
     // to register and another to leave, twice per accepted connection (callgrind).
@@ -212,12 +213,12 @@ pub async fn run(
         let env = Arc::clone(&env);
         tracker.spawn(async move {
             let mut stream = stream;
-            let limit = env.config.request_header_timeout;
+            let limit = env.shared.config.request_header_timeout;
             let (header, rest) = match crate::proxy_protocol::read_header(&mut stream, limit).await {
                 Ok(h) => h,
                 Err(e) => {
-                    if let Some(suppressed) = crate::log_limit::allow((&*env.name, "proxy_header")) {
-                        tracing::info!(listener = %env.name, client = %peer, error = %e, suppressed, reason = %"bad_proxy_header", "connection refused: no valid PROXY header");
+                    if let Some(suppressed) = crate::log_limit::allow((&*env.shared.name, "proxy_header")) {
+                        tracing::info!(listener = %env.shared.name, client = %peer, error = %e, suppressed, reason = %"bad_proxy_header", "connection refused: no valid PROXY header");
                     }
                     return;
                 }
@@ -232,7 +233,7 @@ pub async fn run(
             }
             // A task of its own: this one is sized for reading the PROXY header, which an
             // idle connection no longer needs.
-            let tracker = env.tracker.clone();
+            let tracker = env.shared.tracker.clone();
             tracker.spawn(env.serve(stream, peer, local, rest, permit));
         });
     }
@@ -243,9 +244,8 @@ pub async fn run(
 struct Env {
     /// TCP_NODELAY and TCP_NOTSENT_LOWAT are set on the listening socket (see [`run`]).
     inherited_options: bool,
-    live: Live,
-    name: Arc<str>,
-    config: Arc<ListenerConfig>,
+    /// What its connections share (and hold a pointer to).
+    shared: Arc<ListenerCtx>,
     tls: Option<Arc<rustls::ServerConfig>>,
     h1_own: crate::h1::server::Server,
     h2: http2::Builder<TokioExecutor>,
@@ -253,9 +253,6 @@ struct Env {
     per_client: Option<Arc<PerClient>>,
     /// `max_connections`: one permit per open connection.
     limit: Arc<Semaphore>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    stats: Arc<ListenerStats>,
 }
 
 impl Env {
@@ -269,7 +266,7 @@ impl Env {
         if table.acquire(peer.ip()) {
             return true;
         }
-        refuse_over_limit(stream, &self.config, peer, table.max);
+        refuse_over_limit(stream, &self.shared.config, peer, table.max);
         false
     }
 
@@ -281,7 +278,7 @@ impl Env {
         if let Some(table) = &self.per_client {
             table.release(client);
         }
-        self.stats.closed();
+        self.shared.stats.closed();
     }
 
     /// Serves one connection. `peer` and `local` are the client's addresses (from a PROXY
@@ -304,51 +301,46 @@ impl Env {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = ()> + Send {
         permit.forget();
-        self.stats.opened();
+        self.shared.stats.opened();
         if !self.inherited_options {
             let _ = stream.set_nodelay(true);
         }
-        if self.config.mode == ListenerMode::Tcp {
+        if self.shared.config.mode == ListenerMode::Tcp {
             let held = Held {
                 env: Arc::clone(&self),
                 client: peer.ip(),
             };
-            let client = if self.config.splice {
+            let client = if self.shared.config.splice {
                 ClientConn::Splice(stream, prefix)
             } else {
                 ClientConn::Copy(Prefixed::new(
                     prefix,
-                    TimedStream::tcp_client(stream, self.config.send_timeout),
+                    TimedStream::tcp_client(stream, self.shared.config.send_timeout),
                 ))
             };
             // No reaction to `shutdown`: an open TCP connection is in-flight work, and a
             // graceful shutdown waits for it (up to shutdown_timeout).
-            let live = Arc::clone(&self.live);
-            let stats = Arc::clone(&self.stats);
-            let config = Arc::clone(&self.config);
+            let live = Arc::clone(&self.shared.live);
+            let stats = Arc::clone(&self.shared.stats);
+            let config = Arc::clone(&self.shared.config);
             return Either::Right(Box::pin(async move {
                 let _held = held;
                 crate::proxy::tcp::serve(client, peer, local, live, config, stats).await
             }) as BoxedConn);
         }
         if !self.inherited_options {
-            let _ = crate::net::limit_unsent(&stream, self.config.response_buffer);
+            let _ = crate::net::limit_unsent(&stream, self.shared.config.response_buffer);
         }
         let ctx = Arc::new(ConnCtx {
+            listener: Arc::clone(&self.shared),
             forwarded_for: crate::proxy::headers::client_header(peer.ip()),
-            live: Arc::clone(&self.live),
-            listener: Arc::clone(&self.name),
-            config: Arc::clone(&self.config),
             peer,
             local,
-            tracker: self.tracker.clone(),
             phase: ConnPhase::default(),
             private: Default::default(),
-            shutdown: self.shutdown.clone(),
-            stats: Arc::clone(&self.stats),
         });
-        let send_timeout = self.config.send_timeout;
-        if self.tls.is_none() && !ctx.config.h2c {
+        let send_timeout = self.shared.config.send_timeout;
+        if self.tls.is_none() && !ctx.config().h2c {
             // ballast's own server runs the read timers; the stream times writes. Boxed
             // once: the idle task then holds a pointer to the stream.
             let io = Box::new(Prefixed::new(
@@ -484,31 +476,31 @@ impl Conn {
     ) -> Option<crate::tls::ServerStream<Prefixed<TimedStream>>> {
         let conn = self;
         // The same timer as a request head: a handshake that stalls is cut.
-        let limit = conn.ctx.config.request_header_timeout;
+        let limit = conn.ctx.config().request_header_timeout;
         match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(acceptor), io)).await {
             Ok(Ok(s)) => {
-                conn.env.stats.tls_handshakes.incr();
+                conn.env.shared.stats.tls_handshakes.incr();
                 Some(s)
             }
             Ok(Err(e)) => {
-                conn.env.stats.tls_failures.incr();
+                conn.env.shared.stats.tls_failures.incr();
                 if is_invalid_sni(&e) {
                     // rustls refuses these before any certificate is chosen and has no
                     // setting to serve them the default one (README, "Known limit"); say so
                     // where an operator looks, at most once a second.
                     if let Some(suppressed) =
-                        crate::log_limit::allow((&*conn.ctx.listener, "invalid_sni"))
+                        crate::log_limit::allow((&*conn.ctx.listener.name, "invalid_sni"))
                     {
-                        tracing::info!(listener = %conn.ctx.listener, client = %conn.ctx.peer, suppressed, reason = %"invalid_sni", "TLS handshake refused: the client's SNI is not a host name (e.g. host:port)");
+                        tracing::info!(listener = %conn.ctx.listener.name, client = %conn.ctx.peer, suppressed, reason = %"invalid_sni", "TLS handshake refused: the client's SNI is not a host name (e.g. host:port)");
                     }
                     return None;
                 }
-                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
+                tracing::debug!(listener = %conn.ctx.listener.name, client = %conn.ctx.peer, error = %e, "TLS handshake failed");
                 None
             }
             Err(_) => {
-                conn.env.stats.tls_failures.incr();
-                tracing::debug!(listener = %conn.ctx.listener, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+                conn.env.shared.stats.tls_failures.incr();
+                tracing::debug!(listener = %conn.ctx.listener.name, client = %conn.ctx.peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
                 None
             }
         }
@@ -595,11 +587,11 @@ impl Conn {
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
-            _ = self.env.shutdown.cancelled() => {
+            _ = self.env.shared.shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
-            _ = idle(&self.ctx.phase, self.ctx.config.keepalive_timeout) => {
+            _ = idle(&self.ctx.phase, self.ctx.config().keepalive_timeout) => {
                 tracing::debug!(client = %self.ctx.peer, "HTTP/2 connection idle for keepalive_timeout: GOAWAY");
                 conn.as_mut().graceful_shutdown();
                 conn.await
@@ -793,10 +785,16 @@ mod tests {
         let tracker = tokio_util::task::TaskTracker::new();
         let env = Arc::new(super::Env {
             inherited_options: true,
-            live: Arc::new(arc_swap::ArcSwap::from_pointee(
-                crate::state::Snapshot::empty(),
-            )),
-            name: "web".into(),
+            shared: Arc::new(super::ListenerCtx {
+                live: Arc::new(arc_swap::ArcSwap::from_pointee(
+                    crate::state::Snapshot::empty(),
+                )),
+                name: "web".into(),
+                config: Arc::clone(&listener_config),
+                tracker: tracker.clone(),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+                stats: Default::default(),
+            }),
             h1_own: crate::h1::server::Server {
                 config: super::own_h1_config(&listener_config),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -806,13 +804,9 @@ mod tests {
                 header_timeout: listener_config.request_header_timeout,
                 keepalive_timeout: listener_config.keepalive_timeout,
             },
-            config: listener_config,
             tls: None,
             per_client: None,
             limit: Arc::new(tokio::sync::Semaphore::new(1)),
-            tracker: tracker.clone(),
-            shutdown: tokio_util::sync::CancellationToken::new(),
-            stats: Default::default(),
         });
         let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -825,5 +819,13 @@ mod tests {
             size <= 384,
             "the plain HTTP/1.1 connection future is {size} bytes (at most 384)"
         );
+    }
+
+    /// Every connection holds its `ConnCtx` in an `Arc` for its whole life: the `Arc`'s
+    /// allocation (two counts and the context) stays within jemalloc's 160-byte class.
+    #[test]
+    fn a_connection_context_fits_its_size_class() {
+        let size = 16 + std::mem::size_of::<crate::proxy::context::ConnCtx>();
+        assert!(size <= 160, "Arc<ConnCtx> is {size} bytes (at most 160)");
     }
 }

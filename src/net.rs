@@ -41,8 +41,9 @@ pub struct ConnPhase {
     /// `changes << 2 | state`. Only the connection's own task writes it, until multiplexed.
     word: AtomicU64,
     multiplexed: AtomicBool,
-    /// Open requests on a multiplexed connection.
-    active: std::sync::atomic::AtomicUsize,
+    /// Open requests on a multiplexed connection (HTTP/2 caps them far below `u32::MAX`;
+    /// 32 bits keep the phase, and the context holding it, a size class smaller).
+    active: std::sync::atomic::AtomicU32,
     /// The client asked to close after the current response (`Connection: close`).
     closing: AtomicBool,
 }
@@ -90,7 +91,7 @@ impl ConnPhase {
 
     /// Requests open on a multiplexed connection.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        usize::try_from(self.active.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     fn load(&self) -> u64 {

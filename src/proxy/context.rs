@@ -13,35 +13,49 @@ use crate::net::ConnPhase;
 use crate::state::Live;
 use crate::upstream::Sender;
 
-/// Facts about one downstream connection, shared by its requests.
+/// What every connection of one accept loop shares, made once per accept loop (a reload
+/// that changes a listener starts a new loop with its own). Apart from [`ConnCtx`] so that
+/// each connection holds one pointer to it, not six.
 #[derive(Debug)]
-pub struct ConnCtx {
+pub struct ListenerCtx {
     pub live: Live,
-    pub listener: Arc<str>,
-    /// The listener's settings when the connection was accepted.
+    pub name: Arc<str>,
+    /// The listener's settings when the loop started.
     pub config: Arc<ListenerConfig>,
-    pub peer: SocketAddr,
-    /// The client's address as it goes into `X-Forwarded-For`.
-    pub forwarded_for: HeaderValue,
-    /// The address the client connected to (from a PROXY header when there was one).
-    pub local: SocketAddr,
     /// Where upgrade tunnels are spawned, so a graceful shutdown waits for them too.
     pub tracker: tokio_util::task::TaskTracker,
-    /// Busy while a request is served, idle after: the socket's read timers follow it.
-    pub phase: ConnPhase,
-    /// This client connection's own upstream connection, for pools with `send_proxy`
-    /// (made on first use: most connections never need one).
-    pub private: std::sync::OnceLock<Arc<PrivateConn>>,
-    /// Fires when the connection must close after its current request (shutdown).
+    /// Fires when connections must close after their current request (shutdown).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The listener's counters.
     pub stats: Arc<crate::stats::ListenerStats>,
 }
 
+/// Facts about one downstream connection, shared by its requests. Small on purpose: an
+/// idle keep-alive connection holds it (`listener::tests` pins its size class).
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub listener: Arc<ListenerCtx>,
+    pub peer: SocketAddr,
+    /// The client's address as it goes into `X-Forwarded-For`.
+    pub forwarded_for: HeaderValue,
+    /// The address the client connected to (from a PROXY header when there was one).
+    pub local: SocketAddr,
+    /// Busy while a request is served, idle after: the socket's read timers follow it.
+    pub phase: ConnPhase,
+    /// This client connection's own upstream connection, for pools with `send_proxy`
+    /// (made on first use: most connections never need one).
+    pub private: std::sync::OnceLock<Arc<PrivateConn>>,
+}
+
 impl ConnCtx {
+    /// The listener's settings when the connection was accepted.
+    pub fn config(&self) -> &ListenerConfig {
+        &self.listener.config
+    }
+
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`: the listener's TLS settings say.
     pub fn proto(&self) -> &'static str {
-        if self.config.tls.is_some() {
+        if self.config().tls.is_some() {
             "https"
         } else {
             "http"

@@ -122,7 +122,7 @@ impl Drop for Exchange {
             (s, t, _) => (s, t),
         };
         let bytes_in = self.bytes_in.get();
-        let listener = &self.ctx.stats;
+        let listener = &self.ctx.listener.stats;
         listener.requests.add(status);
         listener.bytes_in.add(bytes_in);
         listener.bytes_out.add(self.bytes_out);
@@ -147,7 +147,7 @@ impl Drop for Exchange {
         if let Some((log, time, line)) = self.log.take() {
             log.log(Entry {
                 time,
-                listener: Arc::clone(&self.ctx.listener),
+                listener: Arc::clone(&self.ctx.listener.name),
                 client: self.ctx.peer,
                 request: Some(line),
                 status,

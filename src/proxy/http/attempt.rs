@@ -45,7 +45,7 @@ pub(super) fn forward<'a>(
     ex: &'a mut Exchange,
 ) -> impl std::future::Future<Output = Result<Response<Inner>, ProxyError>> + Send + 'a {
     async move {
-        let tracker = &ctx.tracker;
+        let tracker = &ctx.listener.tracker;
         // With `send_proxy`, connections are this client's own (see `PrivateConn`).
         let private = cfg_send_proxy(pool).map(|v| {
             (
@@ -120,11 +120,25 @@ pub(super) fn forward<'a>(
                 Err(NoPick::Down) => break,
                 Ok(p) => {
                     drop(p);
-                    Box::pin(wait_in_queue(pool, &ctx.live, key, tried_now, true)).await
+                    Box::pin(wait_in_queue(
+                        pool,
+                        &ctx.listener.live,
+                        key,
+                        tried_now,
+                        true,
+                    ))
+                    .await
                 }
                 // Boxed: the queue is the rare path, its timers need not widen every request.
                 Err(NoPick::Full) => {
-                    Box::pin(wait_in_queue(pool, &ctx.live, key, tried_now, queued_ahead)).await
+                    Box::pin(wait_in_queue(
+                        pool,
+                        &ctx.listener.live,
+                        key,
+                        tried_now,
+                        queued_ahead,
+                    ))
+                    .await
                 }
             };
             let (idx, lease) = match picked {

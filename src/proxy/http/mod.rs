@@ -48,11 +48,11 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
-    let snap = ctx.live.load_full();
+    let snap = ctx.listener.live.load_full();
     let log = snap
         .access_log
         .as_ref()
-        .filter(|_| ctx.config.access_log)
+        .filter(|_| ctx.config().access_log)
         .cloned();
     // Lives inside this future until the response exists: a client that leaves before that
     // (an HTTP/2 reset) drops it here, and it is counted as 499.
@@ -77,7 +77,7 @@ pub async fn handle(
     }
     // Shutting down: this is the connection's last response; say so (hyper does too when
     // told before the head is written, but a quick response can beat that).
-    if !tunnel && !ctx.phase.is_multiplexed() && ctx.shutdown.is_cancelled() {
+    if !tunnel && !ctx.phase.is_multiplexed() && ctx.listener.shutdown.is_cancelled() {
         close_after(&mut resp);
     }
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
@@ -92,6 +92,6 @@ fn vars<'a>(ctx: &'a ConnCtx, ex: &'a Exchange) -> rules::Vars<'a> {
     rules::Vars {
         client_ip: &ctx.forwarded_for,
         request_id: ex.request_id.as_ref(),
-        listener: &ctx.listener,
+        listener: &ctx.listener.name,
     }
 }

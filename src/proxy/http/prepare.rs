@@ -30,7 +30,7 @@ pub(super) async fn respond<'s>(
     ex: &mut Exchange,
     response_rules: &mut Option<&'s crate::config::HeaderRules>,
 ) -> Response<Inner> {
-    let Some(router) = snap.routers.get(&*ctx.listener) else {
+    let Some(router) = snap.routers.get(&*ctx.listener.name) else {
         return error_response(&ProxyError::ListenerGone, ex);
     };
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
@@ -43,11 +43,11 @@ pub(super) async fn respond<'s>(
         // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
         return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
     }
-    if ctx.config.redirect_https {
+    if ctx.config().redirect_https {
         return redirect_https(&req, ctx);
     }
     let connect = req.method() == Method::CONNECT;
-    if connect && !ctx.config.allow_connect {
+    if connect && !ctx.config().allow_connect {
         return reject(
             ctx,
             StatusCode::METHOD_NOT_ALLOWED,
@@ -127,7 +127,7 @@ pub(super) async fn respond<'s>(
         }
     }
     headers::add_forwarded(&mut parts.headers, &ctx.forwarded_for, ctx.proto());
-    if ctx.config.request_id {
+    if ctx.config().request_id {
         ex.request_id = Some(rules::request_id(&mut parts.headers));
     }
     if let Some(r) = &target.request_headers {
@@ -160,12 +160,12 @@ pub(super) async fn respond<'s>(
     }
 
     let limits = BodyLimits {
-        read_timeout: ctx.config.request_body_timeout,
-        max_size: ctx.config.max_request_body,
+        read_timeout: ctx.config().request_body_timeout,
+        max_size: ctx.config().max_request_body,
         buffer: pool
             .config
             .request_buffering
-            .unwrap_or(ctx.config.request_buffering),
+            .unwrap_or(ctx.config().request_buffering),
     };
     // Before any backend is chosen: a slow or broken body costs no backend anything.
     let body = match request_body::prepare(body, limits).await {

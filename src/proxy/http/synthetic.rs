@@ -24,12 +24,12 @@ pub(super) fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inne
     let backend = ex.backend.as_ref().map_or("-", |b| &*b.label);
     let side = e.side();
     if let Some(suppressed) =
-        crate::log_limit::allow((&*ctx.listener, pool_name, backend, e.reason()))
+        crate::log_limit::allow((&*ctx.listener.name, pool_name, backend, e.reason()))
     {
         macro_rules! log {
             ($level:ident) => {
                 tracing::$level!(
-                    listener = %ctx.listener,
+                    listener = %ctx.listener.name,
                     client = %ctx.peer,
                     pool = %pool_name,
                     backend = %backend,
@@ -77,7 +77,7 @@ pub(super) fn redirect_https<B>(req: &Request<B>, ctx: &ConnCtx) -> Response<Inn
     } else {
         host.to_string()
     };
-    let location = match ctx.config.redirect_https_port {
+    let location = match ctx.config().redirect_https_port {
         Some(port) if port != 443 => format!("https://{host}:{port}{pq}"),
         _ => format!("https://{host}{pq}"),
     };
@@ -96,8 +96,8 @@ pub(super) fn redirect_https<B>(req: &Request<B>, ctx: &ConnCtx) -> Response<Inn
 /// connection stays open: the client did nothing wrong by HTTP's rules.
 pub(super) fn rate_limited(ctx: &ConnCtx, ex: &mut Exchange, wait: Duration) -> Response<Inner> {
     ex.termination = "rate_limited";
-    if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener, "rate_limited")) {
-        tracing::info!(listener = %ctx.listener, client = %ctx.peer, status = 429, reason = %"rate_limited", suppressed, "request over the rate limit");
+    if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener.name, "rate_limited")) {
+        tracing::info!(listener = %ctx.listener.name, client = %ctx.peer, status = 429, reason = %"rate_limited", suppressed, "request over the rate limit");
     }
     let mut resp = plain_response(StatusCode::TOO_MANY_REQUESTS);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -107,7 +107,7 @@ pub(super) fn rate_limited(ctx: &ConnCtx, ex: &mut Exchange, wait: Duration) -> 
 }
 
 pub(super) fn reject(ctx: &ConnCtx, status: StatusCode, why: &str) -> Response<Inner> {
-    tracing::debug!(listener = %ctx.listener, client = %ctx.peer, status = status.as_u16(), why, "rejected request");
+    tracing::debug!(listener = %ctx.listener.name, client = %ctx.peer, status = status.as_u16(), why, "rejected request");
     let mut resp = plain_response(status);
     close_after(&mut resp);
     resp
