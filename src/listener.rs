@@ -356,7 +356,7 @@ impl Env {
         Either::Right(Box::pin(async move {
             match &conn.env.tls {
                 None => conn.serve_auto(io).await,
-                Some(acceptor) => conn.serve_tls(acceptor, io).await,
+                Some(tls) => conn.serve_tls(tls, io).await,
             }
         }) as BoxedConn)
     }
@@ -450,8 +450,8 @@ impl Conn {
     /// TLS: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Each step is boxed apart
     /// and the handshake's box is freed when it ends, so an idle connection holds only the
     /// protocol it speaks (one box sized for all three was 6.5 KB per connection).
-    async fn serve_tls(&self, acceptor: &Arc<rustls::ServerConfig>, io: Prefixed<TimedStream>) {
-        let Some(mut stream) = Box::pin(self.handshake(acceptor, io)).await else {
+    async fn serve_tls(&self, tls: &Arc<rustls::ServerConfig>, io: Prefixed<TimedStream>) {
+        let Some(mut stream) = Box::pin(self.handshake(tls, io)).await else {
             return;
         };
         if stream.alpn_protocol() == Some(b"h2") {
@@ -471,13 +471,13 @@ impl Conn {
     /// it failed.
     async fn handshake(
         &self,
-        acceptor: &Arc<rustls::ServerConfig>,
+        tls: &Arc<rustls::ServerConfig>,
         io: Prefixed<TimedStream>,
     ) -> Option<crate::tls::ServerStream<Prefixed<TimedStream>>> {
         let conn = self;
         // The same timer as a request head: a handshake that stalls is cut.
         let limit = conn.ctx.config().request_header_timeout;
-        match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(acceptor), io)).await {
+        match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(tls), io)).await {
             Ok(Ok(s)) => {
                 conn.env.shared.stats.tls_handshakes.incr();
                 Some(s)
