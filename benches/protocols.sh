@@ -282,7 +282,9 @@ for scenario in $SCENARIOS; do
       rm -f "$work/ready" "$work/stop"
       ( ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; taskset -c 1 python3 "$work/tls_clients.py" "$lb" "$n" "$work/ready" "$work/stop" ) & client=$!
       for _ in $(seq 1 1200); do [ -f "$work/ready" ] && break; sleep 0.1; done
-      sleep "${IDLE_SETTLE:-3}"
+      # Past jemalloc's return of the handshakes' freed pages (10-11 s after them; compare.sh
+      # and BENCHMARKS.md, issue 24 fourth pass); the same wait for every proxy.
+      sleep "${IDLE_SETTLE:-20}"
       held=$(cat "$work/ready" 2>/dev/null || echo 0)
       after=$(rss_kib "$wpid")
       touch "$work/stop"; wait "$client" || true
