@@ -129,7 +129,10 @@ stop_load() {
 
 # --- docker stop one replica under load -----------------------------------------------------
 step "docker stop one replica under a steady request loop"
-victim=$(dc ps -q app | head -n 1)
+# awk, not head: head exits after its lines, and under pipefail the SIGPIPE that
+# docker-compose may then get (status 141) ends the script (seen once, in a clean-clone
+# run of .ci/run).
+victim=$(dc ps -q app | awk 'NR == 1')
 victim_host=$(docker inspect -f '{{.Config.Hostname}}' "$victim")
 start_load
 sleep 1
@@ -172,7 +175,7 @@ wait_for 30 has_healthy 7 || fail "ballast counts $(healthy_backends) healthy re
 start_load
 sleep 1
 # SIGKILL: no lame duck, no draining; the port refuses at once and DNS still names them.
-killed=$(dc ps -q app | head -n 5)
+killed=$(dc ps -q app | awk 'NR <= 5')
 docker kill $killed >/dev/null
 wait_for 30 has_healthy 2 || fail "ballast counts $(healthy_backends) healthy replicas, expected 2"
 sleep 1
