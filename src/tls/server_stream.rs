@@ -517,6 +517,13 @@ mod tests {
 
     type Client<IO> = tokio_rustls::client::TlsStream<IO>;
 
+    /// `poll_readable` polled once: what a waiting server would see now.
+    async fn poll_readable_once<IO: Transport>(
+        server: &mut ServerStream<IO>,
+    ) -> Poll<io::Result<()>> {
+        std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await
+    }
+
     /// Both ends of a handshaken connection over an in-memory pipe of `pipe` bytes.
     async fn pair(
         versions: &[&'static rustls::SupportedProtocolVersion],
@@ -629,7 +636,7 @@ mod tests {
         server.flush().await.expect("flush");
         assert!(server.buffered_capacity() > 0);
         // Waiting for the next request gives every buffer back.
-        let waited = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let waited = poll_readable_once(&mut server).await;
         assert!(
             waited.is_pending(),
             "nothing was sent, so nothing is readable"
@@ -696,7 +703,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (mut server, mut client) =
             handshake(&[&rustls::version::TLS13], NeverReady(a), NeverReady(b)).await;
-        let idle = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let idle = poll_readable_once(&mut server).await;
         assert!(idle.is_pending(), "nothing sent yet");
         // Two records, both in the pipe before the server reads; a reader with room for the
         // first only, so the second stays a whole record in `incoming`.
@@ -705,7 +712,7 @@ mod tests {
         client.flush().await.expect("flush");
         let mut five = [0u8; 5];
         server.read_exact(&mut five).await.expect("read");
-        let ready = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let ready = poll_readable_once(&mut server).await;
         assert!(ready.is_ready(), "the second record is already here");
         let mut six = [0u8; 6];
         server.read_exact(&mut six).await.expect("read");
@@ -715,17 +722,17 @@ mod tests {
         client.flush().await.expect("flush");
         let mut part = [0u8; 1000];
         server.read_exact(&mut part).await.expect("read");
-        let ready = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let ready = poll_readable_once(&mut server).await;
         assert!(ready.is_ready(), "2,000 decrypted bytes wait");
         let mut rest = [0u8; 2000];
         server.read_exact(&mut rest).await.expect("read");
-        let idle = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let idle = poll_readable_once(&mut server).await;
         assert!(idle.is_pending(), "all read");
         // The peer's close_notify: a read would answer (end of file) at once.
         client.shutdown().await.expect("close_notify");
         let mut byte = [0u8; 1];
         assert_eq!(server.read(&mut byte).await.expect("clean end"), 0);
-        let ready = std::future::poll_fn(|cx| Poll::Ready(server.poll_readable(cx))).await;
+        let ready = poll_readable_once(&mut server).await;
         assert!(ready.is_ready(), "the peer closed");
     }
 
