@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -209,7 +208,7 @@ async fn probe_inner(
         expect_status,
     } = &check.probe
     else {
-        TcpStream::connect(addr)
+        crate::net::connect(addr)
             .await
             .map_err(ProbeError::Connect)?;
         return Ok(());

@@ -329,7 +329,7 @@ pub async fn connect_tcp(
     proxy_header: Option<&[u8]>,
 ) -> Result<TcpStream, ConnectError> {
     let connecting = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = crate::net::connect(addr).await?;
         let _ = stream.set_nodelay(true);
         if let Some(header) = proxy_header {
             tokio::io::AsyncWriteExt::write_all(&mut stream, header).await?;
