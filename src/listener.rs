@@ -539,10 +539,13 @@ impl Conn {
                 }
                 let ctx = Arc::clone(&conn.borrow().ctx);
                 async move {
-                    match handle(req.map(ClientStream::H1), ctx).await {
+                    let mut response = match handle(req.map(ClientStream::H1), ctx).await {
                         Ok(resp) => resp,
                         Err(never) => match never {},
-                    }
+                    };
+                    // A backend's fields, written once for this client as they were read.
+                    let fields = response.body_mut().take_fields();
+                    crate::h1::server::Relayed { response, fields }
                 }
             };
             let ending = crate::h1::server::serve(io, &conn.borrow().env.h1_own, service).await;

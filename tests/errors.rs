@@ -236,6 +236,123 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
     assert!(!h.contains("x-private") && !h.contains("keep-alive"), "{h}");
 }
 
+/// A backend's response fields reach the client as the backend wrote them (case, order,
+/// repeats), less its hop-by-hop fields and those its `Connection` names; ballast writes the
+/// framing and `Date` itself. The same with header rules on the route, where the fields go
+/// through a map: the rules see and edit the backend's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_response_fields_pass_without_hop_by_hop_ones() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let body: &[u8] = if head.starts_with("HEAD ") {
+                            b""
+                        } else {
+                            b"hello"
+                        };
+                        let reply = [
+                            &b"HTTP/1.1 200 OK\r\nX-Mixed-Case: One\r\nConnection: keep-alive, X-Private\r\n\
+                               X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\n\
+                               Set-Cookie: a=1\r\nset-cookie: b=2\r\nTrailer: x-t\r\nX-Secret: s\r\n\
+                               Content-Length: 5\r\n\r\n"[..],
+                            body,
+                        ]
+                        .concat();
+                        if s.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let routes = r#"routes = [
+  { path_prefix = "/ruled", pool = "app", response_headers = { set = { "X-Added" = "yes" }, remove = ["X-Secret"] } },
+]"#;
+    let lb = Ballast::start(&config(&[backend.to_string()], routes, ""));
+    let web = lb.addr("web");
+    let exchange = |request: &'static str| async move {
+        let r = support::raw_request(web, request.as_bytes())
+            .await
+            .expect("a response");
+        (r.head, String::from_utf8_lossy(&r.body).into_owned())
+    };
+
+    let (head, body) = exchange("GET /plain HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(body, "hello");
+    let fields: Vec<&str> = head.lines().skip(1).collect();
+    // The backend's fields in its order and case, then ballast's own.
+    assert_eq!(
+        fields[..4],
+        [
+            "X-Mixed-Case: One",
+            "Set-Cookie: a=1",
+            "set-cookie: b=2",
+            "X-Secret: s"
+        ],
+        "{head}"
+    );
+    assert!(fields.contains(&"content-length: 5"), "{head}");
+    assert_eq!(
+        fields
+            .iter()
+            .filter(|f| f.to_ascii_lowercase().starts_with("date: "))
+            .count(),
+        1,
+        "{head}"
+    );
+    let lower = head.to_ascii_lowercase();
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-connection",
+        "trailer",
+        "connection",
+    ] {
+        assert!(!lower.contains(gone), "{gone} in {head}");
+    }
+
+    // HEAD: no body, the backend's length kept.
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"HEAD /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let all = read_all(&mut s, Duration::from_secs(10)).await;
+    assert!(all.ends_with("\r\n\r\n"), "no body: {all}");
+    assert!(all.lines().any(|l| l == "content-length: 5"), "{all}");
+
+    // Response rules edit the backend's fields.
+    let (head, body) = exchange("GET /ruled HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(body, "hello");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-added: yes") && lower.contains("x-mixed-case: one"),
+        "{head}"
+    );
+    assert_eq!(lower.matches("set-cookie: ").count(), 2, "{head}");
+    for gone in [
+        "x-secret",
+        "x-private",
+        "keep-alive",
+        "proxy-connection",
+        "trailer",
+    ] {
+        assert!(!lower.contains(gone), "{gone} in {head}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_upload_streams_through_in_bounded_memory() {
     const SIZE: u64 = 1 << 30; // 1 GiB

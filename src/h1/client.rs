@@ -37,7 +37,10 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::{encode, parse_response, BodyDecoder, BodyError, Framing, Limits, Rejection};
+use super::{
+    encode, parse_response, BodyDecoder, BodyError, Framing, Limits, PassFields, Rejection,
+    ResponseFields,
+};
 
 /// Request bytes gathered into one write: the head, and body data that fits beside it.
 const WRITE_COALESCE: usize = 16 * 1024;
@@ -159,6 +162,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 decoder: BodyDecoder::new(Framing::Empty, 0),
                 keep_alive: false,
                 tunnel: false,
+                fields: None,
+                heard: false,
                 conn: self,
             })),
         }
@@ -239,6 +244,10 @@ impl EncodedHead {
 pub struct SendError<B> {
     pub error: ClientError,
     pub request: Option<(EncodedHead, B)>,
+    /// The connection ended (closed, reset, or a write failed) before the backend sent a
+    /// byte of an answer. On a connection that served before, that is the race of a request
+    /// sent just as the backend closed the idle connection (or died): it did not answer it.
+    pub silent: bool,
 }
 
 /// A request on its way, up to its response head.
@@ -261,6 +270,11 @@ struct State<IO, B> {
     decoder: BodyDecoder,
     keep_alive: bool,
     tunnel: bool,
+    /// The response's fields as a client is sent them, until taken (see
+    /// [`ResponseBody::take_fields`]); the response's map then stays empty.
+    fields: Option<PassFields>,
+    /// Some byte of an answer (an interim one included) has arrived.
+    heard: bool,
 }
 
 /// The request head and body on their way out.
@@ -504,7 +518,10 @@ where
                         let (mut parts, ()) = Response::new(()).into_parts();
                         parts.status = head.status;
                         parts.version = head.version;
-                        parts.headers = head.headers;
+                        match head.fields {
+                            ResponseFields::Map(map) => parts.headers = map,
+                            ResponseFields::Pass(pass) => self.fields = Some(pass),
+                        }
                         return Poll::Ready(Ok(parts));
                     }
                     Ok(None) => {}
@@ -516,7 +533,7 @@ where
             }
             match ready!(self.conn.poll_fill(cx, &mut self.buf)) {
                 Ok(0) => self.eof = true,
-                Ok(_) => {}
+                Ok(_) => self.heard = true,
                 Err(e) => return Poll::Ready(Err(ClientError::Read(e))),
             }
         }
@@ -617,6 +634,13 @@ where
             }
             Err(error) => Err(SendError {
                 request: state.hand_back(),
+                silent: !state.heard
+                    && matches!(
+                        error,
+                        ClientError::ClosedBeforeHead
+                            | ClientError::Read(_)
+                            | ClientError::Write(_)
+                    ),
                 error,
             }),
         })
@@ -650,6 +674,13 @@ where
         }
         self.ended = true;
         self.state.take().map(|s| s.conn)
+    }
+
+    /// The response's fields, written as an HTTP/1.1 client is sent them. A response carries
+    /// its fields here, not in its map, unless it opened a tunnel (101, or a 2xx to
+    /// `CONNECT`): that one has every field in its map.
+    pub fn take_fields(&mut self) -> Option<PassFields> {
+        self.state.as_mut()?.fields.take()
     }
 
     /// After a `101` (or a 2xx to `CONNECT`): the stream and the bytes read past the head.

@@ -7,7 +7,7 @@
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 
-use super::Framing;
+use super::{Framing, PassFields};
 
 /// The end of a chunk's data.
 pub const CHUNK_END: &[u8] = b"\r\n";
@@ -29,14 +29,29 @@ pub fn request_head(
     fields(out, headers, framing);
 }
 
-/// `HTTP/1.1 code reason`, the fields, the framing field, the blank line. For an answer
-/// without a body (HEAD, 1xx, 204, 304) pass `Empty`: a `Content-Length` in the map is kept.
-pub fn response_head(out: &mut Vec<u8>, status: StatusCode, headers: &HeaderMap, framing: Framing) {
+/// `HTTP/1.1 code reason`, the relayed fields (`passed`), the fields of the map, the
+/// framing field, the blank line. For an answer without a body (HEAD, 1xx, 204, 304) pass
+/// `Empty`: a `Content-Length` in the map, or relayed, is kept.
+pub fn response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    passed: Option<&PassFields>,
+    headers: &HeaderMap,
+    framing: Framing,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(passed) = passed {
+        out.extend_from_slice(passed.lines());
+        if let (Some(n), Framing::Empty) = (passed.content_length(), framing) {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
     fields(out, headers, framing);
 }
 
@@ -110,6 +125,7 @@ mod tests {
         response_head(
             &mut out,
             StatusCode::NOT_FOUND,
+            None,
             &headers,
             Framing::Length(3),
         );
@@ -120,7 +136,7 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(3));
 
         out.clear();
-        response_head(&mut out, StatusCode::OK, &headers, Framing::Empty);
+        response_head(&mut out, StatusCode::OK, None, &headers, Framing::Empty);
         let head = String::from_utf8(out.clone()).unwrap();
         assert!(head.contains("content-length: 999\r\n"), "{head}");
         assert!(!head.contains("transfer-encoding"), "{head}");
@@ -129,6 +145,7 @@ mod tests {
         response_head(
             &mut out,
             StatusCode::from_u16(599).unwrap(),
+            None,
             &HeaderMap::new(),
             Framing::Empty,
         );

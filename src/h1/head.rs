@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
+use super::pass::{valid_value, Known, PassFields};
 use super::Rejection;
 
 /// Size limits for a head, from the listener's `max_header_size` and `max_headers`.
@@ -62,12 +63,32 @@ pub struct RequestHead {
 pub struct ResponseHead {
     pub version: Version,
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub fields: ResponseFields,
     pub framing: Framing,
     /// A 1xx other than 101: the final response follows on the same connection.
     pub interim: bool,
     /// The backend connection can carry another request after this response.
     pub keep_alive: bool,
+}
+
+/// A response's fields, in the form its way on needs.
+#[derive(Debug, Clone)]
+pub enum ResponseFields {
+    /// Every field line, hop-by-hop ones included, names lowercased: a tunnel's answer
+    /// (101, or a 2xx to CONNECT), which the tunnel reads `Upgrade` from and relays whole.
+    Map(HeaderMap),
+    /// Every other answer: the fields a client is sent, already written (see [`PassFields`]).
+    Pass(PassFields),
+}
+
+impl ResponseFields {
+    /// The fields as a map (what a `Pass` would be sent as, `Content-Length` included).
+    pub fn to_header_map(&self) -> HeaderMap {
+        match self {
+            ResponseFields::Map(map) => map.clone(),
+            ResponseFields::Pass(pass) => pass.to_header_map(),
+        }
+    }
 }
 
 /// Longest request target, as hyper (and the `http` crate) allow.
@@ -253,26 +274,59 @@ pub fn parse_response(
     } else {
         Version::HTTP_10
     };
-    // Room for what the way back may add (`Date`, `Connection`): growing a map rehashes it
-    // (callgrind: ~800 instructions a response).
-    let mut headers = HeaderMap::with_capacity(res.headers.len() + 2);
+    // One pass for what the fields say about framing and which fields `Connection` names;
+    // the lines a client is sent are written in a second one, which needs the names.
     let mut fields = Fields::default();
+    let mut named: smallvec::SmallVec<[&[u8]; 4]> = smallvec::SmallVec::new();
     for h in res.headers.iter() {
-        let (name, value) = field(h.name, h.value, None)
-            .ok_or(Rejection::bad_gateway("invalid response header field"))?;
-        fields.note(&name, &value);
-        headers.append(name, value);
+        if !valid_value(h.value) {
+            return Err(Rejection::bad_gateway("invalid response header field"));
+        }
+        match Known::of(h.name.as_bytes()) {
+            Known::Connection => {
+                fields.connection_options(h.value);
+                named.extend(elements(h.value).filter(|o| {
+                    !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
+                }));
+            }
+            Known::ContentLength => fields.length(h.value),
+            Known::TransferEncoding => fields.transfer_codings(h.value),
+            Known::Upgrade => fields.upgrade = true,
+            Known::HopByHop | Known::Date | Known::Other => {}
+        }
     }
     let interim = status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS;
     let framing = response_framing(version, status, method, upgrade, &fields)?;
     let keep_alive = !matches!(framing, Framing::UntilClose | Framing::Tunnel)
         && !fields.connection.close
         && (version == Version::HTTP_11 || fields.connection.keep_alive);
+    let fields = if framing == Framing::Tunnel {
+        let mut headers = HeaderMap::with_capacity(res.headers.len());
+        for h in res.headers.iter() {
+            let (name, value) = field(h.name, h.value, None)
+                .ok_or(Rejection::bad_gateway("invalid response header field"))?;
+            headers.append(name, value);
+        }
+        ResponseFields::Map(headers)
+    } else if interim {
+        // Dropped by the client: nothing to write.
+        ResponseFields::Pass(PassFields::default())
+    } else {
+        let length = fields.content_length.and_then(Result::ok);
+        ResponseFields::Pass(PassFields::build(
+            res.headers
+                .iter()
+                .map(|h| (h.name.as_bytes(), h.value, Known::of(h.name.as_bytes()))),
+            &named,
+            length,
+            len,
+        ))
+    };
     Ok(Some((
         ResponseHead {
             version,
             status,
-            headers,
+            fields,
             framing,
             interim,
             keep_alive,
@@ -363,9 +417,8 @@ fn field(name: &str, value: &[u8], shared: Option<&Bytes>) -> Option<(HeaderName
 }
 
 /// The elements of a comma-separated field value, whitespace trimmed, empty ones skipped.
-fn elements(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
-        .as_bytes()
         .split(|&b| b == b',')
         .map(|e| e.trim_ascii())
         .filter(|e| !e.is_empty())
@@ -374,28 +427,11 @@ fn elements(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
 impl Fields {
     fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
         if *name == header::CONNECTION {
-            for option in elements(value) {
-                if option.eq_ignore_ascii_case(b"close") {
-                    self.connection.close = true;
-                } else if option.eq_ignore_ascii_case(b"keep-alive") {
-                    self.connection.keep_alive = true;
-                } else if option.eq_ignore_ascii_case(b"upgrade") {
-                    self.connection.upgrade = true;
-                }
-            }
+            self.connection_options(value.as_bytes());
         } else if *name == header::CONTENT_LENGTH {
-            self.content_length = Some(match self.content_length {
-                Some(Err(())) => Err(()),
-                prev => content_length(value, prev.and_then(Result::ok)),
-            });
+            self.length(value.as_bytes());
         } else if *name == header::TRANSFER_ENCODING {
-            let codings = self.codings.get_or_insert_with(Codings::default);
-            for coding in elements(value) {
-                let chunked = coding.eq_ignore_ascii_case(b"chunked");
-                codings.chunked_count += usize::from(chunked);
-                codings.other |= !chunked;
-                codings.last_is_chunked = chunked;
-            }
+            self.transfer_codings(value.as_bytes());
         } else if *name == header::HOST {
             self.hosts += 1;
             self.host_valid = value.is_empty()
@@ -408,13 +444,41 @@ impl Fields {
             self.upgrade = true;
         }
     }
+
+    fn connection_options(&mut self, value: &[u8]) {
+        for option in elements(value) {
+            if option.eq_ignore_ascii_case(b"close") {
+                self.connection.close = true;
+            } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                self.connection.keep_alive = true;
+            } else if option.eq_ignore_ascii_case(b"upgrade") {
+                self.connection.upgrade = true;
+            }
+        }
+    }
+
+    fn length(&mut self, value: &[u8]) {
+        self.content_length = Some(match self.content_length {
+            Some(Err(())) => Err(()),
+            prev => content_length(value, prev.and_then(Result::ok)),
+        });
+    }
+
+    fn transfer_codings(&mut self, value: &[u8]) {
+        let codings = self.codings.get_or_insert_with(Codings::default);
+        for coding in elements(value) {
+            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            codings.chunked_count += usize::from(chunked);
+            codings.other |= !chunked;
+            codings.last_is_chunked = chunked;
+        }
+    }
 }
 
 /// One `Content-Length` line, checked against the value of earlier lines. Repeated lines
 /// with one value pass; a comma list in one line does not (RFC 9110 §8.6 lets a recipient
 /// refuse it, and hyper does too).
-fn content_length(value: &HeaderValue, prev: Option<u64>) -> Result<u64, ()> {
-    let digits = value.as_bytes();
+fn content_length(digits: &[u8], prev: Option<u64>) -> Result<u64, ()> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return Err(());
     }

@@ -47,12 +47,15 @@ pub mod body;
 pub mod client;
 pub mod encode;
 pub mod head;
+pub mod pass;
 pub mod server;
 
 pub use body::{BodyDecoder, BodyError, Decoded};
 pub use head::{
-    parse_request, parse_request_shared, parse_response, Framing, Limits, RequestHead, ResponseHead,
+    parse_request, parse_request_shared, parse_response, Framing, Limits, RequestHead,
+    ResponseFields, ResponseHead,
 };
+pub use pass::PassFields;
 
 use http::StatusCode;
 

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{encode, BodyDecoder, BodyError, Framing, Limits, Rejection, RequestHead};
+use super::{encode, BodyDecoder, BodyError, Framing, Limits, PassFields, Rejection, RequestHead};
 
 /// The limits and timers of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -192,13 +192,46 @@ pub struct Server {
     pub shutdown: CancellationToken,
 }
 
+/// What a service answers with: a response, and the fields of a backend's response that
+/// it relays already written for an HTTP/1.1 client (see [`PassFields`]). The head sent is
+/// the status line, those fields, then the response's map (what the service added), then
+/// the framing field.
+pub trait Reply {
+    type Body: Body<Data = Bytes>;
+
+    fn into_response(self) -> (Response<Self::Body>, Option<PassFields>);
+}
+
+/// A response with every field in its map.
+impl<B: Body<Data = Bytes>> Reply for Response<B> {
+    type Body = B;
+
+    fn into_response(self) -> (Response<B>, Option<PassFields>) {
+        (self, None)
+    }
+}
+
+/// A response and a backend's fields relayed with it.
+pub struct Relayed<B> {
+    pub response: Response<B>,
+    pub fields: Option<PassFields>,
+}
+
+impl<B: Body<Data = Bytes>> Reply for Relayed<B> {
+    type Body = B;
+
+    fn into_response(self) -> (Response<B>, Option<PassFields>) {
+        (self.response, self.fields)
+    }
+}
+
 /// Serves requests on `io` until the connection ends (see [`Server::shutdown`] for how
 /// shutdown ends it).
 ///
 /// Not an `async fn`: one moves its arguments into new locals and keeps both copies in its
 /// future, and this future is most of what an idle connection holds.
 #[allow(clippy::manual_async_fn)] // see above: the size of the future
-pub fn serve<'a, IO, S, F, B>(
+pub fn serve<'a, IO, S, F, R>(
     mut io: IO,
     server: &'a Server,
     mut service: S,
@@ -206,8 +239,8 @@ pub fn serve<'a, IO, S, F, B>(
 where
     IO: Transport + 'a,
     S: FnMut(Request<RequestBody>) -> F + 'a,
-    F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    F: Future<Output = R>,
+    R: Reply,
 {
     async move {
         // Empty (no allocation) whenever nothing is in flight.
@@ -560,7 +593,7 @@ struct Asked {
     upgrade: bool,
 }
 
-async fn exchange<IO, S, F, B>(
+async fn exchange<IO, S, F, R>(
     io: &mut IO,
     buf: &mut BytesMut,
     head: RequestHead,
@@ -571,8 +604,8 @@ async fn exchange<IO, S, F, B>(
 where
     IO: Transport,
     S: FnMut(Request<RequestBody>) -> F,
-    F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    F: Future<Output = R>,
+    R: Reply,
 {
     let RequestHead {
         method,
@@ -618,12 +651,13 @@ where
     // awaited at different points share room. So the service's future (the whole request
     // path, several KiB) and the response writer's overlap instead of adding up.
     if !body_follows {
-        let Some(response) = respond_watching(service, req, io, buf, config.limits.max_head).await
+        let Some(reply) = respond_watching(service, req, io, buf, config.limits.max_head).await
         else {
             return Exchange::Close { unread: false };
         };
+        let (response, fields) = reply.into_response();
         let (mut parts, body) = response.into_parts();
-        let prepared = prepare(&mut parts, &body, &asked, true, shutdown);
+        let prepared = prepare(&mut parts, fields.as_ref(), &body, &asked, true, shutdown);
         let written = write_response(io, prepared.head, body, prepared.framing).await;
         return outcome(written, prepared.tunnel, prepared.keep, Some(true));
     }
@@ -633,7 +667,7 @@ where
     let (mut rd, mut wr) = tokio::io::split(&mut *io);
     let mut feed_done = None;
     let mut feeder = pin!(feed(&mut rd, buf, &mut decoder, tx, config.read_size));
-    let response = match respond_feeding(
+    let reply = match respond_feeding(
         service,
         req,
         feeder.as_mut(),
@@ -643,14 +677,22 @@ where
     )
     .await
     {
-        Ok(response) => response,
+        Ok(reply) => reply,
         Err(e) => return Exchange::Io(e),
     };
+    let (response, fields) = reply.into_response();
     let (mut parts, body) = response.into_parts();
     // A request body not read to its end by now (it failed, the service dropped it, or the
     // service answered first) ends the connection: this response says so. Keeping the
     // connection would mean reading the rest of an upload nobody wants.
-    let prepared = prepare(&mut parts, &body, &asked, feed_done == Some(true), shutdown);
+    let prepared = prepare(
+        &mut parts,
+        fields.as_ref(),
+        &body,
+        &asked,
+        feed_done == Some(true),
+        shutdown,
+    );
     let written = write_feeding(
         &mut wr,
         prepared.head,
@@ -666,17 +708,17 @@ where
 /// The service's response to a request without a body, the client watched meanwhile: one
 /// that closes gives up its request (`None`; the service is dropped, as hyper's server
 /// does), and bytes of a pipelined request are kept for later.
-async fn respond_watching<IO, S, F, B>(
+async fn respond_watching<IO, S, F, R>(
     service: &mut S,
     req: Request<RequestBody>,
     io: &mut IO,
     buf: &mut BytesMut,
     max_head: usize,
-) -> Option<Response<B>>
+) -> Option<R>
 where
     IO: Transport,
     S: FnMut(Request<RequestBody>) -> F,
-    F: Future<Output = Response<B>>,
+    F: Future<Output = R>,
 {
     let mut respond = pin!(service(req));
     tokio::select! {
@@ -694,18 +736,18 @@ where
 
 /// The service's response to a request with a body, the body fed to it meanwhile (and
 /// `100 Continue` sent once it first asks for the body, if the client expects it).
-async fn respond_feeding<W, S, F, B>(
+async fn respond_feeding<W, S, F, R>(
     service: &mut S,
     req: Request<RequestBody>,
     mut feeder: std::pin::Pin<&mut impl Future<Output = bool>>,
     feed_done: &mut Option<bool>,
     wanted: &Option<Arc<Notify>>,
     wr: &mut W,
-) -> std::io::Result<Response<B>>
+) -> std::io::Result<R>
 where
     W: AsyncWrite + Unpin,
     S: FnMut(Request<RequestBody>) -> F,
-    F: Future<Output = Response<B>>,
+    F: Future<Output = R>,
 {
     let mut respond = pin!(service(req));
     let mut continue_sent = false;
@@ -767,6 +809,7 @@ fn outcome(
 /// Chooses the response's framing and connection fields and encodes its head.
 fn prepare<B: Body>(
     parts: &mut http::response::Parts,
+    fields: Option<&PassFields>,
     body: &B,
     asked: &Asked,
     request_ok: bool,
@@ -810,15 +853,21 @@ fn prepare<B: Body>(
             headers.remove(header::CONNECTION);
         }
     }
-    if asked.method == Method::HEAD && !headers.contains_key(header::CONTENT_LENGTH) {
+    let passed_length = fields.and_then(PassFields::content_length);
+    if asked.method == Method::HEAD
+        && passed_length.is_none()
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
         // What a GET would have carried, as hyper's server does for a sized body.
         if let Some(n) = body.size_hint().exact() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    headers.entry(header::DATE).or_insert_with(date);
-    let mut head = Vec::with_capacity(256);
-    encode::response_head(&mut head, parts.status, headers, framing);
+    if !fields.is_some_and(PassFields::has_date) {
+        headers.entry(header::DATE).or_insert_with(date);
+    }
+    let mut head = Vec::with_capacity(256 + fields.map_or(0, |f| f.lines().len()));
+    encode::response_head(&mut head, parts.status, fields, headers, framing);
     Prepared {
         head,
         framing,
@@ -1013,7 +1062,7 @@ async fn answer<W: AsyncWrite + Unpin>(wr: &mut W, status: StatusCode) -> std::i
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     headers.insert(header::DATE, date());
     let mut out = Vec::with_capacity(128);
-    encode::response_head(&mut out, status, &headers, Framing::Length(0));
+    encode::response_head(&mut out, status, None, &headers, Framing::Length(0));
     wr.write_all(&out).await?;
     wr.shutdown().await
 }

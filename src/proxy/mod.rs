@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 const MAX_TRIES: usize = 64;
 
 /// Whether the try numbered `attempt` (from 0), which never reached its backend (refused,
-/// or closed before a byte was written), may be followed by one that `retries` does not
-/// count. Such a try has no side effect anywhere, so when most of a pool exits at once the
+/// or closed before a byte was written) or found a reused connection that the backend ended
+/// without answering a byte, may be followed by one that `retries` does not count. Such a try has no side effect anywhere, so when most of a pool exits at once the
 /// request goes on to the next backend instead of running out of retries on dead replicas;
 /// the pool's untried backends, `MAX_TRIES` and `connect_timeout` since the first such
 /// failure (`first`, set here: the clock is read only on this path) bound it.

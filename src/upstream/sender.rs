@@ -117,6 +117,7 @@ impl Sender {
             (Sender::H2(_), out @ Outgoing::H1(..)) => Sending::Refused(Some(SendError {
                 error: UpstreamError::Protocol,
                 request: Some(Box::new(out)),
+                silent: false,
             })),
         }
     }
@@ -179,6 +180,7 @@ impl Future for Sending {
                     request: e
                         .request
                         .map(|(head, body)| Box::new(Outgoing::H1(head, body))),
+                    silent: e.silent,
                 }),
             }),
             Sending::H2(fut, handle) => fut.as_mut().poll(cx).map(|r| match r {
@@ -186,6 +188,7 @@ impl Future for Sending {
                 Err(mut e) => Err(SendError {
                     request: e.take_message().map(|r| Box::new(Outgoing::H2(r))),
                     error: UpstreamError::H2(e.into_error()),
+                    silent: false,
                 }),
             }),
             Sending::Refused(e) => match e.take() {
@@ -201,12 +204,19 @@ pub struct SendError {
     error: UpstreamError,
     /// Boxed: it is rare, and the error travels in every send's result.
     request: Option<Box<Outgoing>>,
+    /// See `h1::client::SendError::silent` (HTTP/1.1 only).
+    silent: bool,
 }
 
 impl SendError {
     /// The request, if it never reached the wire: it may go to another backend.
     pub fn take_message(&mut self) -> Option<Outgoing> {
         self.request.take().map(|r| *r)
+    }
+
+    /// The connection ended before the backend sent any byte of an answer.
+    pub fn silent(&self) -> bool {
+        self.silent
     }
 
     pub fn into_error(self) -> UpstreamError {
@@ -239,6 +249,15 @@ impl UpstreamIncoming {
         match self {
             UpstreamIncoming::H1(b) => b.take_conn().map(Sender::H1),
             UpstreamIncoming::H2(_, handle) => handle.take().map(Sender::H2),
+        }
+    }
+
+    /// The fields of an HTTP/1.1 backend's response, written for an HTTP/1.1 client (see
+    /// `h1::PassFields`); an HTTP/2 backend's response has them in its map.
+    pub fn take_fields(&mut self) -> Option<crate::h1::PassFields> {
+        match self {
+            UpstreamIncoming::H1(b) => b.take_fields(),
+            UpstreamIncoming::H2(..) => None,
         }
     }
 

@@ -190,12 +190,13 @@ pub(super) fn forward<'a>(
                         .await
                 }
             };
-            let sender = match got {
+            // `reused`: the connection served before (from the pool, or the client's slot).
+            let (sender, reused) = match got {
                 Ok((s, connect_time)) => {
                     if connect_time.is_some() {
                         ex.connect = connect_time;
                     }
-                    s
+                    (s, connect_time.is_none())
                 }
                 Err(e) => {
                     let ejected = backend.record_connect_error(&e, &cfg.passive);
@@ -287,6 +288,11 @@ pub(super) fn forward<'a>(
                         // The client's body failed, not the backend: no mark, no retry.
                         return Err(ProxyError::Client(fault));
                     }
+                    // An idle connection that the backend closed, or died with, as the
+                    // request went out: the backend answered nothing. As with a request that
+                    // never left, a resendable one goes on without spending a retry (Go's
+                    // HTTP client does the same for a reused connection).
+                    let silent = reused && e.silent();
                     let message = e.take_message();
                     let error = e.into_error();
                     let ejected = backend.record_failure(&cfg.passive);
@@ -313,7 +319,19 @@ pub(super) fn forward<'a>(
                             Some(r)
                         }
                         Some(_) => None,
-                        None if cfg.retry_on.reset && resendable => copy(),
+                        None if cfg.retry_on.reset && resendable => {
+                            if silent
+                                && crate::proxy::may_try_free(
+                                    attempt,
+                                    &mut first_miss,
+                                    cfg.connect_timeout,
+                                )
+                            {
+                                charged -= 1;
+                                free_retry = true;
+                            }
+                            copy()
+                        }
                         None => None,
                     };
                     req = match next {

@@ -86,6 +86,11 @@ pub struct UpstreamResponseBody {
 }
 
 impl UpstreamResponseBody {
+    /// See [`ProxyBody::take_fields`].
+    pub(super) fn take_fields(&mut self) -> Option<crate::h1::PassFields> {
+        self.inner.as_mut()?.take_fields()
+    }
+
     fn release_conn(&mut self) {
         if let Some(sender) = self.inner.as_mut().and_then(UpstreamIncoming::take_conn) {
             let backend = self.lease.backend();
@@ -146,6 +151,18 @@ impl Body for UpstreamResponseBody {
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl ProxyBody {
+    /// The fields of an HTTP/1.1 backend's response, already written as an HTTP/1.1 client
+    /// is sent them; the response's map holds only what ballast added. `None` for any
+    /// other response (ballast's own, an HTTP/2 backend's, a tunnel's), or once taken.
+    pub fn take_fields(&mut self) -> Option<crate::h1::PassFields> {
+        match &mut self.inner {
+            Either::Left(b) => b.take_fields(),
+            Either::Right(_) => None,
+        }
     }
 }
 

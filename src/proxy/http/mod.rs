@@ -63,6 +63,15 @@ pub async fn handle(
     // The matched route's response rules, set by `respond` once it has routed.
     let mut response_rules = None;
     let mut resp = respond(req, &ctx, &snap, &mut ex, &mut response_rules).await;
+    // An HTTP/1.1 backend's fields come written for an HTTP/1.1 client, outside the map
+    // (`h1::PassFields`). Header rules edit a map, and hyper's HTTP/2 server writes one.
+    if response_rules.is_some() || ctx.phase.is_multiplexed() {
+        if let Either::Left(body) = resp.body_mut() {
+            if let Some(fields) = body.take_fields() {
+                fields.append_to(resp.headers_mut());
+            }
+        }
+    }
     if let Some(r) = response_rules {
         rules::apply(r, resp.headers_mut(), &vars(&ctx, &ex));
     }
