@@ -278,11 +278,15 @@ pub fn parse_response(
     // the lines a client is sent are written in a second one, which needs the names.
     let mut fields = Fields::default();
     let mut named: smallvec::SmallVec<[&[u8]; 4]> = smallvec::SmallVec::new();
+    // What each name is, found once for both passes.
+    let mut kinds: smallvec::SmallVec<[Known; 32]> = smallvec::SmallVec::new();
     for h in res.headers.iter() {
         if !valid_value(h.value) {
             return Err(Rejection::bad_gateway("invalid response header field"));
         }
-        match Known::of(h.name.as_bytes()) {
+        let kind = Known::of(h.name.as_bytes());
+        kinds.push(kind);
+        match kind {
             Known::Connection => {
                 fields.connection_options(h.value);
                 named.extend(elements(h.value).filter(|o| {
@@ -316,7 +320,8 @@ pub fn parse_response(
         ResponseFields::Pass(PassFields::build(
             res.headers
                 .iter()
-                .map(|h| (h.name.as_bytes(), h.value, Known::of(h.name.as_bytes()))),
+                .zip(kinds)
+                .map(|(h, kind)| (h.name.as_bytes(), h.value, kind)),
             &named,
             length,
             len,

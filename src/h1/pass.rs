@@ -45,7 +45,7 @@ pub(super) enum Known {
 impl Known {
     /// Compares by length first: most names are none of these, and cost one `match`.
     pub(super) fn of(name: &[u8]) -> Known {
-        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        let is = |known: &[u8]| same_lowercase(name, known);
         match name.len() {
             2 if is(b"te") => Known::HopByHop,
             4 if is(b"date") => Known::Date,
@@ -59,6 +59,28 @@ impl Known {
             _ => Known::Other,
         }
     }
+}
+
+/// `name` equals `lower` (lowercase letters and `-`) but for case, eight bytes at a time.
+/// Setting bit 5 lowercases a letter and keeps `-`; of the bytes a field name may hold
+/// (tokens), only the letter's own two cases map onto a letter, and only `-` onto `-`.
+fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
+    if name.len() != lower.len() {
+        return false;
+    }
+    let mut a = name.chunks_exact(8);
+    let mut b = lower.chunks_exact(8);
+    for (x, y) in (&mut a).zip(&mut b) {
+        let x = u64::from_le_bytes(x.try_into().unwrap_or_default());
+        let y = u64::from_le_bytes(y.try_into().unwrap_or_default());
+        if x | 0x2020_2020_2020_2020 != y {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
 }
 
 /// A field value `HeaderValue` accepts: visible ASCII, obs-text, spaces and tabs.
@@ -165,6 +187,12 @@ mod tests {
             ("Date", Known::Date),
             ("Content-Type", Known::Other),
             ("connectioN2", Known::Other),
+            ("content_length", Known::Other),
+            ("Content-Lengtx", Known::Other),
+            ("Transfer-EncodinG", Known::TransferEncoding),
+            ("Transfer-Encodinh", Known::Other),
+            ("DATE", Known::Date),
+            ("Dat`", Known::Other),
             ("tf", Known::Other),
         ] {
             assert_eq!(Known::of(name.as_bytes()), known, "{name}");
