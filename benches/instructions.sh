@@ -7,7 +7,13 @@
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/instructions.sh   # + that build
 #   BALLAST_BIN=/path/to/ballast bash benches/instructions.sh   # that build, not a new one
 #   REQUESTS=20000 bash benches/instructions.sh
+#   CONNS=64 REQUESTS=12800 VARIANTS="plain nginx haproxy" bash benches/instructions.sh
+#     # 64 concurrent clients, as compare.sh's wrk: an event loop's cost per request
+#     # depends on how many connections each wake-up finds ready
 #   ANNOTATE=40 bash benches/instructions.sh          # + each variant's top 40 functions
+#   CALLGRIND_ARGS="--dump-instr=yes --compress-pos=no" KEEP_DIR=/tmp/cg \
+#     bash benches/instructions.sh   # extra valgrind options (here: counts per instruction,
+#     which benches/atomics.py reads to count atomic read-modify-writes per request)
 #   KEEP_DIR=/tmp/cg bash benches/instructions.sh     # keep each variant's runtime-thread
 #     profile there (callgrind_annotate --inclusive=no DIR/plain.callgrind)
 #   VARIANTS=plain bash benches/instructions.sh       # only some of the variants
@@ -17,6 +23,9 @@
 #     a rate limit no request reaches, header rules: what they cost when used)
 #   VARIANTS="plain request-id rate-limit header-rules max-connections panic retry-budget"
 #     bash benches/instructions.sh   # the same keys one at a time: what each costs
+#   VARIANTS="plain nginx haproxy" bash benches/instructions.sh   # + nginx and HAProxy (Debian's,
+#     installed if missing), configured as in benches/compare.sh, under the same load: what
+#     each proxy's user space executes per request (IPC differs: compare.sh times it)
 #   VARIANTS="plain close tls h2" bash benches/instructions.sh   # + a new connection per
 #     request (`Connection: close`, per connection), HTTP/1.1 keep-alive over TLS (4
 #     connections), and HTTP/2 over TLS (h2load, 4 connections x 10 streams, per request;
@@ -25,14 +34,19 @@
 #
 # Each variant: ballast under callgrind (all its threads, the access-log writer included)
 # in front of three `ballast demo-backend`s; 500 warm-up requests, counters zeroed, then
-# REQUESTS requests over 4 keep-alive connections from a Python client; the instruction
+# REQUESTS requests over 4 (CONNS) keep-alive connections from a Python client; the instruction
 # total divided by REQUESTS. Loopback only; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-10000}
+CONNS=${CONNS:-4}   # client connections of the HTTP/1.1 loads (REQUESTS is split among them)
 BASE_PORT=${BASE_PORT:-18600}
 command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+case " ${VARIANTS:-} " in
+  *" nginx "*|*" haproxy "*) { command -v nginx >/dev/null && command -v haproxy >/dev/null; } \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy >/dev/null; } ;;
+esac
 case " ${VARIANTS:-} " in
   *" h2 "*) { command -v h2load >/dev/null && command -v openssl >/dev/null; } \
     || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client openssl >/dev/null; } ;;
@@ -77,6 +91,36 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -s
 sed -e "/^pool = \"app\"/a [listeners.web.tls]\ncertificates = [{ cert = \"$work/tls.pem\", key = \"$work/tls.key\" }]" \
   "$work/plain.toml" > "$work/h2.toml"
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
+# The peers, configured as in benches/compare.sh, one process each (nginx without its master).
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1; daemon off; master_process off; error_log $work/nginx.err; pid $work/nginx.pid;
+events { worker_connections 10000; }
+http { access_log off; keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$((BASE_PORT+1)); server 127.0.0.1:$((BASE_PORT+2)); server 127.0.0.1:$((BASE_PORT+3)); keepalive 128; }
+  server { listen 127.0.0.1:$lb;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_max_temp_file_size 0;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
+CONF
+cat > "$work/haproxy.conf" <<CONF
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 3s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend web
+  bind 127.0.0.1:$lb
+  default_backend app
+backend app
+  balance roundrobin
+  http-reuse always
+  server b1 127.0.0.1:$((BASE_PORT+1))
+  server b2 127.0.0.1:$((BASE_PORT+2))
+  server b3 127.0.0.1:$((BASE_PORT+3))
+CONF
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
 
@@ -88,7 +132,7 @@ load() {  # $1 = number of requests; $2 = keepalive (4 connections), close, tls 
       echo "$answered" | grep -q "^status codes: $1 2xx" \
         || { echo "h2load: not all $1 answered 2xx: $answered" >&2; exit 1; } ;;
     *)
-      python3 - "$lb" "$1" "${2:-keepalive}" <<'PY'
+      python3 - "$lb" "$1" "${2:-keepalive}" "$CONNS" <<'PY'
 import http.client, ssl, sys, threading
 port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 def run(k):
@@ -106,16 +150,23 @@ def run(k):
         assert r.status == 200, r.status
         if mode == "close":
             c.close()
-threads = [threading.Thread(target=run, args=(n // 4,)) for _ in range(4)]
+conns = int(sys.argv[4])
+threads = [threading.Thread(target=run, args=(n // conns,)) for _ in range(conns)]
 [t.start() for t in threads]; [t.join() for t in threads]
 PY
       ;;
   esac
 }
 
-measure() {  # $1 = label, $2 = binary, $3 = config, $4 = load kind (see `load`)
+measure() {  # $1 = label, $2 = binary (or nginx, haproxy), $3 = config, $4 = load kind (see `load`)
   local out="$work/callgrind.$1" kind=${4:-keepalive}
-  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out.%p" "$2" --config "$3" --log warn >/dev/null 2>&1 &
+  local cmd=("$2" --config "$3" --log warn)
+  case $2 in
+    nginx) cmd=(nginx -c "$3" -p "$work") ;;
+    haproxy) cmd=(haproxy -db -f "$3") ;;
+  esac
+  # shellcheck disable=SC2086  # CALLGRIND_ARGS: extra valgrind options, word-split on purpose
+  valgrind --tool=callgrind --separate-threads=yes ${CALLGRIND_ARGS:-} --callgrind-out-file="$out.%p" "${cmd[@]}" >/dev/null 2>&1 &
   local pid=$!
   pids+=($pid)
   local scheme=http; case $kind in h2|tls) scheme=https ;; esac
@@ -154,6 +205,7 @@ for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
     request-id|rate-limit|header-rules|max-connections|panic|retry-budget)
       measure "$variant" "$BALLAST" "$work/$variant.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
+    nginx|haproxy) measure "$variant" "$variant" "$work/$variant.conf" ;;
     access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
     access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;
   esac
