@@ -84,10 +84,27 @@ fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
 }
 
 /// A field value `HeaderValue` accepts: visible ASCII, obs-text, spaces and tabs.
+///
+/// Eight bytes at a time: a word with no byte below 0x20 and none equal to 0x7f is valid
+/// as it is (bytes from 0x80 up are obs-text), and only a word with one of those (a tab,
+/// or a bad byte) is looked at byte by byte. Byte by byte throughout, the check was about
+/// 240 instructions of a typical response.
 pub(super) fn valid_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let byte_ok = |b: &u8| (*b >= 0x20 && *b != 0x7f) || *b == b'\t';
+    let mut words = value.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        // Exact tests for "some byte is below 0x20" and "some byte is 0x7f".
+        let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        let del = x ^ (ONES * 0x7f);
+        let has_del = del.wrapping_sub(ONES) & !del & HIGHS;
+        if (below_space | has_del) != 0 && !word.iter().all(byte_ok) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(byte_ok)
 }
 
 impl PassFields {
@@ -247,5 +264,18 @@ mod tests {
         assert!(!valid_value(b"a\x00"));
         assert!(!valid_value(b"a\rb"));
         assert!(!valid_value(b"a\nb"));
+        // Every byte, at every position of a word and in the remainder, against
+        // `HeaderValue`'s own verdict.
+        for b in 0..=255u8 {
+            for at in 0..19 {
+                let mut v = b"Mon, 07 Dec 2026 1".to_vec();
+                v.insert(at, b);
+                assert_eq!(
+                    valid_value(&v),
+                    HeaderValue::from_bytes(&v).is_ok(),
+                    "byte {b:#x} at {at}"
+                );
+            }
+        }
     }
 }

@@ -354,6 +354,10 @@ enum HeadRead {
 /// A head is complete only once an empty line follows a line end: without `\n\n` or
 /// `\n\r\n` in the buffer there is nothing to parse yet.
 fn may_be_complete(buf: &[u8]) -> bool {
+    // A head usually arrives whole, its blank line last: no need to scan for it.
+    if buf.ends_with(b"\n\r\n") || buf.ends_with(b"\n\n") {
+        return true;
+    }
     let mut rest = buf;
     while let Some(i) = rest.iter().position(|&b| b == b'\n') {
         rest = &rest[i + 1..];
