@@ -235,7 +235,13 @@ pub(super) fn forward<'a>(
                     }
                 });
             let mut in_flight = abandoned::InFlight::send(sender, req, home);
-            let sent = send(&mut in_flight, watch.as_deref(), cfg.response_timeout).await;
+            let sent = send(
+                &mut in_flight,
+                watch.as_deref(),
+                sent_at,
+                cfg.response_timeout,
+            )
+            .await;
             // Whatever came of it, this task is still here: nothing to finish in the background.
             in_flight.abandon();
             let Some(sent) = sent else {
@@ -374,10 +380,16 @@ fn log_retry_refused(pool: &str) {
 async fn send(
     in_flight: &mut abandoned::InFlight,
     watch: Option<&BodyWatch>,
+    sent_at: std::time::Instant,
     response_timeout: Duration,
 ) -> Option<<abandoned::InFlight as std::future::Future>::Output> {
     match watch {
-        None => tokio::time::timeout(response_timeout, in_flight).await.ok(),
+        // From `sent_at`, which the caller read anyway: `timeout` would read the clock again.
+        None => match tokio::time::Instant::from_std(sent_at).checked_add(response_timeout) {
+            Some(deadline) => tokio::time::timeout_at(deadline, in_flight).await.ok(),
+            // Past what the clock can hold: as good as no timeout.
+            None => Some(in_flight.await),
+        },
         Some(w) => {
             let deadline = async {
                 w.finished().await;
