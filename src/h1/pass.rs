@@ -120,12 +120,12 @@ impl PassFields {
         let mut date = false;
         for (name, value, known) in headers {
             match known {
-                Known::Other => {
+                Known::Other | Known::Date => {
                     if named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
                         continue;
                     }
+                    date |= known == Known::Date;
                 }
-                Known::Date => date = true,
                 _ => continue,
             }
             lines.extend_from_slice(name);
@@ -250,6 +250,9 @@ mod tests {
              Date: Mon, 07 Dec 2026 10:00:00 GMT\r\n"
         );
         assert_eq!((f.content_length(), f.has_date()), (Some(12), true));
+        // A `Date` that `Connection` names is hop-by-hop too: ballast then writes its own.
+        let f = fields(&[("Date", "x"), ("Connection", "date")], &["date"], None);
+        assert_eq!((f.lines(), f.has_date()), (&b""[..], false));
         let map = f.to_header_map();
         assert_eq!(map.get_all("set-cookie").iter().count(), 2);
         assert_eq!(map["content-length"], "12");
