@@ -36,7 +36,6 @@ use crate::request_body::ClientStream;
 pub use body::ProxyBody;
 use body::UpstreamResponseBody;
 use prepare::respond;
-use synthetic::close_after;
 pub use synthetic::plain_response;
 
 /// A response as the path builds it: a backend's body, or one ballast made.
@@ -84,11 +83,9 @@ pub async fn handle(
     if tunnel && !ctx.phase.is_multiplexed() {
         ex.armed = false;
     }
-    // Shutting down: this is the connection's last response; say so (hyper does too when
-    // told before the head is written, but a quick response can beat that).
-    if !tunnel && !ctx.phase.is_multiplexed() && ctx.listener.shutdown.is_cancelled() {
-        close_after(&mut resp);
-    }
+    // Shutting down: `h1::server` says `Connection: close` on the connection's last
+    // response itself, as it writes the head (the same token; asking it here too took the
+    // token's mutex once more per request). HTTP/2 ends with GOAWAY instead.
     Ok(resp.map(|inner| ProxyBody { inner, ex }))
 }
 
