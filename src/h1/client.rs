@@ -492,9 +492,6 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<http::response::Parts, ClientError>> {
-        if self.conn.cut(cx) {
-            return Poll::Ready(Err(ClientError::Cut));
-        }
         self.drive_upload(cx)?;
         loop {
             if !self.buf.is_empty() {
@@ -530,7 +527,14 @@ where
             if self.eof {
                 return Poll::Ready(Err(ClientError::ClosedBeforeHead));
             }
-            match ready!(self.conn.poll_fill(cx, &mut self.buf)) {
+            let filled = match self.conn.poll_fill(cx, &mut self.buf) {
+                Poll::Ready(filled) => filled,
+                // The cut is asked only before waiting: a head that is already here is read
+                // (a cut then ends the body's next wait), and asking takes two mutexes.
+                Poll::Pending if self.conn.cut(cx) => return Poll::Ready(Err(ClientError::Cut)),
+                Poll::Pending => return Poll::Pending,
+            };
+            match filled {
                 Ok(0) => self.eof = true,
                 Ok(_) => self.heard = true,
                 Err(e) => return Poll::Ready(Err(ClientError::Read(e))),
