@@ -14,6 +14,8 @@
 //!   httparse leaves to its caller, and the framing a head implies.
 //! - `body`: incremental body decoding (Content-Length, chunked, until close).
 //! - `encode`: writing heads and chunk framing.
+//! - `pass`: a backend's response fields, written once as the HTTP/1.1 client is sent them
+//!   (no `HeaderMap` for a response that is only relayed).
 //! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); it serves
 //!   HTTP/1.1 on ballast's HTTP listeners, plain or TLS (`listener::Conn::serve_own_h1`);
 //!   HTTP/2 stays on hyper.
