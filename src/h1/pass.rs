@@ -4,9 +4,8 @@
 //! Why not an `http::HeaderMap`: for a response that ballast only relays, building the map
 //! (a name lookup, a hash and an insert per field), taking the hop-by-hop fields out of it
 //! and walking it again to write the client's head is work for nothing; relaying the lines
-//! saved about 1,000 of the 25,600 instructions of a proxied keep-alive request, and the
-//! `Bytes` drops that cost mispredicted indirect calls (callgrind, issue 24; BENCHMARKS.md).
-//! nginx and HAProxy relay the lines without a map. A map is still made, by [`PassFields::to_header_map`],
+//! saved about 1,000 of the 25,600 instructions of a proxied keep-alive request (callgrind,
+//! issue 24; BENCHMARKS.md). nginx and HAProxy relay the lines without a map. A map is still made, by [`PassFields::to_header_map`],
 //! where something needs one: the route's response header rules, or an HTTP/2 client.
 //!
 //! What a map did is done here, in the same pass: each value is checked as `HeaderValue`
