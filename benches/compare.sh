@@ -71,35 +71,10 @@ chmod -R a+rX "$work"   # nginx workers run as nobody
 taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 
 # --- the three proxies -------------------------------------------------------------------
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 3s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-frontend web
-  bind 127.0.0.1:$lb
-  default_backend app
-backend app
-  balance roundrobin
-  http-reuse always
-  server b1 127.0.0.1:$b1
-  server b2 127.0.0.1:$b2
-  server b3 127.0.0.1:$b3
-CONF
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; error_log $work/nginx.err; pid $work/nginx.pid;
-events { worker_connections 10000; }
-http { access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:$b1; server 127.0.0.1:$b2; server 127.0.0.1:$b3; keepalive 128; }
-  server { listen 127.0.0.1:$lb;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_max_temp_file_size 0;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
-CONF
+# benches/peers.sh: the same HAProxy and nginx as benches/instructions.sh measures.
+# shellcheck source=benches/peers.sh
+source benches/peers.sh
+peer_configs "$work" "$lb" "$b1" "$b2" "$b3"
 cat > "$work/ballast.toml" <<CONF
 [global]
 worker_threads = 1

@@ -91,36 +91,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -s
 sed -e "/^pool = \"app\"/a [listeners.web.tls]\ncertificates = [{ cert = \"$work/tls.pem\", key = \"$work/tls.key\" }]" \
   "$work/plain.toml" > "$work/h2.toml"
 sed -e "1i [admin]\nbind = \"127.0.0.1:$admin\"" "$work/plain.toml" > "$work/metrics.toml"
-# The peers, configured as in benches/compare.sh, one process each (nginx without its master).
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; master_process off; error_log $work/nginx.err; pid $work/nginx.pid;
-events { worker_connections 10000; }
-http { access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:$((BASE_PORT+1)); server 127.0.0.1:$((BASE_PORT+2)); server 127.0.0.1:$((BASE_PORT+3)); keepalive 128; }
-  server { listen 127.0.0.1:$lb;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_max_temp_file_size 0;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
-CONF
-cat > "$work/haproxy.conf" <<CONF
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 3s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-frontend web
-  bind 127.0.0.1:$lb
-  default_backend app
-backend app
-  balance roundrobin
-  http-reuse always
-  server b1 127.0.0.1:$((BASE_PORT+1))
-  server b2 127.0.0.1:$((BASE_PORT+2))
-  server b3 127.0.0.1:$((BASE_PORT+3))
-CONF
+# The peers, configured as in benches/compare.sh (benches/peers.sh), one process each:
+# nginx without its master.
+# shellcheck source=benches/peers.sh
+source benches/peers.sh
+peer_configs "$work" "$lb" "$((BASE_PORT+1))" "$((BASE_PORT+2))" "$((BASE_PORT+3))" "master_process off;"
 sed -e "1i [access_log]\npath = \"$work/access.log\"" "$work/plain.toml" > "$work/log.toml"
 sed -e "1i [access_log]\npath = \"$work/access.log\"\nformat = \"common\"" "$work/plain.toml" > "$work/common.toml"
 
@@ -205,7 +180,8 @@ for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
     request-id|rate-limit|header-rules|max-connections|panic|retry-budget)
       measure "$variant" "$BALLAST" "$work/$variant.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
-    nginx|haproxy) measure "$variant" "$variant" "$work/$variant.conf" ;;
+    nginx) measure nginx nginx "$work/nginx.conf" ;;
+    haproxy) measure haproxy haproxy "$work/haproxy.cfg" ;;
     access-log) measure access-log "$BALLAST" "$work/log.toml" ;;
     access-log-common) measure access-log-common "$BALLAST" "$work/common.toml" ;;
   esac
