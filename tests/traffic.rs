@@ -233,6 +233,91 @@ async fn retry_on_a_status_resends_idempotent_requests_only() {
     assert!(posts_failed >= 1, "a POST was retried after a 503");
 }
 
+/// A raw backend named `name`: it answers the first request of each connection and keeps
+/// the connection; with `silent_on_reuse`, it closes a connection on its second request
+/// without a byte of answer, which is what a backend closing an idle connection (or
+/// dying) looks like to a proxy that just reused it. Returns its address and how many
+/// request heads it has read.
+async fn reuse_backend(
+    name: &'static str,
+    silent_on_reuse: bool,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut served = 0;
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        served += 1;
+                        if silent_on_reuse && served > 1 {
+                            return; // closed, nothing answered
+                        }
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}");
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Two backends close the connections ballast reuses without answering (an idle-close race,
+/// or a backend gone), one answers. With `retries = 1`, a GET that meets both closes is not
+/// out of retries: a try that a reused connection ended before any byte of an answer is
+/// not counted, as one that never left is not. The order is round robin's: a, b, c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_without_an_answer_spends_no_retry() {
+    use std::sync::atomic::Ordering;
+    let (a, a_heads) = reuse_backend("a", true).await;
+    let (b, b_heads) = reuse_backend("b", true).await;
+    let (c, c_heads) = reuse_backend("c", false).await;
+    let lb = Ballast::start(&TestConfig::addresses([a, b, c]).pool("retries = 1").build());
+    let mut client = Client::connect(lb.addr("web")).await.unwrap();
+    // One request each opens a connection to a, b and c, which ballast keeps.
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        let r = client.get("/").await.unwrap();
+        first.push((r.status, r.body));
+    }
+    assert_eq!(
+        first,
+        [(200, "a".into()), (200, "b".into()), (200, "c".into())]
+    );
+    // The fourth goes to a's kept connection, then b's: both close unanswered; c answers.
+    let r = client.get("/").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "c"), "{}", lb.logs());
+    assert_eq!(
+        (
+            a_heads.load(Ordering::SeqCst),
+            b_heads.load(Ordering::SeqCst),
+            c_heads.load(Ordering::SeqCst)
+        ),
+        (2, 2, 2),
+        "a and b each saw the request once more, then c answered it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_budget_holds_during_a_503_storm() {
     let [a, b] = start_backends(["a", "b"]).await;
