@@ -242,42 +242,24 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
 /// through a map: the rules see and edit the backend's fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backends_response_fields_pass_without_hop_by_hop_ones() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end + 4);
-                        let body: &[u8] = if head.starts_with("HEAD ") {
-                            b""
-                        } else {
-                            b"hello"
-                        };
-                        let reply = [
-                            &b"HTTP/1.1 200 OK\r\nX-Mixed-Case: One\r\nConnection: keep-alive, X-Private\r\n\
-                               X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\n\
-                               Set-Cookie: a=1\r\nset-cookie: b=2\r\nTrailer: x-t\r\nX-Secret: s\r\n\
-                               Content-Length: 5\r\n\r\n"[..],
-                            body,
-                        ]
-                        .concat();
-                        if s.write_all(&reply).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let (backend, _) = support::scripted_backend(|_, head| {
+        let body: &[u8] = if head.starts_with("HEAD ") {
+            b""
+        } else {
+            b"hello"
+        };
+        Some(
+            [
+                &b"HTTP/1.1 200 OK\r\nX-Mixed-Case: One\r\nConnection: keep-alive, X-Private\r\n\
+                   X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\n\
+                   Set-Cookie: a=1\r\nset-cookie: b=2\r\nTrailer: x-t\r\nX-Secret: s\r\n\
+                   Content-Length: 5\r\n\r\n"[..],
+                body,
+            ]
+            .concat(),
+        )
+    })
+    .await;
     let routes = r#"routes = [
   { path_prefix = "/ruled", pool = "app", response_headers = { set = { "X-Added" = "yes" }, remove = ["X-Secret"] } },
 ]"#;

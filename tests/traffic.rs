@@ -233,11 +233,10 @@ async fn retry_on_a_status_resends_idempotent_requests_only() {
     assert!(posts_failed >= 1, "a POST was retried after a 503");
 }
 
-/// A raw backend named `name`: it answers the first request of each connection and keeps
-/// the connection; with `silent_on_reuse`, it closes a connection on its second request
-/// without a byte of answer, which is what a backend closing an idle connection (or
-/// dying) looks like to a proxy that just reused it. Returns its address and how many
-/// request heads it has read.
+/// A backend named `name` that answers every request, or with `silent_on_reuse` only the
+/// first of each connection: it closes a connection on its second request without a byte
+/// of answer, which is what a backend closing an idle connection (or dying) looks like to a
+/// proxy that just reused it. Returns its address and how many request heads it has read.
 async fn reuse_backend(
     name: &'static str,
     silent_on_reuse: bool,
@@ -245,41 +244,11 @@ async fn reuse_backend(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let mut served = 0;
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        counted.fetch_add(1, Ordering::SeqCst);
-                        served += 1;
-                        if silent_on_reuse && served > 1 {
-                            return; // closed, nothing answered
-                        }
-                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}");
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    (addr, heads)
+    scripted_backend(move |n, _| {
+        (n == 1 || !silent_on_reuse)
+            .then(|| format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{name}").into_bytes())
+    })
+    .await
 }
 
 /// Two backends close the connections ballast reuses without answering (an idle-close race,

@@ -873,6 +873,50 @@ pub async fn rude_backend() -> SocketAddr {
     addr
 }
 
+/// A raw HTTP/1.1 backend whose answers a test writes byte for byte. For each request head
+/// read on a connection, `answer(n, head)` (`n` counts from 1 on that connection; `head` is
+/// the text up to its blank line) gives the bytes to write, or `None` to close the
+/// connection without a byte. Bodies are not read: for requests without one. Returns the
+/// address and a count of the heads read on all connections.
+pub async fn scripted_backend(
+    answer: impl Fn(usize, &str) -> Option<Vec<u8>> + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let (counted, answer) = (heads.clone(), Arc::new(answer));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (counted, answer) = (counted.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut n = 0;
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        n += 1;
+                        let Some(reply) = answer(n, &head) else {
+                            return;
+                        };
+                        if s.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
 /// Starts one backend per name, in order.
 pub async fn start_backends<const N: usize>(names: [&str; N]) -> [Backend; N] {
     let mut started = Vec::with_capacity(N);
