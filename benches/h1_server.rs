@@ -79,6 +79,7 @@ async fn accept_loop(
         keepalive_timeout: Duration::from_secs(60),
         read_size: 16 * 1024,
         first_request_grace: Duration::from_secs(1),
+        relay_fields: false,
     };
     loop {
         let (stream, _) = tokio::select! {

@@ -389,6 +389,7 @@ fn own_h1_config(config: &ListenerConfig) -> crate::h1::server::ServerConfig {
         keepalive_timeout: config.keepalive_timeout,
         read_size: READ_SIZE,
         first_request_grace: FIRST_REQUEST_GRACE.min(config.request_header_timeout),
+        relay_fields: true,
     }
 }
 
@@ -531,7 +532,9 @@ impl Conn {
             // Boxed: an upgrade is rare, and the slot is part of every idle connection.
             let mut switched: Option<Box<oneshot::Sender<Box<dyn ClientIo>>>> = None;
             let service = |mut req: Request<RequestBody>| {
-                if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+                let upgrade = req.headers().contains_key(header::UPGRADE)
+                    || req.body().fields().is_some_and(|f| f.has_upgrade());
+                if req.method() == Method::CONNECT || upgrade {
                     let (tx, rx) = oneshot::channel();
                     switched = Some(Box::new(tx));
                     req.extensions_mut()

@@ -221,6 +221,17 @@ pub enum ClientStream {
     H1(crate::h1::server::RequestBody),
 }
 
+impl ClientStream {
+    /// The request's fields as lines, from ballast's HTTP/1.1 server (see
+    /// `h1::server::ServerConfig::relay_fields`); `None` when the request's map holds them.
+    pub fn take_fields(&mut self) -> Option<crate::h1::RequestFields> {
+        match self {
+            ClientStream::H1(body) => body.take_fields(),
+            ClientStream::Hyper(_) => None,
+        }
+    }
+}
+
 impl Body for ClientStream {
     type Data = Bytes;
     type Error = ClientFault;

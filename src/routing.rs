@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::balance::Pool;
-use crate::config::{HeaderRules, HostMatch, ListenerConfig, RateLimitConfig};
+use crate::config::{
+    HashKey, HeaderRules, HostMatch, ListenerConfig, RateKey, RateLimitConfig, UpstreamProtocol,
+};
 use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
 
@@ -33,6 +35,25 @@ pub struct Target {
     pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
+impl Target {
+    /// What this target does to a request needs no map of its fields (see
+    /// [`Router::relays_fields`]).
+    fn relays_fields(&self) -> bool {
+        self.request_headers.is_none()
+            && self.pool.config.protocol == UpstreamProtocol::Http1
+            && !matches!(
+                self.pool.hash_key(),
+                Some(HashKey::Header(_) | HashKey::Cookie(_))
+            )
+            && relays_fields(self.rate_limit.as_deref())
+    }
+}
+
+/// A rate limit keyed by the client, not by a field, needs no map.
+fn relays_fields(limit: Option<&RateLimiter>) -> bool {
+    limit.is_none_or(|l| !matches!(l.config.key, RateKey::Header(_)))
+}
+
 /// (host, path prefix) → target for one listener; routes in file order, first match wins,
 /// then the listener's default pool.
 #[derive(Debug)]
@@ -43,6 +64,11 @@ pub struct Router {
     pub stats: Arc<ListenerStats>,
     /// The listener's rate limit, for every request on it.
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// Nothing on this listener reads or edits a request's fields beyond `Host`, so an
+    /// HTTP/1.1 client's lines can be relayed without a map (`h1::RequestFields`): no header
+    /// rules, request ids or HTTPS redirect, no hash or rate-limit key taken from a field,
+    /// and HTTP/1.1 backends only.
+    pub relays_fields: bool,
 }
 
 impl Router {
@@ -55,7 +81,7 @@ impl Router {
         old: Option<&Router>,
     ) -> Option<Router> {
         let default = Arc::clone(pools.get(l.default_pool.as_str())?);
-        let routes = l
+        let routes: Vec<Route> = l
             .routes
             .iter()
             .enumerate()
@@ -96,11 +122,20 @@ impl Router {
             old.and_then(|o| o.rate_limit.as_ref()),
         );
         let stats = old.map_or_else(Default::default, |r| Arc::clone(&r.stats));
+        let relays_fields = !l.request_id
+            && !l.redirect_https
+            && relays_fields(rate_limit.as_deref())
+            && routes
+                .iter()
+                .map(|r| &r.target)
+                .chain([&default])
+                .all(Target::relays_fields);
         Some(Router {
             routes,
             default,
             stats,
             rate_limit,
+            relays_fields,
         })
     }
 

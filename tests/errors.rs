@@ -335,6 +335,89 @@ async fn a_backends_response_fields_pass_without_hop_by_hop_ones() {
     }
 }
 
+/// An HTTP/1.1 request's fields reach an HTTP/1.1 backend as the client wrote them, less
+/// the hop-by-hop ones, with ballast's `X-Forwarded-*` (the relayed lines of
+/// `h1::RequestFields`); a listener whose routes edit request fields takes the map path,
+/// and the backend is told the same things.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_request_fields_reach_the_backend_as_written() {
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    let (backend, _) = support::scripted_backend(move |_, head| {
+        seen.lock().unwrap().push(head.to_owned());
+        Some(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())
+    })
+    .await;
+    const REQUEST: &str = "GET /p?q=1 HTTP/1.1\r\nHost: x\r\nX-Mixed-Case: One\r\n\
+        Connection: keep-alive, X-Private, Host\r\nX-Private: secret\r\nKeep-Alive: 5\r\n\
+        X-Forwarded-For: 10.0.0.1\r\nAccept: a\r\nx-forwarded-for: 10.0.0.2\r\n\
+        X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nTE: trailers\r\n\r\n";
+    let expected = |lines: &[&str]| {
+        let mut all = vec![
+            "GET /p?q=1 HTTP/1.1",
+            "x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1",
+            "x-forwarded-proto: http",
+            "x-forwarded-host: x",
+        ];
+        all.extend_from_slice(lines);
+        all.sort_unstable();
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let sorted = |head: &str| {
+        let mut lines: Vec<String> = head.lines().map(str::to_owned).collect();
+        lines.sort_unstable();
+        lines
+    };
+
+    // Relayed: the client's order and case, ballast's fields after them.
+    let lb = Ballast::start(&config(&[backend.to_string()], "", ""));
+    let r = support::raw_request(lb.addr("web"), REQUEST.as_bytes())
+        .await
+        .expect("a response");
+    assert!(r.head.starts_with("HTTP/1.1 204"), "{}", r.head);
+    let head = heads
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the backend saw the request");
+    let lines: Vec<&str> = head.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "GET /p?q=1 HTTP/1.1",
+            "Host: x",
+            "X-Mixed-Case: One",
+            "Accept: a"
+        ],
+        "{head}"
+    );
+    assert_eq!(
+        sorted(&head),
+        expected(&["Host: x", "X-Mixed-Case: One", "Accept: a"]),
+        "{head}"
+    );
+
+    // A route with request header rules: the map path, names lowercased, the same fields.
+    let routes = r#"routes = [
+  { path_prefix = "/", pool = "app", request_headers = { set = { "X-Added" = "yes" } } },
+]"#;
+    let lb = Ballast::start(&config(&[backend.to_string()], routes, ""));
+    let r = support::raw_request(lb.addr("web"), REQUEST.as_bytes())
+        .await
+        .expect("a response");
+    assert!(r.head.starts_with("HTTP/1.1 204"), "{}", r.head);
+    let head = heads
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the backend saw the request");
+    assert_eq!(
+        sorted(&head),
+        expected(&["host: x", "x-mixed-case: One", "accept: a", "x-added: yes"]),
+        "{head}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_upload_streams_through_in_bounded_memory() {
     const SIZE: u64 = 1 << 30; // 1 GiB

@@ -251,6 +251,7 @@ async fn ballast_server(raw: &'static [u8]) -> Vec<Event> {
         keepalive_timeout: Duration::from_secs(5),
         read_size: 8192,
         first_request_grace: Duration::from_secs(1),
+        relay_fields: false,
     };
     let serve = tokio::spawn(async move {
         let shared = h1::server::Server {

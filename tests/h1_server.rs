@@ -157,6 +157,7 @@ fn config() -> ServerConfig {
         keepalive_timeout: Duration::from_secs(3),
         read_size: 8192,
         first_request_grace: Duration::from_secs(1),
+        relay_fields: false,
     }
 }
 
@@ -533,6 +534,7 @@ async fn shutdown_closes_idle_connections_and_ends_the_current_exchange() {
 async fn after_shutdown_a_silent_new_connection_gets_only_the_first_request_grace() {
     let mut server = Server::start(ServerConfig {
         first_request_grace: Duration::from_millis(300),
+        relay_fields: false,
         ..config()
     })
     .await;

@@ -5,14 +5,19 @@
 //! - decoded body data are never more than the input, and consumed counts stay in bounds;
 //! - parsing from shared memory (`parse_request_shared`) gives the same verdict and head;
 //! - an accepted HTTP/1.1 request written back out by `h1::encode` parses to the same
-//!   method, target, fields and framing.
+//!   method, target, fields and framing;
+//! - the fast path's relayed head (`RequestFields::write_relayed`) parses to the same fields
+//!   as the map path's (`proxy::headers::remove_hop_by_hop`, `add_forwarded`, then
+//!   `encode::request_head`), for every framing a backend may be sent.
 //!
 //! The first input byte picks the piece size for the split reading and, for the response
 //! pass, the request method.
 #![no_main]
 
+use ballast::h1::client::RelayedHead;
 use ballast::h1::{self, encode, BodyDecoder, Framing, Limits, Rejection};
-use http::{header, HeaderMap, Method, Version};
+use ballast::proxy::headers;
+use http::{header, HeaderMap, HeaderValue, Method, Version};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: Limits = Limits {
@@ -108,7 +113,10 @@ fn requests(mut input: &[u8], step: usize) {
         let shared = h1::parse_request_shared(&bytes::Bytes::copy_from_slice(input), &LIMITS);
         match (&whole, &shared) {
             (Ok(Some((a, la))), Ok(Some((b, lb)))) => {
-                assert_eq!((la, &a.method, &a.target, &a.headers, a.framing), (lb, &b.method, &b.target, &b.headers, b.framing));
+                assert_eq!(
+                    (la, &a.method, &a.target, a.fields.to_header_map(), a.framing),
+                    (lb, &b.method, &b.target, b.fields.to_header_map(), b.framing)
+                );
             }
             (Ok(None), Ok(None)) => {}
             (Err(a), Err(b)) => assert_eq!(a, b),
@@ -118,6 +126,7 @@ fn requests(mut input: &[u8], step: usize) {
         assert!(len <= input.len() && len <= LIMITS.max_head);
         assert!(!matches!(head.framing, Framing::UntilClose | Framing::Tunnel));
         round_trip(&head);
+        relayed_as_mapped(&head);
         let rest = &input[len..];
         let (data, used, verdict) = body(head.framing, rest, usize::MAX);
         let (data2, used2, verdict2) = body(head.framing, rest, step);
@@ -146,7 +155,8 @@ fn round_trip(head: &h1::RequestHead) {
     }
     let target = head.target.to_string();
     let mut out = Vec::new();
-    encode::request_head(&mut out, &head.method, &target, &head.headers, head.framing);
+    let headers = head.fields.to_header_map();
+    encode::request_head(&mut out, &head.method, &target, &headers, head.framing);
     let again = match h1::parse_request(&out, &Limits { max_head: usize::MAX, ..LIMITS }) {
         Ok(Some((again, len))) => {
             assert_eq!(len, out.len());
@@ -157,11 +167,53 @@ fn round_trip(head: &h1::RequestHead) {
     assert_eq!(again.method, head.method);
     assert_eq!(again.target, head.target);
     assert_eq!(again.framing, head.framing);
-    assert_eq!(without_framing(&again.headers), without_framing(&head.headers));
+    assert_eq!(without_framing(&again.fields.to_header_map()), without_framing(&headers));
     assert_eq!((again.expect_continue, again.upgrade), (head.expect_continue, head.upgrade));
     // Re-encoding never loses keep-alive; it may gain it: a head with both Transfer-Encoding
     // and Content-Length closes after its response, and its re-encoding has one framing.
     assert!(again.keep_alive || !head.keep_alive);
+}
+
+/// Parses a head ballast wrote for a backend.
+fn reparse(out: &[u8]) -> h1::RequestHead {
+    let limits = Limits { max_head: usize::MAX, max_headers: 1024 };
+    match h1::parse_request(out, &limits) {
+        Ok(Some((again, len))) if len == out.len() => again,
+        other => panic!("written head {:?} parsed as {other:?}", String::from_utf8_lossy(out)),
+    }
+}
+
+fn relayed_as_mapped(head: &h1::RequestHead) {
+    // What the request path relays as lines (`proxy::http::prepare`).
+    if head.version != Version::HTTP_11
+        || head.fields.has_upgrade()
+        || head.method == Method::CONNECT
+        || head.target.scheme().is_some()
+    {
+        return;
+    }
+    let target = head.target.path_and_query().map_or("/", |pq| pq.as_str());
+    let client = HeaderValue::from_static("192.0.2.7");
+    for framing in [Framing::Empty, Framing::Length(3), Framing::Chunked] {
+        let mut map = head.fields.to_header_map();
+        headers::remove_hop_by_hop(&mut map);
+        map.remove(header::EXPECT);
+        headers::add_forwarded(&mut map, &client, "https");
+        let mut mapped = Vec::new();
+        encode::request_head(&mut mapped, &head.method, target, &map, framing);
+        let relayed = RelayedHead { fields: head.fields.clone(), client: client.as_bytes(), proto: "https" };
+        let mut lines = Vec::new();
+        encode::relayed_request_head(&mut lines, &head.method, target, &relayed, framing);
+        let (a, b) = (reparse(&mapped), reparse(&lines));
+        assert_eq!((&a.method, &a.target, a.framing), (&b.method, &b.target, b.framing));
+        assert_eq!(
+            a.fields.to_header_map(),
+            b.fields.to_header_map(),
+            "map path {:?}, relayed {:?}",
+            String::from_utf8_lossy(&mapped),
+            String::from_utf8_lossy(&lines)
+        );
+    }
 }
 
 fn response(input: &[u8], step: usize, method: &Method, upgrade: bool) {

@@ -39,7 +39,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
     encode, parse_response, BodyDecoder, BodyError, Framing, Limits, PassFields, Rejection,
-    ResponseFields,
+    RequestFields, ResponseFields,
 };
 
 /// Request bytes gathered into one write: the head, and body data that fits beside it.
@@ -201,17 +201,53 @@ pub struct EncodedHead {
     framing: Framing,
 }
 
+/// A client's request fields to relay as lines (see `h1::RequestFields::write_relayed`),
+/// with what ballast adds to them.
+#[derive(Debug)]
+pub struct RelayedHead<'a> {
+    pub fields: RequestFields,
+    /// The client's address, as `X-Forwarded-For` carries it.
+    pub client: &'a [u8],
+    /// `X-Forwarded-Proto`: `http` or `https`.
+    pub proto: &'static str,
+}
+
+/// The framing field `body` calls for: none, its exact length, or chunked.
+fn framing_of<B: Body>(body: &B) -> Framing {
+    if body.is_end_stream() {
+        Framing::Empty
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else {
+        Framing::Chunked
+    }
+}
+
 impl EncodedHead {
+    /// `parts` as an HTTP/1.1 head with the relayed lines of `relayed` for its fields (the
+    /// map in `parts` is not read): origin-form target, and the framing field `body` calls
+    /// for. CONNECT and upgrades never come this way (`proxy::http::prepare`).
+    pub fn relayed<B: Body>(
+        parts: &http::request::Parts,
+        relayed: &RelayedHead<'_>,
+        body: &B,
+    ) -> EncodedHead {
+        let framing = framing_of(body);
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut out = Vec::with_capacity(512.max(relayed.fields.lines_len() + 256));
+        encode::relayed_request_head(&mut out, &parts.method, target, relayed, framing);
+        EncodedHead {
+            bytes: Bytes::from(out),
+            method: parts.method.clone(),
+            upgrade: false,
+            framing,
+        }
+    }
+
     /// `parts` as an HTTP/1.1 head: origin-form target (authority-form for CONNECT), the
     /// fields, and the framing field `body` calls for (none, its exact length, or chunked).
     pub fn new<B: Body>(parts: &http::request::Parts, body: &B) -> EncodedHead {
-        let framing = if body.is_end_stream() {
-            Framing::Empty
-        } else if let Some(n) = body.size_hint().exact() {
-            Framing::Length(n)
-        } else {
-            Framing::Chunked
-        };
+        let framing = framing_of(body);
         let target = if parts.method == Method::CONNECT {
             parts.uri.authority().map_or("", |a| a.as_str())
         } else {

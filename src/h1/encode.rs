@@ -7,6 +7,7 @@
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 
+use super::client::RelayedHead;
 use super::{Framing, PassFields};
 
 /// The end of a chunk's data.
@@ -27,6 +28,28 @@ pub fn request_head(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     fields(out, headers, framing);
+}
+
+/// `METHOD target HTTP/1.1`, the relayed lines and what ballast adds to them (see
+/// `h1::RequestFields::write_relayed`), the framing field, the blank line.
+pub fn relayed_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    relayed: &RelayedHead<'_>,
+    framing: Framing,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    relayed.fields.write_relayed(
+        out,
+        relayed.client,
+        relayed.proto,
+        framing == Framing::Empty,
+    );
+    framing_field(out, framing);
 }
 
 /// `HTTP/1.1 code reason`, the relayed fields (`passed`), the fields of the map, the
@@ -82,6 +105,11 @@ fn fields(out: &mut Vec<u8>, headers: &HeaderMap, framing: Framing) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    framing_field(out, framing);
+}
+
+/// The field `framing` calls for, then the blank line that ends the head.
+fn framing_field(out: &mut Vec<u8>, framing: Framing) {
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");

@@ -10,10 +10,11 @@
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use super::pass::{valid_value, Known, PassFields};
+use super::request_fields::{self, RequestFields, RequestName};
 use super::Rejection;
 
 /// Size limits for a head, from the listener's `max_header_size` and `max_headers`.
@@ -46,8 +47,8 @@ pub struct RequestHead {
     pub method: Method,
     pub target: Uri,
     pub version: Version,
-    /// Every field line, names lowercased, in order (repeats kept).
-    pub headers: HeaderMap,
+    /// Every field line, as the head's bytes and an index into them.
+    pub fields: RequestFields,
     /// Never `UntilClose` or `Tunnel` for a request.
     pub framing: Framing,
     /// The client may send another request on this connection afterwards.
@@ -94,8 +95,8 @@ impl ResponseFields {
 /// Longest request target, as hyper (and the `http` crate) allow.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
 
-/// Fields a request's map has room for beyond those parsed (see `parse_request_in`).
-const ADDED_FIELDS: usize = 4;
+/// Longest field name, as `HeaderName` allows.
+const MAX_NAME: usize = u16::MAX as usize;
 
 /// The `Connection` options that matter to framing (RFC 9110 §7.6.1).
 #[derive(Default)]
@@ -181,16 +182,27 @@ fn parse_request_in(
     };
     let target = request_target(&method, target, shared)?;
 
-    // Room for the fields a proxy adds (X-Forwarded-For, -Proto, -Host): sized for the
-    // parsed ones only, the map would grow (rehash) on the first insert (callgrind: ~1,200
-    // instructions a request).
-    let mut headers = HeaderMap::with_capacity(req.headers.len() + ADDED_FIELDS);
+    // No map: each line's place in `buf` and its role (see `h1::request_fields`). httparse
+    // took only token characters for names, as `HeaderName` does.
+    let mut lines = request_fields::Builder::with_capacity(req.headers.len());
+    let mut named: smallvec::SmallVec<[&[u8]; 4]> = smallvec::SmallVec::new();
     let mut fields = Fields::default();
     for h in req.headers.iter() {
-        let (name, value) = field(h.name, h.value, shared)
-            .ok_or(Rejection::bad_request("invalid header field name or value"))?;
-        fields.note(&name, &value);
-        headers.append(name, value);
+        let name = h.name.as_bytes();
+        if name.len() > MAX_NAME || !valid_value(h.value) {
+            return Err(Rejection::bad_request("invalid header field name or value"));
+        }
+        let kind = RequestName::of(name);
+        fields.note(kind, h.value);
+        if kind == RequestName::Connection {
+            named.extend(elements(h.value).filter(|o| {
+                !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
+            }));
+        }
+        lines.push(buf, name, h.value, kind.role());
+    }
+    if !named.is_empty() {
+        lines.drop_named(buf, &named);
     }
 
     let framing = request_framing(version, &fields)?;
@@ -217,19 +229,22 @@ fn parse_request_in(
     // before forwarding, and the connection closes after the response (RFC 9112 §6.3 ¶3,
     // HAProxy's way): nothing after this request on the connection is trusted.
     let both = fields.codings.is_some() && fields.content_length.is_some();
-    if both {
-        headers.remove(header::CONTENT_LENGTH);
-    }
     let keep_alive = !both
         && !fields.connection.close
         && (version == Version::HTTP_11 || fields.connection.keep_alive);
     let upgrade = version == Version::HTTP_11 && fields.upgrade && fields.connection.upgrade;
+    // The offsets are into `buf`, which starts where `shared` does.
+    let head = match shared {
+        Some(shared) => shared.clone(),
+        None => Bytes::copy_from_slice(&buf[..len]),
+    };
+    let fields = lines.finish(head, fields.connection.close, fields.upgrade, both);
     Ok(Some((
         RequestHead {
             method,
             target,
             version,
-            headers,
+            fields,
             framing,
             keep_alive,
             expect_continue,
@@ -430,23 +445,27 @@ fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 impl Fields {
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
-        if *name == header::CONNECTION {
-            self.connection_options(value.as_bytes());
-        } else if *name == header::CONTENT_LENGTH {
-            self.length(value.as_bytes());
-        } else if *name == header::TRANSFER_ENCODING {
-            self.transfer_codings(value.as_bytes());
-        } else if *name == header::HOST {
-            self.hosts += 1;
-            self.host_valid = value.is_empty()
-                || http::uri::Authority::try_from(value.as_bytes())
-                    .is_ok_and(|a| a.as_str().len() == value.len() && !a.as_str().contains('@'));
-        } else if *name == header::EXPECT {
-            let ok = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-            self.expect = Some(self.expect.unwrap_or(true) && ok);
-        } else if *name == header::UPGRADE {
-            self.upgrade = true;
+    fn note(&mut self, name: RequestName, value: &[u8]) {
+        match name {
+            RequestName::Connection => self.connection_options(value),
+            RequestName::ContentLength => self.length(value),
+            RequestName::TransferEncoding => self.transfer_codings(value),
+            RequestName::Host => {
+                self.hosts += 1;
+                self.host_valid = value.is_empty()
+                    || http::uri::Authority::try_from(value).is_ok_and(|a| {
+                        a.as_str().len() == value.len() && !a.as_str().contains('@')
+                    });
+            }
+            RequestName::Expect => {
+                let ok = value.eq_ignore_ascii_case(b"100-continue");
+                self.expect = Some(self.expect.unwrap_or(true) && ok);
+            }
+            RequestName::Upgrade => self.upgrade = true,
+            RequestName::ForwardedFor
+            | RequestName::ForwardedSet
+            | RequestName::HopByHop
+            | RequestName::Other => {}
         }
     }
 
@@ -636,7 +655,10 @@ mod tests {
             let (head, _) = req(&format!("{h}{both}\r\n\r\n")).unwrap();
             assert_eq!(head.framing, Framing::Chunked, "{both}");
             assert!(!head.keep_alive, "{both}");
-            assert!(!head.headers.contains_key("content-length"), "{both}");
+            assert!(
+                !head.fields.to_header_map().contains_key("content-length"),
+                "{both}"
+            );
         }
         assert_eq!(
             status(&format!(
@@ -759,7 +781,7 @@ mod tests {
         let (head, len) = req(raw).unwrap();
         assert_eq!(len, raw.len() - "next".len());
         assert_eq!(head.target, "/x");
-        assert_eq!(head.headers["x-a"], "1");
+        assert_eq!(head.fields.to_header_map()["x-a"], "1");
     }
 
     #[test]
@@ -890,7 +912,7 @@ mod tests {
         let (parsed, _) = parse_request(head(150).as_bytes(), &limits)
             .unwrap()
             .unwrap();
-        assert_eq!(parsed.headers.len(), 150);
+        assert_eq!(parsed.fields.len(), 150);
         assert_eq!(
             parse_request(head(151).as_bytes(), &limits)
                 .unwrap_err()

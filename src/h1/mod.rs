@@ -16,6 +16,8 @@
 //! - `encode`: writing heads and chunk framing.
 //! - `pass`: a backend's response fields, written once as the HTTP/1.1 client is sent them
 //!   (no `HeaderMap` for a response that is only relayed).
+//! - `request_fields`: a client's request fields as the head's bytes and an index, relayed
+//!   to an HTTP/1.1 backend without a `HeaderMap` when nothing on the way needs one.
 //! - `server`: an HTTP/1.1 server connection over those (`tests/h1_server.rs`); it serves
 //!   HTTP/1.1 on ballast's HTTP listeners, plain or TLS (`listener::Conn::serve_own_h1`);
 //!   HTTP/2 stays on hyper.
@@ -50,6 +52,7 @@ pub mod client;
 pub mod encode;
 pub mod head;
 pub mod pass;
+pub mod request_fields;
 pub mod server;
 
 pub use body::{BodyDecoder, BodyError, Decoded};
@@ -58,6 +61,7 @@ pub use head::{
     ResponseFields, ResponseHead,
 };
 pub use pass::PassFields;
+pub use request_fields::RequestFields;
 
 use http::StatusCode;
 

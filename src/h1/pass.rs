@@ -64,7 +64,7 @@ impl Known {
 /// `name` equals `lower` (lowercase letters and `-`) but for case, eight bytes at a time.
 /// Setting bit 5 lowercases a letter and keeps `-`; of the bytes a field name may hold
 /// (tokens), only the letter's own two cases map onto a letter, and only `-` onto `-`.
-fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
+pub(super) fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
     if name.len() != lower.len() {
         return false;
     }

@@ -38,7 +38,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{encode, BodyDecoder, BodyError, Framing, Limits, PassFields, Rejection, RequestHead};
+use super::{
+    encode, BodyDecoder, BodyError, Framing, Limits, PassFields, Rejection, RequestFields,
+    RequestHead,
+};
 
 /// The limits and timers of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +58,10 @@ pub struct ServerConfig {
     /// given for its first request (the client reached a listening socket, so it was never
     /// refused; `head_timeout` bounds it too).
     pub first_request_grace: Duration,
+    /// Hand each request's fields to the service as lines (`RequestBody::take_fields`) and
+    /// leave the request's map empty, for a service that relays them without a map
+    /// (`h1::RequestFields`); otherwise the map holds them, as hyper's server gives them.
+    pub relay_fields: bool,
 }
 
 /// A stream the server can wait on holding no buffer: `poll_readable` is ready when a read
@@ -116,6 +123,8 @@ pub struct RequestBody {
     /// Told on the first poll, for `Expect: 100-continue`.
     wanted: Option<Arc<Notify>>,
     hint: SizeHint,
+    /// The request's fields, with `ServerConfig::relay_fields`, until the service takes them.
+    fields: Option<RequestFields>,
 }
 
 impl RequestBody {
@@ -124,7 +133,19 @@ impl RequestBody {
             rx: None,
             wanted: None,
             hint: SizeHint::with_exact(0),
+            fields: None,
         }
+    }
+
+    /// The request's fields, when the server hands them over as lines (see
+    /// `ServerConfig::relay_fields`).
+    pub fn fields(&self) -> Option<&RequestFields> {
+        self.fields.as_ref()
+    }
+
+    /// Takes the request's fields (see [`RequestBody::fields`]).
+    pub fn take_fields(&mut self) -> Option<RequestFields> {
+        self.fields.take()
     }
 }
 
@@ -615,7 +636,7 @@ where
         method,
         target,
         version,
-        headers,
+        fields,
         framing,
         keep_alive,
         expect_continue,
@@ -640,6 +661,7 @@ where
             rx: Some(rx),
             wanted: wanted.clone(),
             hint,
+            fields: None,
         };
         (body, Some(tx), wanted)
     } else {
@@ -649,7 +671,11 @@ where
     *req.method_mut() = method;
     *req.uri_mut() = target;
     *req.version_mut() = version;
-    *req.headers_mut() = headers;
+    if config.relay_fields {
+        req.body_mut().fields = Some(fields);
+    } else {
+        *req.headers_mut() = fields.to_header_map();
+    }
     // Each phase below is its own async fn, awaited once: rustc gives a local that lives
     // across two awaits its own room in this future, but lets the states of futures
     // awaited at different points share room. So the service's future (the whole request
@@ -1138,10 +1164,10 @@ mod tests {
         let (copied, len2) = crate::h1::parse_request(&raw, &limits).unwrap().unwrap();
         assert_eq!(len, len2);
         assert_eq!(
-            (shared.target.clone(), shared.headers.clone()),
-            (copied.target, copied.headers)
+            (shared.target.clone(), shared.fields.to_header_map()),
+            (copied.target, copied.fields.to_header_map())
         );
-        let host = shared.headers["host"].as_bytes().as_ptr() as usize;
+        let host = shared.fields.to_header_map()["host"].as_bytes().as_ptr() as usize;
         let base = raw.as_ptr() as usize;
         assert!(
             (base..base + len).contains(&host),

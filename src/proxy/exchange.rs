@@ -13,6 +13,7 @@ use super::context::ConnCtx;
 use crate::access_log::{AccessLog, Entry, RequestLine};
 use crate::balance::backend::Backend;
 use crate::balance::Pool;
+use crate::h1::RequestFields;
 use crate::request_body::{BodyWatch, UpstreamBody};
 
 /// Status logged for a request whose client left before the response head was sent.
@@ -69,23 +70,32 @@ impl BytesIn {
 impl Exchange {
     /// Starts the account of `req` on `ctx`'s connection; `log`: the access log, if this
     /// listener writes to one.
-    pub fn start<B>(ctx: Arc<ConnCtx>, req: &Request<B>, log: Option<AccessLog>) -> Exchange {
+    /// `fields`: the request's fields when they came as lines (an HTTP/1.1 client's), not
+    /// in its map.
+    pub fn start<B>(
+        ctx: Arc<ConnCtx>,
+        req: &Request<B>,
+        fields: Option<&RequestFields>,
+        log: Option<AccessLog>,
+    ) -> Exchange {
         let log = log.map(|log| {
             let h = req.headers();
+            let field = |name: http::header::HeaderName| match fields {
+                Some(f) => f.get(name.as_str()),
+                None => h.get(name).map(|v| v.as_bytes()),
+            };
             let uri = req.uri();
             let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
             // HTTP/2 carries the host in `:authority`.
-            let host = h
-                .get(http::header::HOST)
-                .map(|v| v.as_bytes())
+            let host = field(http::header::HOST)
                 .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()));
             let line = RequestLine::new(
                 req.method().clone(),
                 req.version(),
                 target.as_bytes(),
                 host,
-                h.get(http::header::REFERER).map(|v| v.as_bytes()),
-                h.get(http::header::USER_AGENT).map(|v| v.as_bytes()),
+                field(http::header::REFERER),
+                field(http::header::USER_AGENT),
             );
             (log, SystemTime::now(), line)
         });

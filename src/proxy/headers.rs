@@ -26,7 +26,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == PROXY_CONNECTION
 }
 
-/// Removes hop-by-hop fields, including those listed in `Connection`. Returns whether
+/// Removes hop-by-hop fields, including those listed in `Connection` (but `Host`). Returns whether
 /// `Connection` said `close`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass over the names first: most messages carry none, and then nothing is hashed.
@@ -51,9 +51,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
                 if token.eq_ignore_ascii_case("close") {
                     // An option, not a field name: nothing to look up.
                     close = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case("keep-alive") {
-                    // `keep-alive` is in the fixed list below. The rest is looked up by
-                    // `&str`: lower-cased on the stack, no `HeaderName` allocated.
+                } else if !token.is_empty()
+                    && !token.eq_ignore_ascii_case("keep-alive")
+                    && !token.eq_ignore_ascii_case("host")
+                {
+                    // `keep-alive` is in the fixed list below. `Host` stays: a request needs
+                    // it end to end (RFC 9110 §7.6.1 forbids naming it), and a client that
+                    // names it must not send the backend a request without one. The rest is
+                    // looked up by `&str`: lower-cased on the stack, no `HeaderName`
+                    // allocated.
                     headers.remove(token);
                 }
             }
@@ -80,17 +86,26 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'sta
     // hyper sizes a request's map for the fields it parsed: make room for all three at once,
     // or the inserts below grow (rehash) it twice (callgrind: ~1,600 instructions a request).
     headers.reserve(3);
-    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) if !prev.is_empty() => {
-            let ip = client.as_bytes();
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-            v.extend_from_slice(prev);
+    // Every line counts (RFC 9110 §5.3: lines of one name are one comma-separated list);
+    // taking the first alone lost the rest of a chain sent over several lines.
+    let mut prev = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .filter(|v| !v.is_empty())
+        .peekable();
+    let xff = if prev.peek().is_some() {
+        let ip = client.as_bytes();
+        let mut v = Vec::with_capacity(64);
+        for p in prev {
+            v.extend_from_slice(p);
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip);
-            HeaderValue::from_bytes(&v)
         }
+        v.extend_from_slice(ip);
+        HeaderValue::from_bytes(&v)
+    } else {
         // The connection's own copy: a reference count, not a formatted address per request.
-        _ => Ok(client.clone()),
+        Ok(client.clone())
     };
     // Several X-Forwarded-For lines are folded into one, so the chain stays in order.
     if let Ok(v) = xff {
@@ -271,8 +286,11 @@ mod tests {
             header::HOST,
             HeaderValue::from_static("app.example.com:8080"),
         );
+        h.append("x-forwarded-for", HeaderValue::from_static(""));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         add_forwarded(&mut h, &client_header("192.0.2.7".parse().unwrap()), "http");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example.com:8080");
         assert_eq!(h[header::HOST], "app.example.com:8080");

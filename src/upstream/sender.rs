@@ -19,7 +19,7 @@ use hyper::client::conn::{http2, TrySendError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::UpstreamProtocol;
-use crate::h1::client::{self, ClientError, EncodedHead};
+use crate::h1::client::{self, ClientError, EncodedHead, RelayedHead};
 use crate::net::TimedStream;
 use crate::request_body::UpstreamBody;
 
@@ -131,13 +131,44 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(req: Request<UpstreamBody>, protocol: UpstreamProtocol) -> Outgoing {
-        match protocol {
-            UpstreamProtocol::Http1 => {
+    /// `relayed`: the client's fields as lines, which `req`'s map does not hold (see
+    /// `h1::RequestFields`).
+    pub fn new(
+        req: Request<UpstreamBody>,
+        relayed: Option<RelayedHead<'_>>,
+        protocol: UpstreamProtocol,
+    ) -> Outgoing {
+        match (protocol, relayed) {
+            (UpstreamProtocol::Http1, None) => {
                 let (parts, body) = req.into_parts();
                 Outgoing::H1(EncodedHead::new(&parts, &body), body)
             }
-            UpstreamProtocol::H2 => Outgoing::H2(req),
+            (UpstreamProtocol::Http1, Some(relayed)) => {
+                let (parts, body) = req.into_parts();
+                Outgoing::H1(EncodedHead::relayed(&parts, &relayed, &body), body)
+            }
+            (UpstreamProtocol::H2, None) => Outgoing::H2(req),
+            // The request path sends lines only to HTTP/1.1 pools (`Router::relays_fields`);
+            // should one reach an HTTP/2 pool, it gets the map of what they say.
+            (UpstreamProtocol::H2, Some(relayed)) => {
+                let mut req = req;
+                *req.headers_mut() = relayed.fields.relayed_map(relayed.client, relayed.proto);
+                Outgoing::H2(req)
+            }
+        }
+    }
+
+    pub fn method(&self) -> &http::Method {
+        match self {
+            Outgoing::H1(head, _) => head.method(),
+            Outgoing::H2(req) => req.method(),
+        }
+    }
+
+    pub fn body(&self) -> &UpstreamBody {
+        match self {
+            Outgoing::H1(_, body) => body,
+            Outgoing::H2(req) => req.body(),
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::body::upstream_response;
@@ -18,7 +18,7 @@ use crate::proxy::context::ConnCtx;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{headers, tunnel};
-use crate::request_body::{BodyWatch, UpstreamBody};
+use crate::request_body::BodyWatch;
 use crate::upstream::{ConnSettings, Outgoing, UpstreamIncoming};
 
 /// Upper bound on attempts per request, whatever `retries` says.
@@ -36,8 +36,7 @@ const MAX_ATTEMPTS: usize = 8;
 /// place.
 #[allow(clippy::manual_async_fn)]
 pub(super) fn forward<'a>(
-    parts: http::request::Parts,
-    body: UpstreamBody,
+    mut req: Outgoing,
     pool: &'a Arc<Pool>,
     key: Option<u64>,
     client_upgrade: Option<tunnel::ClientUpgrade>,
@@ -61,11 +60,10 @@ pub(super) fn forward<'a>(
             send_timeout: cfg.response_timeout,
             protocol: cfg.protocol,
         };
-        let connect = parts.method == Method::CONNECT;
+        let connect = req.method() == Method::CONNECT;
         // Whether sending it again after the backend saw it is safe.
-        let resendable = cfg.retry_on.non_idempotent || is_idempotent(&parts.method);
-        let watch = body.watch();
-        let mut req = Outgoing::new(Request::from_parts(parts, body), cfg.protocol);
+        let resendable = cfg.retry_on.non_idempotent || is_idempotent(req.method());
+        let watch = req.body().watch();
         // Kept only when the body is in hand: such a request can be sent again after a failure.
         // (An HTTP/1.1 copy shares the encoded head and the body's bytes.)
         let resend = if cfg.retries > 0 {

@@ -43,10 +43,12 @@ type Inner = Either<UpstreamResponseBody, Full<Bytes>>;
 
 /// Proxies one request. Never fails: errors become 4xx/5xx responses.
 pub async fn handle(
-    req: Request<ClientStream>,
+    mut req: Request<ClientStream>,
     ctx: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     ctx.phase.busy();
+    // An HTTP/1.1 client's fields come as lines, outside the map (`h1::RequestFields`).
+    let fields = req.body_mut().take_fields();
     let snap = ctx.listener.live.load_full();
     let log = snap
         .access_log
@@ -58,10 +60,15 @@ pub async fn handle(
     // Boxed: it rides inside the response body, which is moved several times on its way
     // to the writer; a pointer moves cheaper than its ~290 bytes (callgrind: memcpy was 14%
     // of a proxied request's instructions).
-    let mut ex = Box::new(Exchange::start(Arc::clone(&ctx), &req, log));
+    let mut ex = Box::new(Exchange::start(
+        Arc::clone(&ctx),
+        &req,
+        fields.as_ref(),
+        log,
+    ));
     // The matched route's response rules, set by `respond` once it has routed.
     let mut response_rules = None;
-    let mut resp = respond(req, &ctx, &snap, &mut ex, &mut response_rules).await;
+    let mut resp = respond(req, fields, &ctx, &snap, &mut ex, &mut response_rules).await;
     // An HTTP/1.1 backend's fields come written for an HTTP/1.1 client, outside the map
     // (`h1::PassFields`). Header rules edit a map, and hyper's HTTP/2 server writes one.
     if response_rules.is_some() || ctx.phase.is_multiplexed() {

@@ -14,17 +14,24 @@ use super::synthetic::{error_response, rate_limited, redirect_https, reject};
 use super::{vars, Inner};
 use crate::balance::policy::hash_key;
 use crate::config::{HashKey, UpstreamProtocol};
+use crate::h1::client::RelayedHead;
+use crate::h1::RequestFields;
 use crate::proxy::context::ConnCtx;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::{headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
+use crate::routing::Target;
 use crate::state::Snapshot;
+use crate::upstream::Outgoing;
 
 /// Checks, routes and shapes `req`, then forwards it (see `attempt::forward`); every
-/// outcome is a response. `response_rules` receives the matched route's response rules.
+/// outcome is a response. `fields`: the request's fields when they came as lines (an
+/// HTTP/1.1 client's) rather than in its map. `response_rules` receives the matched
+/// route's response rules.
 pub(super) async fn respond<'s>(
     mut req: Request<ClientStream>,
+    fields: Option<RequestFields>,
     ctx: &ConnCtx,
     snap: &'s Snapshot,
     ex: &mut Exchange,
@@ -33,13 +40,35 @@ pub(super) async fn respond<'s>(
     let Some(router) = snap.routers.get(&*ctx.listener.name) else {
         return error_response(&ProxyError::ListenerGone, ex);
     };
+    // Lines are relayed as they came (`h1::RequestFields::write_relayed`) unless something
+    // on this listener reads or edits the request's fields (`Router::relays_fields`), or the
+    // request is of a kind the map path shapes: an upgrade, CONNECT, an absolute-form
+    // target. Otherwise the map is made here, and the request takes the path below as an
+    // HTTP/2 client's does. The parse already refused a second `Host`, and a missing one
+    // in HTTP/1.1.
+    let relay = match fields {
+        Some(f)
+            if router.relays_fields
+                && !ctx.config().redirect_https
+                && !f.has_upgrade()
+                && req.method() != Method::CONNECT
+                && req.uri().scheme().is_none() =>
+        {
+            Some(f)
+        }
+        Some(f) => {
+            *req.headers_mut() = f.to_header_map();
+            None
+        }
+        None => None,
+    };
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host_field = hosts.next();
     if hosts.next().is_some() {
         // Two Host fields make the target ambiguous (RFC 9112 §3.2): refuse, like nginx.
         return reject(ctx, StatusCode::BAD_REQUEST, "several Host fields");
     }
-    if host_field.is_none() && req.version() == Version::HTTP_11 {
+    if host_field.is_none() && req.version() == Version::HTTP_11 && relay.is_none() {
         // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
         return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
     }
@@ -54,10 +83,12 @@ pub(super) async fn respond<'s>(
             "CONNECT is not allowed",
         );
     }
-    let host = host_field
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .map(headers::host_without_port);
+    let host = match &relay {
+        Some(f) => f.host().and_then(|h| std::str::from_utf8(h).ok()),
+        None => host_field.and_then(|h| h.to_str().ok()),
+    }
+    .or_else(|| req.uri().host())
+    .map(headers::host_without_port);
     // Route and forward the path the backend will act on, not one that dot-segments change.
     let normalized = match headers::normalize_path(req.uri().path()) {
         Ok(n) => n,
@@ -107,6 +138,74 @@ pub(super) async fn respond<'s>(
         parts.uri =
             Uri::try_from(format!("{path}{query}")).unwrap_or_else(|_| Uri::from_static("/"));
     }
+    let (relayed, client_upgrade) = match relay {
+        // What the map path does below was done to the lines as they were parsed, or is
+        // written as they are relayed (`X-Forwarded-*`); what else it adds, this path
+        // excludes (see `Router::relays_fields`).
+        Some(fields) => {
+            if fields.close() {
+                ctx.phase.closing();
+            }
+            parts.version = Version::HTTP_11;
+            let relayed = RelayedHead {
+                fields,
+                client: ctx.forwarded_for.as_bytes(),
+                proto: ctx.proto(),
+            };
+            (Some(relayed), None)
+        }
+        None => {
+            let h2 = h2_backend.then_some(H2Backend {
+                tls: pool.tls.is_some(),
+                te_trailers,
+            });
+            shape_map(&mut parts, upgrade, h2, target, ctx, ex);
+            (None, client_upgrade)
+        }
+    };
+
+    let limits = BodyLimits {
+        read_timeout: ctx.config().request_body_timeout,
+        max_size: ctx.config().max_request_body,
+        buffer: pool
+            .config
+            .request_buffering
+            .unwrap_or(ctx.config().request_buffering),
+    };
+    // Before any backend is chosen: a slow or broken body costs no backend anything.
+    let body = match request_body::prepare(body, limits).await {
+        Ok(b) => b,
+        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
+    };
+    ex.bytes_in = BytesIn::of(&body);
+    // Encoded here for an HTTP/1.1 backend, once: every attempt sends the same bytes.
+    let req = Outgoing::new(Request::from_parts(parts, body), relayed, pool.config.protocol);
+    match forward(req, pool, key, client_upgrade, ctx, ex).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e, ex),
+    }
+}
+
+/// What an HTTP/2 backend needs of the request's shaping.
+struct H2Backend {
+    /// The pool speaks TLS (the `:scheme`).
+    tls: bool,
+    /// The client asked for `TE: trailers` (gRPC servers require it).
+    te_trailers: bool,
+}
+
+/// Shapes the request's map for the backend: hop-by-hop fields out (`upgrade`, the
+/// protocol the route lets through, back in), `Host` from an absolute URI, `X-Forwarded-*`,
+/// the request id, the route's header rules, and the URI form the backend's protocol wants
+/// (`h2` for an HTTP/2 backend).
+fn shape_map(
+    parts: &mut http::request::Parts,
+    upgrade: Option<HeaderValue>,
+    h2: Option<H2Backend>,
+    target: &Target,
+    ctx: &ConnCtx,
+    ex: &mut Exchange,
+) {
     let close = headers::remove_hop_by_hop(&mut parts.headers);
     if close {
         ctx.phase.closing();
@@ -133,9 +232,9 @@ pub(super) async fn respond<'s>(
     if let Some(r) = &target.request_headers {
         rules::apply(r, &mut parts.headers, &vars(ctx, ex));
     }
-    if h2_backend {
+    if let Some(h2) = h2 {
         // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI.
-        let scheme = if pool.tls.is_some() { "https" } else { "http" };
+        let scheme = if h2.tls { "https" } else { "http" };
         let authority = parts
             .headers
             .remove(http::header::HOST)
@@ -145,7 +244,7 @@ pub(super) async fn respond<'s>(
         parts.uri = Uri::try_from(format!("{scheme}://{authority}{pq}"))
             .unwrap_or_else(|_| Uri::from_static("/"));
         parts.version = Version::HTTP_2;
-        if te_trailers {
+        if h2.te_trailers {
             parts
                 .headers
                 .insert(http::header::TE, HeaderValue::from_static("trailers"));
@@ -157,25 +256,6 @@ pub(super) async fn respond<'s>(
             parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
         }
         parts.version = Version::HTTP_11;
-    }
-
-    let limits = BodyLimits {
-        read_timeout: ctx.config().request_body_timeout,
-        max_size: ctx.config().max_request_body,
-        buffer: pool
-            .config
-            .request_buffering
-            .unwrap_or(ctx.config().request_buffering),
-    };
-    // Before any backend is chosen: a slow or broken body costs no backend anything.
-    let body = match request_body::prepare(body, limits).await {
-        Ok(b) => b,
-        Err(fault) => return error_response(&ProxyError::Client(fault), ex),
-    };
-    ex.bytes_in = BytesIn::of(&body);
-    match forward(parts, body, pool, key, client_upgrade, ctx, ex).await {
-        Ok(resp) => resp,
-        Err(e) => error_response(&e, ex),
     }
 }
 
