@@ -353,11 +353,10 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    /// The relayed head parses to the fields the map path sends (`remove_hop_by_hop`,
-    /// `Expect` out, `add_forwarded`, `encode::request_head`), for each framing a backend
-    /// may be sent. The fuzz target `h1` checks the same on arbitrary heads.
-    #[test]
-    fn relayed_lines_say_what_the_map_path_says() {
+    /// The relayed head of `raw` parses to the fields the map path sends
+    /// (`remove_hop_by_hop`, `Expect` out, `add_forwarded`, `encode::request_head`), for
+    /// each framing a backend may be sent; and `relayed_map` is that map, less framing.
+    fn relayed_as_mapped(raw: &[u8]) {
         use crate::h1::client::RelayedHead;
         use crate::h1::{encode, parse_request, Framing};
         use crate::proxy::headers;
@@ -370,7 +369,47 @@ mod tests {
             assert_eq!(len, out.len());
             head
         };
+        let shown = String::from_utf8_lossy(raw);
         let client = HeaderValue::from_static("192.0.2.7");
+        let head = parse_request_shared(&Bytes::copy_from_slice(raw), &LIMITS)
+            .unwrap()
+            .unwrap()
+            .0;
+        for framing in [Framing::Empty, Framing::Length(3), Framing::Chunked] {
+            let mut map = head.fields.to_header_map();
+            headers::remove_hop_by_hop(&mut map);
+            map.remove(http::header::EXPECT);
+            headers::add_forwarded(&mut map, &client, "https");
+            let mut mapped = Vec::new();
+            encode::request_head(&mut mapped, &head.method, "/p?q=1", &map, framing);
+            let relayed = RelayedHead {
+                fields: head.fields.clone(),
+                client: client.as_bytes(),
+                proto: "https",
+            };
+            let mut lines = Vec::new();
+            encode::relayed_request_head(&mut lines, &head.method, "/p?q=1", &relayed, framing);
+            let (a, b) = (reparse(&mapped), reparse(&lines));
+            assert_eq!((&a.target, a.framing), (&b.target, b.framing), "{shown:?}");
+            assert_eq!(
+                a.fields.to_header_map(),
+                b.fields.to_header_map(),
+                "{shown:?} {framing:?}: map path {:?}, relayed {:?}",
+                String::from_utf8_lossy(&mapped),
+                String::from_utf8_lossy(&lines)
+            );
+            // The map an HTTP/2 backend would get: the same, less the framing fields.
+            let mut sent = b.fields.to_header_map();
+            sent.remove(http::header::CONTENT_LENGTH);
+            sent.remove(http::header::TRANSFER_ENCODING);
+            let as_map = relayed.fields.relayed_map(client.as_bytes(), "https");
+            assert_eq!(as_map, sent, "{shown:?}");
+        }
+    }
+
+    /// The fuzz target `h1` checks the same on arbitrary heads.
+    #[test]
+    fn relayed_lines_say_what_the_map_path_says() {
         for fields in [
             "Host: a\r\n",
             "host: A.example:80\r\nAccept: */*\r\nUser-Agent: x\r\nCookie: a=1\r\ncookie: b=2\r\n",
@@ -386,42 +425,12 @@ mod tests {
             "Host: a\r\nConnection: content-length\r\nContent-Length: 0\r\n",
             "Host: a\r\nTrailer: x\r\nX-B: 1\r\nX-C: 2\r\nx-b: 3\r\n",
         ] {
-            let raw = format!("POST /p?q=1 HTTP/1.1\r\n{fields}\r\n");
-            let head = parse_request_shared(&Bytes::from(raw.clone()), &LIMITS)
-                .unwrap()
-                .unwrap()
-                .0;
-            for framing in [Framing::Empty, Framing::Length(3), Framing::Chunked] {
-                let mut map = head.fields.to_header_map();
-                headers::remove_hop_by_hop(&mut map);
-                map.remove(http::header::EXPECT);
-                headers::add_forwarded(&mut map, &client, "https");
-                let mut mapped = Vec::new();
-                encode::request_head(&mut mapped, &head.method, "/p?q=1", &map, framing);
-                let relayed = RelayedHead {
-                    fields: head.fields.clone(),
-                    client: client.as_bytes(),
-                    proto: "https",
-                };
-                let mut lines = Vec::new();
-                encode::relayed_request_head(&mut lines, &head.method, "/p?q=1", &relayed, framing);
-                let (a, b) = (reparse(&mapped), reparse(&lines));
-                assert_eq!((&a.target, a.framing), (&b.target, b.framing), "{raw:?}");
-                assert_eq!(
-                    a.fields.to_header_map(),
-                    b.fields.to_header_map(),
-                    "{raw:?} {framing:?}: map path {:?}, relayed {:?}",
-                    String::from_utf8_lossy(&mapped),
-                    String::from_utf8_lossy(&lines)
-                );
-                // The map an HTTP/2 backend would get: the same, less the framing fields.
-                let mut sent = b.fields.to_header_map();
-                sent.remove(http::header::CONTENT_LENGTH);
-                sent.remove(http::header::TRANSFER_ENCODING);
-                let as_map = relayed.fields.relayed_map(client.as_bytes(), "https");
-                assert_eq!(as_map, sent, "{raw:?}");
-            }
+            relayed_as_mapped(format!("POST /p?q=1 HTTP/1.1\r\n{fields}\r\n").as_bytes());
         }
+        // Found by the fuzz target: obs-text in a `Connection` value that names a field.
+        relayed_as_mapped(
+            b"GET /p?q=1 HTTP/1.1\r\nHost: a\r\nA: 1\r\nConnection: clo,\xec,*, a\r\n\r\n",
+        );
     }
 
     #[test]

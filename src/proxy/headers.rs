@@ -46,21 +46,29 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         let more: Vec<HeaderValue> = values.cloned().collect();
         headers.remove(header::CONNECTION);
         for value in first.iter().chain(&more) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
+            // By bytes: a value with obs-text still names fields by its other elements (a
+            // value read as `&str` or not at all let such a line name nothing, where the
+            // relayed path, `h1::RequestFields`, left the named fields out).
+            for token in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                if token.eq_ignore_ascii_case(b"close") {
                     // An option, not a field name: nothing to look up.
                     close = true;
                 } else if !token.is_empty()
-                    && !token.eq_ignore_ascii_case("keep-alive")
-                    && !token.eq_ignore_ascii_case("host")
+                    && !token.eq_ignore_ascii_case(b"keep-alive")
+                    && !token.eq_ignore_ascii_case(b"host")
                 {
                     // `keep-alive` is in the fixed list below. `Host` stays: a request needs
                     // it end to end (RFC 9110 §7.6.1 forbids naming it), and a client that
                     // names it must not send the backend a request without one. The rest is
                     // looked up by `&str`: lower-cased on the stack, no `HeaderName`
-                    // allocated.
-                    headers.remove(token);
+                    // allocated. A name is ASCII: a token that is not UTF-8 names nothing.
+                    if let Ok(token) = std::str::from_utf8(token) {
+                        headers.remove(token);
+                    }
                 }
             }
         }

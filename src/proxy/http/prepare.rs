@@ -179,7 +179,11 @@ pub(super) async fn respond<'s>(
     };
     ex.bytes_in = BytesIn::of(&body);
     // Encoded here for an HTTP/1.1 backend, once: every attempt sends the same bytes.
-    let req = Outgoing::new(Request::from_parts(parts, body), relayed, pool.config.protocol);
+    let req = Outgoing::new(
+        Request::from_parts(parts, body),
+        relayed,
+        pool.config.protocol,
+    );
     match forward(req, pool, key, client_upgrade, ctx, ex).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e, ex),
