@@ -283,6 +283,7 @@ where
                 {
                     HeadRead::Head(head) => head,
                     HeadRead::Closed => return Ending::Closed,
+                    HeadRead::Stopped => break 'early Early::Stopped,
                     HeadRead::Io(e) => return Ending::Io(e),
                     HeadRead::TimedOut { partial } => break 'early Early::TimedOut { partial },
                     HeadRead::Refused(rejection) => break 'early Early::Refused(rejection),
@@ -339,13 +340,26 @@ where
 
 /// How [`serve`] ends before a request reached the service.
 enum Early {
-    TimedOut { partial: bool },
+    /// Shutdown began while the connection, served before, waited for a request.
+    Stopped,
+    TimedOut {
+        partial: bool,
+    },
     Refused(Rejection),
 }
 
 /// Answers a head that timed out or was refused, and ends the connection.
 async fn end_early<IO: Transport>(mut io: IO, early: Early) -> Ending<IO> {
     match early {
+        Early::Stopped => {
+            // A request may be on its way as the connection closes: close our side first
+            // and read what still comes, so the client sees the close (and resends, as HTTP
+            // clients do on a reused connection) rather than a reset.
+            if io.shutdown().await.is_ok() {
+                linger(&mut io).await;
+            }
+            Ending::Closed
+        }
         Early::TimedOut { partial } => {
             if partial {
                 let _ = answer(&mut io, StatusCode::REQUEST_TIMEOUT).await;
@@ -367,7 +381,11 @@ async fn end_early<IO: Transport>(mut io: IO, early: Early) -> Ending<IO> {
 enum HeadRead {
     Head(RequestHead),
     Closed,
-    TimedOut { partial: bool },
+    /// Shutdown began while the connection, served before, waited for a request.
+    Stopped,
+    TimedOut {
+        partial: bool,
+    },
     Refused(Rejection),
     Io(std::io::Error),
 }
@@ -496,7 +514,8 @@ impl<R: Transport> Future for ReadHead<'_, '_, R> {
                     return Poll::Pending;
                 };
             return Poll::Ready(match woke {
-                Woke::Read(Ok(0)) | Woke::Stop => HeadRead::Closed,
+                Woke::Read(Ok(0)) => HeadRead::Closed,
+                Woke::Stop => HeadRead::Stopped,
                 Woke::Read(Ok(_)) => {
                     if was_empty && !this.first {
                         // The next request began: its head gets `head_timeout` from here.
