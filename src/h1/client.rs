@@ -45,6 +45,9 @@ use super::{
 /// Request bytes gathered into one write: the head, and body data that fits beside it.
 const WRITE_COALESCE: usize = 16 * 1024;
 
+/// What a response's first read asks for (see `Conn::poll_fill`).
+const FIRST_READ: usize = 4 * 1024;
+
 /// The limits a backend's responses are read with.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientConfig {
@@ -180,9 +183,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         wait.as_mut().poll(cx).is_ready()
     }
 
-    fn poll_fill(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    /// Reads into `buf`; `head`: the response head is still awaited.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        head: bool,
+    ) -> Poll<io::Result<usize>> {
         if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(self.config.read_size);
+            // A response's first read asks for `FIRST_READ`: most answers fit in it, and
+            // it stays in the allocator's small classes. A `read_size` (16 KiB) block per
+            // response is a jemalloc large class; with 64 exchanges in flight its thread
+            // cache overflowed and responses took the arena's locked extent path (callgrind,
+            // issue 24). A longer head, and a body's reads, ask for the full `read_size`.
+            let want = if head && buf.is_empty() {
+                FIRST_READ.min(self.config.read_size)
+            } else {
+                self.config.read_size
+            };
+            buf.reserve(want);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf)
     }
@@ -563,7 +582,7 @@ where
             if self.eof {
                 return Poll::Ready(Err(ClientError::ClosedBeforeHead));
             }
-            let filled = match self.conn.poll_fill(cx, &mut self.buf) {
+            let filled = match self.conn.poll_fill(cx, &mut self.buf, true) {
                 Poll::Ready(filled) => filled,
                 // The cut is asked only before waiting: a head that is already here is read
                 // (a cut then ends the body's next wait), and asking takes two mutexes.
@@ -623,7 +642,7 @@ where
             if let Err(e) = self.drive_upload(cx) {
                 return Poll::Ready(Some(Err(e)));
             }
-            match ready!(self.conn.poll_fill(cx, &mut self.buf)) {
+            match ready!(self.conn.poll_fill(cx, &mut self.buf, false)) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Some(Err(ClientError::Read(e)))),
