@@ -78,6 +78,15 @@ enum Command {
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read from this symbol when it starts (its `malloc_conf`; the
+/// `_RJEM_MALLOC_CONF` variable still overrides them). Each thread caches at least 128
+/// freed blocks of a small size class, not 20: with 64 requests in flight, their boxed
+/// futures and buffers overflowed the cache on every burst and went back to the arena
+/// through its locks (callgrind at 64 clients: 23,472 -> 20,677 instructions a request;
+/// BENCHMARKS.md, issue 24 sixth pass). A C `const char *`: a thin pointer to the bytes.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8; 28] = b"tcache_nslots_small_min:128\0";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Flushes what is still queued when main returns.
