@@ -165,23 +165,29 @@ impl PassFields {
 
     /// Appends the fields to `map` (after what it holds).
     pub fn append_to(&self, map: &mut HeaderMap) {
-        for line in self.lines.split(|&b| b == b'\n') {
-            let Some(line) = line.strip_suffix(b"\r") else {
-                continue;
-            };
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            let (name, value) = (&line[..colon], &line[colon + 2..]);
-            // Both were checked when the lines were made; a failure cannot happen.
-            if let (Ok(name), Ok(value)) =
-                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-            {
-                map.append(name, value);
-            }
-        }
+        append_lines(&self.lines, map);
         if let Some(n) = self.content_length {
             map.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+}
+
+/// Appends to `map` the fields of `lines`, field lines as ballast writes them
+/// (`name: value`, each ending in CRLF, names and values already checked).
+pub(super) fn append_lines(lines: &[u8], map: &mut HeaderMap) {
+    for line in lines.split(|&b| b == b'\n') {
+        let Some(line) = line.strip_suffix(b"\r") else {
+            continue;
+        };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 2..]);
+        // Both were checked when the lines were made; a failure cannot happen.
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            map.append(name, value);
         }
     }
 }

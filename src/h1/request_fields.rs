@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
-use super::pass::same_lowercase;
+use super::pass::{append_lines, same_lowercase};
 
 /// Fields a map made from the lines has room for beyond them (`X-Forwarded-For`,
 /// `-Proto`, `-Host`, a request id): sized for the lines only, it would grow (rehash) on
@@ -268,21 +268,7 @@ impl RequestFields {
         let mut lines = Vec::with_capacity(self.lines_len() + 128);
         self.write_relayed(&mut lines, client, proto, false);
         let mut map = HeaderMap::with_capacity(self.fields.len() + ADDED_FIELDS);
-        for line in lines.split(|&b| b == b'\n') {
-            let Some(line) = line.strip_suffix(b"\r") else {
-                continue;
-            };
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            // Checked by the parse, or ballast's own: a failure cannot happen.
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(&line[..colon]),
-                HeaderValue::from_bytes(&line[colon + 2..]),
-            ) {
-                map.append(name, value);
-            }
-        }
+        append_lines(&lines, &mut map);
         map
     }
 

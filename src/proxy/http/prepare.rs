@@ -49,7 +49,6 @@ pub(super) async fn respond<'s>(
     let relay = match fields {
         Some(f)
             if router.relays_fields
-                && !ctx.config().redirect_https
                 && !f.has_upgrade()
                 && req.method() != Method::CONNECT
                 && req.uri().scheme().is_none() =>
