@@ -131,6 +131,45 @@ async fn a_keep_alive_connection_carries_the_next_request_once_its_response_is_r
     assert!(resp.body_mut().take_conn().is_some());
 }
 
+/// A response's first read asks for less than `read_size` (4 KiB): a head longer than
+/// that still arrives whole, up to `max_head`, and so does a long body sent with it.
+#[tokio::test]
+async fn a_head_longer_than_the_first_read_and_a_long_body_arrive_whole() {
+    let l = listener().await;
+    let (conn, mut backend, _cut) = connect(&l).await;
+    let fields: String = (0..80)
+        .map(|i| format!("x-f{i:03}: {}\r\n", "v".repeat(120)))
+        .collect();
+    assert!(fields.len() > 9 * 1024 && fields.len() < CONFIG.limits.max_head - 100);
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut raw = format!(
+        "HTTP/1.1 200 OK\r\n{fields}content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    let resp = conn.send(get("/long"));
+    let (resp, ()) = tokio::join!(resp, answer_head(&mut backend, &raw));
+    let mut resp = resp.unwrap_or_else(|e| panic!("{}", e.error));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let passed = resp.body_mut().take_fields().expect("the fields");
+    assert_eq!(passed.lines(), fields.as_bytes());
+    assert_eq!(body_of(resp.into_body()).await, body);
+
+    // Past `max_head`, the head is still refused.
+    let (conn, mut backend, _cut) = connect(&l).await;
+    let huge: String = (0..60)
+        .map(|i| format!("x-f{i:03}: {}\r\n", "v".repeat(300)))
+        .collect();
+    let raw = format!("HTTP/1.1 200 OK\r\n{huge}content-length: 0\r\n\r\n");
+    let resp = conn.send(get("/huge"));
+    let (resp, ()) = tokio::join!(resp, answer_head(&mut backend, raw.as_bytes()));
+    let Err(err) = resp else {
+        panic!("a head over max_head is refused");
+    };
+    assert!(matches!(err.error, ClientError::Head(_)), "{}", err.error);
+}
+
 #[tokio::test]
 async fn interim_responses_are_dropped_and_chunked_bodies_with_trailers_decoded() {
     let l = listener().await;
