@@ -369,17 +369,22 @@ async fn a_clients_request_fields_reach_the_backend_as_written() {
         lines
     };
 
+    // What the backend saw of REQUEST through a daemon whose listener has `routes`.
+    let backend_saw = async |routes: &str| {
+        let lb = Ballast::start(&config(&[backend.to_string()], routes, ""));
+        let r = support::raw_request(lb.addr("web"), REQUEST.as_bytes())
+            .await
+            .expect("a response");
+        assert!(r.head.starts_with("HTTP/1.1 204"), "{}", r.head);
+        heads
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the backend saw the request")
+    };
+
     // Relayed: the client's order and case, ballast's fields after them.
-    let lb = Ballast::start(&config(&[backend.to_string()], "", ""));
-    let r = support::raw_request(lb.addr("web"), REQUEST.as_bytes())
-        .await
-        .expect("a response");
-    assert!(r.head.starts_with("HTTP/1.1 204"), "{}", r.head);
-    let head = heads
-        .lock()
-        .unwrap()
-        .pop()
-        .expect("the backend saw the request");
+    let head = backend_saw("").await;
     let lines: Vec<&str> = head.lines().collect();
     assert_eq!(
         lines[..4],
@@ -401,16 +406,7 @@ async fn a_clients_request_fields_reach_the_backend_as_written() {
     let routes = r#"routes = [
   { path_prefix = "/", pool = "app", request_headers = { set = { "X-Added" = "yes" } } },
 ]"#;
-    let lb = Ballast::start(&config(&[backend.to_string()], routes, ""));
-    let r = support::raw_request(lb.addr("web"), REQUEST.as_bytes())
-        .await
-        .expect("a response");
-    assert!(r.head.starts_with("HTTP/1.1 204"), "{}", r.head);
-    let head = heads
-        .lock()
-        .unwrap()
-        .pop()
-        .expect("the backend saw the request");
+    let head = backend_saw(routes).await;
     assert_eq!(
         sorted(&head),
         expected(&["host: x", "x-mixed-case: One", "accept: a", "x-added: yes"]),

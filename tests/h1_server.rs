@@ -509,6 +509,9 @@ async fn a_failing_response_body_is_cut_without_its_last_chunk() {
     assert_eq!(server.ending().await, "ResponseFailed");
 }
 
+/// Shutdown closes an idle keep-alive connection without a reset: a request the client
+/// sends as it closes is read and dropped, so the client sees an orderly close (which HTTP
+/// clients answer by resending on a new connection) and not ECONNRESET.
 #[tokio::test]
 async fn shutdown_closes_idle_connections_and_ends_the_current_exchange() {
     let mut server = Server::start(config()).await;
@@ -520,29 +523,6 @@ async fn shutdown_closes_idle_connections_and_ends_the_current_exchange() {
     server.shutdown.cancel();
     let rest = read_to_close(&mut s).await;
     assert_eq!(rest, "");
-    assert_eq!(server.ending().await, "Closed");
-    // After shutdown, a request already on its way is answered, with `Connection: close`.
-    let out = raw(&server, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
-    assert!(
-        out.contains("connection: close\r\n") && out.ends_with("ok"),
-        "{out}"
-    );
-    assert_eq!(server.ending().await, "Closed");
-}
-
-/// An idle keep-alive connection closed by shutdown is closed without a reset: a request
-/// the client sends as it closes is read and dropped, so the client sees an orderly close
-/// (which HTTP clients answer by resending on a new connection) and not ECONNRESET.
-#[tokio::test]
-async fn shutdown_closes_an_idle_connection_without_a_reset() {
-    let mut server = Server::start(config()).await;
-    let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut s, "\r\n\r\nok").await;
-    server.shutdown.cancel();
-    assert_eq!(read_to_close(&mut s).await, "");
     // Requests that cross the close. Had the server closed its socket outright, the first
     // would draw a reset from its kernel, and a reset socket takes no more writes (EPIPE):
     // a request in flight there was lost to a reset instead of an orderly close.
@@ -553,6 +533,13 @@ async fn shutdown_closes_an_idle_connection_without_a_reset() {
             .expect("the server still reads what comes after its close");
     }
     drop(s);
+    assert_eq!(server.ending().await, "Closed");
+    // After shutdown, a request already on its way is answered, with `Connection: close`.
+    let out = raw(&server, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(
+        out.contains("connection: close\r\n") && out.ends_with("ok"),
+        "{out}"
+    );
     assert_eq!(server.ending().await, "Closed");
 }
 
