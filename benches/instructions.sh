@@ -28,7 +28,8 @@
 #     each proxy's user space executes per request (IPC differs: compare.sh times it)
 #   VARIANTS="plain close tls h2" bash benches/instructions.sh   # + a new connection per
 #     request (`Connection: close`, per connection), HTTP/1.1 keep-alive over TLS (4
-#     connections), and HTTP/2 over TLS (h2load, 4 connections x 10 streams, per request;
+#     connections), and HTTP/2 over TLS (h2load, H2_CONNS (4) connections x H2_STREAMS (10)
+#     streams, per request;
 #     needs h2load and openssl, installed if missing); with BALLAST_BASELINE set, the
 #     baseline is measured for each of plain, close, tls and h2 asked for
 #
@@ -103,7 +104,7 @@ load() {  # $1 = number of requests; $2 = keepalive (4 connections), close, tls 
   case ${2:-keepalive} in
     h2)
       local answered
-      answered=$(h2load -n "$1" -c 4 -m 10 "https://localhost:$lb/bench" 2>&1)
+      answered=$(h2load -n "$1" -c "${H2_CONNS:-4}" -m "${H2_STREAMS:-10}" "https://localhost:$lb/bench" 2>&1)
       echo "$answered" | grep -q "^status codes: $1 2xx" \
         || { echo "h2load: not all $1 answered 2xx: $answered" >&2; exit 1; } ;;
     *)

@@ -25,6 +25,9 @@
 #                                                   # another build (runs are separate)
 #   BALLAST_BASELINE=/path/to/older/ballast bash benches/protocols.sh
 #                                                   # + that build as ballast-base, same run
+#   SYSCALLS=1 SCENARIOS=h2 bash benches/protocols.sh
+#                                                   # + system calls and wake-ups per unit
+#                                                   # of each proxy (perf stat, round 1)
 #
 # Needs Debian's haproxy, nginx-light + libnginx-mod-stream, wrk, nghttp2-client (h2load),
 # iperf3 and openssl; installs them if missing (root). The proxy runs pinned to CPU 0, the
@@ -315,9 +318,22 @@ for scenario in $SCENARIOS; do
         h2-m100) taskset -c 1 h2load -c "${H2_M100_CONNS:-16}" -m "${H2_M100_STREAMS:-100}" -D 2 "https://localhost:$lb/" >/dev/null 2>&1 || true ;;
         *) taskset -c 1 wrk -t1 -c8 -d1s "https://localhost:$lb/" >/dev/null 2>&1 || true ;;
       esac
+      recorder=""
+      if [ -n "${SYSCALLS:-}" ] && [ "$round" = 1 ]; then
+        # As in compare.sh: the proxy's own calls and the wake-ups it causes, per unit.
+        perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,sched:sched_wakeup \
+          -p "$wpid" -o "$work/syscalls.$proxy" -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
+      fi
       t0=$(cpu_ticks "$wpid"); a0=$(backend_accepts)
       read -r rate units < <(run_load "$scenario")
       t1=$(cpu_ticks "$wpid"); a1=$(backend_accepts)
+      if [ -n "$recorder" ]; then
+        wait "$recorder" || true
+        awk -F, -v n="$units" -v p="$scenario $proxy" '$1 ~ /^[0-9]+$/ {sub(/^.*:(sys_enter_)?/, "", $3); v[$3]=$1/n; o[++k]=$3}
+          END {printf "%s per unit:", p; for (i=1;i<=k;i++) printf " %s %.3f", o[i], v[o[i]]; printf "\n"}' \
+          "$work/syscalls.$proxy" | tee -a "$work/syscalls"
+        rm -f "$work/syscalls.$proxy"
+      fi
       case $scenario in h2*)
         echo "$scenario $proxy $round $(peak_rss_kib "$wpid") $((a1 - a0))" >> "$extras"
         printf '%-16s round %s %-15s peak RSS %s KiB, new backend connections %s\n' "$scenario" "$round" "$proxy" "$(peak_rss_kib "$wpid")" "$((a1 - a0))" ;;
