@@ -231,8 +231,8 @@ if [ "${SCENARIO:-}" = close ]; then
 fi
 : > "$results"
 proxies="ballast haproxy nginx"
-if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast ballast-base haproxy nginx"; fi
-if [ -n "${THREADS2:-}" ]; then proxies="ballast ballast-2t haproxy nginx"; fi
+if [ -n "${THREADS2:-}" ]; then proxies="ballast-2t $proxies"; fi
+if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast-base $proxies"; fi
 if [ -n "${OBSERVABILITY:-}" ]; then
   proxies="ballast ballast-metrics ballast-log haproxy nginx"
   if [ -n "${BALLAST_BASELINE:-}" ]; then proxies="ballast-base $proxies"; fi
