@@ -74,6 +74,8 @@ taskset -c 1 nginx -c "$work/backends.conf" -p "$work" & pids+=($!)
 # benches/peers.sh: the same HAProxy and nginx as benches/instructions.sh measures.
 # shellcheck source=benches/peers.sh
 source benches/peers.sh
+# shellcheck source=benches/syscalls.sh
+source benches/syscalls.sh
 peer_configs "$work" "$lb" "$b1" "$b2" "$b3"
 cat > "$work/ballast.toml" <<CONF
 [global]
@@ -255,10 +257,7 @@ for round in $(seq 1 "$ROUNDS"); do
         -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
     fi
     if [ -n "${SYSCALLS:-}" ] && [ "$round" = 1 ]; then
-      # Counted in the proxy's own context: its calls, and the wake-ups it causes (a
-      # send waking the reader on the other end is billed to the sender on loopback).
-      perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,sched:sched_wakeup \
-        -p "$wpid" -o "$work/syscalls.$proxy" -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
+      syscalls_record "$wpid" "$work/syscalls.$proxy" "$DURATION" & recorder=$!
     fi
     t0=$(cpu_ticks "$wpid"); u0=$(user_ticks "$wpid")
     out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${wrk_args[@]}" "http://127.0.0.1:$lb/")
@@ -275,10 +274,7 @@ for round in $(seq 1 "$ROUNDS"); do
     user_us=$(awk -v d=$((u1-u0)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.2f", d/hz*1e6/n}')
     echo "$proxy $round $rps $p50 $p99 $cpu_us $user_us" >> "$results"
     if [ -f "$work/syscalls.$proxy" ]; then
-      awk -F, -v n="$reqs" -v p="$proxy" '$1 ~ /^[0-9]+$/ {sub(/^.*:(sys_enter_)?/, "", $3); v[$3]=$1/n; o[++k]=$3}
-        END {printf "%s per request:", p; for (i=1;i<=k;i++) printf " %s %.2f", o[i], v[o[i]]; printf "\n"}' \
-        "$work/syscalls.$proxy" >> "$work/syscalls"
-      rm -f "$work/syscalls.$proxy"
+      syscalls_report "$work/syscalls.$proxy" "$reqs" "$proxy" >> "$work/syscalls"
     fi
     printf 'round %s %-8s %10s req/s  p50 %-8s p99 %-8s cpu/req %6s us (user %s) %s\n' "$round" "$proxy" "$rps" "$p50" "$p99" "$cpu_us" "$user_us" "$errors"
   done
@@ -312,7 +308,7 @@ for p in ("ballast", "ballast-base", "ballast-2t", "ballast-metrics", "ballast-l
 PY
 
 if [ -f "$work/syscalls" ]; then
-  echo; echo "== system calls and wake-ups per request (round 1; sys_enter = every call) =="
+  echo; echo "== system calls and wake-ups per request (round 1; sys_enter = every call; unit = request) =="
   cat "$work/syscalls"
 fi
 

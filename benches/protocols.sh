@@ -35,6 +35,8 @@
 # Everything listens on 127.0.0.1; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/syscalls.sh
+source benches/syscalls.sh
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
@@ -320,19 +322,14 @@ for scenario in $SCENARIOS; do
       esac
       recorder=""
       if [ -n "${SYSCALLS:-}" ] && [ "$round" = 1 ]; then
-        # As in compare.sh: the proxy's own calls and the wake-ups it causes, per unit.
-        perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,sched:sched_wakeup \
-          -p "$wpid" -o "$work/syscalls.$proxy" -- sleep "$DURATION" >/dev/null 2>&1 & recorder=$!
+        syscalls_record "$wpid" "$work/syscalls.$proxy" "$DURATION" & recorder=$!
       fi
       t0=$(cpu_ticks "$wpid"); a0=$(backend_accepts)
       read -r rate units < <(run_load "$scenario")
       t1=$(cpu_ticks "$wpid"); a1=$(backend_accepts)
       if [ -n "$recorder" ]; then
         wait "$recorder" || true
-        awk -F, -v n="$units" -v p="$scenario $proxy" '$1 ~ /^[0-9]+$/ {sub(/^.*:(sys_enter_)?/, "", $3); v[$3]=$1/n; o[++k]=$3}
-          END {printf "%s per unit:", p; for (i=1;i<=k;i++) printf " %s %.3f", o[i], v[o[i]]; printf "\n"}' \
-          "$work/syscalls.$proxy" | tee -a "$work/syscalls"
-        rm -f "$work/syscalls.$proxy"
+        syscalls_report "$work/syscalls.$proxy" "$units" "$scenario $proxy"
       fi
       case $scenario in h2*)
         echo "$scenario $proxy $round $(peak_rss_kib "$wpid") $((a1 - a0))" >> "$extras"
