@@ -1,6 +1,7 @@
 //! Where a request goes: per listener, a [`Router`] of routes in file order (host, path
-//! prefix), each naming a [`Target`] (the pool and what the route changes on the way),
-//! then the listener's default. Built with each config generation (see `state`), read by
+//! prefix or exact path, path regex, methods: every matcher a route has must hold), each
+//! naming a [`Target`] (the pool and what the route changes on the way), then the
+//! listener's default. Built with each config generation (see `state`), read by
 //! the request path.
 
 use std::collections::HashMap;
@@ -8,7 +9,8 @@ use std::sync::Arc;
 
 use crate::balance::Pool;
 use crate::config::{
-    HashKey, HeaderRules, HostMatch, ListenerConfig, RateKey, RateLimitConfig, UpstreamProtocol,
+    HashKey, HeaderRules, HostMatch, ListenerConfig, PathRegex, RateKey, RateLimitConfig,
+    UpstreamProtocol,
 };
 use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
@@ -17,7 +19,29 @@ use crate::stats::ListenerStats;
 struct Route {
     host: Option<HostMatch>,
     path_prefix: Option<String>,
+    path: Option<String>,
+    path_regex: Option<PathRegex>,
+    methods: Option<Vec<http::Method>>,
     target: Target,
+}
+
+impl Route {
+    /// Every matcher the route has holds; the regex last, as the dearest.
+    fn matches(&self, host: Option<&str>, path: &str, method: &http::Method) -> bool {
+        self.host
+            .as_ref()
+            .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
+            && self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+            && self
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| path.starts_with(p.as_str()))
+            && self.path.as_ref().is_none_or(|p| path == p)
+            && self
+                .path_regex
+                .as_ref()
+                .is_none_or(|re| re.0.is_match(path))
+    }
 }
 
 /// Where a route sends a request, and what it lets through.
@@ -92,6 +116,9 @@ impl Router {
                 Some(Route {
                     host: r.host.clone(),
                     path_prefix: r.path_prefix.clone(),
+                    path: r.path.clone(),
+                    path_regex: r.path_regex.clone(),
+                    methods: r.methods.clone(),
                     target: Target {
                         pool: Arc::clone(pools.get(r.pool.as_str())?),
                         upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
@@ -139,18 +166,17 @@ impl Router {
         })
     }
 
-    /// `host` is the request's host without port.
-    pub fn route(&self, host: Option<&str>, path: &str) -> &Target {
+    /// The listener's own pool and rules (all a TCP listener has).
+    pub fn default_target(&self) -> &Target {
+        &self.default
+    }
+
+    /// The first route whose matchers all hold, else the default. `host` is the request's
+    /// host without port; `path` is normalized, without the query.
+    pub fn route(&self, host: Option<&str>, path: &str, method: &http::Method) -> &Target {
         self.routes
             .iter()
-            .find(|r| {
-                r.host
-                    .as_ref()
-                    .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
-                    && r.path_prefix
-                        .as_ref()
-                        .is_none_or(|p| path.starts_with(p.as_str()))
-            })
+            .find(|r| r.matches(host, path, method))
             .map_or(&self.default, |r| &r.target)
     }
 }
@@ -210,7 +236,13 @@ backends = ["127.0.0.1:6"]
 "#,
         );
         let router = &snap.routers["web"];
-        let pool = |host: Option<&str>, path: &str| router.route(host, path).pool.name.to_string();
+        let pool = |host: Option<&str>, path: &str| {
+            router
+                .route(host, path, &http::Method::GET)
+                .pool
+                .name
+                .to_string()
+        };
         assert_eq!(pool(Some("api.example.com"), "/v2/users"), "v2");
         assert_eq!(pool(Some("api.example.com"), "/v1/users"), "api");
         // File order: the host-only route comes before the /static/ one.
@@ -230,5 +262,58 @@ backends = ["127.0.0.1:6"]
             "no host matches no host route"
         );
         assert_eq!(pool(Some("other"), "/"), "default");
+    }
+
+    #[test]
+    fn methods_exact_paths_and_path_regexes_all_hold_for_a_route_to_match() {
+        let snap = snapshot(
+            r#"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "default"
+routes = [
+  { path = "/robots.txt", pool = "exact" },
+  { path_prefix = "/api/", methods = ["POST", "PUT"], pool = "writes" },
+  { path_regex = "^/users/[0-9]+/avatar$", methods = ["GET"], pool = "avatars" },
+  { path_regex = "\\.(css|js)$", pool = "assets" },
+]
+[pools.default]
+backends = ["127.0.0.1:1"]
+[pools.exact]
+backends = ["127.0.0.1:2"]
+[pools.writes]
+backends = ["127.0.0.1:3"]
+[pools.avatars]
+backends = ["127.0.0.1:4"]
+[pools.assets]
+backends = ["127.0.0.1:5"]
+"#,
+        );
+        let router = &snap.routers["web"];
+        let pool = |method: &str, path: &str| {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            router.route(None, path, &method).pool.name.to_string()
+        };
+        assert_eq!(pool("GET", "/robots.txt"), "exact");
+        assert_eq!(pool("GET", "/robots.txt2"), "default", "path is exact");
+        assert_eq!(pool("GET", "/robots"), "default");
+        assert_eq!(pool("POST", "/api/x"), "writes");
+        assert_eq!(pool("PUT", "/api/x"), "writes");
+        assert_eq!(pool("GET", "/api/x"), "default", "a method not listed");
+        assert_eq!(
+            pool("post", "/api/x"),
+            "default",
+            "methods are case-sensitive"
+        );
+        assert_eq!(pool("GET", "/users/42/avatar"), "avatars");
+        assert_eq!(pool("GET", "/users/42/avatar/x"), "default", "anchored");
+        assert_eq!(pool("HEAD", "/users/42/avatar"), "default");
+        assert_eq!(
+            pool("GET", "/a/b/site.css"),
+            "assets",
+            "unanchored: anywhere"
+        );
+        assert_eq!(pool("DELETE", "/x.js"), "assets");
+        assert_eq!(pool("GET", "/x.json"), "default");
     }
 }

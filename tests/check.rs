@@ -331,6 +331,24 @@ fn listener_limits_and_routes() {
 }
 
 #[test]
+fn route_matchers_are_checked_where_they_stand() {
+    let text = format!(
+        "{BASE}[[listeners.web.routes]]\npath = \"robots.txt\"\npath_regex = \"^/users/(\"\nmethods = [\"get\", \"B@D\"]\npool = \"app\"\n[[listeners.web.routes]]\npath = \"/a\"\npath_prefix = \"/a\"\nmethods = []\npool = \"app\"\n"
+    );
+    assert_error(
+        &text,
+        &[
+            "F:8:8: listeners.web.routes[0].path: must start with '/'",
+            "F:9:14: listeners.web.routes[0].path_regex: invalid regular expression: unclosed group",
+            "F:10:12: listeners.web.routes[0].methods: \"get\": methods are case-sensitive; write \"GET\"",
+            "F:10:19: listeners.web.routes[0].methods: invalid method \"B@D\"",
+            "F:13:8: listeners.web.routes[1]: path and path_prefix: choose one",
+            "F:15:11: listeners.web.routes[1].methods: list at least one method, or leave the key out",
+        ],
+    );
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let out = Command::new(support::ballast_bin())
         .args(["--config", "/nonexistent/ballast.toml", "--check"])

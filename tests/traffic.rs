@@ -1009,3 +1009,67 @@ async fn a_drain_answers_queued_requests_with_503_at_once_and_finishes_the_runni
         "the request in flight finished"
     );
 }
+
+/// Which backend answered a raw request (its `x-backend` field), or the status if not 200.
+async fn answered_by(web: std::net::SocketAddr, method: &str, target: &str) -> String {
+    let sent = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    let r = raw_request(web, sent.as_bytes()).await.expect("answer");
+    if r.status != 200 {
+        return r.status.to_string();
+    }
+    r.head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-backend: ")
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_on_exact_paths_path_regexes_and_methods_all_together() {
+    let [app, exact, writes, regex] = start_backends(["app", "exact", "writes", "regex"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"routes = [
+  { path = "/robots.txt", methods = ["GET", "HEAD"], pool = "exact" },
+  { path_prefix = "/api/", methods = ["POST", "PUT"], pool = "writes" },
+  { path_regex = "^/users/[0-9]+/avatar$", pool = "regex" },
+]"#,
+            )
+            .pool(&format!("[pools.exact]\nbackends = [\"{}\"]", exact.addr))
+            .pool(&format!("[pools.writes]\nbackends = [\"{}\"]", writes.addr))
+            .pool(&format!("[pools.regex]\nbackends = [\"{}\"]", regex.addr))
+            .build(),
+    );
+    let web = lb.addr("web");
+    let cases = [
+        ("GET", "/robots.txt", "exact"),
+        ("POST", "/robots.txt", "app"),
+        ("OPTIONS", "/robots.txt", "app"),
+        ("GET", "/robots.txt/x", "app"),
+        // The query is not part of the path.
+        ("GET", "/robots.txt?x=1", "exact"),
+        ("POST", "/api/items", "writes"),
+        ("PUT", "/api/items/1", "writes"),
+        ("GET", "/api/items", "app"),
+        ("GET", "/users/42/avatar", "regex"),
+        ("GET", "/users/42/avatar?size=2", "regex"),
+        ("GET", "/users/x/avatar", "app"),
+        ("GET", "/users/42/avatar/big", "app"),
+        // Matched after dot-segments are resolved, as prefixes are.
+        ("GET", "/users/7/../42/avatar", "regex"),
+        ("GET", "/static/../robots.txt", "exact"),
+    ];
+    let mut seen = Vec::new();
+    for (method, target, _) in cases {
+        seen.push(answered_by(web, method, target).await);
+    }
+    let expected: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    assert_eq!(seen, expected, "{cases:?}");
+    // A hostile path is matched in linear time: a long one costs no more than its length.
+    let long = format!("/users/{}x/avatar", "1".repeat(6000));
+    assert_eq!(answered_by(web, "GET", &long).await, "app");
+}

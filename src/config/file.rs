@@ -162,6 +162,9 @@ impl<'de> Deserialize<'de> for FileSize {
 pub struct FileRoute {
     pub host: Option<Text>,
     pub path_prefix: Option<Text>,
+    pub path: Option<Text>,
+    pub path_regex: Option<Text>,
+    pub methods: Option<Spanned<Vec<Text>>>,
     pub pool: Text,
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub strip_prefix: Option<Spanned<bool>>,

@@ -250,6 +250,12 @@ pub enum TlsVersion {
 pub struct RouteConfig {
     pub host: Option<HostMatch>,
     pub path_prefix: Option<String>,
+    /// The whole path, exactly (no query).
+    pub path: Option<String>,
+    /// Matched against the path (no query), anywhere in it unless anchored.
+    pub path_regex: Option<PathRegex>,
+    /// The request's method is one of these (case-sensitive, as RFC 9110 §9.1 says).
+    pub methods: Option<Vec<http::Method>>,
     pub pool: String,
     /// Overrides the listener's `upgrade` list for requests this route matches.
     pub upgrade: Option<Vec<String>>,
@@ -260,6 +266,17 @@ pub struct RouteConfig {
     pub response_headers: Option<HeaderRules>,
     /// Applies to requests this route matches, after the listener's own.
     pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A route's `path_regex`, compiled once at load. The `regex` crate matches in linear time
+/// (no backtracking), so no path a client sends can make matching slow.
+#[derive(Debug, Clone)]
+pub struct PathRegex(pub regex::Regex);
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &PathRegex) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
 }
 
 /// `rate_limit`: a token bucket per key.

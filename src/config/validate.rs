@@ -17,6 +17,10 @@ use super::file::{
 };
 use super::*;
 
+/// Largest compiled `path_regex` (the regex crate's default is 10 MiB): a path pattern
+/// needs far less, and a config should not make one that costs much memory to build.
+const PATH_REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 /// A backend entry: a literal address, or a name to resolve.
 #[derive(Debug, PartialEq)]
 enum BackendAddress {
@@ -312,6 +316,25 @@ impl Validator<'_> {
                     None
                 }
             });
+            let path = r.path.as_ref().and_then(|p| {
+                if r.path_prefix.is_some() {
+                    self.push(
+                        p.span(),
+                        format!("{rkey}: path and path_prefix: choose one"),
+                    );
+                    None
+                } else if p.get_ref().starts_with('/') {
+                    Some(p.get_ref().clone())
+                } else {
+                    self.push(p.span(), format!("{rkey}.path: must start with '/'"));
+                    None
+                }
+            });
+            let path_regex = r
+                .path_regex
+                .as_ref()
+                .and_then(|p| self.path_regex(p, &rkey));
+            let methods = r.methods.as_ref().and_then(|m| self.methods(m, &rkey));
             let upgrade = r
                 .upgrade
                 .as_ref()
@@ -363,6 +386,9 @@ impl Validator<'_> {
             routes.push(RouteConfig {
                 host,
                 path_prefix,
+                path,
+                path_regex,
+                methods,
                 pool: r.pool.get_ref().clone(),
                 upgrade,
                 rewrite_prefix,
@@ -807,6 +833,66 @@ impl Validator<'_> {
             true,
         )
         .map(|n| n as usize)
+    }
+
+    /// A route's `path_regex`, compiled once here. Its size is bounded, so a config cannot
+    /// make one that takes much memory to build.
+    fn path_regex(&mut self, p: &Text, rkey: &str) -> Option<PathRegex> {
+        match regex::RegexBuilder::new(p.get_ref())
+            .size_limit(PATH_REGEX_SIZE_LIMIT)
+            .build()
+        {
+            Ok(re) => Some(PathRegex(re)),
+            Err(e) => {
+                // The regex crate's message spans several lines (the pattern, a caret, the
+                // reason); one line reads better after FILE:LINE:COL.
+                let reason = e.to_string();
+                let reason = reason
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                self.push(
+                    p.span(),
+                    format!("{rkey}.path_regex: invalid regular expression: {reason}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A route's `methods`: tokens, matched case-sensitively. A lower-case standard method
+    /// is refused with the upper-case one named: it would never match what clients send.
+    fn methods(&mut self, m: &Spanned<Vec<Text>>, rkey: &str) -> Option<Vec<http::Method>> {
+        if m.get_ref().is_empty() {
+            self.push(
+                m.span(),
+                format!("{rkey}.methods: list at least one method, or leave the key out"),
+            );
+            return None;
+        }
+        let mut methods = Vec::new();
+        for t in m.get_ref() {
+            let s = t.get_ref();
+            let upper = s.to_ascii_uppercase();
+            let standard = [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ];
+            if *s != upper && standard.contains(&upper.as_str()) {
+                self.push(
+                    t.span(),
+                    format!("{rkey}.methods: {s:?}: methods are case-sensitive; write {upper:?}"),
+                );
+                continue;
+            }
+            match http::Method::from_bytes(s.as_bytes()) {
+                Ok(method) if !s.is_empty() => methods.push(method),
+                _ => self.push(t.span(), format!("{rkey}.methods: invalid method {s:?}")),
+            }
+        }
+        Some(methods)
     }
 
     fn host_match(&mut self, h: &Text, rkey: &str) -> Option<HostMatch> {

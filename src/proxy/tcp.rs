@@ -62,7 +62,7 @@ pub async fn serve(
     let Some(router) = snap.routers.get(config.name.as_str()) else {
         return;
     };
-    let pool = Arc::clone(&router.route(None, "/").pool);
+    let pool = Arc::clone(&router.default_target().pool);
     let log = snap
         .access_log
         .as_ref()

@@ -96,7 +96,7 @@ pub(super) async fn respond<'s>(
         }
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
-    let target = router.route(host, path);
+    let target = router.route(host, path, req.method());
     let rewritten = target
         .rewrite
         .as_ref()
