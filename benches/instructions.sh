@@ -23,6 +23,8 @@
 #     a rate limit no request reaches, header rules: what they cost when used)
 #   VARIANTS="plain request-id rate-limit header-rules max-connections panic retry-budget"
 #     bash benches/instructions.sh   # the same keys one at a time: what each costs
+#   VARIANTS="plain routes header-route" bash benches/instructions.sh   # routes the requests
+#     pass over: request-line matchers only, and one header matcher (fields then mapped)
 #   VARIANTS="plain nginx haproxy" bash benches/instructions.sh   # + nginx and HAProxy (Debian's,
 #     installed if missing), configured as in benches/compare.sh, under the same load: what
 #     each proxy's user space executes per request (IPC differs: compare.sh times it)
@@ -87,6 +89,10 @@ one_key header-rules 'request_headers = { set = { "X-Env" = "bench", "X-Client" 
 one_key max-connections '' 'max_connections = 1000'
 one_key panic '' 'panic_threshold = "50%"'
 one_key retry-budget '' 'retry_on = ["connect_failure", "reset", "503"]\nretry_budget = "20%"'
+# Routes the bench's requests pass over to the default: matchers on the request line only
+# (the fields stay relayed as lines), and one route on a header (the listener maps them).
+one_key routes 'routes = [{ path = "/robots.txt", methods = ["GET"], pool = "app" }, { path_regex = "^/users/[0-9]+$", pool = "app" }, { path_prefix = "/", query = { v = "2" }, pool = "app" }]' ''
+one_key header-route 'routes = [{ headers = { "X-Canary" = "1" }, pool = "app" }]' ''
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost \
   -addext "subjectAltName=DNS:localhost" -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
 sed -e "/^pool = \"app\"/a [listeners.web.tls]\ncertificates = [{ cert = \"$work/tls.pem\", key = \"$work/tls.key\" }]" \
@@ -178,7 +184,7 @@ for variant in ${VARIANTS:-plain metrics access-log access-log-common}; do
       measure "$variant" "$BALLAST" "$config" "$variant" ;;
     threads2) measure threads2 "$BALLAST" "$work/threads2.toml" ;;
     traffic) measure traffic "$BALLAST" "$work/traffic.toml" ;;
-    request-id|rate-limit|header-rules|max-connections|panic|retry-budget)
+    request-id|rate-limit|header-rules|max-connections|panic|retry-budget|routes|header-route)
       measure "$variant" "$BALLAST" "$work/$variant.toml" ;;
     metrics) measure metrics "$BALLAST" "$work/metrics.toml" ;;
     nginx) measure nginx nginx "$work/nginx.conf" ;;

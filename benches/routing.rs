@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use ballast::config::Config;
 use ballast::discovery::Resolved;
+use ballast::routing::{Fields, RequestView};
 use ballast::state::Snapshot;
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -45,20 +46,23 @@ fn route(c: &mut Criterion) {
             with_matchers.join(", "),
         ),
     ];
-    let get = http::Method::GET;
+    let headers = http::HeaderMap::new();
+    let view = |host, path| RequestView {
+        host: Some(host),
+        path,
+        method: &http::Method::GET,
+        headers: Fields::Map(&headers),
+        query: None,
+    };
     for (name, routes) in cases {
         let snap = router(&routes);
         let r = &snap.routers["l"];
         group.bench_function(format!("{name}/last_route"), |b| {
-            b.iter(|| black_box(r.route(Some("h9.example.com"), black_box("/p9/items/1"), &get)))
+            b.iter(|| black_box(r.route(&view("h9.example.com", black_box("/p9/items/1")))))
         });
         group.bench_function(format!("{name}/no_match"), |b| {
             b.iter(|| {
-                black_box(r.route(
-                    Some("other.example.com"),
-                    black_box("/users/42/avatar/x"),
-                    &get,
-                ))
+                black_box(r.route(&view("other.example.com", black_box("/users/42/avatar/x"))))
             })
         });
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::balance::Pool;
 use crate::config::{
-    HashKey, HeaderRules, HostMatch, ListenerConfig, PathRegex, RateKey, RateLimitConfig,
+    FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig, Pattern, RateKey, RateLimitConfig,
     UpstreamProtocol,
 };
 use crate::rate_limit::RateLimiter;
@@ -20,27 +20,87 @@ struct Route {
     host: Option<HostMatch>,
     path_prefix: Option<String>,
     path: Option<String>,
-    path_regex: Option<PathRegex>,
+    path_regex: Option<Pattern>,
     methods: Option<Vec<http::Method>>,
+    headers: Vec<(http::HeaderName, FieldMatch)>,
+    query: Vec<(String, FieldMatch)>,
     target: Target,
 }
 
+/// What routing reads of a request.
+pub struct RequestView<'a> {
+    /// Without port.
+    pub host: Option<&'a str>,
+    /// Normalized (dot-segments resolved), without the query.
+    pub path: &'a str,
+    pub method: &'a http::Method,
+    pub headers: Fields<'a>,
+    pub query: Option<&'a str>,
+}
+
+/// A request's fields, wherever they are: in its map, or as the lines an HTTP/1.1 client
+/// sent when the listener relays them (`h1::RequestFields`). Matching reads either, so a
+/// route on a header costs the fast path nothing.
+#[derive(Clone, Copy)]
+pub enum Fields<'a> {
+    Map(&'a http::HeaderMap),
+    Lines(&'a crate::h1::RequestFields),
+}
+
+impl Fields<'_> {
+    /// Whether some value of field `name` passes `test`.
+    fn any(&self, name: &http::HeaderName, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        match self {
+            Fields::Map(map) => map.get_all(name).iter().any(|v| test(v.as_bytes())),
+            Fields::Lines(lines) => lines.values(name.as_str().as_bytes()).any(test),
+        }
+    }
+}
+
 impl Route {
-    /// Every matcher the route has holds; the regex last, as the dearest.
-    fn matches(&self, host: Option<&str>, path: &str, method: &http::Method) -> bool {
+    /// Every matcher the route has holds; the dearer ones last.
+    fn matches(&self, req: &RequestView<'_>) -> bool {
         self.host
             .as_ref()
-            .is_none_or(|m| host.is_some_and(|h| m.matches(h)))
-            && self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+            .is_none_or(|m| req.host.is_some_and(|h| m.matches(h)))
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.contains(req.method))
             && self
                 .path_prefix
                 .as_ref()
-                .is_none_or(|p| path.starts_with(p.as_str()))
-            && self.path.as_ref().is_none_or(|p| path == p)
+                .is_none_or(|p| req.path.starts_with(p.as_str()))
+            && self.path.as_ref().is_none_or(|p| req.path == p)
+            && self
+                .headers
+                .iter()
+                .all(|(name, m)| m.holds(|want| req.headers.any(name, want)))
+            && self.query.iter().all(|(name, m)| {
+                let mut values = form_urlencoded::parse(req.query.unwrap_or("").as_bytes())
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| v);
+                m.holds(|want| values.any(|v| want(v.as_bytes())))
+            })
             && self
                 .path_regex
                 .as_ref()
-                .is_none_or(|re| re.0.is_match(path))
+                .is_none_or(|re| re.0.is_match(req.path))
+    }
+}
+
+impl FieldMatch {
+    /// Whether the matcher holds, given `any(test)`: true if some value of the field or
+    /// parameter passes `test`.
+    fn holds(&self, any: impl FnOnce(&dyn Fn(&[u8]) -> bool) -> bool) -> bool {
+        match self {
+            FieldMatch::Equals(s) => any(&|v| v == s.as_bytes()),
+            FieldMatch::Present => any(&|_| true),
+            FieldMatch::Absent => !any(&|_| true),
+            FieldMatch::Regex(re) => {
+                any(&|v| std::str::from_utf8(v).is_ok_and(|v| re.0.is_match(v)))
+            }
+        }
     }
 }
 
@@ -91,7 +151,7 @@ pub struct Router {
     /// Nothing on this listener reads or edits a request's fields beyond `Host`, so an
     /// HTTP/1.1 client's lines can be relayed without a map (`h1::RequestFields`): no header
     /// rules, request ids or HTTPS redirect, no hash or rate-limit key taken from a field,
-    /// and HTTP/1.1 backends only.
+    /// and HTTP/1.1 backends only. (Routes read the lines as they are: [`Fields`].)
     pub relays_fields: bool,
 }
 
@@ -119,6 +179,8 @@ impl Router {
                     path: r.path.clone(),
                     path_regex: r.path_regex.clone(),
                     methods: r.methods.clone(),
+                    headers: r.headers.clone(),
+                    query: r.query.clone(),
                     target: Target {
                         pool: Arc::clone(pools.get(r.pool.as_str())?),
                         upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
@@ -171,12 +233,11 @@ impl Router {
         &self.default
     }
 
-    /// The first route whose matchers all hold, else the default. `host` is the request's
-    /// host without port; `path` is normalized, without the query.
-    pub fn route(&self, host: Option<&str>, path: &str, method: &http::Method) -> &Target {
+    /// The first route whose matchers all hold, else the default.
+    pub fn route(&self, req: &RequestView<'_>) -> &Target {
         self.routes
             .iter()
-            .find(|r| r.matches(host, path, method))
+            .find(|r| r.matches(req))
             .map_or(&self.default, |r| &r.target)
     }
 }
@@ -237,8 +298,15 @@ backends = ["127.0.0.1:6"]
         );
         let router = &snap.routers["web"];
         let pool = |host: Option<&str>, path: &str| {
+            let headers = http::HeaderMap::new();
             router
-                .route(host, path, &http::Method::GET)
+                .route(&RequestView {
+                    host,
+                    path,
+                    method: &http::Method::GET,
+                    headers: Fields::Map(&headers),
+                    query: None,
+                })
                 .pool
                 .name
                 .to_string()
@@ -292,7 +360,15 @@ backends = ["127.0.0.1:5"]
         let router = &snap.routers["web"];
         let pool = |method: &str, path: &str| {
             let method = http::Method::from_bytes(method.as_bytes()).unwrap();
-            router.route(None, path, &method).pool.name.to_string()
+            let headers = http::HeaderMap::new();
+            let view = RequestView {
+                host: None,
+                path,
+                method: &method,
+                headers: Fields::Map(&headers),
+                query: None,
+            };
+            router.route(&view).pool.name.to_string()
         };
         assert_eq!(pool("GET", "/robots.txt"), "exact");
         assert_eq!(pool("GET", "/robots.txt2"), "default", "path is exact");
@@ -315,5 +391,87 @@ backends = ["127.0.0.1:5"]
         );
         assert_eq!(pool("DELETE", "/x.js"), "assets");
         assert_eq!(pool("GET", "/x.json"), "default");
+    }
+
+    #[test]
+    fn header_and_query_matchers_equal_exist_are_absent_or_match_a_regex() {
+        let snap = snapshot(
+            r#"
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "default"
+routes = [
+  { headers = { "X-Canary" = "1", "X-Debug" = false }, pool = "canary" },
+  { headers = { "user-agent" = { regex = "^curl/" } }, pool = "curl" },
+  { query = { "version" = "2" }, pool = "v2" },
+  { query = { "preview" = true }, pool = "preview" },
+]
+[pools.default]
+backends = ["127.0.0.1:1"]
+[pools.canary]
+backends = ["127.0.0.1:2"]
+[pools.curl]
+backends = ["127.0.0.1:3"]
+[pools.v2]
+backends = ["127.0.0.1:4"]
+[pools.preview]
+backends = ["127.0.0.1:5"]
+"#,
+        );
+        let router = &snap.routers["web"];
+        assert!(
+            router.relays_fields,
+            "a header matcher reads the lines as they are"
+        );
+        let pool = |fields: &[(&str, &str)], query: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            for (k, v) in fields {
+                headers.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let view = RequestView {
+                host: None,
+                path: "/",
+                method: &http::Method::GET,
+                headers: Fields::Map(&headers),
+                query,
+            };
+            router.route(&view).pool.name.to_string()
+        };
+        assert_eq!(pool(&[("x-canary", "1")], None), "canary");
+        assert_eq!(
+            pool(&[("x-canary", "0"), ("x-canary", "1")], None),
+            "canary",
+            "any line"
+        );
+        assert_eq!(
+            pool(&[("x-canary", "1"), ("x-debug", "")], None),
+            "default",
+            "absent"
+        );
+        assert_eq!(
+            pool(&[("x-canary", "10")], None),
+            "default",
+            "the whole value"
+        );
+        assert_eq!(pool(&[("User-Agent", "curl/8.5")], None), "curl");
+        assert_eq!(pool(&[("User-Agent", "Mozilla curl/8")], None), "default");
+        assert_eq!(pool(&[], Some("version=2")), "v2");
+        assert_eq!(pool(&[], Some("a=b&version=%32")), "v2", "percent-decoded");
+        assert_eq!(pool(&[], Some("version=20")), "default");
+        assert_eq!(
+            pool(&[], Some("Version=2")),
+            "default",
+            "names are case-sensitive"
+        );
+        assert_eq!(
+            pool(&[], Some("preview")),
+            "preview",
+            "present without a value"
+        );
+        assert_eq!(pool(&[], Some("preview=no")), "preview");
+        assert_eq!(pool(&[], None), "default");
     }
 }

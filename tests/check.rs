@@ -349,6 +349,30 @@ fn route_matchers_are_checked_where_they_stand() {
 }
 
 #[test]
+fn header_and_query_matchers_are_checked_where_they_stand() {
+    let text = format!(
+        "{BASE}[[listeners.web.routes]]\nheaders = {{ \"Bad Name\" = \"1\", \"X-A\" = {{ regex = \"(\" }} }}\nquery = {{ v = {{ regex = \"[z-a]\" }} }}\npool = \"app\"\n"
+    );
+    assert_error(
+        &text,
+        &[
+            "F:8:13: listeners.web.routes[0].headers.Bad Name: not a header name",
+            "F:8:39: listeners.web.routes[0].headers.X-A: invalid regular expression: unclosed group",
+            "F:9:15: listeners.web.routes[0].query.v: invalid regular expression: invalid character class range",
+        ],
+    );
+    // A value of another type is named with what is accepted.
+    let text = format!("{BASE}[[listeners.web.routes]]\nquery = {{ v = 3 }}\npool = \"app\"\n");
+    let (code, _, err) = check(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with("F:8:15:")
+            && err.contains("true (present), false (absent) or { regex = \"...\" }"),
+        "{err}"
+    );
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let out = Command::new(support::ballast_bin())
         .args(["--config", "/nonexistent/ballast.toml", "--check"])

@@ -801,3 +801,37 @@ async fn h2_streams_reset_while_queued_free_their_places_and_blame_no_backend() 
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_an_h2_clients_headers_and_query() {
+    let [app, canary] = start_backends(["app", "canary"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                "h2c = true\nroutes = [{ headers = { \"X-Canary\" = \"1\" }, query = { v = \"2\" }, methods = [\"GET\"], pool = \"canary\" }]",
+            )
+            .pool(&format!("[pools.canary]\nbackends = [\"{}\"]", canary.addr))
+            .build(),
+    );
+    let mut h2 = h2_handshake(TcpStream::connect(lb.addr("web")).await.unwrap()).await;
+    for (target, canary_field, expected) in [
+        ("/?v=2", true, "canary"),
+        ("/?v=2", false, "app"),
+        ("/?v=3", true, "app"),
+    ] {
+        let mut req = http::Request::get(format!("http://test.local{target}"));
+        if canary_field {
+            req = req.header("x-canary", "1");
+        }
+        h2.ready().await.expect("ready");
+        let r = h2
+            .send_request(req.body(Full::default()).unwrap())
+            .await
+            .expect("h2 answer");
+        assert_eq!(
+            r.headers()["x-backend"],
+            expected,
+            "{target} {canary_field}"
+        );
+    }
+}

@@ -1073,3 +1073,57 @@ async fn routes_match_on_exact_paths_path_regexes_and_methods_all_together() {
     let long = format!("/users/{}x/avatar", "1".repeat(6000));
     assert_eq!(answered_by(web, "GET", &long).await, "app");
 }
+
+/// Which backend answered a request with these extra field lines.
+async fn answered_with(web: std::net::SocketAddr, target: &str, fields: &str) -> String {
+    let sent = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{fields}\r\n");
+    let r = raw_request(web, sent.as_bytes()).await.expect("answer");
+    r.head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-backend: ")
+                .map(String::from)
+        })
+        .unwrap_or_else(|| r.status.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_on_headers_and_query_parameters() {
+    let [app, canary, curl, v2] = start_backends(["app", "canary", "curl", "v2"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"routes = [
+  { headers = { "X-Canary" = "1", "X-Debug" = false }, pool = "canary" },
+  { headers = { "User-Agent" = { regex = "^curl/" } }, pool = "curl" },
+  { query = { "version" = "2", "preview" = true }, pool = "v2" },
+]"#,
+            )
+            .pool(&format!("[pools.canary]\nbackends = [\"{}\"]", canary.addr))
+            .pool(&format!("[pools.curl]\nbackends = [\"{}\"]", curl.addr))
+            .pool(&format!("[pools.v2]\nbackends = [\"{}\"]", v2.addr))
+            .build(),
+    );
+    let web = lb.addr("web");
+    let cases = [
+        ("/", "X-Canary: 1\r\n", "canary"),
+        ("/", "x-canary: 1\r\n", "canary"),
+        ("/", "X-Canary: 0\r\nX-Canary: 1\r\n", "canary"),
+        ("/", "X-Canary: 1\r\nX-Debug: yes\r\n", "app"),
+        ("/", "X-Canary: 11\r\n", "app"),
+        ("/", "User-Agent: curl/8.5.0\r\n", "curl"),
+        ("/", "User-Agent: Mozilla/5.0 curl/8\r\n", "app"),
+        ("/?version=2&preview", "", "v2"),
+        ("/?preview=1&version=%32", "", "v2"),
+        ("/?version=2", "", "app"),
+        ("/?version=20&preview", "", "app"),
+        ("/", "", "app"),
+    ];
+    let mut seen = Vec::new();
+    for (target, fields, _) in cases {
+        seen.push(answered_with(web, target, fields).await);
+    }
+    let expected: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    assert_eq!(seen, expected, "{cases:?}");
+}

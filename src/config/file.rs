@@ -128,6 +128,51 @@ pub struct FileCertificate {
     pub key: Text,
 }
 
+/// What a route's `headers` or `query` entry asks of the request: a string (that value,
+/// exactly), `true` (present), `false` (absent), or `{ regex = "..." }`.
+#[derive(Debug)]
+pub enum FileFieldMatch {
+    Equals(String),
+    Present(bool),
+    Regex(String),
+}
+
+impl<'de> Deserialize<'de> for FileFieldMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileFieldMatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a value to equal (a string), true (present), false (absent) or { regex = \"...\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileFieldMatch, E> {
+                Ok(FileFieldMatch::Equals(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<FileFieldMatch, E> {
+                Ok(FileFieldMatch::Present(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<FileFieldMatch, A::Error> {
+                let mut regex = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "regex" || regex.is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "unknown or repeated key {key:?}: the only key here is `regex`"
+                        )));
+                    }
+                    regex = Some(map.next_value::<String>()?);
+                }
+                regex
+                    .map(FileFieldMatch::Regex)
+                    .ok_or_else(|| serde::de::Error::custom("missing `regex`"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// A byte size, written as an integer or as text with a unit (`"64KiB"`, `"1MiB"`, `"0"`).
 #[derive(Debug)]
 pub enum FileSize {
@@ -165,6 +210,8 @@ pub struct FileRoute {
     pub path: Option<Text>,
     pub path_regex: Option<Text>,
     pub methods: Option<Spanned<Vec<Text>>>,
+    pub headers: Option<BTreeMap<Text, Spanned<FileFieldMatch>>>,
+    pub query: Option<BTreeMap<Text, Spanned<FileFieldMatch>>>,
     pub pool: Text,
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub strip_prefix: Option<Spanned<bool>>,

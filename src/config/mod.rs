@@ -253,9 +253,13 @@ pub struct RouteConfig {
     /// The whole path, exactly (no query).
     pub path: Option<String>,
     /// Matched against the path (no query), anywhere in it unless anchored.
-    pub path_regex: Option<PathRegex>,
+    pub path_regex: Option<Pattern>,
     /// The request's method is one of these (case-sensitive, as RFC 9110 §9.1 says).
     pub methods: Option<Vec<http::Method>>,
+    /// Each named field must match as given.
+    pub headers: Vec<(http::HeaderName, FieldMatch)>,
+    /// Each named query parameter (percent-decoded) must match as given.
+    pub query: Vec<(String, FieldMatch)>,
     pub pool: String,
     /// Overrides the listener's `upgrade` list for requests this route matches.
     pub upgrade: Option<Vec<String>>,
@@ -268,15 +272,27 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimitConfig>,
 }
 
-/// A route's `path_regex`, compiled once at load. The `regex` crate matches in linear time
-/// (no backtracking), so no path a client sends can make matching slow.
+/// A route's regular expression (`path_regex`, or a header or query value's), compiled once
+/// at load. The `regex` crate matches in linear time (no backtracking), so nothing a
+/// client sends can make matching slow.
 #[derive(Debug, Clone)]
-pub struct PathRegex(pub regex::Regex);
+pub struct Pattern(pub regex::Regex);
 
-impl PartialEq for PathRegex {
-    fn eq(&self, other: &PathRegex) -> bool {
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
         self.0.as_str() == other.0.as_str()
     }
+}
+
+/// What a route asks of a request header or query parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldMatch {
+    /// Some field line (or parameter) has exactly this value.
+    Equals(String),
+    Present,
+    Absent,
+    /// Some field line's (or parameter's) value matches.
+    Regex(Pattern),
 }
 
 /// `rate_limit`: a token bucket per key.

@@ -13,13 +13,14 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    self, FileAlgorithm, FileBackend, FileConfig, FileProbeKind, FileSize, FileTls, Text,
+    self, FileAlgorithm, FileBackend, FileConfig, FileFieldMatch, FileProbeKind, FileSize, FileTls,
+    Text,
 };
 use super::*;
 
-/// Largest compiled `path_regex` (the regex crate's default is 10 MiB): a path pattern
-/// needs far less, and a config should not make one that costs much memory to build.
-const PATH_REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Largest compiled route regex (the regex crate's default is 10 MiB): a path or header
+/// pattern needs far less, and a config should not make one that costs much memory to build.
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
 /// A backend entry: a literal address, or a name to resolve.
 #[derive(Debug, PartialEq)]
@@ -333,7 +334,30 @@ impl Validator<'_> {
             let path_regex = r
                 .path_regex
                 .as_ref()
-                .and_then(|p| self.path_regex(p, &rkey));
+                .and_then(|p| self.pattern(p.get_ref(), p.span(), &format!("{rkey}.path_regex")));
+            let headers = r.headers.as_ref().map_or_else(Vec::new, |h| {
+                h.iter()
+                    .filter_map(|(name, m)| {
+                        let key = format!("{rkey}.headers.{}", name.get_ref());
+                        let header = match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
+                            Ok(n) => n,
+                            Err(_) => {
+                                self.push(name.span(), format!("{key}: not a header name"));
+                                return None;
+                            }
+                        };
+                        Some((header, self.field_match(m, &key)?))
+                    })
+                    .collect()
+            });
+            let query = r.query.as_ref().map_or_else(Vec::new, |q| {
+                q.iter()
+                    .filter_map(|(name, m)| {
+                        let key = format!("{rkey}.query.{}", name.get_ref());
+                        Some((name.get_ref().clone(), self.field_match(m, &key)?))
+                    })
+                    .collect()
+            });
             let methods = r.methods.as_ref().and_then(|m| self.methods(m, &rkey));
             let upgrade = r
                 .upgrade
@@ -389,6 +413,8 @@ impl Validator<'_> {
                 path,
                 path_regex,
                 methods,
+                headers,
+                query,
                 pool: r.pool.get_ref().clone(),
                 upgrade,
                 rewrite_prefix,
@@ -835,14 +861,14 @@ impl Validator<'_> {
         .map(|n| n as usize)
     }
 
-    /// A route's `path_regex`, compiled once here. Its size is bounded, so a config cannot
-    /// make one that takes much memory to build.
-    fn path_regex(&mut self, p: &Text, rkey: &str) -> Option<PathRegex> {
-        match regex::RegexBuilder::new(p.get_ref())
-            .size_limit(PATH_REGEX_SIZE_LIMIT)
+    /// A route's regular expression, compiled once here. Its size is bounded, so a config
+    /// cannot make one that takes much memory to build.
+    fn pattern(&mut self, source: &str, span: Range<usize>, key: &str) -> Option<Pattern> {
+        match regex::RegexBuilder::new(source)
+            .size_limit(PATTERN_SIZE_LIMIT)
             .build()
         {
-            Ok(re) => Some(PathRegex(re)),
+            Ok(re) => Some(Pattern(re)),
             Err(e) => {
                 // The regex crate's message spans several lines (the pattern, a caret, the
                 // reason); one line reads better after FILE:LINE:COL.
@@ -854,13 +880,22 @@ impl Validator<'_> {
                     .unwrap_or("invalid")
                     .trim_start_matches("error: ")
                     .to_string();
-                self.push(
-                    p.span(),
-                    format!("{rkey}.path_regex: invalid regular expression: {reason}"),
-                );
+                self.push(span, format!("{key}: invalid regular expression: {reason}"));
                 None
             }
         }
+    }
+
+    /// One `headers` or `query` entry's matcher.
+    fn field_match(&mut self, m: &Spanned<FileFieldMatch>, key: &str) -> Option<FieldMatch> {
+        Some(match m.get_ref() {
+            FileFieldMatch::Equals(v) => FieldMatch::Equals(v.clone()),
+            FileFieldMatch::Present(true) => FieldMatch::Present,
+            FileFieldMatch::Present(false) => FieldMatch::Absent,
+            FileFieldMatch::Regex(source) => {
+                FieldMatch::Regex(self.pattern(source, m.span(), key)?)
+            }
+        })
     }
 
     /// A route's `methods`: tokens, matched case-sensitively. A lower-case standard method

@@ -221,6 +221,16 @@ impl RequestFields {
             .map(|f| self.value(f))
     }
 
+    /// Every value of field `name` (any case), in order.
+    pub fn values<'s>(&'s self, name: &'s [u8]) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.fields
+            .iter()
+            .filter(move |f| {
+                f.name_len as usize == name.len() && self.name(f).eq_ignore_ascii_case(name)
+            })
+            .map(|f| self.value(f))
+    }
+
     /// The `Host` value.
     pub fn host(&self) -> Option<&[u8]> {
         self.fields

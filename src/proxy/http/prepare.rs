@@ -21,7 +21,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::{headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
-use crate::routing::Target;
+use crate::routing::{Fields, RequestView, Target};
 use crate::state::Snapshot;
 use crate::upstream::Outgoing;
 
@@ -96,7 +96,16 @@ pub(super) async fn respond<'s>(
         }
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
-    let target = router.route(host, path, req.method());
+    let target = router.route(&RequestView {
+        host,
+        path,
+        method: req.method(),
+        headers: match &relay {
+            Some(lines) => Fields::Lines(lines),
+            None => Fields::Map(req.headers()),
+        },
+        query: req.uri().query(),
+    });
     let rewritten = target
         .rewrite
         .as_ref()
