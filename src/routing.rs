@@ -262,6 +262,33 @@ mod tests {
     use crate::discovery::Resolved;
     use crate::state::Snapshot;
 
+    /// The pool `router` picks for a request with these parts (fields in a map).
+    fn pick(
+        router: &Router,
+        host: Option<&str>,
+        method: &str,
+        path: &str,
+        fields: &[(&str, &str)],
+        query: Option<&str>,
+    ) -> String {
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in fields {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let view = RequestView {
+            host,
+            path,
+            method: &method,
+            headers: Fields::Map(&headers),
+            query,
+        };
+        router.route(&view).pool.name.to_string()
+    }
+
     fn snapshot(toml: &str) -> Snapshot {
         let config = Config::from_toml_str(toml, std::path::Path::new("t.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -297,20 +324,7 @@ backends = ["127.0.0.1:6"]
 "#,
         );
         let router = &snap.routers["web"];
-        let pool = |host: Option<&str>, path: &str| {
-            let headers = http::HeaderMap::new();
-            router
-                .route(&RequestView {
-                    host,
-                    path,
-                    method: &http::Method::GET,
-                    headers: Fields::Map(&headers),
-                    query: None,
-                })
-                .pool
-                .name
-                .to_string()
-        };
+        let pool = |host: Option<&str>, path: &str| pick(router, host, "GET", path, &[], None);
         assert_eq!(pool(Some("api.example.com"), "/v2/users"), "v2");
         assert_eq!(pool(Some("api.example.com"), "/v1/users"), "api");
         // File order: the host-only route comes before the /static/ one.
@@ -358,18 +372,7 @@ backends = ["127.0.0.1:5"]
 "#,
         );
         let router = &snap.routers["web"];
-        let pool = |method: &str, path: &str| {
-            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
-            let headers = http::HeaderMap::new();
-            let view = RequestView {
-                host: None,
-                path,
-                method: &method,
-                headers: Fields::Map(&headers),
-                query: None,
-            };
-            router.route(&view).pool.name.to_string()
-        };
+        let pool = |method: &str, path: &str| pick(router, None, method, path, &[], None);
         assert_eq!(pool("GET", "/robots.txt"), "exact");
         assert_eq!(pool("GET", "/robots.txt2"), "default", "path is exact");
         assert_eq!(pool("GET", "/robots"), "default");
@@ -423,23 +426,7 @@ backends = ["127.0.0.1:5"]
             router.relays_fields,
             "a header matcher reads the lines as they are"
         );
-        let pool = |fields: &[(&str, &str)], query: Option<&str>| {
-            let mut headers = http::HeaderMap::new();
-            for (k, v) in fields {
-                headers.append(
-                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                );
-            }
-            let view = RequestView {
-                host: None,
-                path: "/",
-                method: &http::Method::GET,
-                headers: Fields::Map(&headers),
-                query,
-            };
-            router.route(&view).pool.name.to_string()
-        };
+        let pool = |fields: &[(&str, &str)], query| pick(router, None, "GET", "/", fields, query);
         assert_eq!(pool(&[("x-canary", "1")], None), "canary");
         assert_eq!(
             pool(&[("x-canary", "0"), ("x-canary", "1")], None),
