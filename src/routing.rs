@@ -289,6 +289,29 @@ mod tests {
         router.route(&view).pool.name.to_string()
     }
 
+    /// Listener `web` (default pool `default`) with `routes`, and a pool of one backend for
+    /// every pool the routes name.
+    fn routed(routes: &str) -> Snapshot {
+        let mut pools = vec!["default".to_string()];
+        for name in routes
+            .split("pool = \"")
+            .skip(1)
+            .filter_map(|r| r.split('"').next())
+        {
+            if !pools.iter().any(|p| p == name) {
+                pools.push(name.to_string());
+            }
+        }
+        let tables: String = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("[pools.{p}]\nbackends = [\"127.0.0.1:{}\"]\n", i + 1))
+            .collect();
+        snapshot(&format!(
+            "[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"default\"\nroutes = [\n{routes}]\n{tables}"
+        ))
+    }
+
     fn snapshot(toml: &str) -> Snapshot {
         let config = Config::from_toml_str(toml, std::path::Path::new("t.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -297,30 +320,13 @@ mod tests {
 
     #[test]
     fn routes_match_host_then_prefix_first_match_wins_then_default() {
-        let snap = snapshot(
+        let snap = routed(
             r#"
-[listeners.web]
-bind = "127.0.0.1:0"
-pool = "default"
-routes = [
   { host = "api.example.com", path_prefix = "/v2/", pool = "v2" },
   { host = "api.example.com", pool = "api" },
   { path_prefix = "/static/", pool = "static" },
   { host = "*.example.org", pool = "org" },
   { path_prefix = "/static/never", pool = "never" },
-]
-[pools.default]
-backends = ["127.0.0.1:1"]
-[pools.v2]
-backends = ["127.0.0.1:2"]
-[pools.api]
-backends = ["127.0.0.1:3"]
-[pools.static]
-backends = ["127.0.0.1:4"]
-[pools.org]
-backends = ["127.0.0.1:5"]
-[pools.never]
-backends = ["127.0.0.1:6"]
 "#,
         );
         let router = &snap.routers["web"];
@@ -348,27 +354,12 @@ backends = ["127.0.0.1:6"]
 
     #[test]
     fn methods_exact_paths_and_path_regexes_all_hold_for_a_route_to_match() {
-        let snap = snapshot(
+        let snap = routed(
             r#"
-[listeners.web]
-bind = "127.0.0.1:0"
-pool = "default"
-routes = [
   { path = "/robots.txt", pool = "exact" },
   { path_prefix = "/api/", methods = ["POST", "PUT"], pool = "writes" },
   { path_regex = "^/users/[0-9]+/avatar$", methods = ["GET"], pool = "avatars" },
   { path_regex = "\\.(css|js)$", pool = "assets" },
-]
-[pools.default]
-backends = ["127.0.0.1:1"]
-[pools.exact]
-backends = ["127.0.0.1:2"]
-[pools.writes]
-backends = ["127.0.0.1:3"]
-[pools.avatars]
-backends = ["127.0.0.1:4"]
-[pools.assets]
-backends = ["127.0.0.1:5"]
 "#,
         );
         let router = &snap.routers["web"];
@@ -398,27 +389,12 @@ backends = ["127.0.0.1:5"]
 
     #[test]
     fn header_and_query_matchers_equal_exist_are_absent_or_match_a_regex() {
-        let snap = snapshot(
+        let snap = routed(
             r#"
-[listeners.web]
-bind = "127.0.0.1:0"
-pool = "default"
-routes = [
   { headers = { "X-Canary" = "1", "X-Debug" = false }, pool = "canary" },
   { headers = { "user-agent" = { regex = "^curl/" } }, pool = "curl" },
   { query = { "version" = "2" }, pool = "v2" },
   { query = { "preview" = true }, pool = "preview" },
-]
-[pools.default]
-backends = ["127.0.0.1:1"]
-[pools.canary]
-backends = ["127.0.0.1:2"]
-[pools.curl]
-backends = ["127.0.0.1:3"]
-[pools.v2]
-backends = ["127.0.0.1:4"]
-[pools.preview]
-backends = ["127.0.0.1:5"]
 "#,
         );
         let router = &snap.routers["web"];

@@ -810,7 +810,7 @@ async fn routes_match_an_h2_clients_headers_and_query() {
             .listener(
                 "h2c = true\nroutes = [{ headers = { \"X-Canary\" = \"1\" }, query = { v = \"2\" }, methods = [\"GET\"], pool = \"canary\" }]",
             )
-            .pool(&format!("[pools.canary]\nbackends = [\"{}\"]", canary.addr))
+            .named_pool("canary", &canary)
             .build(),
     );
     let mut h2 = h2_handshake(TcpStream::connect(lb.addr("web")).await.unwrap()).await;

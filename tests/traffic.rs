@@ -1041,9 +1041,9 @@ async fn routes_match_on_exact_paths_path_regexes_and_methods_all_together() {
   { path_regex = "^/users/[0-9]+/avatar$", pool = "regex" },
 ]"#,
             )
-            .pool(&format!("[pools.exact]\nbackends = [\"{}\"]", exact.addr))
-            .pool(&format!("[pools.writes]\nbackends = [\"{}\"]", writes.addr))
-            .pool(&format!("[pools.regex]\nbackends = [\"{}\"]", regex.addr))
+            .named_pool("exact", &exact)
+            .named_pool("writes", &writes)
+            .named_pool("regex", &regex)
             .build(),
     );
     let web = lb.addr("web");
@@ -1088,9 +1088,9 @@ async fn routes_match_on_headers_and_query_parameters() {
   { query = { "version" = "2", "preview" = true }, pool = "v2" },
 ]"#,
             )
-            .pool(&format!("[pools.canary]\nbackends = [\"{}\"]", canary.addr))
-            .pool(&format!("[pools.curl]\nbackends = [\"{}\"]", curl.addr))
-            .pool(&format!("[pools.v2]\nbackends = [\"{}\"]", v2.addr))
+            .named_pool("canary", &canary)
+            .named_pool("curl", &curl)
+            .named_pool("v2", &v2)
             .build(),
     );
     let web = lb.addr("web");

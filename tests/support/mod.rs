@@ -996,6 +996,14 @@ impl TestConfig {
         self
     }
 
+    /// Another pool, `name`, over one backend (for routes to name).
+    pub fn named_pool(self, name: &str, backend: &Backend) -> TestConfig {
+        self.pool(&format!(
+            "[pools.{name}]\nbackends = [\"{}\"]",
+            backend.addr
+        ))
+    }
+
     pub fn build(&self) -> String {
         format!(
             "{}\n[listeners.web]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n{}\n[pools.app]\nbackends = [{}]\n{}",
