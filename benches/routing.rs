@@ -53,6 +53,8 @@ fn route(c: &mut Criterion) {
         method: &http::Method::GET,
         headers: Fields::Map(&headers),
         query: None,
+        client: std::net::IpAddr::from([10, 0, 0, 1]),
+        sni: None,
     };
     for (name, routes) in cases {
         let snap = router(&routes);

@@ -31,11 +31,13 @@
 //!   request path sends on and gets a response body from, whichever the protocol.
 //! - `discovery`: DNS discovery: one task per `HOST:PORT` backend entry turns the name's
 //!   records into address sets for the control plane, riding out DNS outages.
+//! - `access`: IP ranges, and `allow_from` / `deny_from`.
 //! - `rate_limit`: token buckets per client address or header value, in a bounded table.
 //! - `balance`: [`balance::Pool`], its backends' live state, the selection policies, the
 //!   queue for `max_connections` and the retry budget.
 //! - `state`: the [`state::Snapshot`] of one config generation and the `Live` handle.
-//! - `routing`: per listener, the routes (host, path prefix) and the target each names.
+//! - `routing`: per listener, the routes (what each matches, who may use it, and what it
+//!   does: forward to a pool, redirect or answer).
 //! - `health`: probe tasks, reconciled against each new snapshot.
 //! - `proxy`: hop-by-hop headers, route rules (header rules, prefix rewrites, request id),
 //!   error mapping, the connection context, the HTTP forwarding path (one file per step
@@ -59,6 +61,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod access;
 pub mod access_log;
 pub mod admin;
 pub mod app;

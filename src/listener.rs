@@ -33,7 +33,7 @@ use crate::config::{ListenerConfig, ListenerMode};
 use crate::h1::server::{Ending, RequestBody, Transport};
 use crate::handover::Inherited;
 use crate::net::{ConnPhase, Prefixed, ReadLimits, TimedStream};
-use crate::proxy::context::{ConnCtx, ListenerCtx};
+use crate::proxy::context::{ConnCtx, Extras, ListenerCtx};
 use crate::proxy::http::handle;
 use crate::proxy::tcp::ClientConn;
 use crate::proxy::tunnel::{ClientIo, OwnUpgrade};
@@ -203,7 +203,7 @@ pub async fn run(
             tracker.spawn(Arc::clone(&env).serve(stream, peer, local, Vec::new(), permit));
             continue;
         };
-        if !trusted.iter().any(|range| range.contains(peer.ip())) {
+        if !trusted.contains(peer.ip()) {
             // Refused before a byte is read: only a trusted balancer may speak for clients.
             if let Some(suppressed) = crate::log_limit::allow((&*name, "accept_proxy")) {
                 tracing::info!(listener = %name, client = %peer, suppressed, reason = %"untrusted_proxy_source", "connection refused: not from an accept_proxy range");
@@ -256,10 +256,20 @@ struct Env {
 }
 
 impl Env {
-    /// Applies `max_connections_per_client` to `peer`: false if refused (and answered).
+    /// Applies a TCP listener's `allow_from` / `deny_from` and `max_connections_per_client`
+    /// to `peer`: false if refused (and answered, or closed).
     /// An admitted connection holds its share until [`Env::release`]; [`Env::serve`] must
     /// follow at once.
     fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
+        let config = &self.shared.config;
+        // An HTTP listener answers a refused client with a 403 per request (see
+        // `proxy::http`); a TCP listener has no way to say why, and closes.
+        if config.mode == ListenerMode::Tcp && !config.access.permits(peer.ip()) {
+            if let Some(suppressed) = crate::log_limit::allow((&*config.name, "denied")) {
+                tracing::info!(listener = %config.name, client = %peer, suppressed, reason = %"denied", "connection refused by allow_from / deny_from");
+            }
+            return false;
+        }
         let Some(table) = &self.per_client else {
             return true;
         };
@@ -337,7 +347,7 @@ impl Env {
             peer,
             local,
             phase: ConnPhase::default(),
-            private: Default::default(),
+            extras: Default::default(),
         });
         let send_timeout = self.shared.config.send_timeout;
         if self.tls.is_none() && !ctx.config().h2c {
@@ -452,9 +462,16 @@ impl Conn {
     /// and the handshake's box is freed when it ends, so an idle connection holds only the
     /// protocol it speaks (one box sized for all three was 6.5 KB per connection).
     async fn serve_tls(&self, tls: &Arc<rustls::ServerConfig>, io: Prefixed<TimedStream>) {
-        let Some(mut stream) = Box::pin(self.handshake(tls, io)).await else {
+        // Read only where a route matches on it: an idle TLS connection holds no more than
+        // it needs.
+        let read_sni = self.ctx.config().routes.iter().any(|r| r.sni.is_some());
+        let Some((mut stream, sni)) = Box::pin(self.handshake(tls, io, read_sni)).await else {
             return;
         };
+        if let Some(sni) = sni {
+            // Set before any request, so `send_proxy` finds it made.
+            let _ = self.ctx.extras.set(Arc::new(Extras::with_sni(sni)));
+        }
         if stream.alpn_protocol() == Some(b"h2") {
             Box::pin(self.serve_h2(stream)).await
         } else {
@@ -474,11 +491,15 @@ impl Conn {
         &self,
         tls: &Arc<rustls::ServerConfig>,
         io: Prefixed<TimedStream>,
-    ) -> Option<crate::tls::ServerStream<Prefixed<TimedStream>>> {
+        read_sni: bool,
+    ) -> Option<(
+        crate::tls::ServerStream<Prefixed<TimedStream>>,
+        Option<Box<str>>,
+    )> {
         let conn = self;
         // The same timer as a request head: a handshake that stalls is cut.
         let limit = conn.ctx.config().request_header_timeout;
-        match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(tls), io)).await {
+        match tokio::time::timeout(limit, crate::tls::accept(Arc::clone(tls), io, read_sni)).await {
             Ok(Ok(s)) => {
                 conn.env.shared.stats.tls_handshakes.incr();
                 Some(s)

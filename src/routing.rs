@@ -1,16 +1,18 @@
 //! Where a request goes: per listener, a [`Router`] of routes in file order (host, path
-//! prefix or exact path, path regex, methods: every matcher a route has must hold), each
-//! naming a [`Target`] (the pool and what the route changes on the way), then the
-//! listener's default. Built with each config generation (see `state`), read by
-//! the request path.
+//! prefix or exact path, path regex, methods, header and query fields, client address, SNI:
+//! every matcher a route has must hold), each with a [`Rule`]: who may use it, and its
+//! [`Action`] (forward to a [`Target`], redirect, or answer). Then the listener's default.
+//! Built with each config generation (see `state`), read by the request path.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::access::{Access, Ranges};
 use crate::balance::Pool;
 use crate::config::{
     FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig, Pattern, RateKey, RateLimitConfig,
-    UpstreamProtocol,
+    Redirect, Respond, RouteAction, UpstreamProtocol,
 };
 use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
@@ -24,7 +26,24 @@ struct Route {
     methods: Option<Vec<http::Method>>,
     headers: Vec<(http::HeaderName, FieldMatch)>,
     query: Vec<(String, FieldMatch)>,
-    target: Target,
+    client_cidrs: Option<Ranges>,
+    sni: Option<HostMatch>,
+    rule: Rule,
+}
+
+/// What a matched route does.
+#[derive(Debug)]
+pub struct Rule {
+    /// The route's `allow_from` / `deny_from`: a client it refuses gets a 403.
+    pub access: Access,
+    pub action: Action,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(Target),
+    Redirect(Redirect),
+    Respond(Respond),
 }
 
 /// What routing reads of a request.
@@ -36,6 +55,10 @@ pub struct RequestView<'a> {
     pub method: &'a http::Method,
     pub headers: Fields<'a>,
     pub query: Option<&'a str>,
+    /// The client's address.
+    pub client: IpAddr,
+    /// The TLS client's SNI, where a route reads it.
+    pub sni: Option<&'a str>,
 }
 
 /// A request's fields, wherever they are: in its map, or as the lines an HTTP/1.1 client
@@ -82,6 +105,14 @@ impl Route {
                     .map(|(_, v)| v);
                 m.holds(|want| values.any(|v| want(v.as_bytes())))
             })
+            && self
+                .client_cidrs
+                .as_ref()
+                .is_none_or(|r| r.contains(req.client))
+            && self
+                .sni
+                .as_ref()
+                .is_none_or(|m| req.sni.is_some_and(|s| m.matches(s)))
             && self
                 .path_regex
                 .as_ref()
@@ -138,19 +169,20 @@ fn relays_fields(limit: Option<&RateLimiter>) -> bool {
     limit.is_none_or(|l| !matches!(l.config.key, RateKey::Header(_)))
 }
 
-/// (host, path prefix) → target for one listener; routes in file order, first match wins,
-/// then the listener's default pool.
+/// A listener's routes in file order, first match wins, then the listener's default pool.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
     default: Target,
+    /// The listener's `allow_from` / `deny_from`, checked before routing.
+    pub access: Access,
     /// The listener's counters, carried over from the previous router of the same name.
     pub stats: Arc<ListenerStats>,
     /// The listener's rate limit, for every request on it.
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// Nothing on this listener reads or edits a request's fields beyond `Host`, so an
     /// HTTP/1.1 client's lines can be relayed without a map (`h1::RequestFields`): no header
-    /// rules, request ids or HTTPS redirect, no hash or rate-limit key taken from a field,
+    /// rules or request ids, no hash or rate-limit key taken from a field,
     /// and HTTP/1.1 backends only. (Routes read the lines as they are: [`Fields`].)
     pub relays_fields: bool,
 }
@@ -170,9 +202,32 @@ impl Router {
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let kept = old
-                    .and_then(|o| o.routes.get(i))
-                    .and_then(|o| o.target.rate_limit.as_ref());
+                let action = match &r.action {
+                    RouteAction::Pool(pool) => {
+                        let kept =
+                            old.and_then(|o| o.routes.get(i))
+                                .and_then(|o| match &o.rule.action {
+                                    Action::Forward(t) => t.rate_limit.as_ref(),
+                                    _ => None,
+                                });
+                        Action::Forward(Target {
+                            pool: Arc::clone(pools.get(pool.as_str())?),
+                            upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
+                            rewrite: r.path_prefix.clone().zip(r.rewrite_prefix.clone()),
+                            request_headers: r
+                                .request_headers
+                                .clone()
+                                .or_else(|| l.request_headers.clone()),
+                            response_headers: r
+                                .response_headers
+                                .clone()
+                                .or_else(|| l.response_headers.clone()),
+                            rate_limit: limiter(r.rate_limit.as_ref(), kept),
+                        })
+                    }
+                    RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
+                    RouteAction::Respond(respond) => Action::Respond(respond.clone()),
+                };
                 Some(Route {
                     host: r.host.clone(),
                     path_prefix: r.path_prefix.clone(),
@@ -181,19 +236,11 @@ impl Router {
                     methods: r.methods.clone(),
                     headers: r.headers.clone(),
                     query: r.query.clone(),
-                    target: Target {
-                        pool: Arc::clone(pools.get(r.pool.as_str())?),
-                        upgrade: r.upgrade.clone().unwrap_or_else(|| l.upgrade.clone()),
-                        rewrite: r.path_prefix.clone().zip(r.rewrite_prefix.clone()),
-                        request_headers: r
-                            .request_headers
-                            .clone()
-                            .or_else(|| l.request_headers.clone()),
-                        response_headers: r
-                            .response_headers
-                            .clone()
-                            .or_else(|| l.response_headers.clone()),
-                        rate_limit: limiter(r.rate_limit.as_ref(), kept),
+                    client_cidrs: r.client_cidrs.clone(),
+                    sni: r.sni.clone(),
+                    rule: Rule {
+                        access: r.access.clone(),
+                        action,
                     },
                 })
             })
@@ -212,16 +259,16 @@ impl Router {
         );
         let stats = old.map_or_else(Default::default, |r| Arc::clone(&r.stats));
         let relays_fields = !l.request_id
-            && !l.redirect_https
             && relays_fields(rate_limit.as_deref())
-            && routes
-                .iter()
-                .map(|r| &r.target)
-                .chain([&default])
-                .all(Target::relays_fields);
+            && default.relays_fields()
+            && routes.iter().all(|r| match &r.rule.action {
+                Action::Forward(t) => t.relays_fields(),
+                Action::Redirect(_) | Action::Respond(_) => true,
+            });
         Some(Router {
             routes,
             default,
+            access: l.access.clone(),
             stats,
             rate_limit,
             relays_fields,
@@ -233,12 +280,10 @@ impl Router {
         &self.default
     }
 
-    /// The first route whose matchers all hold, else the default.
-    pub fn route(&self, req: &RequestView<'_>) -> &Target {
-        self.routes
-            .iter()
-            .find(|r| r.matches(req))
-            .map_or(&self.default, |r| &r.target)
+    /// The rule of the first route whose matchers all hold; `None`: the listener's default
+    /// ([`Router::default_target`]).
+    pub fn route(&self, req: &RequestView<'_>) -> Option<&Rule> {
+        self.routes.iter().find(|r| r.matches(req)).map(|r| &r.rule)
     }
 }
 
@@ -285,8 +330,20 @@ mod tests {
             method: &method,
             headers: Fields::Map(&headers),
             query,
+            client: IpAddr::from([127, 0, 0, 1]),
+            sni: None,
         };
-        router.route(&view).pool.name.to_string()
+        name(router, &view)
+    }
+
+    /// The pool the request goes to, or what else its route does.
+    fn name(router: &Router, view: &RequestView<'_>) -> String {
+        match router.route(view).map(|r| &r.action) {
+            None => router.default_target().pool.name.to_string(),
+            Some(Action::Forward(t)) => t.pool.name.to_string(),
+            Some(Action::Redirect(_)) => "redirect".into(),
+            Some(Action::Respond(_)) => "respond".into(),
+        }
     }
 
     /// Listener `web` (default pool `default`) with `routes`, and a pool of one backend for

@@ -373,6 +373,87 @@ fn header_and_query_matchers_are_checked_where_they_stand() {
 }
 
 #[test]
+fn redirect_and_respond_routes_are_checked_where_they_stand() {
+    let text = format!(
+        "{BASE}[[listeners.web.routes]]
+redirect = {{ to = \"https://${{hots}}/\", status = 200 }}
+[[listeners.web.routes]]
+respond = {{ status = 99, headers = {{ \"Content-Length\" = \"3\", \"X-A\" = \"a\\u0001\" }} }}
+[[listeners.web.routes]]
+path = \"/x\"
+[[listeners.web.routes]]
+pool = \"app\"
+respond = {{ status = 204 }}
+[[listeners.web.routes]]
+redirect = {{ to = \"a b\" }}
+rewrite_prefix = \"/\"
+[[listeners.web.routes]]
+respond = {{ status = 204, body = \"x\", content_type = \"text/html\", headers = {{ \"content-type\" = \"x\" }} }}
+"
+    );
+    assert_error(
+        &text,
+        &[
+            "F:8:19: listeners.web.routes[0].redirect.to: \"https://${hots}/\": unknown variable \"hots\" (host, path, query, request_uri; write $${ for a literal ${)",
+            "F:8:48: listeners.web.routes[0].redirect.status: 200 is not a redirect; use 301, 302, 303, 307 or 308",
+            "F:10:22: listeners.web.routes[1].respond.status: 99 is not a final status; use 200 to 599",
+            "F:10:38: listeners.web.routes[1].respond.headers: content-length frames the message or is hop-by-hop",
+            "F:10:70: listeners.web.routes[1].respond.headers.X-A: not a valid field value",
+            "F:11:1: listeners.web.routes[2]: say what the route does: pool = \"...\", redirect = { to = \"...\" } or respond = { status = ... }",
+            "F:13:1: listeners.web.routes[3]: pool, redirect and respond: choose one",
+            "F:17:19: listeners.web.routes[4].redirect.to: \"a b\": a URL has no spaces, control or non-ASCII characters",
+            "F:18:18: listeners.web.routes[4]: strip_prefix and rewrite_prefix need a path_prefix",
+            "F:18:18: listeners.web.routes[4].rewrite_prefix: only for a route with a pool; this one answers by itself",
+            "F:20:22: listeners.web.routes[5].respond: a 204 response has no body; remove body",
+            "F:20:79: listeners.web.routes[5].respond.headers: set Content-Type with content_type",
+        ],
+    );
+}
+
+#[test]
+fn address_ranges_and_sni_are_checked_where_they_stand() {
+    let text = "[listeners.web]
+bind = \"127.0.0.1:8080\"
+pool = \"app\"
+allow_from = [\"10.0.0.0/8\", \"1.2.3.4/40\"]
+deny_from = []
+accept_proxy = [\"::1/129\"]
+routes = [
+  { client_cidrs = [\"10.0.0.0/33\", \"::1\"], sni = \"api.example.com\", pool = \"app\" },
+  { allow_from = [], deny_from = [\"x\", \"2001:db8::/32\"], pool = \"app\" },
+]
+
+[pools.app]
+backends = [\"127.0.0.1:9001\"]
+";
+    assert_error(
+        text,
+        &[
+            "F:4:29: listeners.web.allow_from: invalid range \"1.2.3.4/40\": write e.g. \"10.0.0.0/8\", \"2001:db8::/32\" or \"127.0.0.1\"",
+            "F:5:13: listeners.web.deny_from: list at least one range, or remove the key",
+            "F:6:17: listeners.web.accept_proxy: invalid range \"::1/129\"",
+            "F:8:21: listeners.web.routes[0].client_cidrs: invalid range \"10.0.0.0/33\"",
+            "F:8:50: listeners.web.routes[0].sni: only on a listener with tls (a plain client sends no SNI)",
+            "F:9:18: listeners.web.routes[1].allow_from: list at least one range, or remove the key",
+            "F:9:35: listeners.web.routes[1].deny_from: invalid range \"x\"",
+        ],
+    );
+    // The good spellings pass: both families, bare addresses, host bits below the prefix.
+    let good = "[listeners.web]
+bind = \"127.0.0.1:8080\"
+pool = \"app\"
+allow_from = [\"10.0.0.0/8\", \"192.168.1.7\", \"2001:db8::/32\", \"::1\"]
+deny_from = [\"10.6.6.6/24\"]
+routes = [{ client_cidrs = [\"fd00::/8\"], allow_from = [\"10.0.0.0/8\"], pool = \"app\" }]
+
+[pools.app]
+backends = [\"127.0.0.1:9001\"]
+";
+    let (code, _, err) = check(good);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let out = Command::new(support::ballast_bin())
         .args(["--config", "/nonexistent/ballast.toml", "--check"])
@@ -679,9 +760,23 @@ fn check_every_example(file: &str, min_examples: usize) {
         found.len()
     );
     eprintln!("{file}: {} examples: {found:?}", found.len());
+    // Examples that only work beside another: a route's `sni` needs the listener's TLS.
+    let tls = found.iter().find(
+        |e| matches!(e, Example::Table { lines: ls } if lines[ls[0]].ends_with("[listeners.web.tls]")),
+    );
     let mut failures = Vec::new();
     for example in &found {
-        let candidate = with_example(&lines, example);
+        let needs_tls =
+            matches!(example, Example::Key { keys, .. } if keys.iter().any(|k| k == "sni"));
+        let candidate = match tls.filter(|_| needs_tls) {
+            // The table moves to the end of the file: the lines above keep their places.
+            Some(tls) => {
+                let with_tls = with_example(&lines, tls);
+                let with_tls: Vec<&str> = with_tls.lines().collect();
+                with_example(&with_tls, example)
+            }
+            None => with_example(&lines, example),
+        };
         // The variables the examples name, set as a user would.
         let (code, _, err) = check_env(&candidate, &[("BALLAST_ADMIN_TOKEN", "example-token")]);
         if code != 0 {

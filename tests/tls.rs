@@ -81,6 +81,54 @@ async fn sni_picks_the_certificate_exact_then_wildcard_then_the_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_the_sni_the_client_sent_over_http11_and_h2() {
+    let [app, api] = start_backends(["app", "api"]).await;
+    let pki = Pki::new("sni-route");
+    let cert = pki.issue("c", &["*.example.org"]);
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(r#"routes = [{ sni = "api.example.org", pool = "api" }]"#)
+            .listener(&tls_listener(&[&cert], ""))
+            .named_pool("api", &api)
+            .build(),
+    );
+    let web = lb.addr("web");
+    let h1 = pki.client(&["http/1.1"]);
+    // The SNI decides, whatever the Host says.
+    let s = connect(web, Some("api.example.org"), &h1)
+        .await
+        .expect("handshake");
+    let r = get_h1(s, "www.example.org", "/").await.expect("request");
+    assert_eq!(r.body, "api");
+    let s = connect(web, Some("www.example.org"), &h1)
+        .await
+        .expect("handshake");
+    let r = get_h1(s, "api.example.org", "/").await.expect("request");
+    assert_eq!(r.body, "app");
+    // No SNI at all matches no `sni` route.
+    let s = connect(web, None, &support::tls::any_name(&pki))
+        .await
+        .expect("handshake");
+    assert_eq!(
+        get_h1(s, "api.example.org", "/")
+            .await
+            .expect("request")
+            .body,
+        "app"
+    );
+    // HTTP/2: every stream of the connection.
+    let s = connect(web, Some("API.example.org"), &pki.client(&["h2"]))
+        .await
+        .expect("handshake");
+    assert_eq!(alpn(&s).as_deref(), Some("h2"));
+    let r = support::tls::get_h2(s, "www.example.org", "/")
+        .await
+        .expect("h2 request");
+    assert_eq!(r.body, "api", "SNI is matched without regard to case");
+    assert_eq!((app.hits(), api.hits()), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_negotiates_h2_and_http11() {
     let [a] = start_backends(["a"]).await;
     let pki = Pki::new("alpn");

@@ -64,7 +64,7 @@ pub struct FileListener {
     pub bind: Text,
     pub pool: Text,
     #[serde(default)]
-    pub routes: Vec<FileRoute>,
+    pub routes: Vec<Spanned<FileRoute>>,
     pub max_connections: Option<Spanned<u32>>,
     pub request_header_timeout: Option<Text>,
     pub send_timeout: Option<Text>,
@@ -90,6 +90,8 @@ pub struct FileListener {
     pub request_headers: Option<FileHeaderRules>,
     pub response_headers: Option<FileHeaderRules>,
     pub rate_limit: Option<Spanned<FileRateLimit>>,
+    pub allow_from: Option<Spanned<Vec<Text>>>,
+    pub deny_from: Option<Spanned<Vec<Text>>>,
 }
 
 /// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000,
@@ -212,13 +214,38 @@ pub struct FileRoute {
     pub methods: Option<Spanned<Vec<Text>>>,
     pub headers: Option<BTreeMap<Text, Spanned<FileFieldMatch>>>,
     pub query: Option<BTreeMap<Text, Spanned<FileFieldMatch>>>,
-    pub pool: Text,
+    pub client_cidrs: Option<Spanned<Vec<Text>>>,
+    pub sni: Option<Text>,
+    pub allow_from: Option<Spanned<Vec<Text>>>,
+    pub deny_from: Option<Spanned<Vec<Text>>>,
+    /// One of `pool`, `redirect` and `respond`.
+    pub pool: Option<Text>,
+    pub redirect: Option<Spanned<FileRedirect>>,
+    pub respond: Option<Spanned<FileRespond>>,
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub strip_prefix: Option<Spanned<bool>>,
     pub rewrite_prefix: Option<Text>,
     pub request_headers: Option<FileHeaderRules>,
     pub response_headers: Option<FileHeaderRules>,
     pub rate_limit: Option<Spanned<FileRateLimit>>,
+}
+
+/// `{ to = "https://${host}${request_uri}", status = 301 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRedirect {
+    pub to: Text,
+    pub status: Option<Spanned<u16>>,
+}
+
+/// `{ status = 503, body = "...", content_type = "text/html", headers = { ... } }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRespond {
+    pub status: Option<Spanned<u16>>,
+    pub body: Option<Text>,
+    pub content_type: Option<Text>,
+    pub headers: Option<BTreeMap<Text, Text>>,
 }
 
 /// `{ set = { "X-Env" = "prod" }, remove = ["X-Debug"] }`

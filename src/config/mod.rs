@@ -189,10 +189,9 @@ pub struct ListenerConfig {
     pub max_connections_per_client: Option<usize>,
     /// TLS termination; `None`: plain TCP.
     pub tls: Option<TlsConfig>,
-    /// Answer every request with a 308 to the same URL on `https://` (a plain listener).
-    pub redirect_https: bool,
-    /// Port written into those redirects; `None`: the default port (443).
-    pub redirect_https_port: Option<u16>,
+    /// `redirect_https`: every request gets a 308 to the same URL on `https://` (with
+    /// `redirect_https_port`), before routing. A redirect like a route's, made at load.
+    pub redirect_https: Option<Redirect>,
     /// Accept cleartext HTTP/2 with prior knowledge (next to HTTP/1.1) on a plain listener.
     pub h2c: bool,
     /// HTTP (parsed, routed per request) or TCP (bytes forwarded per connection).
@@ -200,7 +199,7 @@ pub struct ListenerConfig {
     /// Trusted sources of PROXY protocol headers. When set, every connection must come from
     /// one of these ranges and start with a v1 or v2 header, whose client address then
     /// replaces the socket's everywhere.
-    pub accept_proxy: Option<Vec<crate::proxy_protocol::Cidr>>,
+    pub accept_proxy: Option<crate::access::Ranges>,
     /// TCP mode: move bytes with splice(2) through a pipe instead of userspace buffers.
     pub splice: bool,
     /// `X-Request-Id`: passed through when the client sent a sane one, else generated;
@@ -211,6 +210,9 @@ pub struct ListenerConfig {
     pub response_headers: Option<HeaderRules>,
     /// Applies to every request of this listener.
     pub rate_limit: Option<RateLimitConfig>,
+    /// `allow_from` / `deny_from`: clients refused before routing (HTTP: a 403 per request;
+    /// TCP: the connection is closed at accept).
+    pub access: crate::access::Access,
     /// Whether this listener's requests go to the access log (when there is one).
     pub access_log: bool,
 }
@@ -260,7 +262,14 @@ pub struct RouteConfig {
     pub headers: Vec<(http::HeaderName, FieldMatch)>,
     /// Each named query parameter (percent-decoded) must match as given.
     pub query: Vec<(String, FieldMatch)>,
-    pub pool: String,
+    /// The client's address is in one of these ranges.
+    pub client_cidrs: Option<crate::access::Ranges>,
+    /// The TLS client's SNI (TLS listeners only): exact or `*.suffix`, as `host`.
+    pub sni: Option<HostMatch>,
+    /// Clients this route refuses (403) once it matches.
+    pub access: crate::access::Access,
+    /// What the route does with a request it matches.
+    pub action: RouteAction,
     /// Overrides the listener's `upgrade` list for requests this route matches.
     pub upgrade: Option<Vec<String>>,
     /// What replaces the matched `path_prefix` before forwarding (`strip_prefix`: `""`).
@@ -270,6 +279,57 @@ pub struct RouteConfig {
     pub response_headers: Option<HeaderRules>,
     /// Applies to requests this route matches, after the listener's own.
     pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// What a route does with a request: forward it to a pool, or answer it itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAction {
+    Pool(String),
+    Redirect(Redirect),
+    Respond(Respond),
+}
+
+impl RouteAction {
+    /// The pool a forwarding route names.
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            RouteAction::Pool(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// `redirect = { to = "https://${host}${request_uri}", status = 301 }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    /// `to`, split at its variables.
+    pub to: Vec<UrlPiece>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: http::StatusCode,
+}
+
+/// A piece of a redirect's `to`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UrlPiece {
+    Text(String),
+    /// `${host}`: the request's host without its port (an IPv6 address in brackets).
+    Host,
+    /// `${path}`: the path as routed (dot-segments resolved), without the query.
+    Path,
+    /// `${query}`: the query without its `?` (empty when there is none).
+    Query,
+    /// `${request_uri}`: the path and query as the client sent them.
+    RequestUri,
+}
+
+/// `respond = { status = 503, body = "...", content_type = "...", headers = { ... } }`: a
+/// response ballast makes itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Respond {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+    /// `content_type` first, then `headers`.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// A route's regular expression (`path_regex`, or a header or query value's), compiled once

@@ -18,6 +18,8 @@ use super::file::{
 };
 use super::*;
 
+mod route;
+
 /// Largest compiled route regex (the regex crate's default is 10 MiB): a path or header
 /// pattern needs far less, and a config should not make one that costs much memory to build.
 const PATTERN_SIZE_LIMIT: usize = 1 << 20;
@@ -295,134 +297,10 @@ impl Validator<'_> {
     ) -> ListenerConfig {
         let key = format!("listeners.{}", name.get_ref());
         let bind = self.socket_addr(&l.bind, &format!("{key}.bind"));
-        let check_pool = |v: &mut Self, pool: &Text, what: &str| {
-            if !pool_names.contains_key(pool.get_ref().as_str()) {
-                v.push(
-                    pool.span(),
-                    format!("{what}: unknown pool {:?}", pool.get_ref()),
-                );
-            }
-        };
-        check_pool(self, &l.pool, &format!("{key}.pool"));
-        let mut routes = Vec::new();
-        for (i, r) in l.routes.iter().enumerate() {
-            let rkey = format!("{key}.routes[{i}]");
-            check_pool(self, &r.pool, &format!("{rkey}.pool"));
-            let host = r.host.as_ref().and_then(|h| self.host_match(h, &rkey));
-            let path_prefix = r.path_prefix.as_ref().and_then(|p| {
-                if p.get_ref().starts_with('/') {
-                    Some(p.get_ref().clone())
-                } else {
-                    self.push(p.span(), format!("{rkey}.path_prefix: must start with '/'"));
-                    None
-                }
-            });
-            let path = r.path.as_ref().and_then(|p| {
-                if r.path_prefix.is_some() {
-                    self.push(
-                        p.span(),
-                        format!("{rkey}: path and path_prefix: choose one"),
-                    );
-                    None
-                } else if p.get_ref().starts_with('/') {
-                    Some(p.get_ref().clone())
-                } else {
-                    self.push(p.span(), format!("{rkey}.path: must start with '/'"));
-                    None
-                }
-            });
-            let path_regex = r
-                .path_regex
-                .as_ref()
-                .and_then(|p| self.pattern(p.get_ref(), p.span(), &format!("{rkey}.path_regex")));
-            let headers = r.headers.as_ref().map_or_else(Vec::new, |h| {
-                h.iter()
-                    .filter_map(|(name, m)| {
-                        let key = format!("{rkey}.headers.{}", name.get_ref());
-                        let header = match http::HeaderName::from_bytes(name.get_ref().as_bytes()) {
-                            Ok(n) => n,
-                            Err(_) => {
-                                self.push(name.span(), format!("{key}: not a header name"));
-                                return None;
-                            }
-                        };
-                        Some((header, self.field_match(m, &key)?))
-                    })
-                    .collect()
-            });
-            let query = r.query.as_ref().map_or_else(Vec::new, |q| {
-                q.iter()
-                    .filter_map(|(name, m)| {
-                        let key = format!("{rkey}.query.{}", name.get_ref());
-                        Some((name.get_ref().clone(), self.field_match(m, &key)?))
-                    })
-                    .collect()
-            });
-            let methods = r.methods.as_ref().and_then(|m| self.methods(m, &rkey));
-            let upgrade = r
-                .upgrade
-                .as_ref()
-                .map(|u| self.upgrade_list(u, &format!("{rkey}.upgrade")));
-            let strip = r.strip_prefix.as_ref().is_some_and(|v| *v.get_ref());
-            let rewrite_prefix = match (&r.rewrite_prefix, strip) {
-                (Some(v), true) => {
-                    self.push(
-                        v.span(),
-                        format!("{rkey}: strip_prefix and rewrite_prefix: choose one"),
-                    );
-                    None
-                }
-                (Some(v), false) if !v.get_ref().starts_with('/') => {
-                    self.push(
-                        v.span(),
-                        format!("{rkey}.rewrite_prefix: must start with '/'"),
-                    );
-                    None
-                }
-                (Some(v), false) => Some(v.get_ref().clone()),
-                (None, true) => Some(String::new()),
-                (None, false) => None,
-            };
-            if rewrite_prefix.is_some() && path_prefix.is_none() {
-                let span = r
-                    .rewrite_prefix
-                    .as_ref()
-                    .map(|v| v.span())
-                    .or_else(|| r.strip_prefix.as_ref().map(|v| v.span()))
-                    .unwrap_or_else(|| r.pool.span());
-                self.push(
-                    span,
-                    format!("{rkey}: strip_prefix and rewrite_prefix need a path_prefix"),
-                );
-            }
-            let request_headers = r
-                .request_headers
-                .as_ref()
-                .map(|h| self.header_rules(h, &format!("{rkey}.request_headers")));
-            let response_headers = r
-                .response_headers
-                .as_ref()
-                .map(|h| self.header_rules(h, &format!("{rkey}.response_headers")));
-            let rate_limit = r
-                .rate_limit
-                .as_ref()
-                .and_then(|v| self.rate_limit(v, &format!("{rkey}.rate_limit")));
-            routes.push(RouteConfig {
-                host,
-                path_prefix,
-                path,
-                path_regex,
-                methods,
-                headers,
-                query,
-                pool: r.pool.get_ref().clone(),
-                upgrade,
-                rewrite_prefix,
-                request_headers,
-                response_headers,
-                rate_limit,
-            });
-        }
+        self.known_pool(&l.pool, &format!("{key}.pool"), pool_names);
+        let routes: Vec<RouteConfig> = (l.routes.iter().enumerate())
+            .map(|(i, r)| self.route(r, &format!("{key}.routes[{i}]"), l, pool_names))
+            .collect();
         let max_header_size = match &l.max_header_size {
             Some(v) if *v.get_ref() < defaults::MIN_HEADER_SIZE => {
                 self.push(
@@ -545,8 +423,9 @@ impl Validator<'_> {
             },
             allow_connect: l.allow_connect.unwrap_or(false),
             tls: l.tls.as_ref().and_then(|t| self.tls(t, &key)),
-            redirect_https: l.redirect_https.unwrap_or(false),
-            redirect_https_port: l.redirect_https_port.as_ref().map(|p| *p.get_ref()),
+            redirect_https: (l.redirect_https == Some(true)).then(|| {
+                route::https_redirect(l.redirect_https_port.as_ref().map(|p| *p.get_ref()))
+            }),
             h2c: l.h2c.unwrap_or(false),
             splice: l.splice.unwrap_or(false),
             request_id,
@@ -558,21 +437,11 @@ impl Validator<'_> {
                 .and_then(|v| self.rate_limit(v, &format!("{key}.rate_limit"))),
             access_log: l.access_log.unwrap_or(true),
             mode,
-            accept_proxy: l.accept_proxy.as_ref().map(|list| {
-                if list.get_ref().is_empty() {
-                    self.push(list.span(), format!("{key}.accept_proxy: list at least one trusted range, or remove the key"));
-                }
-                list.get_ref()
-                    .iter()
-                    .filter_map(|c| {
-                        let parsed = crate::proxy_protocol::Cidr::parse(c.get_ref());
-                        if parsed.is_none() {
-                            self.push(c.span(), format!("{key}.accept_proxy: invalid range {:?}: write e.g. \"10.0.0.0/8\" or \"127.0.0.1\"", c.get_ref()));
-                        }
-                        parsed
-                    })
-                    .collect()
-            }),
+            accept_proxy: l
+                .accept_proxy
+                .as_ref()
+                .and_then(|list| self.ranges(list, &format!("{key}.accept_proxy"))),
+            access: self.access(l.allow_from.as_ref(), l.deny_from.as_ref(), &key),
             max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
                 if *n.get_ref() == 0 {
                     self.push(
@@ -584,6 +453,15 @@ impl Validator<'_> {
                     Some(*n.get_ref() as usize)
                 }
             }),
+        }
+    }
+
+    fn known_pool(&mut self, pool: &Text, key: &str, pool_names: &HashMap<&str, ()>) {
+        if !pool_names.contains_key(pool.get_ref().as_str()) {
+            self.push(
+                pool.span(),
+                format!("{key}: unknown pool {:?}", pool.get_ref()),
+            );
         }
     }
 
@@ -859,97 +737,6 @@ impl Validator<'_> {
             true,
         )
         .map(|n| n as usize)
-    }
-
-    /// A route's regular expression, compiled once here. Its size is bounded, so a config
-    /// cannot make one that takes much memory to build.
-    fn pattern(&mut self, source: &str, span: Range<usize>, key: &str) -> Option<Pattern> {
-        match regex::RegexBuilder::new(source)
-            .size_limit(PATTERN_SIZE_LIMIT)
-            .build()
-        {
-            Ok(re) => Some(Pattern(re)),
-            Err(e) => {
-                // The regex crate's message spans several lines (the pattern, a caret, the
-                // reason); one line reads better after FILE:LINE:COL.
-                let reason = e.to_string();
-                let reason = reason
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("invalid")
-                    .trim_start_matches("error: ")
-                    .to_string();
-                self.push(span, format!("{key}: invalid regular expression: {reason}"));
-                None
-            }
-        }
-    }
-
-    /// One `headers` or `query` entry's matcher.
-    fn field_match(&mut self, m: &Spanned<FileFieldMatch>, key: &str) -> Option<FieldMatch> {
-        Some(match m.get_ref() {
-            FileFieldMatch::Equals(v) => FieldMatch::Equals(v.clone()),
-            FileFieldMatch::Present(true) => FieldMatch::Present,
-            FileFieldMatch::Present(false) => FieldMatch::Absent,
-            FileFieldMatch::Regex(source) => {
-                FieldMatch::Regex(self.pattern(source, m.span(), key)?)
-            }
-        })
-    }
-
-    /// A route's `methods`: tokens, matched case-sensitively. A lower-case standard method
-    /// is refused with the upper-case one named: it would never match what clients send.
-    fn methods(&mut self, m: &Spanned<Vec<Text>>, rkey: &str) -> Option<Vec<http::Method>> {
-        if m.get_ref().is_empty() {
-            self.push(
-                m.span(),
-                format!("{rkey}.methods: list at least one method, or leave the key out"),
-            );
-            return None;
-        }
-        let mut methods = Vec::new();
-        for t in m.get_ref() {
-            let s = t.get_ref();
-            let upper = s.to_ascii_uppercase();
-            let standard = [
-                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-            ];
-            if *s != upper && standard.contains(&upper.as_str()) {
-                self.push(
-                    t.span(),
-                    format!("{rkey}.methods: {s:?}: methods are case-sensitive; write {upper:?}"),
-                );
-                continue;
-            }
-            match http::Method::from_bytes(s.as_bytes()) {
-                Ok(method) if !s.is_empty() => methods.push(method),
-                _ => self.push(t.span(), format!("{rkey}.methods: invalid method {s:?}")),
-            }
-        }
-        Some(methods)
-    }
-
-    fn host_match(&mut self, h: &Text, rkey: &str) -> Option<HostMatch> {
-        let s = h.get_ref().to_ascii_lowercase();
-        let bad = s.is_empty()
-            || s.contains(['/', ':', ' '])
-            || s.chars().skip(1).any(|c| c == '*')
-            || (s.starts_with('*') && !s.starts_with("*."));
-        if bad {
-            self.push(
-                h.span(),
-                format!(
-                    "{rkey}.host: invalid host {:?}: write an exact name or \"*.example.com\" (no port)",
-                    h.get_ref()
-                ),
-            );
-            return None;
-        }
-        Some(match s.strip_prefix('*') {
-            Some(suffix) => HostMatch::Suffix(suffix.to_string()),
-            None => HostMatch::Exact(s),
-        })
     }
 
     fn pool(&mut self, name: &Text, p: &file::FilePool) -> Option<PoolConfig> {

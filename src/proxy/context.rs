@@ -1,7 +1,7 @@
 //! What one client connection's requests share: the listener and its settings, the peer's
-//! address, the connection's phase and shutdown signal, and the upstream connection that
-//! belongs to this client alone (`send_proxy`). Built once per connection by `listener`,
-//! read by every step of the request path.
+//! address, the connection's phase and shutdown signal, and what few connections need (the
+//! TLS SNI, the upstream connection of `send_proxy`). Built once per connection by
+//! `listener`, read by every step of the request path.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,15 +42,20 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     /// Busy while a request is served, idle after: the socket's read timers follow it.
     pub phase: ConnPhase,
-    /// This client connection's own upstream connection, for pools with `send_proxy`
-    /// (made on first use: most connections never need one).
-    pub private: std::sync::OnceLock<Arc<PrivateConn>>,
+    /// What few connections need: made at the TLS handshake when the client sent SNI, or
+    /// on first use by `send_proxy`. One pointer here keeps the context in its size class.
+    pub extras: std::sync::OnceLock<Arc<Extras>>,
 }
 
 impl ConnCtx {
     /// The listener's settings when the connection was accepted.
     pub fn config(&self) -> &ListenerConfig {
         &self.listener.config
+    }
+
+    /// The client's SNI (TLS only).
+    pub fn sni(&self) -> Option<&str> {
+        self.extras.get().and_then(|e| e.sni.as_deref())
     }
 
     /// `"http"` or `"https"`, for `X-Forwarded-Proto`: the listener's TLS settings say.
@@ -70,26 +75,40 @@ impl crate::net::HasPhase for ConnCtx {
     }
 }
 
-/// An upstream connection that belongs to one client connection: with `send_proxy` its
-/// PROXY header names that client, so it must never carry another client's requests. It is
-/// kept for the client's next request to the same backend, and closes with the client.
+/// What a connection learns after accept, or needs rarely.
 #[derive(Default)]
-pub struct PrivateConn(std::sync::Mutex<Option<(SocketAddr, Sender)>>);
+pub struct Extras {
+    /// The name the TLS client sent as SNI (a route's `sni` matches it).
+    pub sni: Option<Box<str>>,
+    /// With `send_proxy`, the upstream connection that belongs to this client alone: its
+    /// PROXY header names this client, so it must never carry another client's requests.
+    /// It is kept for the client's next request to the same backend, and closes with the
+    /// client.
+    upstream: std::sync::Mutex<Option<(SocketAddr, Sender)>>,
+}
 
-impl PrivateConn {
+impl Extras {
+    pub fn with_sni(sni: Box<str>) -> Extras {
+        Extras {
+            sni: Some(sni),
+            upstream: Default::default(),
+        }
+    }
+
+    /// The client's own upstream connection to `addr`, if one is kept and usable.
     pub(super) fn take(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
         let (a, mut s) = slot.take()?;
         (a == addr && s.is_usable()).then_some(s)
     }
 
     pub(super) fn put(&self, addr: SocketAddr, sender: Sender) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
     }
 }
 
-impl std::fmt::Debug for PrivateConn {
+impl std::fmt::Debug for Extras {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PrivateConn")
+        f.debug_struct("Extras").field("sni", &self.sni).finish()
     }
 }

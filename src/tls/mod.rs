@@ -22,6 +22,7 @@ use rustls::ClientConfig;
 
 use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
+pub mod client_hello;
 mod server_stream;
 
 pub use server_stream::{accept, ServerStream};

@@ -27,6 +27,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedS
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::client_hello::{self, Hello};
 use crate::h1::server::Transport;
 
 /// Bytes asked of the socket per read, at least (more when a longer record is arriving, or
@@ -63,8 +64,13 @@ pub struct ServerStream<IO> {
 }
 
 /// The TLS handshake on `io` as the server, with `config`. Not bounded in time: the caller
-/// puts a timeout around it.
-pub async fn accept<IO>(config: Arc<ServerConfig>, io: IO) -> io::Result<ServerStream<IO>>
+/// puts a timeout around it. With `read_sni`, also the name the client sent as SNI
+/// (rustls checks it but does not give it back here; see [`super::client_hello`]).
+pub async fn accept<IO>(
+    config: Arc<ServerConfig>,
+    io: IO,
+    read_sni: bool,
+) -> io::Result<(ServerStream<IO>, Option<Box<str>>)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -81,8 +87,13 @@ where
         peer_closed: false,
         closed: false,
     };
-    std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    Ok(stream)
+    let mut hello = read_sni.then_some(Hello::Incomplete);
+    std::future::poll_fn(|cx| stream.poll_handshake(cx, &mut hello)).await?;
+    let sni = match hello {
+        Some(Hello::Sni(name)) => name,
+        _ => None,
+    };
+    Ok((stream, sni))
 }
 
 /// What a call to [`ServerStream::process`] is for.
@@ -118,11 +129,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
         self.conn.alpn_protocol()
     }
 
-    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// `hello`: while `Some(Incomplete)`, the ClientHello's SNI is read from the records
+    /// before rustls consumes them. Once rustls has consumed any (a ClientHello split over
+    /// records rustls takes one by one), it stays unknown.
+    fn poll_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        hello: &mut Option<Hello>,
+    ) -> Poll<io::Result<()>> {
         loop {
+            let unread = self.incoming.len();
+            if hello.as_ref() == Some(&Hello::Incomplete) && unread > 0 {
+                *hello = Some(client_hello::sni(&self.incoming));
+            }
             if let Err(e) = self.process(&mut Job::Read(None)) {
                 self.send_alert(cx);
                 return Poll::Ready(Err(e));
+            }
+            if self.incoming.len() < unread && hello.as_ref() == Some(&Hello::Incomplete) {
+                *hello = Some(Hello::Sni(None));
             }
             let flushed = self.poll_send(cx)?;
             if !self.conn.is_handshaking() {
@@ -550,13 +575,13 @@ mod tests {
         let (server_config, connector) = configs(versions);
         let name = ServerName::try_from("localhost").expect("name");
         let (server, client) = tokio::join!(
-            accept(server_config, server_io),
+            accept(server_config, server_io, true),
             connector.connect(name, client_io)
         );
-        (
-            server.expect("server handshake"),
-            client.expect("client handshake"),
-        )
+        let (server, sni) = server.expect("server handshake");
+        // Read from the records as they arrive (in pieces, through a small pipe).
+        assert_eq!(sni.as_deref(), Some("localhost"), "the client's SNI");
+        (server, client.expect("client handshake"))
     }
 
     const BOTH: [&[&rustls::SupportedProtocolVersion]; 2] =
@@ -743,7 +768,7 @@ mod tests {
         b.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .expect("write");
-        let err = accept(server_config, a).await.err().expect("refused");
+        let err = accept(server_config, a, true).await.err().expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(
             err.get_ref().is_some_and(|e| e.is::<rustls::Error>()),

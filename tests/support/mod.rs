@@ -1157,6 +1157,23 @@ pub async fn raw_request(addr: SocketAddr, bytes: &[u8]) -> Option<RawReply> {
     read_response(&mut s, WAIT).await
 }
 
+/// A GET on a fresh connection from the loopback address `from`, with `headers` (whole
+/// field lines, each ending in CRLF) added.
+pub async fn get_from(
+    from: std::net::IpAddr,
+    web: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+) -> Option<RawReply> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(std::net::SocketAddr::new(from, 0)).ok()?;
+    let mut s = socket.connect(web).await.ok()?;
+    use tokio::io::AsyncWriteExt;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    read_response(&mut s, WAIT).await
+}
+
 /// Waits (bounded) until the peer closes `s`; returns how long that took, or `None`.
 pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     use tokio::io::AsyncReadExt;

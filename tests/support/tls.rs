@@ -227,6 +227,30 @@ where
     })
 }
 
+/// GET `path` over HTTP/2 on an established stream (ALPN chose `h2`).
+pub async fn get_h2<S>(stream: S, authority: &str, path: &str) -> Result<super::Reply, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://{authority}{path}"))
+        .body(Full::<bytes::Bytes>::default())
+        .expect("request");
+    let resp = sender.send_request(req).await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(super::Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// A client that accepts any server certificate: for tests that look at *which*
 /// certificate was served, whatever name it carries.
 pub fn any_name(_pki: &Pki) -> TlsConnector {

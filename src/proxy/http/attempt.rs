@@ -45,11 +45,11 @@ pub(super) fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<Inner>, ProxyError>> + Send + 'a {
     async move {
         let tracker = &ctx.listener.tracker;
-        // With `send_proxy`, connections are this client's own (see `PrivateConn`).
+        // With `send_proxy`, connections are this client's own (see `Extras`).
         let private = cfg_send_proxy(pool).map(|v| {
             (
                 crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
-                ctx.private.get_or_init(Default::default),
+                ctx.extras.get_or_init(Default::default),
             )
         });
         let cfg = &pool.config;

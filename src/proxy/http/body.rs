@@ -16,7 +16,7 @@ use super::Inner;
 use crate::balance::backend::Lease;
 use crate::balance::Pool;
 use crate::proxy::abandoned;
-use crate::proxy::context::PrivateConn;
+use crate::proxy::context::Extras;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::headers;
@@ -43,7 +43,7 @@ impl Drop for ProxyBody {
 pub(super) fn upstream_response(
     resp: Response<UpstreamIncoming>,
     lease: Lease,
-    (settings, home): (ConnSettings, Option<Arc<PrivateConn>>),
+    (settings, home): (ConnSettings, Option<Arc<Extras>>),
     pool: &Pool,
     cuts: u64,
     watch: Option<Arc<BodyWatch>>,
@@ -73,7 +73,7 @@ pub struct UpstreamResponseBody {
     settings: ConnSettings,
     /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
     /// backend's pool.
-    home: Option<Arc<PrivateConn>>,
+    home: Option<Arc<Extras>>,
     lease: Lease,
     /// For reporting a body the backend broke off: it counts against the backend.
     pool: Arc<str>,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
 use super::attempt::forward;
-use super::synthetic::{error_response, rate_limited, redirect_https, reject};
+use super::synthetic::{configured, denied, error_response, rate_limited, redirect, reject};
 use super::{vars, Inner};
 use crate::balance::policy::hash_key;
 use crate::config::{HashKey, UpstreamProtocol};
@@ -21,7 +21,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
 use crate::proxy::{headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
-use crate::routing::{Fields, RequestView, Target};
+use crate::routing::{Action, Fields, RequestView, Target};
 use crate::state::Snapshot;
 use crate::upstream::Outgoing;
 
@@ -71,17 +71,6 @@ pub(super) async fn respond<'s>(
         // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
         return reject(ctx, StatusCode::BAD_REQUEST, "no Host field");
     }
-    if ctx.config().redirect_https {
-        return redirect_https(&req, ctx);
-    }
-    let connect = req.method() == Method::CONNECT;
-    if connect && !ctx.config().allow_connect {
-        return reject(
-            ctx,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not allowed",
-        );
-    }
     let host = match &relay {
         Some(f) => f.host().and_then(|h| std::str::from_utf8(h).ok()),
         None => host_field.and_then(|h| h.to_str().ok()),
@@ -96,7 +85,12 @@ pub(super) async fn respond<'s>(
         }
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
-    let target = router.route(&RequestView {
+    let client = ctx.peer.ip();
+    // Before the body is read or a backend chosen: a refused client costs neither.
+    if !router.access.permits(client) {
+        return denied(ctx, ex, "listener");
+    }
+    let view = RequestView {
         host,
         path,
         method: req.method(),
@@ -105,7 +99,30 @@ pub(super) async fn respond<'s>(
             None => Fields::Map(req.headers()),
         },
         query: req.uri().query(),
-    });
+        client,
+        sni: ctx.sni(),
+    };
+    let request_uri = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if let Some(r) = &ctx.config().redirect_https {
+        return redirect(r, &view, request_uri, ctx);
+    }
+    let connect = req.method() == Method::CONNECT;
+    if connect && !ctx.config().allow_connect {
+        return reject(
+            ctx,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not allowed",
+        );
+    }
+    let target = match router.route(&view) {
+        None => router.default_target(),
+        Some(rule) if !rule.access.permits(client) => return denied(ctx, ex, "route"),
+        Some(rule) => match &rule.action {
+            Action::Forward(target) => target,
+            Action::Redirect(r) => return redirect(r, &view, request_uri, ctx),
+            Action::Respond(r) => return configured(r),
+        },
+    };
     let rewritten = target
         .rewrite
         .as_ref()

@@ -1,17 +1,19 @@
-//! Responses ballast makes itself: errors (logged once, here), the `redirect_https` 308,
-//! 429 for a rate limit, and refusals of requests it will not forward.
+//! Responses ballast makes itself: errors (logged once, here), redirects and responses a
+//! route gives (`redirect`, `respond`, `redirect_https`), 403 for `allow_from` /
+//! `deny_from`, 429 for a rate limit, and refusals of requests it will not forward.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::Inner;
+use crate::config::{Redirect, Respond, UrlPiece};
 use crate::proxy::context::ConnCtx;
 use crate::proxy::error::{ProxyError, Side};
 use crate::proxy::exchange::Exchange;
-use crate::proxy::headers;
+use crate::routing::RequestView;
 
 /// Logs a failed request once, here, and answers it. Failures the client caused are logged
 /// at info (they are routine on the internet), the rest as warnings; both at most once a
@@ -54,41 +56,82 @@ pub(super) fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inne
     resp
 }
 
-/// `redirect_https`: a 308 to the same host and path on `https://` (308 keeps the method
-/// and body, unlike 301).
-pub(super) fn redirect_https<B>(req: &Request<B>, ctx: &ConnCtx) -> Response<Inner> {
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .map(headers::host_without_port)
-        .filter(|h| {
-            !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
-        });
-    let Some(host) = host else {
-        return reject(ctx, StatusCode::BAD_REQUEST, "no valid Host to redirect to");
-    };
-    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    let location = match ctx.config().redirect_https_port {
-        Some(port) if port != 443 => format!("https://{host}:{port}{pq}"),
-        _ => format!("https://{host}{pq}"),
-    };
-    let mut resp = plain_response(StatusCode::PERMANENT_REDIRECT);
-    match HeaderValue::try_from(location) {
-        Ok(v) => {
-            resp.headers_mut().insert(http::header::LOCATION, v);
-            resp
+/// A route's `redirect` (or `redirect_https`, one case of it): `Location` made from the
+/// request's host, path and query as the route's `to` says. 400 when `to` needs a host
+/// and the request has no usable one.
+pub(super) fn redirect(
+    r: &Redirect,
+    req: &RequestView<'_>,
+    request_uri: &str,
+    ctx: &ConnCtx,
+) -> Response<Inner> {
+    let mut location = String::with_capacity(128);
+    for piece in &r.to {
+        match piece {
+            UrlPiece::Text(t) => location.push_str(t),
+            UrlPiece::Host => {
+                let host = req.host.filter(|h| {
+                    !h.is_empty()
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+                });
+                let Some(host) = host else {
+                    return reject(ctx, StatusCode::BAD_REQUEST, "no valid Host to redirect to");
+                };
+                if host.contains(':') {
+                    // An IPv6 address, its brackets taken off with the port.
+                    location.push('[');
+                    location.push_str(host);
+                    location.push(']');
+                } else {
+                    location.push_str(host);
+                }
+            }
+            UrlPiece::Path => push_path(&mut location, req.path),
+            UrlPiece::Query => location.push_str(req.query.unwrap_or("")),
+            UrlPiece::RequestUri => push_path(&mut location, request_uri),
         }
-        Err(_) => reject(ctx, StatusCode::BAD_REQUEST, "unusable redirect target"),
     }
+    let Ok(location) = HeaderValue::try_from(location) else {
+        return reject(ctx, StatusCode::BAD_REQUEST, "unusable redirect target");
+    };
+    let mut resp = plain_response(r.status);
+    resp.headers_mut().insert(http::header::LOCATION, location);
+    resp
+}
+
+/// Appends a path. At the start of a `Location`, `//evil.example/` would be a link to
+/// another host (a protocol-relative reference): there, leading slashes count as one.
+fn push_path(location: &mut String, path: &str) {
+    if location.is_empty() && path.starts_with('/') {
+        location.push('/');
+        location.push_str(path.trim_start_matches('/'));
+    } else {
+        location.push_str(path);
+    }
+}
+
+/// A route's `respond`: the status, fields and body the config gives.
+pub(super) fn configured(r: &Respond) -> Response<Inner> {
+    let mut resp = Response::new(Either::Right(Full::new(r.body.clone())));
+    *resp.status_mut() = r.status;
+    let headers = resp.headers_mut();
+    for (name, value) in &r.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    resp
+}
+
+/// 403 for a client that `allow_from` / `deny_from` refuses (of the listener or of the
+/// route, `which`); the connection closes, as the request body is left unread.
+pub(super) fn denied(ctx: &ConnCtx, ex: &mut Exchange, which: &'static str) -> Response<Inner> {
+    ex.termination = "denied";
+    if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener.name, "denied")) {
+        tracing::info!(listener = %ctx.listener.name, client = %ctx.peer, status = 403, reason = %"denied", by = which, suppressed, "request refused by allow_from / deny_from");
+    }
+    let mut resp = plain_response(StatusCode::FORBIDDEN);
+    close_after(&mut resp);
+    resp
 }
 
 /// Refuses a request ballast will not forward (debug log: clients get this wrong all day).

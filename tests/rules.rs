@@ -1,0 +1,381 @@
+//! L7 rules (issue 25): routes that match on the whole request (path, regex, methods,
+//! header and query fields, the client's address; SNI is in `tls.rs`), routes that answer
+//! by themselves (`redirect`, `respond`), and `allow_from` / `deny_from` on listeners and
+//! routes. Real daemon, real backends, requests as a client sends them; each case beside
+//! its opposite, so that each test can fail.
+
+mod support;
+
+use std::net::IpAddr;
+
+use support::*;
+
+/// Which backend answered a raw request with these extra field lines (its `x-backend`
+/// field), or the status if not 200.
+async fn answered(web: std::net::SocketAddr, method: &str, target: &str, fields: &str) -> String {
+    let sent =
+        format!("{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{fields}\r\n");
+    let r = raw_request(web, sent.as_bytes()).await.expect("answer");
+    if r.status != 200 {
+        return r.status.to_string();
+    }
+    r.head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-backend: ")
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_on_exact_paths_path_regexes_and_methods_all_together() {
+    let [app, exact, writes, regex] = start_backends(["app", "exact", "writes", "regex"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"routes = [
+  { path = "/robots.txt", methods = ["GET", "HEAD"], pool = "exact" },
+  { path_prefix = "/api/", methods = ["POST", "PUT"], pool = "writes" },
+  { path_regex = "^/users/[0-9]+/avatar$", pool = "regex" },
+]"#,
+            )
+            .named_pool("exact", &exact)
+            .named_pool("writes", &writes)
+            .named_pool("regex", &regex)
+            .build(),
+    );
+    let web = lb.addr("web");
+    let cases = [
+        ("GET", "/robots.txt", "exact"),
+        ("POST", "/robots.txt", "app"),
+        ("OPTIONS", "/robots.txt", "app"),
+        ("GET", "/robots.txt/x", "app"),
+        // The query is not part of the path.
+        ("GET", "/robots.txt?x=1", "exact"),
+        ("POST", "/api/items", "writes"),
+        ("PUT", "/api/items/1", "writes"),
+        ("GET", "/api/items", "app"),
+        ("GET", "/users/42/avatar", "regex"),
+        ("GET", "/users/42/avatar?size=2", "regex"),
+        ("GET", "/users/x/avatar", "app"),
+        ("GET", "/users/42/avatar/big", "app"),
+        // Matched after dot-segments are resolved, as prefixes are.
+        ("GET", "/users/7/../42/avatar", "regex"),
+        ("GET", "/static/../robots.txt", "exact"),
+    ];
+    let mut seen = Vec::new();
+    for (method, target, _) in cases {
+        seen.push(answered(web, method, target, "").await);
+    }
+    let expected: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    assert_eq!(seen, expected, "{cases:?}");
+    // A hostile path is matched in linear time: a long one costs no more than its length.
+    let long = format!("/users/{}x/avatar", "1".repeat(6000));
+    assert_eq!(answered(web, "GET", &long, "").await, "app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_on_headers_and_query_parameters() {
+    let [app, canary, curl, v2] = start_backends(["app", "canary", "curl", "v2"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"routes = [
+  { headers = { "X-Canary" = "1", "X-Debug" = false }, pool = "canary" },
+  { headers = { "User-Agent" = { regex = "^curl/" } }, pool = "curl" },
+  { query = { "version" = "2", "preview" = true }, pool = "v2" },
+]"#,
+            )
+            .named_pool("canary", &canary)
+            .named_pool("curl", &curl)
+            .named_pool("v2", &v2)
+            .build(),
+    );
+    let web = lb.addr("web");
+    let cases = [
+        ("/", "X-Canary: 1\r\n", "canary"),
+        ("/", "x-canary: 1\r\n", "canary"),
+        ("/", "X-Canary: 0\r\nX-Canary: 1\r\n", "canary"),
+        ("/", "X-Canary: 1\r\nX-Debug: yes\r\n", "app"),
+        ("/", "X-Canary: 11\r\n", "app"),
+        ("/", "User-Agent: curl/8.5.0\r\n", "curl"),
+        ("/", "User-Agent: Mozilla/5.0 curl/8\r\n", "app"),
+        ("/?version=2&preview", "", "v2"),
+        ("/?preview=1&version=%32", "", "v2"),
+        ("/?version=2", "", "app"),
+        ("/?version=20&preview", "", "app"),
+        ("/", "", "app"),
+    ];
+    let mut seen = Vec::new();
+    for (target, fields, _) in cases {
+        seen.push(answered(web, "GET", target, fields).await);
+    }
+    let expected: Vec<String> = cases.iter().map(|c| c.2.to_string()).collect();
+    assert_eq!(seen, expected, "{cases:?}");
+}
+
+/// Method, target and field lines of one raw request; the reply (the body read by its
+/// `Content-Length`).
+async fn reply(web: std::net::SocketAddr, method: &str, target: &str, fields: &str) -> RawReply {
+    let sent = format!("{method} {target} HTTP/1.1\r\n{fields}\r\n");
+    raw_request(web, sent.as_bytes())
+        .await
+        .unwrap_or_else(|| panic!("an answer to {method} {target}"))
+}
+
+/// The value of field `name` in a response head.
+fn field_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_and_respond_routes_answer_by_themselves_and_no_backend_sees_a_request() {
+    let [app] = start_backends(["app"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"routes = [
+  { host = "www.example.com", redirect = { to = "https://example.com${request_uri}", status = 301 } },
+  { path = "/old", redirect = { to = "/new?from=${path}&${query}" } },
+  { path_regex = "^//", redirect = { to = "${request_uri}", status = 308 } },
+  { path = "/robots.txt", respond = { body = "User-agent: *\nDisallow: /\n" } },
+  { path_prefix = "/maintenance/", respond = { status = 503, body = "<h1>Back soon</h1>", content_type = "text/html", headers = { "Retry-After" = "120", "Cache-Control" = "no-store" } } },
+  { path = "/gone", respond = { status = 410 } },
+]"#,
+            )
+            .build(),
+    );
+    let web = lb.addr("web");
+    let location = |r: &RawReply| field_of(&r.head, "location").unwrap_or_default();
+
+    // www → apex, the path and query kept; the host's port is not.
+    let r = reply(web, "GET", "/a/b?x=1", "Host: www.example.com:8080\r\n").await;
+    assert_eq!(
+        (r.status, location(&r)),
+        (301, "https://example.com/a/b?x=1".into())
+    );
+    // A moved path, 302 when no status is given; `${path}` and `${query}` apart.
+    let r = reply(web, "GET", "/old?id=7", "Host: x\r\n").await;
+    assert_eq!(
+        (r.status, location(&r)),
+        (302, "/new?from=/old&id=7".into())
+    );
+    // A path that would make `Location` a link to another host keeps one slash.
+    let r = reply(web, "GET", "//evil.example/x", "Host: x\r\n").await;
+    assert_eq!((r.status, location(&r)), (308, "/evil.example/x".into()));
+
+    let r = reply(web, "GET", "/robots.txt", "Host: x\r\n").await;
+    assert_eq!(
+        r.status_text(),
+        (200, "User-agent: *\nDisallow: /\n".into())
+    );
+    assert_eq!(
+        field_of(&r.head, "content-type").as_deref(),
+        Some("text/plain; charset=utf-8"),
+        "the default type of a body"
+    );
+    // Any method: the route has no `methods`. The body is not read, so the connection
+    // closes after the answer.
+    let r = reply(
+        web,
+        "POST",
+        "/robots.txt",
+        "Host: x\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    let r = reply(web, "GET", "/maintenance/x", "Host: x\r\n").await;
+    assert_eq!(r.status_text(), (503, "<h1>Back soon</h1>".into()));
+    assert_eq!(
+        field_of(&r.head, "content-type").as_deref(),
+        Some("text/html")
+    );
+    assert_eq!(field_of(&r.head, "retry-after").as_deref(), Some("120"));
+    assert_eq!(
+        field_of(&r.head, "cache-control").as_deref(),
+        Some("no-store")
+    );
+
+    let r = reply(web, "GET", "/gone", "Host: x\r\n").await;
+    assert_eq!(r.status_text(), (410, String::new()));
+    assert_eq!(field_of(&r.head, "content-type"), None, "no body, no type");
+
+    // HEAD gets the head of the same answer, without its body.
+    let mut c = Client::connect(web).await.expect("connect");
+    let head = c
+        .request(
+            http::Request::head("/robots.txt")
+                .header("host", "x")
+                .body(Default::default())
+                .expect("request"),
+        )
+        .await
+        .expect("HEAD answered");
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    assert_eq!(head.headers["content-length"], "26");
+
+    assert_eq!(app.hits(), 0, "every answer above was ballast's own");
+    let r = reply(web, "GET", "/other", "Host: x\r\n").await;
+    assert_eq!(
+        r.status_text(),
+        (200, "app".into()),
+        "the rest goes to the pool"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_needs_a_host_where_it_names_one() {
+    let [app] = start_backends(["app"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(r#"routes = [{ path_prefix = "/", redirect = { to = "https://${host}${request_uri}" } }]"#)
+            .build(),
+    );
+    let web = lb.addr("web");
+    // HTTP/1.0 may leave Host out: there is nothing to redirect to.
+    let r = raw_request(web, b"GET /x HTTP/1.0\r\n\r\n")
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400);
+    // An IPv6 literal keeps its brackets; a host that is no host name is refused.
+    let r = reply(web, "GET", "/x", "Host: [::1]:8080\r\n").await;
+    assert_eq!(
+        field_of(&r.head, "location").as_deref(),
+        Some("https://[::1]/x")
+    );
+    let r = reply(web, "GET", "/x", "Host: a_b@c\r\n").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(app.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_from_and_deny_from_refuse_clients_before_any_backend() {
+    let [app, admin, canary] = start_backends(["app", "admin", "canary"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"deny_from = ["127.0.0.66"]
+routes = [
+  { path_prefix = "/admin/", allow_from = ["127.0.0.4/30"], deny_from = ["127.0.0.6"], pool = "admin" },
+  { client_cidrs = ["127.0.0.8/29"], pool = "canary" },
+]"#,
+            )
+            .named_pool("admin", &admin)
+            .named_pool("canary", &canary)
+            .build(),
+    );
+    let web = lb.addr("web");
+    let from = |last: u8| IpAddr::from([127, 0, 0, last]);
+    let cases = [
+        (1, "/", "200 app"),
+        (66, "/", "403"),
+        (66, "/admin/x", "403"),
+        (5, "/admin/x", "200 admin"),
+        (6, "/admin/x", "403"),
+        (1, "/admin/x", "403"),
+        (9, "/", "200 canary"),
+        (15, "/x", "200 canary"),
+        (16, "/", "200 app"),
+        (9, "/admin/x", "403"),
+    ];
+    let mut seen = Vec::new();
+    for (last, path, _) in cases {
+        let r = get_from(from(last), web, path, "").await.expect("answer");
+        seen.push(match r.status {
+            200 => format!("200 {}", String::from_utf8_lossy(&r.body)),
+            403 => {
+                // Refused before the body: the connection closes.
+                assert_eq!(field_of(&r.head, "connection").as_deref(), Some("close"));
+                "403".to_string()
+            }
+            other => other.to_string(),
+        });
+    }
+    let expected: Vec<&str> = cases.iter().map(|c| c.2).collect();
+    assert_eq!(seen, expected, "{cases:?}");
+    assert_eq!((app.hits(), admin.hits(), canary.hits()), (2, 1, 2));
+    assert!(
+        lb.wait_for_log("reason=denied", WAIT),
+        "refusals are logged:\n{}",
+        lb.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_hold_ipv6_clients_named_by_a_proxy_header() {
+    let [app] = start_backends(["app"]).await;
+    // The test can only connect from loopback: the client addresses come from PROXY
+    // headers, which ballast trusts from 127.0.0.1.
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"accept_proxy = ["127.0.0.1"]
+allow_from = ["2001:db8::/32", "10.0.0.0/8"]
+deny_from = ["2001:db8:bad::/48"]"#,
+            )
+            .build(),
+    );
+    let web = lb.addr("web");
+    let status_from = async |client: &str| {
+        let family = if client.contains(':') { "TCP6" } else { "TCP4" };
+        let to = if client.contains(':') {
+            "2001:db8::80"
+        } else {
+            "10.9.9.9"
+        };
+        let head = format!(
+            "PROXY {family} {client} {to} 40000 80\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        raw_request(web, head.as_bytes())
+            .await
+            .expect("answer")
+            .status
+    };
+    assert_eq!(status_from("2001:db8:1::1").await, 200);
+    assert_eq!(
+        status_from("2001:db8:bad::1").await,
+        403,
+        "denied inside the allowed range"
+    );
+    assert_eq!(
+        status_from("2001:db9::1").await,
+        403,
+        "outside the allowed range"
+    );
+    assert_eq!(status_from("10.1.2.3").await, 200);
+    assert_eq!(status_from("11.1.2.3").await, 403);
+    assert_eq!(app.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_closes_a_refused_client_at_accept() {
+    let [app] = start_backends(["app"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener("mode = \"tcp\"\ndeny_from = [\"127.0.0.2\"]")
+            .build(),
+    );
+    let web = lb.addr("web");
+    let allowed = get_from(IpAddr::from([127, 0, 0, 1]), web, "/", "").await;
+    assert_eq!(allowed.map(|r| r.status), Some(200));
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind");
+    let mut s = socket.connect(web).await.expect("the kernel accepts first");
+    use tokio::io::AsyncWriteExt;
+    // The write may race the close; only what comes back counts.
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        closed_within(&mut s, WAIT).await.is_some(),
+        "closed, unanswered"
+    );
+    assert_eq!(app.hits(), 1, "the refused client reached no backend");
+    assert!(lb.wait_for_log("connection refused by allow_from / deny_from", WAIT));
+}
