@@ -7,7 +7,7 @@
 #   bash fuzz/run.sh h1_client 1800 -runs=10000000   # further arguments go to libFuzzer
 set -euo pipefail
 cd "$(dirname "$0")"
-target=${1:?target: config_toml or headers}
+target=${1:?target: a name under fuzz_targets/}
 secs=${2:-60}
 host=$(rustc -vV | awk '/^host:/ {print $2}')
 RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
