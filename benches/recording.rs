@@ -77,6 +77,7 @@ fn entry() -> Entry {
         time: SystemTime::now(),
         listener: "web".into(),
         client: "192.0.2.7:51000".parse().expect("addr"),
+        forwarded: None,
         request: Some(RequestLine::new(
             http::Method::GET,
             http::Version::HTTP_11,

@@ -30,7 +30,11 @@ pub struct Entry {
     /// When the request head (or the connection) arrived.
     pub time: SystemTime,
     pub listener: Arc<str>,
+    /// The connection's peer.
     pub client: SocketAddr,
+    /// The client a trusted proxy's `X-Forwarded-For` or `Forwarded` named (then logged as
+    /// `client`, and the connection's own address as `peer`).
+    pub forwarded: Option<std::net::IpAddr>,
     /// `None` for a TCP connection.
     pub request: Option<RequestLine>,
     /// The response status; 0 for a TCP connection.
@@ -365,6 +369,8 @@ fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
         time: &'a str,
         listener: &'a str,
         client: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer: Option<&'a str>,
         method: Option<&'a str>,
         host: Option<std::borrow::Cow<'a, str>>,
         path: Option<std::borrow::Cow<'a, str>>,
@@ -399,9 +405,18 @@ fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
     let mut client = [0u8; 64];
     let client = {
         let mut w = Small(&mut client, 0);
-        let _ = std::fmt::Write::write_fmt(&mut w, format_args!("{}", e.client));
+        let _ = match e.forwarded {
+            Some(ip) => std::fmt::Write::write_fmt(&mut w, format_args!("{ip}")),
+            None => std::fmt::Write::write_fmt(&mut w, format_args!("{}", e.client)),
+        };
         w.len()
     };
+    let mut peer = [0u8; 64];
+    let peer = e.forwarded.map(|_| {
+        let mut w = Small(&mut peer, 0);
+        let _ = std::fmt::Write::write_fmt(&mut w, format_args!("{}", e.client));
+        w.len()
+    });
     let text = String::from_utf8_lossy;
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let r = e.request.as_ref();
@@ -409,6 +424,7 @@ fn json(e: &Entry, second: &str, millis: u32, out: &mut Vec<u8>) {
         time: std::str::from_utf8(time).unwrap_or(""),
         listener: &e.listener,
         client: std::str::from_utf8(client).unwrap_or(""),
+        peer: peer.map(|p| std::str::from_utf8(p).unwrap_or("")),
         method: r.map(|r| r.method.as_str()),
         host: r.and_then(|r| r.host().map(text)),
         path: r.map(|r| text(r.target())),
@@ -458,7 +474,11 @@ impl std::fmt::Write for Small<'_> {
 /// `client - - [time] "request" status bytes "referer" "user-agent"`, nginx's `combined`.
 /// A TCP connection shows `"TCP"` as its request and `-` as its status.
 fn combined(e: &Entry, stamp: &str, out: &mut Vec<u8>) {
-    let _ = write!(out, "{} - - [{stamp}] \"", e.client.ip());
+    let _ = write!(
+        out,
+        "{} - - [{stamp}] \"",
+        e.forwarded.unwrap_or(e.client.ip())
+    );
     match &e.request {
         Some(r) => {
             escape(r.method.as_str().as_bytes(), out);
@@ -517,6 +537,7 @@ mod tests {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             listener: "web".into(),
             client: "192.0.2.7:5555".parse().unwrap(),
+            forwarded: None,
             request: Some(RequestLine::new(
                 Method::GET,
                 Version::HTTP_11,

@@ -270,7 +270,7 @@ impl Env {
             }
             return false;
         }
-        let Some(table) = &self.per_client else {
+        let Some(table) = self.per_client(peer.ip()) else {
             return true;
         };
         if table.acquire(peer.ip()) {
@@ -280,12 +280,21 @@ impl Env {
         false
     }
 
+    /// The `max_connections_per_client` table that counts connections from `peer`. None
+    /// for a proxy in `trusted_proxies`: its connections carry many clients' requests.
+    fn per_client(&self, peer: IpAddr) -> Option<&PerClient> {
+        let trusted = &self.shared.config.trusted_proxies;
+        self.per_client
+            .as_deref()
+            .filter(|_| !trusted.as_ref().is_some_and(|t| t.contains(peer)))
+    }
+
     /// Gives back what a connection from `client` took: its `max_connections` permit, its
     /// share of `max_connections_per_client` and its place in the open count. Called once,
     /// when the connection's [`Conn`] (HTTP) or [`Held`] (TCP) drops.
     fn release(&self, client: IpAddr) {
         self.limit.add_permits(1);
-        if let Some(table) = &self.per_client {
+        if let Some(table) = self.per_client(client) {
             table.release(client);
         }
         self.shared.stats.closed();

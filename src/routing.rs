@@ -70,7 +70,15 @@ pub enum Fields<'a> {
     Lines(&'a crate::h1::RequestFields),
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
+    /// The values of field `name`, line by line.
+    pub fn lines(&self, name: &http::HeaderName) -> smallvec::SmallVec<[&'a [u8]; 2]> {
+        match *self {
+            Fields::Map(map) => map.get_all(name).iter().map(|v| v.as_bytes()).collect(),
+            Fields::Lines(lines) => lines.values(name.as_str().as_bytes()).collect(),
+        }
+    }
+
     /// Whether some value of field `name` passes `test`.
     fn any(&self, name: &http::HeaderName, test: &dyn Fn(&[u8]) -> bool) -> bool {
         match self {
@@ -176,6 +184,8 @@ pub struct Router {
     default: Target,
     /// The listener's `allow_from` / `deny_from`, checked before routing.
     pub access: Access,
+    /// The listener's `trusted_proxies`.
+    pub trusted_proxies: Option<Ranges>,
     /// The listener's counters, carried over from the previous router of the same name.
     pub stats: Arc<ListenerStats>,
     /// The listener's rate limit, for every request on it.
@@ -269,6 +279,7 @@ impl Router {
             routes,
             default,
             access: l.access.clone(),
+            trusted_proxies: l.trusted_proxies.clone(),
             stats,
             rate_limit,
             relays_fields,

@@ -157,6 +157,46 @@ async fn combined_format_is_what_log_tools_parse() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_a_trusted_proxy_names_is_logged_with_the_proxy_as_peer() {
+    let [b] = start_backends(["a"]).await;
+    for format in ["json", "combined"] {
+        let lb = Ballast::start(
+            &TestConfig::new(&[&b])
+                .head(&access_log(format))
+                .listener("trusted_proxies = [\"127.0.0.1\"]")
+                .build(),
+        );
+        let web = lb.addr("web");
+        let r = get_with(web, "/", &[("x-forwarded-for", "1.1.1.1, 203.0.113.7")]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            get(web, "/").await.status,
+            200,
+            "a request the proxy sent itself"
+        );
+        let got = wait_lines(&log_path(&lb), 2).await;
+        if format == "combined" {
+            assert!(got[0].starts_with("203.0.113.7 - - ["), "{got:?}");
+            assert!(got[1].starts_with("127.0.0.1 - - ["), "{got:?}");
+            continue;
+        }
+        let first: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+        assert_eq!(first["client"], "203.0.113.7", "{first}");
+        let peer = first["peer"].as_str().unwrap_or_default();
+        assert!(peer.starts_with("127.0.0.1:"), "{first}");
+        let second: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+        assert!(second["client"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("127.0.0.1:"));
+        assert!(
+            second.get("peer").is_none(),
+            "no peer when the client is the peer: {second}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_file_and_no_line_is_lost() {
     let [b] = start_backends(["a"]).await;
     let lb = Ballast::start(&TestConfig::new(&[&b]).head(&access_log("json")).build());

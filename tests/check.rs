@@ -438,6 +438,28 @@ backends = [\"127.0.0.1:9001\"]
             "F:9:35: listeners.web.routes[1].deny_from: invalid range \"x\"",
         ],
     );
+    // trusted_proxies: a list of ranges like the others, and for HTTP listeners only.
+    let text = "[listeners.web]
+bind = \"127.0.0.1:8080\"
+pool = \"app\"
+trusted_proxies = [\"10.0.0.0/8\", \"proxy.internal\"]
+
+[listeners.db]
+bind = \"127.0.0.1:5432\"
+pool = \"app\"
+mode = \"tcp\"
+trusted_proxies = [\"10.0.0.0/8\"]
+
+[pools.app]
+backends = [\"127.0.0.1:9001\"]
+";
+    assert_error(
+        text,
+        &[
+            "F:4:34: listeners.web.trusted_proxies: invalid range \"proxy.internal\"",
+            "F:6:12: listeners.db.trusted_proxies: only used with mode = \"http\" (this listener is mode = \"tcp\")",
+        ],
+    );
     // The good spellings pass: both families, bare addresses, host bits below the prefix.
     let good = "[listeners.web]
 bind = \"127.0.0.1:8080\"

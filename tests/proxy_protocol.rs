@@ -298,6 +298,48 @@ async fn send_proxy_writes_the_client_address_byte_exact_on_private_connections(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_proxy_names_the_client_a_trusted_proxy_named_one_client_per_connection() {
+    let backend = ProxyAwareBackend::start(false).await;
+    let lb = Ballast::start(
+        &TestConfig::addresses([backend.addr])
+            .listener("trusted_proxies = [\"127.0.0.1\"]")
+            .pool("send_proxy = \"v2\"")
+            .build(),
+    );
+    let listener = lb.addr("web");
+    // One connection from the (trusted) proxy carries requests of two clients, the first
+    // one twice.
+    let mut s = TcpStream::connect(listener).await.unwrap();
+    for client in ["203.0.113.7", "203.0.113.7", "2001:db8::9"] {
+        let req =
+            format!("GET / HTTP/1.1\r\nHost: test.local\r\nX-Forwarded-For: {client}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut s, WAIT)
+            .await
+            .expect("answer")
+            .status_text();
+        assert_eq!((status, body.as_str()), (200, "proxy-aware"), "{client}");
+    }
+    let seen = backend.headers.lock().unwrap().clone();
+    let sources: Vec<_> = seen.iter().map(|(_, h)| h.source).collect();
+    // The port a proxy's client used is not known: 0. A connection whose header names one
+    // client never carries another's request: the second client got a connection of its own.
+    let v4 = sa("203.0.113.7:0");
+    let v6 = sa("[2001:db8::9]:0");
+    assert_eq!(sources.len(), 2, "{seen:?}");
+    assert!(
+        sources
+            .iter()
+            .any(|s| s.map(|a| a.ip()) == Some(v4.ip()) && s.map(|a| a.port()) == Some(0)),
+        "{seen:?}"
+    );
+    assert!(
+        sources.iter().any(|s| s.map(|a| a.ip()) == Some(v6.ip())),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_mode_passes_the_address_from_an_incoming_header_to_the_backend() {
     let backend = ProxyAwareBackend::start(true).await;
     let lb = Ballast::start(

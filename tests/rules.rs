@@ -379,3 +379,210 @@ async fn a_tcp_listener_closes_a_refused_client_at_accept() {
     assert_eq!(app.hits(), 1, "the refused client reached no backend");
     assert!(lb.wait_for_log("connection refused by allow_from / deny_from", WAIT));
 }
+
+/// Which backend answered (`x-backend`) and the `X-Forwarded-For` it got, for a request
+/// from loopback address `from` carrying `fields`; or the status when not 200.
+async fn seen_from(web: std::net::SocketAddr, from: [u8; 4], path: &str, fields: &str) -> String {
+    let r = get_from(IpAddr::from(from), web, path, fields)
+        .await
+        .expect("answer");
+    if r.status != 200 {
+        return r.status.to_string();
+    }
+    let backend = field_of(&r.head, "x-backend").unwrap_or_default();
+    let body = String::from_utf8_lossy(&r.body);
+    let xff = body
+        .lines()
+        .find_map(|l| l.strip_prefix("x-forwarded-for: "))
+        .unwrap_or("-");
+    format!("{backend} [{xff}]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
+    let [app, vip] = start_backends(["app", "vip"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(
+                r#"trusted_proxies = ["127.0.0.2", "10.0.0.0/8"]
+deny_from = ["198.51.100.66"]
+routes = [
+  { path_prefix = "/internal/", allow_from = ["10.0.0.0/8"], pool = "app" },
+  { client_cidrs = ["203.0.113.0/24", "2001:db8::/32"], pool = "vip" },
+]"#,
+            )
+            .named_pool("vip", &vip)
+            .build(),
+    );
+    let web = lb.addr("web");
+    let proxy = [127, 0, 0, 2];
+    let stranger = [127, 0, 0, 1];
+    let cases: [([u8; 4], &str, &str, &str); 12] = [
+        // The right-most address the trusted proxies did not write is the client.
+        (
+            proxy,
+            "/headers",
+            "X-Forwarded-For: 1.1.1.1, 203.0.113.7\r\n",
+            "vip [1.1.1.1, 203.0.113.7, 127.0.0.2]",
+        ),
+        (
+            proxy,
+            "/headers",
+            "X-Forwarded-For: 203.0.113.7, 10.9.9.9\r\n",
+            "vip [203.0.113.7, 10.9.9.9, 127.0.0.2]",
+        ),
+        (
+            proxy,
+            "/headers",
+            "X-Forwarded-For: 192.0.2.1\r\n",
+            "app [192.0.2.1, 127.0.0.2]",
+        ),
+        (
+            proxy,
+            "/headers",
+            "Forwarded: for=\"[2001:db8::7]:4711\"\r\n",
+            "vip [127.0.0.2]",
+        ),
+        // A trusted proxy that names nobody: it is the client.
+        (proxy, "/headers", "", "app [127.0.0.2]"),
+        (proxy, "/", "X-Forwarded-For: 198.51.100.66\r\n", "403"),
+        (
+            proxy,
+            "/internal/x",
+            "X-Forwarded-For: 10.1.2.3\r\n",
+            "app [-]",
+        ),
+        (
+            proxy,
+            "/internal/x",
+            "X-Forwarded-For: 192.0.2.1\r\n",
+            "403",
+        ),
+        // Anyone else's word counts for nothing, and its chain is not passed on.
+        (
+            stranger,
+            "/headers",
+            "X-Forwarded-For: 203.0.113.7\r\n",
+            "app [127.0.0.1]",
+        ),
+        (
+            stranger,
+            "/headers",
+            "Forwarded: for=203.0.113.7\r\n",
+            "app [127.0.0.1]",
+        ),
+        (
+            stranger,
+            "/",
+            "X-Forwarded-For: 198.51.100.66\r\n",
+            "app [-]",
+        ),
+        (
+            stranger,
+            "/internal/x",
+            "X-Forwarded-For: 10.1.2.3\r\n",
+            "403",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (from, path, fields, _) in cases {
+        seen.push(seen_from(web, from, path, fields).await);
+    }
+    let expected: Vec<&str> = cases.iter().map(|c| c.3).collect();
+    assert_eq!(seen, expected);
+    // The stranger's Forwarded line did not reach the backend either.
+    let r = get_from(
+        IpAddr::from(stranger),
+        web,
+        "/headers",
+        "Forwarded: for=203.0.113.7\r\n",
+    )
+    .await
+    .expect("answer");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("forwarded: for"),
+        "{r:?}"
+    );
+    // The log names the client and the proxy it came through.
+    assert!(
+        lb.wait_for_log("client=198.51.100.66 (via 127.0.0.2:", WAIT),
+        "{}",
+        lb.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hashing_and_per_client_limits_count_the_client_a_trusted_proxy_names() {
+    let [a, b] = start_backends(["a", "b"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a, &b])
+            .listener(
+                "trusted_proxies = [\"127.0.0.2\"]\nmax_connections_per_client = 1\nrate_limit = { requests_per_second = 0.05, burst = 1 }",
+            )
+            .pool("algorithm = \"hash\"\nhash_key = \"client_ip\"")
+            .build(),
+    );
+    let web = lb.addr("web");
+    let proxy = IpAddr::from([127, 0, 0, 2]);
+    // Each client has its own bucket (refills are 20 s apart: none happens here); the
+    // proxy's address is not one.
+    let status = async |client: &str| {
+        let fields = format!("X-Forwarded-For: {client}\r\n");
+        get_from(proxy, web, "/", &fields).await.expect("answer")
+    };
+    let mut backends = std::collections::BTreeSet::new();
+    for i in 1..=20u8 {
+        let r = status(&format!("203.0.113.{i}")).await;
+        assert_eq!(r.status, 200, "client {i}");
+        backends.insert(field_of(&r.head, "x-backend").unwrap_or_default());
+    }
+    assert_eq!(
+        status("203.0.113.1").await.status,
+        429,
+        "the same client again"
+    );
+    // `hash` on client_ip spreads the proxy's clients (on the proxy alone, one backend
+    // would take all twenty).
+    assert_eq!(backends.len(), 2, "{backends:?}");
+
+    // max_connections_per_client = 1 holds a direct client, not the proxy.
+    let connect_from = async |ip: IpAddr| {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(std::net::SocketAddr::new(ip, 0)).expect("bind");
+        socket.connect(web).await.expect("connect")
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(proxy).await);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        use tokio::io::AsyncWriteExt;
+        let req = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.{i}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let r = read_response(s, WAIT)
+            .await
+            .expect("the proxy's connections all served");
+        assert_eq!(r.status, 200, "the proxy's connection {i}");
+    }
+    let direct = IpAddr::from([127, 0, 0, 3]);
+    // Accepted in order: the first is admitted before the second is looked at.
+    let _first = connect_from(direct).await;
+    let mut second = connect_from(direct).await;
+    use tokio::io::AsyncWriteExt;
+    let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let r = read_response(&mut second, WAIT).await;
+    assert_eq!(
+        r.map(|r| r.status),
+        Some(429),
+        "a second connection from one client"
+    );
+    assert!(
+        lb.wait_for_log("client is at max_connections_per_client", WAIT),
+        "refused by the connection limit, not the rate limit:\n{}",
+        lb.logs()
+    );
+    assert!(
+        !lb.logs().contains("client=127.0.0.2"),
+        "the proxy was never held to it"
+    );
+}

@@ -92,6 +92,7 @@ pub struct FileListener {
     pub rate_limit: Option<Spanned<FileRateLimit>>,
     pub allow_from: Option<Spanned<Vec<Text>>>,
     pub deny_from: Option<Spanned<Vec<Text>>>,
+    pub trusted_proxies: Option<Spanned<Vec<Text>>>,
 }
 
 /// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000,

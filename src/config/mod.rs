@@ -213,6 +213,10 @@ pub struct ListenerConfig {
     /// `allow_from` / `deny_from`: clients refused before routing (HTTP: a 403 per request;
     /// TCP: the connection is closed at accept).
     pub access: crate::access::Access,
+    /// Proxies whose `X-Forwarded-For` (or `Forwarded`) names the client: for their
+    /// connections the client address is the one those fields give (`proxy::client_addr`).
+    /// When set, an `X-Forwarded-For` from anyone else is replaced, not extended.
+    pub trusted_proxies: Option<crate::access::Ranges>,
     /// Whether this listener's requests go to the access log (when there is one).
     pub access_log: bool,
 }

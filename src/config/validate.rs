@@ -442,6 +442,10 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|list| self.ranges(list, &format!("{key}.accept_proxy"))),
             access: self.access(l.allow_from.as_ref(), l.deny_from.as_ref(), &key),
+            trusted_proxies: l
+                .trusted_proxies
+                .as_ref()
+                .and_then(|list| self.ranges(list, &format!("{key}.trusted_proxies"))),
             max_connections_per_client: l.max_connections_per_client.as_ref().and_then(|n| {
                 if *n.get_ref() == 0 {
                     self.push(
@@ -596,8 +600,9 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 16] = [
+        let http_only: [(&str, bool); 17] = [
             ("routes", !l.routes.is_empty()),
+            ("trusted_proxies", l.trusted_proxies.is_some()),
             ("request_id", l.request_id.is_some()),
             ("rate_limit", l.rate_limit.is_some()),
             ("request_headers", l.request_headers.is_some()),

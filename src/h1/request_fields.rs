@@ -222,7 +222,10 @@ impl RequestFields {
     }
 
     /// Every value of field `name` (any case), in order.
-    pub fn values<'s>(&'s self, name: &'s [u8]) -> impl Iterator<Item = &'s [u8]> + 's {
+    pub fn values<'s, 'n>(
+        &'s self,
+        name: &'n [u8],
+    ) -> impl Iterator<Item = &'s [u8]> + use<'s, 'n> {
         self.fields
             .iter()
             .filter(move |f| {

@@ -3,7 +3,7 @@
 //! TLS SNI, the upstream connection of `send_proxy`). Built once per connection by
 //! `listener`, read by every step of the request path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::HeaderValue;
@@ -84,7 +84,7 @@ pub struct Extras {
     /// PROXY header names this client, so it must never carry another client's requests.
     /// It is kept for the client's next request to the same backend, and closes with the
     /// client.
-    upstream: std::sync::Mutex<Option<(SocketAddr, Sender)>>,
+    upstream: std::sync::Mutex<Option<(SocketAddr, IpAddr, Sender)>>,
 }
 
 impl Extras {
@@ -95,15 +95,16 @@ impl Extras {
         }
     }
 
-    /// The client's own upstream connection to `addr`, if one is kept and usable.
-    pub(super) fn take(&self, addr: SocketAddr) -> Option<Sender> {
+    /// The client's own upstream connection to `addr`, if one is kept for `client` (the
+    /// address its PROXY header names) and usable.
+    pub(super) fn take(&self, addr: SocketAddr, client: IpAddr) -> Option<Sender> {
         let mut slot = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
-        let (a, mut s) = slot.take()?;
-        (a == addr && s.is_usable()).then_some(s)
+        let (a, c, mut s) = slot.take()?;
+        (a == addr && c == client && s.is_usable()).then_some(s)
     }
 
-    pub(super) fn put(&self, addr: SocketAddr, sender: Sender) {
-        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, sender));
+    pub(super) fn put(&self, addr: SocketAddr, client: IpAddr, sender: Sender) {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, client, sender));
     }
 }
 

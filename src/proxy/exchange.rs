@@ -43,6 +43,10 @@ pub(super) struct Exchange {
     pub complete: bool,
     /// `X-Request-Id`, on listeners with `request_id`.
     pub request_id: Option<http::HeaderValue>,
+    /// The client a trusted proxy named (`trusted_proxies`), and its address as a field
+    /// value; `None`: the connection's peer is the client. Boxed: one pointer in every
+    /// request's state, for a case most listeners never have.
+    pub forwarded: Option<Box<(std::net::IpAddr, http::HeaderValue)>>,
 }
 
 pub(super) enum BytesIn {
@@ -116,6 +120,30 @@ impl Exchange {
             termination: "ok",
             complete: false,
             request_id: None,
+            forwarded: None,
+        }
+    }
+
+    /// The client's address: a trusted proxy's word for it, else the peer's.
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        self.forwarded.as_ref().map_or(self.ctx.peer.ip(), |f| f.0)
+    }
+
+    /// The client's address as it shows in logs: the peer's with its port, or the one a
+    /// trusted proxy named.
+    pub fn client_label(&self) -> ClientLabel<'_> {
+        ClientLabel(self)
+    }
+}
+
+/// See [`Exchange::client_label`].
+pub(super) struct ClientLabel<'a>(&'a Exchange);
+
+impl std::fmt::Display for ClientLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.forwarded.as_deref() {
+            Some((ip, _)) => write!(f, "{ip} (via {})", self.0.ctx.peer),
+            None => write!(f, "{}", self.0.ctx.peer),
         }
     }
 }
@@ -159,6 +187,7 @@ impl Drop for Exchange {
                 time,
                 listener: Arc::clone(&self.ctx.listener.name),
                 client: self.ctx.peer,
+                forwarded: self.forwarded.as_ref().map(|f| f.0),
                 request: Some(line),
                 status,
                 bytes_in,

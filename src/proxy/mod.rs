@@ -1,7 +1,9 @@
-//! The data plane: hop-by-hop and forwarding headers, route rules, errors, the HTTP forwarding path, upgrade tunnels, and the
-//! TCP (L4) forwarding path (userspace copy, or splice(2)).
+//! The data plane: hop-by-hop and forwarding headers, the client's address behind trusted
+//! proxies, route rules, errors, the HTTP forwarding path, upgrade tunnels, and the TCP
+//! (L4) forwarding path (userspace copy, or splice(2)).
 
 mod abandoned;
+pub mod client_addr;
 pub mod context;
 pub mod error;
 mod exchange;

@@ -296,6 +296,7 @@ impl Drop for Account {
                 time,
                 listener: Arc::clone(&self.listener),
                 client: self.client,
+                forwarded: None,
                 request: None,
                 status: 0,
                 bytes_in: up,

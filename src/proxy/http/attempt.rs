@@ -45,11 +45,19 @@ pub(super) fn forward<'a>(
 ) -> impl std::future::Future<Output = Result<Response<Inner>, ProxyError>> + Send + 'a {
     async move {
         let tracker = &ctx.listener.tracker;
-        // With `send_proxy`, connections are this client's own (see `Extras`).
+        // With `send_proxy`, connections are this client's own (see `Extras`). The header
+        // names the client a trusted proxy named, if one did (its port is unknown: 0), and
+        // a kept connection serves only requests for the same client.
         let private = cfg_send_proxy(pool).map(|v| {
+            let client = ex.client_ip();
+            let source = match ex.forwarded {
+                Some(_) => std::net::SocketAddr::new(client, 0),
+                None => ctx.peer,
+            };
             (
-                crate::proxy_protocol::encode(v, ctx.peer, ctx.local),
+                crate::proxy_protocol::encode(v, source, ctx.local),
                 ctx.extras.get_or_init(Default::default),
+                client,
             )
         });
         let cfg = &pool.config;
@@ -158,7 +166,7 @@ pub(super) fn forward<'a>(
             ex.attempts = attempt as u32 + 1;
             ex.backend = Some(Arc::clone(backend));
             let got = match &private {
-                Some((header, slot)) => match slot.take(backend.addr) {
+                Some((header, slot, client)) => match slot.take(backend.addr, *client) {
                     Some(s) => Ok((s, None)),
                     None => {
                         let started = std::time::Instant::now();
@@ -260,7 +268,9 @@ pub(super) fn forward<'a>(
                     }
                     let status = resp.status().as_u16();
                     let backend = Arc::clone(backend);
-                    let home = private.as_ref().map(|(_, slot)| Arc::clone(slot));
+                    let home = private
+                        .as_ref()
+                        .map(|(_, slot, client)| (Arc::clone(slot), *client));
                     let resp =
                         upstream_response(resp, lease, (settings, home), pool, cuts, watch.clone());
                     // The backend saw the request: only an idempotent one (any, with

@@ -2,6 +2,7 @@
 //! lease and gives the upstream connection back once read to the end), and the wrapper
 //! that ends the request's account when the client side is done with it.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -43,7 +44,7 @@ impl Drop for ProxyBody {
 pub(super) fn upstream_response(
     resp: Response<UpstreamIncoming>,
     lease: Lease,
-    (settings, home): (ConnSettings, Option<Arc<Extras>>),
+    (settings, home): (ConnSettings, Option<(Arc<Extras>, IpAddr)>),
     pool: &Pool,
     cuts: u64,
     watch: Option<Arc<BodyWatch>>,
@@ -71,9 +72,9 @@ pub struct UpstreamResponseBody {
     /// gives it back once read to the end.
     inner: Option<UpstreamIncoming>,
     settings: ConnSettings,
-    /// Where the connection goes back to: the client's own slot (`send_proxy`), else the
-    /// backend's pool.
-    home: Option<Arc<Extras>>,
+    /// Where the connection goes back to: the client's own slot (`send_proxy`, for the
+    /// client its PROXY header names), else the backend's pool.
+    home: Option<(Arc<Extras>, IpAddr)>,
     lease: Lease,
     /// For reporting a body the backend broke off: it counts against the backend.
     pool: Arc<str>,
@@ -95,7 +96,7 @@ impl UpstreamResponseBody {
         if let Some(sender) = self.inner.as_mut().and_then(UpstreamIncoming::take_conn) {
             let backend = self.lease.backend();
             match &self.home {
-                Some(slot) => slot.put(backend.addr, sender),
+                Some((slot, client)) => slot.put(backend.addr, *client, sender),
                 None => backend
                     .conns
                     .put(sender, &self.settings, backend.in_flight()),

@@ -103,7 +103,7 @@ struct Tunnel;
 /// What `${...}` in a header rule stands for, for this request.
 fn vars<'a>(ctx: &'a ConnCtx, ex: &'a Exchange) -> rules::Vars<'a> {
     rules::Vars {
-        client_ip: &ctx.forwarded_for,
+        client_ip: ex.forwarded.as_ref().map_or(&ctx.forwarded_for, |f| &f.1),
         request_id: ex.request_id.as_ref(),
         listener: &ctx.listener.name,
     }

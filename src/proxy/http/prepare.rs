@@ -4,7 +4,7 @@
 //! backend's protocol wants), and its body made ready: a slow or broken body costs no
 //! backend anything.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -19,7 +19,7 @@ use crate::h1::RequestFields;
 use crate::proxy::context::ConnCtx;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
-use crate::proxy::{headers, rules, tunnel};
+use crate::proxy::{client_addr, headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
 use crate::routing::{Action, Fields, RequestView, Target};
 use crate::state::Snapshot;
@@ -46,9 +46,23 @@ pub(super) async fn respond<'s>(
     // target. Otherwise the map is made here, and the request takes the path below as an
     // HTTP/2 client's does. The parse already refused a second `Host`, and a missing one
     // in HTTP/1.1.
+    let peer = ctx.peer.ip();
+    // With `trusted_proxies`, the chain of forwarding fields is kept only from them: anyone
+    // else's is removed (on the map path, below), so no backend can be told a made-up
+    // client.
+    let untrusted_chain = |has: &dyn Fn(&http::HeaderName) -> bool| {
+        router
+            .trusted_proxies
+            .as_ref()
+            .is_some_and(|t| !t.contains(peer))
+            && (has(&headers::X_FORWARDED_FOR) || has(&http::header::FORWARDED))
+    };
     let relay = match fields {
         Some(f)
             if router.relays_fields
+                && !untrusted_chain(&|name| {
+                    f.values(name.as_str().as_bytes()).next().is_some()
+                })
                 && !f.has_upgrade()
                 && req.method() != Method::CONNECT
                 && req.uri().scheme().is_none() =>
@@ -85,7 +99,22 @@ pub(super) async fn respond<'s>(
         }
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
-    let client = ctx.peer.ip();
+    let fields = match &relay {
+        Some(lines) => Fields::Lines(lines),
+        None => Fields::Map(req.headers()),
+    };
+    // The client: the peer, or whom a trusted proxy names (see `client_addr`).
+    if let Some(trusted) = router.trusted_proxies.as_ref().filter(|t| t.contains(peer)) {
+        let named = client_addr::forwarded_client(
+            &fields.lines(&headers::X_FORWARDED_FOR),
+            &fields.lines(&http::header::FORWARDED),
+            trusted,
+        );
+        ex.forwarded = named
+            .filter(|ip| *ip != peer)
+            .map(|ip| Box::new((ip, headers::client_header(ip))));
+    }
+    let client = ex.client_ip();
     // Before the body is read or a backend chosen: a refused client costs neither.
     if !router.access.permits(client) {
         return denied(ctx, ex, "listener");
@@ -94,10 +123,7 @@ pub(super) async fn respond<'s>(
         host,
         path,
         method: req.method(),
-        headers: match &relay {
-            Some(lines) => Fields::Lines(lines),
-            None => Fields::Map(req.headers()),
-        },
+        headers: fields,
         query: req.uri().query(),
         client,
         sni: ctx.sni(),
@@ -135,13 +161,11 @@ pub(super) async fn respond<'s>(
         .into_iter()
         .flatten()
     {
-        if let Err(wait) = limiter.check(limiter.key_of(req.headers(), ctx.peer.ip())) {
+        if let Err(wait) = limiter.check(limiter.key_of(req.headers(), client)) {
             return rate_limited(ctx, ex, wait);
         }
     }
-    let key = pool
-        .hash_key()
-        .and_then(|k| request_hash(k, &req, ctx.peer));
+    let key = pool.hash_key().and_then(|k| request_hash(k, &req, client));
 
     let h2_backend = pool.config.protocol == UpstreamProtocol::H2;
     // An HTTP/1.1 upgrade cannot cross to an HTTP/2 backend; it is dropped like any other
@@ -180,6 +204,10 @@ pub(super) async fn respond<'s>(
             (Some(relayed), None)
         }
         None => {
+            if untrusted_chain(&|name| parts.headers.contains_key(name)) {
+                parts.headers.remove(&headers::X_FORWARDED_FOR);
+                parts.headers.remove(http::header::FORWARDED);
+            }
             let h2 = h2_backend.then_some(H2Backend {
                 tls: pool.tls.is_some(),
                 te_trailers,
@@ -288,9 +316,9 @@ fn shape_map(
     }
 }
 
-fn request_hash<B>(key: &HashKey, req: &Request<B>, peer: SocketAddr) -> Option<u64> {
+fn request_hash<B>(key: &HashKey, req: &Request<B>, client: IpAddr) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(match peer.ip() {
+        HashKey::ClientIp => Some(match client {
             std::net::IpAddr::V4(ip) => hash_key(&ip.octets()),
             std::net::IpAddr::V6(ip) => hash_key(&ip.octets()),
         }),

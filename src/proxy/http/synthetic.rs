@@ -32,7 +32,7 @@ pub(super) fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inne
             ($level:ident) => {
                 tracing::$level!(
                     listener = %ctx.listener.name,
-                    client = %ctx.peer,
+                    client = %ex.client_label(),
                     pool = %pool_name,
                     backend = %backend,
                     status = status.as_u16(),
@@ -127,7 +127,7 @@ pub(super) fn configured(r: &Respond) -> Response<Inner> {
 pub(super) fn denied(ctx: &ConnCtx, ex: &mut Exchange, which: &'static str) -> Response<Inner> {
     ex.termination = "denied";
     if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener.name, "denied")) {
-        tracing::info!(listener = %ctx.listener.name, client = %ctx.peer, status = 403, reason = %"denied", by = which, suppressed, "request refused by allow_from / deny_from");
+        tracing::info!(listener = %ctx.listener.name, client = %ex.client_label(), status = 403, reason = %"denied", by = which, suppressed, "request refused by allow_from / deny_from");
     }
     let mut resp = plain_response(StatusCode::FORBIDDEN);
     close_after(&mut resp);
@@ -140,7 +140,7 @@ pub(super) fn denied(ctx: &ConnCtx, ex: &mut Exchange, which: &'static str) -> R
 pub(super) fn rate_limited(ctx: &ConnCtx, ex: &mut Exchange, wait: Duration) -> Response<Inner> {
     ex.termination = "rate_limited";
     if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener.name, "rate_limited")) {
-        tracing::info!(listener = %ctx.listener.name, client = %ctx.peer, status = 429, reason = %"rate_limited", suppressed, "request over the rate limit");
+        tracing::info!(listener = %ctx.listener.name, client = %ex.client_label(), status = 429, reason = %"rate_limited", suppressed, "request over the rate limit");
     }
     let mut resp = plain_response(StatusCode::TOO_MANY_REQUESTS);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
