@@ -168,6 +168,7 @@ impl Target {
                 self.pool.hash_key(),
                 Some(HashKey::Header(_) | HashKey::Cookie(_))
             )
+            && self.pool.config.sticky.is_none()
             && relays_fields(self.rate_limit.as_deref())
     }
 }

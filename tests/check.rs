@@ -476,6 +476,21 @@ backends = [\"127.0.0.1:9001\"]
 }
 
 #[test]
+fn sticky_is_checked_where_it_stands() {
+    let text = format!("{BASE}sticky = {{ cookie = \"my cookie\", ttl = \"0s\" }}\n");
+    assert_error(
+        &text,
+        &["F:7:21: pools.app.sticky.cookie: \"my cookie\" is not a cookie name"],
+    );
+    let text = format!("{BASE}sticky = {{ cookie = \"lb\", ttl = \"soon\" }}\n");
+    assert_error(&text, &["F:7:33: pools.app.sticky.ttl: invalid duration \"soon\""]);
+    let text = format!("{BASE}sticky = {{ cookie = \"lb\", max_age = 3 }}\n");
+    let (code, _, err) = check(&text);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown field `max_age`"), "{err}");
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let out = Command::new(support::ballast_bin())
         .args(["--config", "/nonexistent/ballast.toml", "--check"])

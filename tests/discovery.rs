@@ -368,3 +368,92 @@ async fn tls_to_a_discovered_backend_verifies_the_name_it_was_found_by() {
     assert_eq!(get(lb.addr("web"), "/").await.status, 502);
     assert!(lb.wait_for_log("reason=tls_failed", WAIT), "{}", lb.logs());
 }
+
+/// Which backend answered a GET carrying `cookie`, and the session cookie it set, if any.
+async fn session_get(web: SocketAddr, cookie: Option<&str>) -> (String, Option<String>) {
+    let fields = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+    let sent = format!("GET / HTTP/1.1\r\nHost: x\r\n{fields}Connection: close\r\n\r\n");
+    let r = raw_request(web, sent.as_bytes()).await.expect("answer");
+    assert_eq!(r.status, 200, "{}", r.head);
+    let field = |name: &str| {
+        r.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let set = field("set-cookie").and_then(|s| s.split(';').next().map(String::from));
+    (field("x-backend").unwrap_or_default(), set)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_sessions_stay_put_when_a_service_scales_from_5_to_7_and_move_when_theirs_leaves() {
+    let dns = DnsServer::start().await;
+    let names = ["r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+    let ips = names.map(|n| format!("127.0.8.{}", &n[1..]));
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let bs = Backend::start_same_port(&names, &ips).await;
+    let port = bs[0].addr.port();
+    let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
+    dns.set_addrs("app.test", &addrs[..5]);
+    let lb = Ballast::start(&config(
+        &dns,
+        &format!("\"app.test:{port}\""),
+        "sticky = { cookie = \"lb\" }\n",
+    ));
+    let (web, admin) = (lb.addr("web"), lb.admin());
+    assert_eq!(states(admin, "app").await.len(), 5);
+
+    // Forty sessions over the five replicas.
+    let mut sessions = Vec::new();
+    for _ in 0..40 {
+        let (home, cookie) = session_get(web, None).await;
+        sessions.push((home, cookie.expect("a new session gets its cookie")));
+    }
+    let spread: std::collections::BTreeSet<_> = sessions.iter().map(|s| s.0.clone()).collect();
+    assert_eq!(spread.len(), 5, "{spread:?}");
+
+    // `--scale app=7`: two more records.
+    dns.set_addrs("app.test", &addrs);
+    assert!(
+        eventually(WAIT, async || states(admin, "app").await.len() == 7)
+            .await
+            .is_some(),
+        "{}",
+        lb.logs()
+    );
+    for (home, cookie) in &sessions {
+        assert_eq!(
+            session_get(web, Some(cookie)).await,
+            (home.clone(), None),
+            "{cookie}"
+        );
+    }
+    // New sessions do reach the new replicas.
+    let mut fresh = std::collections::BTreeSet::new();
+    for _ in 0..14 {
+        fresh.insert(session_get(web, None).await.0);
+    }
+    assert!(fresh.contains("r6") && fresh.contains("r7"), "{fresh:?}");
+
+    // r1 leaves the answer: its sessions move, with a new cookie; the others stay.
+    dns.set_addrs("app.test", &addrs[1..]);
+    assert!(
+        eventually(WAIT, async || !states(admin, "app")
+            .await
+            .iter()
+            .any(|(a, s)| *a == addrs[0].to_string() && s != "draining"))
+        .await
+        .is_some(),
+        "{}",
+        lb.logs()
+    );
+    for (home, cookie) in &sessions {
+        let (now, set) = session_get(web, Some(cookie)).await;
+        if home == "r1" {
+            assert_ne!(now, "r1", "{cookie}");
+            assert!(set.is_some(), "the moved session's cookie is rewritten");
+        } else {
+            assert_eq!((now, set), (home.clone(), None), "{cookie}");
+        }
+    }
+}

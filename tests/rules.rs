@@ -586,3 +586,90 @@ async fn rate_limits_hashing_and_per_client_limits_count_the_client_a_trusted_pr
         "the proxy was never held to it"
     );
 }
+
+/// A request with `cookie` (or none) on a fresh connection: which backend answered, and the
+/// `lb` value of the `Set-Cookie` it came with, if any.
+async fn sticky_get(
+    web: std::net::SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> (String, Option<String>) {
+    let fields = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+    let r = reply(web, "GET", path, &format!("Host: x\r\n{fields}")).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let backend = field_of(&r.head, "x-backend").unwrap_or_default();
+    let set = field_of(&r.head, "set-cookie");
+    if let Some(set) = &set {
+        assert!(
+            set.ends_with("; Path=/; HttpOnly; SameSite=Lax; Max-Age=3600"),
+            "{set}"
+        );
+    }
+    let value = set.and_then(|s| s.strip_prefix("lb=")?.split(';').next().map(String::from));
+    (backend, value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_cookie_keeps_a_session_on_its_backend_until_it_drains() {
+    let [a, b, c] = start_backends(["a", "b", "c"]).await;
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a, &b, &c])
+            .admin()
+            .pool("sticky = { cookie = \"lb\", ttl = \"1h\" }")
+            .build(),
+    );
+    let web = lb.addr("web");
+    let (home, cookie) = sticky_get(web, "/", None).await;
+    let cookie = cookie.expect("the first answer sets the cookie");
+    assert_eq!(cookie.len(), 16, "an opaque id, not an address: {cookie}");
+    let session = format!("lb={cookie}");
+    // Round robin would move on; the session stays, and the cookie is not set again.
+    for _ in 0..6 {
+        assert_eq!(
+            sticky_get(web, "/", Some(&session)).await,
+            (home.clone(), None)
+        );
+    }
+    // The backend never sees ballast's cookie; the application's own pass.
+    let r = reply(
+        web,
+        "GET",
+        "/headers",
+        &format!("Host: x\r\nCookie: app=1; {session}; other=2\r\n"),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("cookie: app=1; other=2\n"), "{body}");
+    assert!(!body.contains("lb="), "{body}");
+    // Forged or garbage values count as no cookie: balanced, and a real one set.
+    for forged in [
+        "lb=0123456789abcdef",
+        "lb=../../etc",
+        "lb=",
+        "lb=0123456789ABCDEF",
+    ] {
+        let (_, set) = sticky_get(web, "/", Some(forged)).await;
+        assert!(set.is_some(), "{forged}: the cookie is rewritten");
+    }
+    // Drained: the session moves, and the cookie with it.
+    let home_addr = [&a, &b, &c]
+        .into_iter()
+        .find(|x| x.name == home)
+        .map(|x| x.addr)
+        .expect("a backend by that name");
+    assert_eq!(admin_backend(lb.admin(), home_addr, "drain").await, 200);
+    let (moved, new_cookie) = sticky_get(web, "/", Some(&session)).await;
+    assert_ne!(
+        moved, home,
+        "a drained backend takes no new session requests"
+    );
+    let new_cookie = new_cookie.expect("the cookie names the new backend");
+    assert_ne!(new_cookie, cookie);
+    let new_session = format!("lb={new_cookie}");
+    for _ in 0..3 {
+        assert_eq!(
+            sticky_get(web, "/", Some(&new_session)).await,
+            (moved.clone(), None)
+        );
+    }
+}

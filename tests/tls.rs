@@ -129,6 +129,33 @@ async fn routes_match_the_sni_the_client_sent_over_http11_and_h2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_cookie_set_over_tls_is_secure() {
+    let [a] = start_backends(["a"]).await;
+    let pki = Pki::new("sticky");
+    let cert = pki.issue("c", &["localhost"]);
+    let lb = Ballast::start(
+        &TestConfig::new(&[&a])
+            .listener(&tls_listener(&[&cert], ""))
+            .pool("sticky = { cookie = \"srv\" }")
+            .build(),
+    );
+    let s = connect(
+        lb.addr("web"),
+        Some("localhost"),
+        &pki.client(&["http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    let r = get_h1(s, "localhost", "/").await.expect("request");
+    let set = r.headers["set-cookie"].to_str().unwrap_or_default();
+    assert!(set.starts_with("srv="), "{set}");
+    assert!(
+        set.ends_with("; Path=/; HttpOnly; SameSite=Lax; Secure"),
+        "{set}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_negotiates_h2_and_http11() {
     let [a] = start_backends(["a"]).await;
     let pki = Pki::new("alpn");

@@ -1,7 +1,8 @@
 //! Pools: named sets of backends with a selection policy, built once per config generation.
 //!
 //! `policy` holds the pure pick functions, `backend` the per-address live state, `queue` the
-//! wait list for backends at their `max_connections`, `budget` the retry budget. A [`Pool`]
+//! wait list for backends at their `max_connections`, `budget` the retry budget, `sticky`
+//! the ids a session cookie names backends by. A [`Pool`]
 //! is immutable once built; a reload builds a new one that reuses the `Arc<Backend>` of every
 //! address it keeps, and the queue and budget of the pool it replaces.
 //!
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod budget;
 pub mod policy;
 pub mod queue;
+pub mod sticky;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +50,8 @@ pub struct Pool {
     /// `max_connections` per backend index (`usize::MAX`: none) and the pool's queue; `None`
     /// when no backend is limited.
     limits: Option<(Vec<usize>, Arc<queue::Queue>)>,
+    /// With `sticky`: each backend's id (by index); empty otherwise.
+    sticky_ids: Vec<u64>,
 }
 
 /// Why [`Pool::select`] found no backend.
@@ -155,6 +159,13 @@ impl Pool {
                 .map(|(_, q)| Arc::clone(q));
             b.set_queue(queue);
         }
+        let sticky_ids = match &config.sticky {
+            Some(_) => backends
+                .iter()
+                .map(|b| sticky::id(&config.name, b.addr))
+                .collect(),
+            None => Vec::new(),
+        };
         Pool {
             name: config.name.as_str().into(),
             config: config.clone(),
@@ -170,7 +181,28 @@ impl Pool {
             selector,
             tiers,
             limits,
+            sticky_ids,
         }
+    }
+
+    /// The backend a sticky cookie's id names, if the pool has it.
+    pub fn sticky_index(&self, id: u64) -> Option<usize> {
+        self.sticky_ids.iter().position(|i| *i == id)
+    }
+
+    /// A lease on backend `i` (a sticky session's), if it may take the request now: not
+    /// tried yet, healthy, not draining or ejected, and below its `max_connections`.
+    /// Otherwise the request is balanced as any other.
+    pub fn sticky_lease(&self, i: usize, tried: &[usize]) -> Option<(usize, Lease)> {
+        let backend = self.backends.get(i)?;
+        if tried.contains(&i) || backend.load_if_available().is_none() {
+            return None;
+        }
+        let lease = match &self.limits {
+            Some((max, _)) => Lease::within(backend, max[i])?,
+            None => Lease::new(Arc::clone(backend)),
+        };
+        Some((i, lease))
     }
 
     pub fn hash_key(&self) -> Option<&HashKey> {

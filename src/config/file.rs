@@ -300,6 +300,16 @@ pub struct FilePool {
     pub max_queue: Option<Spanned<u32>>,
     pub hash_balance_factor: Option<Spanned<u32>>,
     pub retry_backoff: Option<Text>,
+    pub sticky: Option<Spanned<FileSticky>>,
+}
+
+/// `{ cookie = "lb", ttl = "1h", pass_cookie = false }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSticky {
+    pub cookie: Text,
+    pub ttl: Option<Text>,
+    pub pass_cookie: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

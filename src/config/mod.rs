@@ -500,6 +500,19 @@ pub struct PoolConfig {
     pub hash_balance_factor: Option<u32>,
     /// A pause before each retry; `None`: retry at once.
     pub retry_backoff: Option<Duration>,
+    /// Sessions kept on one backend by a cookie ballast sets (`balance::sticky`).
+    pub sticky: Option<StickyConfig>,
+}
+
+/// `sticky = { cookie, ttl, pass_cookie }` on a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StickyConfig {
+    /// The cookie's name.
+    pub cookie: String,
+    /// `Max-Age`; `None`: a session cookie (gone when the browser closes).
+    pub ttl: Option<Duration>,
+    /// Forward the cookie to the backend too (by default it is removed).
+    pub pass_cookie: bool,
 }
 
 impl PoolConfig {

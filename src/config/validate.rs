@@ -460,6 +460,32 @@ impl Validator<'_> {
         }
     }
 
+    /// `sticky = { cookie, ttl, pass_cookie }`: the name a cookie token (RFC 6265), the
+    /// time a duration.
+    fn sticky(&mut self, v: &Spanned<file::FileSticky>, key: &str) -> Option<StickyConfig> {
+        let s = v.get_ref();
+        let name = s.cookie.get_ref();
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !token {
+            self.push(
+                s.cookie.span(),
+                format!("{key}.cookie: {name:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+            );
+            return None;
+        }
+        Some(StickyConfig {
+            cookie: name.clone(),
+            ttl: s
+                .ttl
+                .as_ref()
+                .map(|_| self.duration(&s.ttl, &format!("{key}.ttl"), Duration::ZERO)),
+            pass_cookie: s.pass_cookie.unwrap_or(false),
+        })
+    }
+
     fn known_pool(&mut self, pool: &Text, key: &str, pool_names: &HashMap<&str, ()>) {
         if !pool_names.contains_key(pool.get_ref().as_str()) {
             self.push(
@@ -1050,6 +1076,10 @@ impl Validator<'_> {
             queue_timeout,
             max_queue,
             hash_balance_factor,
+            sticky: p
+                .sticky
+                .as_ref()
+                .and_then(|v| self.sticky(v, &format!("{key}.sticky"))),
             retry_backoff: p
                 .retry_backoff
                 .as_ref()

@@ -225,9 +225,53 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Removes cookie `name` from every `Cookie` line, and a line left empty.
+pub fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let named = |pair: &str| pair.trim().split_once('=').is_some_and(|(k, _)| k == name);
+    let lines: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
+    if !lines
+        .iter()
+        .any(|l| l.to_str().is_ok_and(|l| l.split(';').any(named)))
+    {
+        return;
+    }
+    headers.remove(header::COOKIE);
+    for line in lines {
+        let Ok(text) = line.to_str() else {
+            headers.append(header::COOKIE, line);
+            continue;
+        };
+        let kept: Vec<&str> = text
+            .split(';')
+            .filter(|p| !named(p) && !p.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            if !v.is_empty() {
+                headers.append(header::COOKIE, v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cookie_is_removed_from_every_line_and_the_rest_kept() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; lb=x; b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("lb=y"));
+        h.append(header::COOKIE, HeaderValue::from_static("lbx=3"));
+        remove_cookie(&mut h, "lb");
+        let left: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(left, ["a=1; b=2", "lbx=3"]);
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        remove_cookie(&mut h, "lb");
+        assert_eq!(h[header::COOKIE], "a=1", "untouched without the cookie");
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_fields() {

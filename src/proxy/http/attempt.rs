@@ -39,6 +39,7 @@ pub(super) fn forward<'a>(
     mut req: Outgoing,
     pool: &'a Arc<Pool>,
     key: Option<u64>,
+    sticky: Option<usize>,
     client_upgrade: Option<tunnel::ClientUpgrade>,
     ctx: &'a ConnCtx,
     ex: &'a mut Exchange,
@@ -121,7 +122,12 @@ pub(super) fn forward<'a>(
             let tried_now = &tried[..];
             // Requests already queued go first: a newcomer queues behind them.
             let queued_ahead = pool.queue().is_some_and(|q| q.waiting() > 0);
-            let picked = match pool.select(key, tried_now) {
+            // A sticky session's backend first, while it may take the request.
+            let first = match sticky.and_then(|i| pool.sticky_lease(i, tried_now)) {
+                Some(p) => Ok(p),
+                None => pool.select(key, tried_now),
+            };
+            let picked = match first {
                 Ok(p) if !queued_ahead => Ok(p),
                 Err(NoPick::Down) => break,
                 Ok(p) => {

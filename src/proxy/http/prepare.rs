@@ -13,6 +13,7 @@ use super::attempt::forward;
 use super::synthetic::{configured, denied, error_response, rate_limited, redirect, reject};
 use super::{vars, Inner};
 use crate::balance::policy::hash_key;
+use crate::balance::sticky;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::h1::client::RelayedHead;
 use crate::h1::RequestFields;
@@ -166,6 +167,12 @@ pub(super) async fn respond<'s>(
         }
     }
     let key = pool.hash_key().and_then(|k| request_hash(k, &req, client));
+    // A sticky session's backend (`balance::sticky`): the id its cookie holds, and the
+    // backend of the pool with that id. No such backend: balanced as any request.
+    let sticky = pool.config.sticky.as_ref().map(|s| {
+        let held = headers::cookie(req.headers(), &s.cookie).and_then(sticky::decode);
+        (s, held, held.and_then(|id| pool.sticky_index(id)))
+    });
 
     let h2_backend = pool.config.protocol == UpstreamProtocol::H2;
     // An HTTP/1.1 upgrade cannot cross to an HTTP/2 backend; it is dropped like any other
@@ -204,6 +211,10 @@ pub(super) async fn respond<'s>(
             (Some(relayed), None)
         }
         None => {
+            // The session cookie is ballast's (valid or not), not the backend's.
+            if let Some((s, _, _)) = sticky.filter(|(s, _, _)| !s.pass_cookie) {
+                headers::remove_cookie(&mut parts.headers, &s.cookie);
+            }
             if untrusted_chain(&|name| parts.headers.contains_key(name)) {
                 parts.headers.remove(&headers::X_FORWARDED_FOR);
                 parts.headers.remove(http::header::FORWARDED);
@@ -237,9 +248,36 @@ pub(super) async fn respond<'s>(
         relayed,
         pool.config.protocol,
     );
-    match forward(req, pool, key, client_upgrade, ctx, ex).await {
-        Ok(resp) => resp,
+    let preferred = sticky.and_then(|(_, _, i)| i);
+    match forward(req, pool, key, preferred, client_upgrade, ctx, ex).await {
+        Ok(mut resp) => {
+            if let Some((s, held, _)) = sticky {
+                set_sticky_cookie(&mut resp, s, held, pool, ctx, ex);
+            }
+            resp
+        }
         Err(e) => error_response(&e, ex),
+    }
+}
+
+/// Points the session's cookie at the backend that answered, unless it already did.
+fn set_sticky_cookie(
+    resp: &mut Response<Inner>,
+    config: &crate::config::StickyConfig,
+    held: Option<u64>,
+    pool: &crate::balance::Pool,
+    ctx: &ConnCtx,
+    ex: &Exchange,
+) {
+    let Some(backend) = ex.backend.as_ref().filter(|_| ex.answered) else {
+        return;
+    };
+    let id = sticky::id(&pool.name, backend.addr);
+    if held == Some(id) {
+        return;
+    }
+    if let Some(cookie) = sticky::set_cookie(config, id, ctx.proto() == "https") {
+        resp.headers_mut().append(http::header::SET_COOKIE, cookie);
     }
 }
 
