@@ -11,8 +11,8 @@ use std::sync::Arc;
 use crate::access::{Access, Ranges};
 use crate::balance::Pool;
 use crate::config::{
-    FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig, Pattern, RateKey, RateLimitConfig,
-    Redirect, Respond, RouteAction, UpstreamProtocol,
+    CompressConfig, FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig, Pattern, RateKey,
+    RateLimitConfig, Redirect, Respond, RouteAction, UpstreamProtocol,
 };
 use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
@@ -156,6 +156,8 @@ pub struct Target {
     pub response_headers: Option<HeaderRules>,
     /// The route's own rate limit (the listener's is on the [`Router`]).
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// Response compression: the route's, else the listener's.
+    pub compress: Option<CompressConfig>,
 }
 
 impl Target {
@@ -234,6 +236,7 @@ impl Router {
                                 .clone()
                                 .or_else(|| l.response_headers.clone()),
                             rate_limit: limiter(r.rate_limit.as_ref(), kept),
+                            compress: r.compress.clone().or_else(|| l.compress.clone()),
                         })
                     }
                     RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
@@ -263,6 +266,7 @@ impl Router {
             request_headers: l.request_headers.clone(),
             response_headers: l.response_headers.clone(),
             rate_limit: None,
+            compress: l.compress.clone(),
         };
         let rate_limit = limiter(
             l.rate_limit.as_ref(),

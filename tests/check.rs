@@ -483,11 +483,37 @@ fn sticky_is_checked_where_it_stands() {
         &["F:7:21: pools.app.sticky.cookie: \"my cookie\" is not a cookie name"],
     );
     let text = format!("{BASE}sticky = {{ cookie = \"lb\", ttl = \"soon\" }}\n");
-    assert_error(&text, &["F:7:33: pools.app.sticky.ttl: invalid duration \"soon\""]);
+    assert_error(
+        &text,
+        &["F:7:33: pools.app.sticky.ttl: invalid duration \"soon\""],
+    );
     let text = format!("{BASE}sticky = {{ cookie = \"lb\", max_age = 3 }}\n");
     let (code, _, err) = check(&text);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("unknown field `max_age`"), "{err}");
+}
+
+#[test]
+fn compress_is_checked_where_it_stands() {
+    let text = "[listeners.web]
+bind = \"127.0.0.1:8080\"
+pool = \"app\"
+compress = { types = [\"text\", \"application/json\"], min_size = \"1 parsec\", algorithms = [\"gzip\", \"deflate\", \"gzip\"] }
+routes = [{ path = \"/x\", respond = { status = 204 }, compress = {} }]
+
+[pools.app]
+backends = [\"127.0.0.1:9001\"]
+";
+    assert_error(
+        text,
+        &[
+            "F:4:23: listeners.web.compress.types: \"text\" is not a media type",
+            "F:4:63: listeners.web.compress.min_size: invalid size",
+            "F:4:97: listeners.web.compress.algorithms: unknown algorithm \"deflate\"",
+            "F:4:108: listeners.web.compress.algorithms: \"gzip\" is listed twice",
+            "F:5:65: listeners.web.routes[0].compress: only for a route with a pool",
+        ],
+    );
 }
 
 #[test]

@@ -93,6 +93,16 @@ pub struct FileListener {
     pub allow_from: Option<Spanned<Vec<Text>>>,
     pub deny_from: Option<Spanned<Vec<Text>>>,
     pub trusted_proxies: Option<Spanned<Vec<Text>>>,
+    pub compress: Option<Spanned<FileCompress>>,
+}
+
+/// `{ types = ["text/*"], min_size = "1KiB", algorithms = ["zstd", "br", "gzip"] }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCompress {
+    pub types: Option<Spanned<Vec<Text>>>,
+    pub min_size: Option<Spanned<FileSize>>,
+    pub algorithms: Option<Spanned<Vec<Text>>>,
 }
 
 /// `{ requests_per_second = 100, burst = 200, key = "client_ip", max_keys = 100000,
@@ -223,6 +233,7 @@ pub struct FileRoute {
     pub pool: Option<Text>,
     pub redirect: Option<Spanned<FileRedirect>>,
     pub respond: Option<Spanned<FileRespond>>,
+    pub compress: Option<Spanned<FileCompress>>,
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub strip_prefix: Option<Spanned<bool>>,
     pub rewrite_prefix: Option<Text>,

@@ -68,6 +68,19 @@ pub mod defaults {
     pub const RESOLVE_GRACE: Duration = Duration::from_secs(30);
     /// Longest duration accepted anywhere: keeps timer arithmetic far from overflow.
     pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// `compress.min_size`: below this, compression saves less than it costs.
+    pub const COMPRESS_MIN_SIZE: u64 = 1024;
+    /// `compress.types`: text that compresses well (`text/*` takes in HTML, CSS, plain
+    /// text, CSV, JavaScript as `text/javascript`, event streams).
+    pub const COMPRESS_TYPES: [&str; 7] = [
+        "text/*",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/wasm",
+        "image/svg+xml",
+        "application/x-ndjson",
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -213,6 +226,8 @@ pub struct ListenerConfig {
     /// `allow_from` / `deny_from`: clients refused before routing (HTTP: a 403 per request;
     /// TCP: the connection is closed at accept).
     pub access: crate::access::Access,
+    /// Response compression for requests that no route with its own `compress` matches.
+    pub compress: Option<CompressConfig>,
     /// Proxies whose `X-Forwarded-For` (or `Forwarded`) names the client: for their
     /// connections the client address is the one those fields give (`proxy::client_addr`).
     /// When set, an `X-Forwarded-For` from anyone else is replaced, not extended.
@@ -283,6 +298,8 @@ pub struct RouteConfig {
     pub response_headers: Option<HeaderRules>,
     /// Applies to requests this route matches, after the listener's own.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Overrides the listener's `compress` for requests this route matches.
+    pub compress: Option<CompressConfig>,
 }
 
 /// What a route does with a request: forward it to a pool, or answer it itself.
@@ -502,6 +519,70 @@ pub struct PoolConfig {
     pub retry_backoff: Option<Duration>,
     /// Sessions kept on one backend by a cookie ballast sets (`balance::sticky`).
     pub sticky: Option<StickyConfig>,
+}
+
+/// `compress = { types, min_size, algorithms }` on a listener or route (`proxy::compress`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressConfig {
+    /// Media types compressed: exact, or `type/*`.
+    pub types: Vec<TypeMatch>,
+    /// A response whose `Content-Length` is below this is sent as it is.
+    pub min_size: u64,
+    /// Offered, in the server's order of preference.
+    pub algorithms: Vec<Encoding>,
+}
+
+/// A media type in `compress.types`, lower case: `application/json`, or `text/*` (kept as
+/// the prefix `text/`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypeMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+impl TypeMatch {
+    /// Whether a `Content-Type` value (parameters ignored, case-insensitive) matches.
+    pub fn matches(&self, content_type: &[u8]) -> bool {
+        let end = content_type
+            .iter()
+            .position(|b| *b == b';')
+            .unwrap_or(content_type.len());
+        let media = content_type[..end].trim_ascii();
+        match self {
+            TypeMatch::Exact(t) => media.eq_ignore_ascii_case(t.as_bytes()),
+            TypeMatch::Prefix(p) => {
+                media.len() > p.len() && media[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+        }
+    }
+}
+
+/// A content coding ballast compresses with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Zstd,
+    Br,
+    Gzip,
+}
+
+impl Encoding {
+    /// The `Content-Encoding` token.
+    pub fn token(self) -> &'static str {
+        match self {
+            Encoding::Zstd => "zstd",
+            Encoding::Br => "br",
+            Encoding::Gzip => "gzip",
+        }
+    }
+
+    /// The names `Accept-Encoding` may give it (`x-gzip` is gzip, RFC 9110 §8.4.1.3).
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Encoding::Zstd => &["zstd"],
+            Encoding::Br => &["br"],
+            Encoding::Gzip => &["gzip", "x-gzip"],
+        }
+    }
 }
 
 /// `sticky = { cookie, ttl, pass_cookie }` on a pool.

@@ -442,6 +442,10 @@ impl Validator<'_> {
                 .as_ref()
                 .and_then(|list| self.ranges(list, &format!("{key}.accept_proxy"))),
             access: self.access(l.allow_from.as_ref(), l.deny_from.as_ref(), &key),
+            compress: l
+                .compress
+                .as_ref()
+                .and_then(|c| self.compress(c, &format!("{key}.compress"))),
             trusted_proxies: l
                 .trusted_proxies
                 .as_ref()
@@ -458,6 +462,87 @@ impl Validator<'_> {
                 }
             }),
         }
+    }
+
+    /// `compress = { types, min_size, algorithms }` of a listener or route (`key`).
+    pub(super) fn compress(
+        &mut self,
+        v: &Spanned<file::FileCompress>,
+        key: &str,
+    ) -> Option<CompressConfig> {
+        let c = v.get_ref();
+        let types = match &c.types {
+            None => defaults::COMPRESS_TYPES
+                .iter()
+                .filter_map(|t| media_range(t))
+                .collect(),
+            Some(list) if list.get_ref().is_empty() => {
+                self.push(
+                    list.span(),
+                    format!("{key}.types: list at least one type, or leave the key out for the default"),
+                );
+                Vec::new()
+            }
+            Some(list) => list
+                .get_ref()
+                .iter()
+                .filter_map(|t| {
+                    let m = media_range(t.get_ref());
+                    if m.is_none() {
+                        self.push(
+                            t.span(),
+                            format!("{key}.types: {:?} is not a media type; write e.g. \"application/json\" or \"text/*\"", t.get_ref()),
+                        );
+                    }
+                    m
+                })
+                .collect(),
+        };
+        let min_size = self
+            .size(&c.min_size, &format!("{key}.min_size"), (0, u64::MAX), true)
+            .unwrap_or(defaults::COMPRESS_MIN_SIZE);
+        let algorithms = match &c.algorithms {
+            None => vec![Encoding::Zstd, Encoding::Br, Encoding::Gzip],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.push(
+                        list.span(),
+                        format!(
+                            "{key}.algorithms: list at least one of \"zstd\", \"br\", \"gzip\""
+                        ),
+                    );
+                }
+                let mut out = Vec::new();
+                for a in list.get_ref() {
+                    let e = match a.get_ref().as_str() {
+                        "zstd" => Encoding::Zstd,
+                        "br" => Encoding::Br,
+                        "gzip" => Encoding::Gzip,
+                        other => {
+                            self.push(
+                                a.span(),
+                                format!("{key}.algorithms: unknown algorithm {other:?} (\"zstd\", \"br\" or \"gzip\")"),
+                            );
+                            continue;
+                        }
+                    };
+                    if out.contains(&e) {
+                        self.push(
+                            a.span(),
+                            format!("{key}.algorithms: {:?} is listed twice", a.get_ref()),
+                        );
+                    } else {
+                        out.push(e);
+                    }
+                }
+                out
+            }
+        };
+        Some(CompressConfig {
+            types,
+            min_size,
+            algorithms,
+        })
     }
 
     /// `sticky = { cookie, ttl, pass_cookie }`: the name a cookie token (RFC 6265), the
@@ -626,8 +711,9 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 17] = [
+        let http_only: [(&str, bool); 18] = [
             ("routes", !l.routes.is_empty()),
+            ("compress", l.compress.is_some()),
             ("trusted_proxies", l.trusted_proxies.is_some()),
             ("request_id", l.request_id.is_some()),
             ("rate_limit", l.rate_limit.is_some()),
@@ -1499,6 +1585,25 @@ pub(super) fn parse_template(text: &str) -> Result<Template, String> {
         pieces.push(text_piece(text, &literal)?);
     }
     Ok(Template(pieces))
+}
+
+/// `type/subtype` or `type/*`, tokens only, lower-cased.
+fn media_range(text: &str) -> Option<TypeMatch> {
+    let t = text.trim().to_ascii_lowercase();
+    let (kind, sub) = t.split_once('/')?;
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    if !token(kind) {
+        return None;
+    }
+    match sub {
+        "*" => Some(TypeMatch::Prefix(format!("{kind}/"))),
+        s if token(s) => Some(TypeMatch::Exact(t.clone())),
+        _ => None,
+    }
 }
 
 /// The fixed text `part` of the template `text`, as a header value.

@@ -1,9 +1,10 @@
 //! The data plane: hop-by-hop and forwarding headers, the client's address behind trusted
-//! proxies, route rules, errors, the HTTP forwarding path, upgrade tunnels, and the TCP
+//! proxies, response compression, route rules, errors, the HTTP forwarding path, upgrade tunnels, and the TCP
 //! (L4) forwarding path (userspace copy, or splice(2)).
 
 mod abandoned;
 pub mod client_addr;
+pub mod compress;
 pub mod context;
 pub mod error;
 mod exchange;

@@ -264,6 +264,9 @@ pub enum UpstreamError {
     H2(hyper::Error),
     #[error("an HTTP/1.1 request reached an HTTP/2 connection")]
     Protocol,
+    /// ballast's own compressor failed on the way out (`proxy::compress`).
+    #[error("compressing the response: {0}")]
+    Compress(std::io::Error),
 }
 
 /// A backend's response body.

@@ -142,6 +142,7 @@ impl Validator<'_> {
                     r.rewrite_prefix.as_ref().map(|v| v.span()),
                 ),
                 ("rate_limit", r.rate_limit.as_ref().map(|v| v.span())),
+                ("compress", r.compress.as_ref().map(|v| v.span())),
                 (
                     "request_headers",
                     r.request_headers.as_ref().map(|_| route.span()),
@@ -177,6 +178,10 @@ impl Validator<'_> {
             request_headers,
             response_headers,
             rate_limit,
+            compress: r
+                .compress
+                .as_ref()
+                .and_then(|c| self.compress(c, &format!("{rkey}.compress"))),
         }
     }
 

@@ -17,6 +17,7 @@ use super::Inner;
 use crate::balance::backend::Lease;
 use crate::balance::Pool;
 use crate::proxy::abandoned;
+use crate::proxy::compress::Encoder;
 use crate::proxy::context::Extras;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
@@ -30,12 +31,14 @@ use crate::upstream::{ConnSettings, UpstreamError, UpstreamIncoming};
 pub struct ProxyBody {
     pub(super) inner: Inner,
     pub(super) ex: Box<Exchange>,
+    /// Compresses the body on its way (`compress`); `None` for most responses.
+    pub(super) encoder: Option<Box<Encoder>>,
 }
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         // Bodies that are empty by framing (HEAD, 204, 304) are never polled to the end.
-        if self.inner.is_end_stream() {
+        if self.encoder.is_none() && self.inner.is_end_stream() {
             self.ex.complete = true;
         }
     }
@@ -177,6 +180,35 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
+        if this.encoder.is_some() {
+            return this.poll_encoded(cx);
+        }
+        this.poll_inner(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.encoder {
+            None => self.inner.is_end_stream(),
+            Some(e) => e.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.encoder {
+            None => self.inner.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl ProxyBody {
+    /// The next frame of the body as it came, with the exchange's account kept.
+    #[inline]
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self;
         let polled = match &mut this.inner {
             Either::Left(b) => Pin::new(b).poll_frame(cx),
             Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -202,12 +234,65 @@ impl Body for ProxyBody {
         polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// The next frame of the compressed body. The encoder takes the body's data as it
+    /// comes; what it has produced is sent when there is some, and flushed whenever the
+    /// body has nothing new, so a slow stream is not held back. Trailers follow the end of
+    /// the compressed data.
+    fn poll_encoded(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        loop {
+            match self.encoder.as_deref_mut() {
+                None => return Poll::Ready(None),
+                Some(e) if e.is_done() => {
+                    return Poll::Ready(e.take_trailers().map(|t| Ok(Frame::trailers(t))));
+                }
+                Some(_) => {}
+            }
+            // `ex.bytes_out` counts what the client was sent: the compressed bytes.
+            let polled = self.inner_frame(cx);
+            let Some(encoder) = self.encoder.as_deref_mut() else {
+                return Poll::Ready(None);
+            };
+            let step = match polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => encoder.push(cx, &data),
+                    Err(frame) => {
+                        encoder.keep_trailers(frame.into_trailers().ok());
+                        encoder.finish(cx)
+                    }
+                },
+                Poll::Ready(None) => encoder.finish(cx),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => match encoder.flush(cx) {
+                    Ok(out) if out.is_empty() => return Poll::Pending,
+                    other => other,
+                },
+            };
+            match step {
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => {
+                    self.ex.bytes_out += out.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Err(e) => {
+                    self.ex.termination = "response_truncated";
+                    return Poll::Ready(Some(Err(UpstreamError::Compress(e))));
+                }
+            }
+        }
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    /// [`Self::poll_inner`] without counting the bytes (the compressed ones count).
+    fn inner_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let before = self.ex.bytes_out;
+        let polled = self.poll_inner(cx);
+        self.ex.bytes_out = before;
+        polled
     }
 }
 

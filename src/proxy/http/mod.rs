@@ -28,6 +28,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use super::compress;
 use super::context::ConnCtx;
 use super::exchange::Exchange;
 use super::rules;
@@ -66,12 +67,24 @@ pub async fn handle(
         fields.as_ref(),
         log,
     ));
-    // The matched route's response rules, set by `respond` once it has routed.
+    // The matched route's response rules and compression, set by `respond` once it has
+    // routed.
     let mut response_rules = None;
-    let mut resp = respond(req, fields, &ctx, &snap, &mut ex, &mut response_rules).await;
+    let mut compress = None;
+    let mut resp = respond(
+        req,
+        fields,
+        &ctx,
+        &snap,
+        &mut ex,
+        &mut response_rules,
+        &mut compress,
+    )
+    .await;
     // An HTTP/1.1 backend's fields come written for an HTTP/1.1 client, outside the map
-    // (`h1::PassFields`). Header rules edit a map, and hyper's HTTP/2 server writes one.
-    if response_rules.is_some() || ctx.phase.is_multiplexed() {
+    // (`h1::PassFields`). Header rules and compression edit a map, and hyper's HTTP/2
+    // server writes one.
+    if response_rules.is_some() || compress.is_some() || ctx.phase.is_multiplexed() {
         if let Either::Left(body) = resp.body_mut() {
             if let Some(fields) = body.take_fields() {
                 fields.append_to(resp.headers_mut());
@@ -81,19 +94,23 @@ pub async fn handle(
     if let Some(r) = response_rules {
         rules::apply(r, resp.headers_mut(), &vars(&ctx, &ex));
     }
-    drop(snap);
     ex.status = resp.status().as_u16();
     // A switched HTTP/1.1 connection belongs to its tunnel now: no keep-alive timer on it.
     // (An HTTP/2 tunnel is one stream; it stays counted until it ends.)
     let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || resp.extensions().get::<Tunnel>().is_some();
+    let encoder = compress.and_then(|n| {
+        let status = resp.status();
+        compress::start(status, resp.headers_mut(), &n, tunnel)
+    });
+    drop(snap);
     if tunnel && !ctx.phase.is_multiplexed() {
         ex.armed = false;
     }
     // Shutting down: `h1::server` says `Connection: close` on the connection's last
     // response itself, as it writes the head (the same token; asking it here too took the
     // token's mutex once more per request). HTTP/2 ends with GOAWAY instead.
-    Ok(resp.map(|inner| ProxyBody { inner, ex }))
+    Ok(resp.map(|inner| ProxyBody { inner, ex, encoder }))
 }
 
 /// Marks a response whose connection was handed to a tunnel (CONNECT).

@@ -17,6 +17,7 @@ use crate::balance::sticky;
 use crate::config::{HashKey, UpstreamProtocol};
 use crate::h1::client::RelayedHead;
 use crate::h1::RequestFields;
+use crate::proxy::compress::{self, Negotiated};
 use crate::proxy::context::ConnCtx;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
@@ -29,7 +30,7 @@ use crate::upstream::Outgoing;
 /// Checks, routes and shapes `req`, then forwards it (see `attempt::forward`); every
 /// outcome is a response. `fields`: the request's fields when they came as lines (an
 /// HTTP/1.1 client's) rather than in its map. `response_rules` receives the matched
-/// route's response rules.
+/// route's response rules, `compress` what the client accepts when the route compresses.
 pub(super) async fn respond<'s>(
     mut req: Request<ClientStream>,
     fields: Option<RequestFields>,
@@ -37,6 +38,7 @@ pub(super) async fn respond<'s>(
     snap: &'s Snapshot,
     ex: &mut Exchange,
     response_rules: &mut Option<&'s crate::config::HeaderRules>,
+    compress: &mut Option<Negotiated<'s>>,
 ) -> Response<Inner> {
     let Some(router) = snap.routers.get(&*ctx.listener.name) else {
         return error_response(&ProxyError::ListenerGone, ex);
@@ -157,6 +159,18 @@ pub(super) async fn respond<'s>(
     let pool = &target.pool;
     ex.pool = Some(Arc::clone(pool));
     *response_rules = target.response_headers.as_ref();
+    if let Some(config) = &target.compress {
+        let accept = match &relay {
+            Some(lines) => Fields::Lines(lines),
+            None => Fields::Map(req.headers()),
+        }
+        .lines(&http::header::ACCEPT_ENCODING);
+        *compress = Some(Negotiated {
+            config,
+            encoding: compress::negotiate(&accept, &config.algorithms),
+            head: req.method() == Method::HEAD,
+        });
+    }
     // Before the body is read or a backend chosen: a limited client costs neither.
     for limiter in [router.rate_limit.as_deref(), target.rate_limit.as_deref()]
         .into_iter()
