@@ -360,3 +360,35 @@ async fn a_large_body_is_compressed_in_bounded_memory() {
     assert_eq!(decoded.len(), TOTAL);
     lb.assert_memory_bounded(before, "a 192 MiB body through gzip");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_gets_the_same_compressed_answer() {
+    let lb = Ballast::start(
+        &TestConfig::addresses([backend().await])
+            .listener("h2c = true\ncompress = {}")
+            .build(),
+    );
+    let stream = TcpStream::connect(lb.addr("web")).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    for (accept, want) in [("br, gzip", Some("br")), ("identity", None)] {
+        let req = http::Request::get("http://x/html")
+            .header("accept-encoding", accept)
+            .body(Full::<Bytes>::default())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        assert_eq!(field(&parts.headers, "content-encoding"), want, "{accept}");
+        assert_eq!(field(&parts.headers, "vary"), Some("accept-encoding"));
+        let text = match want {
+            Some(e) => decode(e, &body).await,
+            None => String::from_utf8_lossy(&body).into_owned(),
+        };
+        assert_eq!(text, page(), "{accept}");
+    }
+}

@@ -93,10 +93,12 @@ fn qvalue(v: &[u8]) -> Option<u16> {
 }
 
 /// Decides for a response and edits its fields; returns the encoder for its body, if it is
-/// to be compressed. `tunnel`: the response hands the connection to a tunnel.
+/// to be compressed. `length`: the body's length when known apart from `Content-Length`
+/// (a response ballast made); `tunnel`: the response hands the connection to a tunnel.
 pub fn start(
     status: StatusCode,
     headers: &mut HeaderMap,
+    length: Option<u64>,
     negotiated: &Negotiated<'_>,
     tunnel: bool,
 ) -> Option<Box<Encoder>> {
@@ -129,6 +131,7 @@ pub fn start(
                 .parse::<u64>()
                 .ok()
         })
+        .or(length)
         .is_some_and(|n| n < config.min_size);
     if encoded || no_transform || !listed || too_small {
         return None;
@@ -359,8 +362,27 @@ mod tests {
             head,
         };
         let status = StatusCode::from_u16(status).unwrap();
-        let started = start(status, &mut h, &n, false).map(|_| Encoding::Gzip);
+        let started = start(status, &mut h, None, &n, false).map(|_| Encoding::Gzip);
         (started, h)
+    }
+
+    #[test]
+    fn encoders_are_capped_and_given_back() {
+        // Made until one is refused (past the cap, a response goes uncompressed). Other
+        // tests may hold an encoder meanwhile: count loosely.
+        let held: Vec<Encoder> = std::iter::from_fn(|| Encoder::new(Encoding::Gzip))
+            .take(MAX_ENCODERS + 1)
+            .collect();
+        assert!(
+            held.len() <= MAX_ENCODERS && held.len() + 8 >= MAX_ENCODERS,
+            "{}",
+            held.len()
+        );
+        drop(held);
+        assert!(
+            Encoder::new(Encoding::Br).is_some(),
+            "freed when their responses end"
+        );
     }
 
     #[test]
@@ -422,5 +444,15 @@ mod tests {
             .contains_key("vary"));
         let (e, _) = decide(&[("content-type", "Application/JSON")], 200, false);
         assert_eq!(e, Some(Encoding::Gzip), "types compare without case");
+        // ballast's own short answers (a 502's text) are known short without the field.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let config = config();
+        let n = Negotiated {
+            config: &config,
+            encoding: Some(Encoding::Gzip),
+            head: false,
+        };
+        assert!(start(StatusCode::BAD_GATEWAY, &mut h, Some(16), &n, false).is_none());
     }
 }

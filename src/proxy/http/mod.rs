@@ -101,7 +101,8 @@ pub async fn handle(
         || resp.extensions().get::<Tunnel>().is_some();
     let encoder = compress.and_then(|n| {
         let status = resp.status();
-        compress::start(status, resp.headers_mut(), &n, tunnel)
+        let length = hyper::body::Body::size_hint(resp.body()).exact();
+        compress::start(status, resp.headers_mut(), length, &n, tunnel)
     });
     drop(snap);
     if tunnel && !ctx.phase.is_multiplexed() {
