@@ -36,8 +36,9 @@ trap cleanup EXIT
 
 backend=$((BASE_PORT+1)); lb=$((BASE_PORT+10))
 mkdir -p "$work/www"
+# (`head` closes the pipe early: the writers' SIGPIPE is expected.)
 find README.md BENCHMARKS.md src -type f \( -name '*.md' -o -name '*.rs' \) -print0 | sort -z \
-  | xargs -0 cat | head -c 1048576 > "$work/www/page.txt"
+  | xargs -0 cat 2>/dev/null | head -c 1048576 > "$work/www/page.txt" || true
 size=$(stat -c %s "$work/www/page.txt")
 [ "$size" -eq 1048576 ] || { echo "not enough text for 1 MiB ($size bytes)" >&2; exit 1; }
 cat > "$work/backend.conf" <<CONF
@@ -51,7 +52,8 @@ taskset -c 1 nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
 nginx_conf() { # $1: gzip_comp_level
   cat > "$work/nginx-$1.conf" <<CONF
-worker_processes 1; daemon off; error_log $work/nginx.err; pid $work/nginx-$1.pid;
+# One process doing the work (no master), so /proc of the PID started is the worker's.
+master_process off; daemon off; error_log $work/nginx.err; pid $work/nginx-$1.pid;
 events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000;
   upstream b { server 127.0.0.1:$backend; keepalive 32; }

@@ -185,8 +185,8 @@ fn relays_fields(limit: Option<&RateLimiter>) -> bool {
 pub struct Router {
     routes: Vec<Route>,
     default: Target,
-    /// The listener's `allow_from` / `deny_from`, checked before routing.
-    pub access: Access,
+    /// The listener's `allow_from` / `deny_from`, checked before routing; `None`: open.
+    pub access: Option<Access>,
     /// The listener's `trusted_proxies`.
     pub trusted_proxies: Option<Ranges>,
     /// The listener's counters, carried over from the previous router of the same name.
@@ -283,12 +283,16 @@ impl Router {
         Some(Router {
             routes,
             default,
-            access: l.access.clone(),
+            access: (!l.access.is_open()).then(|| l.access.clone()),
             trusted_proxies: l.trusted_proxies.clone(),
             stats,
             rate_limit,
             relays_fields,
         })
+    }
+
+    pub fn has_routes(&self) -> bool {
+        !self.routes.is_empty()
     }
 
     /// The listener's own pool and rules (all a TCP listener has).

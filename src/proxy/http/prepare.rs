@@ -53,19 +53,18 @@ pub(super) async fn respond<'s>(
     // With `trusted_proxies`, the chain of forwarding fields is kept only from them: anyone
     // else's is removed (on the map path, below), so no backend can be told a made-up
     // client.
-    let untrusted_chain = |has: &dyn Fn(&http::HeaderName) -> bool| {
-        router
-            .trusted_proxies
-            .as_ref()
-            .is_some_and(|t| !t.contains(peer))
-            && (has(&headers::X_FORWARDED_FOR) || has(&http::header::FORWARDED))
-    };
+    let untrusted = router
+        .trusted_proxies
+        .as_ref()
+        .is_some_and(|t| !t.contains(peer));
+    let chain = [&headers::X_FORWARDED_FOR, &http::header::FORWARDED];
     let relay = match fields {
         Some(f)
             if router.relays_fields
-                && !untrusted_chain(&|name| {
-                    f.values(name.as_str().as_bytes()).next().is_some()
-                })
+                && !(untrusted
+                    && chain
+                        .iter()
+                        .any(|n| f.values(n.as_str().as_bytes()).next().is_some()))
                 && !f.has_upgrade()
                 && req.method() != Method::CONNECT
                 && req.uri().scheme().is_none() =>
@@ -117,12 +116,13 @@ pub(super) async fn respond<'s>(
             .filter(|ip| *ip != peer)
             .map(|ip| Box::new((ip, headers::client_header(ip))));
     }
-    let client = ex.client_ip();
+    let client = ex.forwarded.as_ref().map_or(peer, |f| f.0);
     // Before the body is read or a backend chosen: a refused client costs neither.
-    if !router.access.permits(client) {
+    if router.access.as_ref().is_some_and(|a| !a.permits(client)) {
         return denied(ctx, ex, "listener");
     }
-    let view = RequestView {
+    // Made only where something reads it: a listener without routes skips it.
+    let view = || RequestView {
         host,
         path,
         method: req.method(),
@@ -131,9 +131,8 @@ pub(super) async fn respond<'s>(
         client,
         sni: ctx.sni(),
     };
-    let request_uri = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     if let Some(r) = &ctx.config().redirect_https {
-        return redirect(r, &view, request_uri, ctx);
+        return redirect(r, &view(), req.uri(), ctx);
     }
     let connect = req.method() == Method::CONNECT;
     if connect && !ctx.config().allow_connect {
@@ -143,12 +142,13 @@ pub(super) async fn respond<'s>(
             "CONNECT is not allowed",
         );
     }
-    let target = match router.route(&view) {
+    let view = router.has_routes().then(view);
+    let target = match view.as_ref().and_then(|v| Some((router.route(v)?, v))) {
         None => router.default_target(),
-        Some(rule) if !rule.access.permits(client) => return denied(ctx, ex, "route"),
-        Some(rule) => match &rule.action {
+        Some((rule, _)) if !rule.access.permits(client) => return denied(ctx, ex, "route"),
+        Some((rule, view)) => match &rule.action {
             Action::Forward(target) => target,
-            Action::Redirect(r) => return redirect(r, &view, request_uri, ctx),
+            Action::Redirect(r) => return redirect(r, view, req.uri(), ctx),
             Action::Respond(r) => return configured(r),
         },
     };
@@ -183,10 +183,14 @@ pub(super) async fn respond<'s>(
     let key = pool.hash_key().and_then(|k| request_hash(k, &req, client));
     // A sticky session's backend (`balance::sticky`): the id its cookie holds, and the
     // backend of the pool with that id. No such backend: balanced as any request.
-    let sticky = pool.config.sticky.as_ref().map(|s| {
-        let held = headers::cookie(req.headers(), &s.cookie).and_then(sticky::decode);
-        (s, held, held.and_then(|id| pool.sticky_index(id)))
-    });
+    // Only the id lives on past the exchange (to tell whether the cookie must change).
+    let (held, preferred) = match &pool.config.sticky {
+        Some(s) => {
+            let held = headers::cookie(req.headers(), &s.cookie).and_then(sticky::decode);
+            (held, held.and_then(|id| pool.sticky_index(id)))
+        }
+        None => (None, None),
+    };
 
     let h2_backend = pool.config.protocol == UpstreamProtocol::H2;
     // An HTTP/1.1 upgrade cannot cross to an HTTP/2 backend; it is dropped like any other
@@ -226,12 +230,13 @@ pub(super) async fn respond<'s>(
         }
         None => {
             // The session cookie is ballast's (valid or not), not the backend's.
-            if let Some((s, _, _)) = sticky.filter(|(s, _, _)| !s.pass_cookie) {
+            if let Some(s) = pool.config.sticky.as_ref().filter(|s| !s.pass_cookie) {
                 headers::remove_cookie(&mut parts.headers, &s.cookie);
             }
-            if untrusted_chain(&|name| parts.headers.contains_key(name)) {
-                parts.headers.remove(&headers::X_FORWARDED_FOR);
-                parts.headers.remove(http::header::FORWARDED);
+            if untrusted {
+                for name in chain {
+                    parts.headers.remove(name);
+                }
             }
             let h2 = h2_backend.then_some(H2Backend {
                 tls: pool.tls.is_some(),
@@ -262,15 +267,14 @@ pub(super) async fn respond<'s>(
         relayed,
         pool.config.protocol,
     );
-    let preferred = sticky.and_then(|(_, _, i)| i);
-    match forward(req, pool, key, preferred, client_upgrade, ctx, ex).await {
-        Ok(mut resp) => {
-            if let Some((s, held, _)) = sticky {
-                set_sticky_cookie(&mut resp, s, held, pool, ctx, ex);
-            }
+    let result = forward(req, pool, key, preferred, client_upgrade, ctx, ex).await;
+    match (result, &pool.config.sticky) {
+        (Ok(resp), None) => resp,
+        (Ok(mut resp), Some(s)) => {
+            set_sticky_cookie(&mut resp, s, held, pool, ctx, ex);
             resp
         }
-        Err(e) => error_response(&e, ex),
+        (Err(e), _) => error_response(&e, ex),
     }
 }
 

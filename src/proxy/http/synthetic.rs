@@ -62,9 +62,10 @@ pub(super) fn error_response(e: &ProxyError, ex: &mut Exchange) -> Response<Inne
 pub(super) fn redirect(
     r: &Redirect,
     req: &RequestView<'_>,
-    request_uri: &str,
+    uri: &http::Uri,
     ctx: &ConnCtx,
 ) -> Response<Inner> {
+    let request_uri = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut location = String::with_capacity(128);
     for piece in &r.to {
         match piece {
