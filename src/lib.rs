@@ -32,6 +32,7 @@
 //! - `discovery`: DNS discovery: one task per `HOST:PORT` backend entry turns the name's
 //!   records into address sets for the control plane, riding out DNS outages.
 //! - `access`: IP ranges, and `allow_from` / `deny_from`.
+//! - `basic_auth`: HTTP Basic authentication against an htpasswd file of bcrypt hashes.
 //! - `rate_limit`: token buckets per client address or header value, in a bounded table.
 //! - `balance`: [`balance::Pool`], its backends' live state, the selection policies, the
 //!   queue for `max_connections` and the retry budget.
@@ -66,6 +67,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod basic_auth;
 pub mod config;
 pub mod control;
 pub mod demo;

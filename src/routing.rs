@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use crate::access::{Access, Ranges};
 use crate::balance::Pool;
+use crate::basic_auth::Gate;
 use crate::config::{
-    CompressConfig, FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig, Pattern, RateKey,
-    RateLimitConfig, Redirect, Respond, RouteAction, UpstreamProtocol,
+    BasicAuthConfig, CompressConfig, FieldMatch, HashKey, HeaderRules, HostMatch, ListenerConfig,
+    Pattern, RateKey, RateLimitConfig, Redirect, Respond, RouteAction, UpstreamProtocol,
 };
 use crate::rate_limit::RateLimiter;
 use crate::stats::ListenerStats;
@@ -36,6 +37,8 @@ struct Route {
 pub struct Rule {
     /// The route's `allow_from` / `deny_from`: a client it refuses gets a 403.
     pub access: Access,
+    /// The route's own `basic_auth`; `None`: the listener's applies, if any.
+    pub auth: Option<Arc<Gate>>,
     pub action: Action,
 }
 
@@ -189,6 +192,8 @@ pub struct Router {
     pub access: Option<Access>,
     /// The listener's `trusted_proxies`.
     pub trusted_proxies: Option<Ranges>,
+    /// The listener's `basic_auth`, for requests no route with its own matches.
+    pub auth: Option<Arc<Gate>>,
     /// The listener's counters, carried over from the previous router of the same name.
     pub stats: Arc<ListenerStats>,
     /// The listener's rate limit, for every request on it.
@@ -254,6 +259,7 @@ impl Router {
                     sni: r.sni.clone(),
                     rule: Rule {
                         access: r.access.clone(),
+                        auth: r.basic_auth.as_ref().map(gate),
                         action,
                     },
                 })
@@ -285,6 +291,7 @@ impl Router {
             default,
             access: (!l.access.is_open()).then(|| l.access.clone()),
             trusted_proxies: l.trusted_proxies.clone(),
+            auth: l.basic_auth.as_ref().map(gate),
             stats,
             rate_limit,
             relays_fields,
@@ -305,6 +312,11 @@ impl Router {
     pub fn route(&self, req: &RequestView<'_>) -> Option<&Rule> {
         self.routes.iter().find(|r| r.matches(req)).map(|r| &r.rule)
     }
+}
+
+/// A live `basic_auth` (made per config generation: an edited users file reloads).
+fn gate(config: &BasicAuthConfig) -> Arc<Gate> {
+    Arc::new(Gate::new(&config.realm, config.users.clone()))
 }
 
 /// The limiter for `config`: the previous generation's when its settings are the same (a

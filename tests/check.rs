@@ -517,6 +517,45 @@ backends = [\"127.0.0.1:9001\"]
 }
 
 #[test]
+fn basic_auth_users_files_are_checked_line_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = bcrypt::hash("pw", 4).unwrap();
+    let cases = [
+        (
+            format!("a:{good}\nb:$apr1$x$y\n"),
+            ":2: user \"b\": only bcrypt hashes are accepted",
+        ),
+        (
+            format!("a:{good}\na:{good}\n"),
+            ":2: user \"a\" is listed twice",
+        ),
+        ("# nobody\n".to_string(), ": no users"),
+        (format!("{good}\n"), ":1: expected user:hash"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("htpasswd{i}"));
+        std::fs::write(&path, text).unwrap();
+        let config = format!(
+            "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nbasic_auth = {{ users_file = \"{}\" }}\n\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+            path.display()
+        );
+        let (code, _, err) = check(&config);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.starts_with("F:4:29: listeners.web.basic_auth.users_file: ")
+                && err.contains(&format!("{}{want}", path.display())),
+            "{i}: {err}"
+        );
+        assert!(!err.contains("$2"), "no hash in an error: {err}");
+    }
+    let (code, _, err) = check(&format!(
+        "{BASE}[listeners.web.basic_auth]\nusers_file = \"/nonexistent/htpasswd\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read /nonexistent/htpasswd"), "{err}");
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let out = Command::new(support::ballast_bin())
         .args(["--config", "/nonexistent/ballast.toml", "--check"])
@@ -814,6 +853,8 @@ fn check_every_example(file: &str, min_examples: usize) {
         std::fs::copy(&pki.ca_path, pki.dir.path().join(ca)).unwrap();
     }
     std::fs::write(pki.dir.path().join("admin-token"), "example-token\n").unwrap();
+    let hash = bcrypt::hash("example", 4).unwrap();
+    std::fs::write(pki.dir.path().join("htpasswd"), format!("alice:{hash}\n")).unwrap();
     let text = text.replace("/etc/ballast/", &format!("{}/", pki.dir.path().display()));
     let lines: Vec<&str> = text.lines().collect();
     let found = examples(&lines);

@@ -673,3 +673,121 @@ async fn a_sticky_cookie_keeps_a_session_on_its_backend_until_it_drains() {
         );
     }
 }
+
+/// `Authorization: Basic` for `user:password`.
+fn basic(pair: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_asks_for_credentials_checks_them_and_follows_its_users_file() {
+    let [app] = start_backends(["app"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let users = dir.path().join("htpasswd");
+    let line = |user: &str, password: &str| {
+        format!("{user}:{}\n", bcrypt::hash(password, 4).expect("hash"))
+    };
+    std::fs::write(&users, format!("# staff\n{}", line("alice", "wonderland"))).expect("write");
+    let auth = format!(
+        "basic_auth = {{ realm = \"Staff\", users_file = \"{}\" }}",
+        users.display()
+    );
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(&format!(
+                "routes = [{{ path_prefix = \"/admin/\", pool = \"app\", {auth} }}]"
+            ))
+            .build(),
+    );
+    let web = lb.addr("web");
+    let status = async |path: &str, fields: &str| {
+        reply(web, "GET", path, &format!("Host: x\r\n{fields}")).await
+    };
+    // Open outside the route.
+    assert_eq!(status("/", "").await.status, 200);
+    let r = status("/admin/x", "").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        field_of(&r.head, "www-authenticate").as_deref(),
+        Some("Basic realm=\"Staff\", charset=\"UTF-8\"")
+    );
+    for wrong in [
+        basic("alice:alice"),
+        basic("mallory:wonderland"),
+        basic("alice"),
+        "Authorization: Basic !!!\r\n".to_string(),
+        "Authorization: Bearer abc\r\n".to_string(),
+    ] {
+        assert_eq!(status("/admin/x", &wrong).await.status, 401, "{wrong}");
+    }
+    let hits = app.hits();
+    let r = status("/admin/x", &basic("alice:wonderland")).await;
+    assert_eq!(r.status_text(), (200, "app".into()));
+    assert_eq!(
+        status("/admin/y", &basic("alice:wonderland")).await.status,
+        200
+    );
+    assert_eq!(app.hits(), hits + 2, "refused requests reached no backend");
+    let logs = lb.logs();
+    assert!(logs.contains("request refused by basic_auth"), "{logs}");
+    assert!(
+        !logs.contains("wonderland") && !logs.contains("$2"),
+        "{logs}"
+    );
+
+    // The file is watched: a rename-save (as editors and `htpasswd` do) replaces the users.
+    let tmp = dir.path().join(".htpasswd.new");
+    std::fs::write(&tmp, line("bob", "builder")).expect("write");
+    std::fs::rename(&tmp, &users).expect("rename");
+    let swapped = eventually(WAIT, async || {
+        status("/admin/x", &basic("bob:builder")).await.status == 200
+    })
+    .await;
+    assert!(swapped.is_some(), "{}", lb.logs());
+    assert_eq!(
+        status("/admin/x", &basic("alice:wonderland")).await.status,
+        401
+    );
+
+    // A broken file is refused with its line; the running users stay.
+    std::fs::write(&tmp, "bob:{SHA}fEqNCco3Yq9h5ZUglD3CZJT4lBs=\n").expect("write");
+    std::fs::rename(&tmp, &users).expect("rename");
+    assert!(
+        lb.wait_for_log("only bcrypt hashes are accepted", WAIT),
+        "{}",
+        lb.logs()
+    );
+    assert_eq!(status("/admin/x", &basic("bob:builder")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_on_a_listener_covers_every_route_without_its_own() {
+    let [app] = start_backends(["app"]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let users = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("pw", 4).expect("hash");
+    std::fs::write(&users, format!("u:{hash}\n")).expect("write");
+    let lb = Ballast::start(
+        &TestConfig::new(&[&app])
+            .listener(&format!(
+                "basic_auth = {{ users_file = \"{}\" }}\nroutes = [{{ path = \"/robots.txt\", respond = {{ body = \"ok\" }} }}]",
+                users.display()
+            ))
+            .build(),
+    );
+    let web = lb.addr("web");
+    for path in ["/", "/robots.txt"] {
+        let r = reply(web, "GET", path, "Host: x\r\n").await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(
+            field_of(&r.head, "www-authenticate").as_deref(),
+            Some("Basic realm=\"ballast\", charset=\"UTF-8\"")
+        );
+        let r = reply(web, "GET", path, &format!("Host: x\r\n{}", basic("u:pw"))).await;
+        assert_eq!(r.status, 200, "{path}");
+    }
+}

@@ -94,6 +94,15 @@ pub struct FileListener {
     pub deny_from: Option<Spanned<Vec<Text>>>,
     pub trusted_proxies: Option<Spanned<Vec<Text>>>,
     pub compress: Option<Spanned<FileCompress>>,
+    pub basic_auth: Option<Spanned<FileBasicAuth>>,
+}
+
+/// `{ realm = "Staff", users_file = "/etc/ballast/htpasswd" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBasicAuth {
+    pub realm: Option<Text>,
+    pub users_file: Text,
 }
 
 /// `{ types = ["text/*"], min_size = "1KiB", algorithms = ["zstd", "br", "gzip"] }`
@@ -234,6 +243,7 @@ pub struct FileRoute {
     pub redirect: Option<Spanned<FileRedirect>>,
     pub respond: Option<Spanned<FileRespond>>,
     pub compress: Option<Spanned<FileCompress>>,
+    pub basic_auth: Option<Spanned<FileBasicAuth>>,
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub strip_prefix: Option<Spanned<bool>>,
     pub rewrite_prefix: Option<Text>,

@@ -228,6 +228,8 @@ pub struct ListenerConfig {
     pub access: crate::access::Access,
     /// Response compression for requests that no route with its own `compress` matches.
     pub compress: Option<CompressConfig>,
+    /// Basic authentication for requests that no route with its own `basic_auth` matches.
+    pub basic_auth: Option<BasicAuthConfig>,
     /// Proxies whose `X-Forwarded-For` (or `Forwarded`) names the client: for their
     /// connections the client address is the one those fields give (`proxy::client_addr`).
     /// When set, an `X-Forwarded-For` from anyone else is replaced, not extended.
@@ -300,6 +302,8 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Overrides the listener's `compress` for requests this route matches.
     pub compress: Option<CompressConfig>,
+    /// Overrides the listener's `basic_auth` for requests this route matches.
+    pub basic_auth: Option<BasicAuthConfig>,
 }
 
 /// What a route does with a request: forward it to a pool, or answer it itself.
@@ -519,6 +523,15 @@ pub struct PoolConfig {
     pub retry_backoff: Option<Duration>,
     /// Sessions kept on one backend by a cookie ballast sets (`balance::sticky`).
     pub sticky: Option<StickyConfig>,
+}
+
+/// `basic_auth = { realm, users_file }` on a listener or route (`basic_auth`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BasicAuthConfig {
+    pub realm: String,
+    /// Watched: an edit reloads, with the new users.
+    pub users_file: PathBuf,
+    pub users: crate::basic_auth::Users,
 }
 
 /// `compress = { types, min_size, algorithms }` on a listener or route (`proxy::compress`).
@@ -887,6 +900,11 @@ impl Config {
             .filter_map(|a| a.token_file.clone())
             .collect();
         for l in &self.listeners {
+            let auths = l
+                .basic_auth
+                .iter()
+                .chain(l.routes.iter().filter_map(|r| r.basic_auth.as_ref()));
+            files.extend(auths.map(|a| a.users_file.clone()));
             if let Some(t) = &l.tls {
                 for c in &t.certificates {
                     files.push(c.cert_path.clone());

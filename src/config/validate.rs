@@ -446,6 +446,10 @@ impl Validator<'_> {
                 .compress
                 .as_ref()
                 .and_then(|c| self.compress(c, &format!("{key}.compress"))),
+            basic_auth: l
+                .basic_auth
+                .as_ref()
+                .and_then(|a| self.basic_auth(a, &format!("{key}.basic_auth"))),
             trusted_proxies: l
                 .trusted_proxies
                 .as_ref()
@@ -462,6 +466,32 @@ impl Validator<'_> {
                 }
             }),
         }
+    }
+
+    /// `basic_auth = { realm, users_file }`: the file read now (and watched), each bad line
+    /// reported with its own place in the file.
+    pub(super) fn basic_auth(
+        &mut self,
+        v: &Spanned<file::FileBasicAuth>,
+        key: &str,
+    ) -> Option<BasicAuthConfig> {
+        let a = v.get_ref();
+        let users_file = self.path(&a.users_file);
+        let users = match crate::basic_auth::read_users(&users_file) {
+            Ok(u) => u,
+            Err(e) => {
+                self.push(a.users_file.span(), format!("{key}.users_file: {e}"));
+                return None;
+            }
+        };
+        Some(BasicAuthConfig {
+            realm: a
+                .realm
+                .as_ref()
+                .map_or_else(|| "ballast".to_string(), |r| r.get_ref().clone()),
+            users_file,
+            users,
+        })
     }
 
     /// `compress = { types, min_size, algorithms }` of a listener or route (`key`).
@@ -711,8 +741,9 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 18] = [
+        let http_only: [(&str, bool); 19] = [
             ("routes", !l.routes.is_empty()),
+            ("basic_auth", l.basic_auth.is_some()),
             ("compress", l.compress.is_some()),
             ("trusted_proxies", l.trusted_proxies.is_some()),
             ("request_id", l.request_id.is_some()),

@@ -182,6 +182,10 @@ impl Validator<'_> {
                 .compress
                 .as_ref()
                 .and_then(|c| self.compress(c, &format!("{rkey}.compress"))),
+            basic_auth: r
+                .basic_auth
+                .as_ref()
+                .and_then(|a| self.basic_auth(a, &format!("{rkey}.basic_auth"))),
         }
     }
 

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
 use super::attempt::forward;
-use super::synthetic::{configured, denied, error_response, rate_limited, redirect, reject};
+use super::synthetic::{
+    configured, denied, error_response, rate_limited, redirect, reject, unauthorized,
+};
 use super::{vars, Inner};
 use crate::balance::policy::hash_key;
 use crate::balance::sticky;
@@ -143,9 +145,22 @@ pub(super) async fn respond<'s>(
         );
     }
     let view = router.has_routes().then(view);
-    let target = match view.as_ref().and_then(|v| Some((router.route(v)?, v))) {
+    let matched = view.as_ref().and_then(|v| Some((router.route(v)?, v)));
+    if matched.is_some_and(|(rule, _)| !rule.access.permits(client)) {
+        return denied(ctx, ex, "route");
+    }
+    // `basic_auth`: the route's, else the listener's; before any body is read.
+    let gate = matched
+        .and_then(|(rule, _)| rule.auth.as_deref())
+        .or(router.auth.as_deref());
+    if let Some(gate) = gate {
+        let authorization = fields.lines(&http::header::AUTHORIZATION);
+        if !gate.admits(authorization.first().copied()).await {
+            return unauthorized(gate, ctx, ex);
+        }
+    }
+    let target = match matched {
         None => router.default_target(),
-        Some((rule, _)) if !rule.access.permits(client) => return denied(ctx, ex, "route"),
         Some((rule, view)) => match &rule.action {
             Action::Forward(target) => target,
             Action::Redirect(r) => return redirect(r, view, req.uri(), ctx),

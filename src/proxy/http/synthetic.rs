@@ -135,6 +135,23 @@ pub(super) fn denied(ctx: &ConnCtx, ex: &mut Exchange, which: &'static str) -> R
     resp
 }
 
+/// 401 with `WWW-Authenticate` for a request `basic_auth` refuses (no credentials, or
+/// wrong ones). The log says so, with the client; never a user name or password.
+pub(super) fn unauthorized(
+    gate: &crate::basic_auth::Gate,
+    ctx: &ConnCtx,
+    ex: &mut Exchange,
+) -> Response<Inner> {
+    ex.termination = "unauthorized";
+    if let Some(suppressed) = crate::log_limit::allow((&*ctx.listener.name, "unauthorized")) {
+        tracing::info!(listener = %ctx.listener.name, client = %ex.client_label(), status = 401, reason = %"unauthorized", suppressed, "request refused by basic_auth");
+    }
+    let mut resp = plain_response(StatusCode::UNAUTHORIZED);
+    resp.headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, gate.challenge.clone());
+    resp
+}
+
 /// Refuses a request ballast will not forward (debug log: clients get this wrong all day).
 /// 429 with `Retry-After` (whole seconds, at least 1) for a request over a rate limit. The
 /// connection stays open: the client did nothing wrong by HTTP's rules.
