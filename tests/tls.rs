@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::tls::{alpn, connect, get_h1, served_cert, Leaf, Pki};
-use support::{start_backends, Backend, Ballast, TestConfig, WAIT};
+use support::{read_head, start_backends, Backend, Ballast, TestConfig, WAIT};
 
 /// `[listeners.web.tls]` with these certificates, plus `extra` keys.
 fn tls_listener(certs: &[&Leaf], extra: &str) -> String {
@@ -730,29 +730,6 @@ async fn handshakes_and_their_failures_are_counted_in_metrics() {
         "{}",
         support::get(lb.admin(), "/metrics").await.body
     );
-}
-
-/// Reads a response head from `s` a byte at a time (nothing past it, which may belong to a
-/// tunnel); `None` if the connection closed before its first byte.
-async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
-            .await
-            .expect("head in time")
-            .unwrap_or(0);
-        if n == 0 {
-            assert!(
-                head.is_empty(),
-                "closed during the head: {}",
-                String::from_utf8_lossy(&head)
-            );
-            return None;
-        }
-        head.push(byte[0]);
-    }
-    Some(String::from_utf8_lossy(&head).to_string())
 }
 
 /// Reads one response (head, then a `Content-Length` body) from `s`; `None` once closed.

@@ -1577,9 +1577,29 @@ impl Validator<'_> {
     }
 }
 
-/// `"prod"`, `"${client_ip}"`, `"id=${request_id} via ${listener}"`; `$${` is a literal
-/// `${` (the environment pass in `config::env` leaves it so in templates).
+/// `"prod"`, `"${client_ip}"`, `"id=${request_id} via ${listener}"`.
 pub(super) fn parse_template(text: &str) -> Result<Template, String> {
+    let var = |name: &str| match name {
+        "client_ip" => Some(Piece::ClientIp),
+        "request_id" => Some(Piece::RequestId),
+        "listener" => Some(Piece::Listener),
+        _ => None,
+    };
+    split_template(text, "client_ip, request_id, listener", var, |part| {
+        text_piece(text, &part)
+    })
+    .map(Template)
+}
+
+/// A text with `${name}` variables, split into its pieces: `fixed(part)` for each fixed
+/// part, `var(name)` for each variable (`None`: unknown; `names` lists the known ones for
+/// the error). `$${` is a literal `${` (the environment pass in `config::env` leaves it so).
+pub(super) fn split_template<P>(
+    text: &str,
+    names: &str,
+    var: impl Fn(&str) -> Option<P>,
+    fixed: impl Fn(String) -> Result<P, String>,
+) -> Result<Vec<P>, String> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
@@ -1595,27 +1615,23 @@ pub(super) fn parse_template(text: &str) -> Result<Template, String> {
         let Some(end) = after.find('}') else {
             return Err(format!("{text:?}: \"${{\" without a closing \"}}\""));
         };
-        let variable = match &after[..end] {
-            "client_ip" => Piece::ClientIp,
-            "request_id" => Piece::RequestId,
-            "listener" => Piece::Listener,
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown variable {other:?} (client_ip, request_id, listener; write $${{ for a literal ${{)"
-                ))
-            }
+        let Some(variable) = var(&after[..end]) else {
+            return Err(format!(
+                "{text:?}: unknown variable {:?} ({names}; write $${{ for a literal ${{)",
+                &after[..end]
+            ));
         };
         if !literal.is_empty() {
-            pieces.push(text_piece(text, &std::mem::take(&mut literal))?);
+            pieces.push(fixed(std::mem::take(&mut literal))?);
         }
         pieces.push(variable);
         rest = &after[end + 1..];
     }
     literal.push_str(rest);
     if !literal.is_empty() {
-        pieces.push(text_piece(text, &literal)?);
+        pieces.push(fixed(literal)?);
     }
-    Ok(Template(pieces))
+    Ok(pieces)
 }
 
 /// `type/subtype` or `type/*`, tokens only, lower-cased.

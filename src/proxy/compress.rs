@@ -253,12 +253,9 @@ impl Encoder {
     /// Compresses `data`; returns what the encoder has produced so far (often nothing).
     pub fn push(&mut self, cx: &mut Context<'_>, mut data: &[u8]) -> io::Result<Bytes> {
         while !data.is_empty() {
-            // Writing into a `Vec` never waits.
-            match self.writer().poll_write(cx, data) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => data = &data[n..],
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Err(io::Error::other("compressor stalled")),
+            match ready(self.writer().poll_write(cx, data))? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => data = &data[n..],
             }
             self.unflushed = true;
         }
@@ -270,11 +267,7 @@ impl Encoder {
         if !self.unflushed {
             return Ok(Bytes::new());
         }
-        match self.writer().poll_flush(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Err(io::Error::other("compressor stalled")),
-        }
+        ready(self.writer().poll_flush(cx))?;
         self.unflushed = false;
         Ok(self.output())
     }
@@ -284,13 +277,18 @@ impl Encoder {
         if self.finished {
             return Ok(Bytes::new());
         }
-        match self.writer().poll_shutdown(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Err(io::Error::other("compressor stalled")),
-        }
+        ready(self.writer().poll_shutdown(cx))?;
         self.finished = true;
         Ok(self.output())
+    }
+}
+
+/// A step of an encoder over a `Vec`, which never waits: `Pending` would be a bug, and is
+/// an error rather than a stall.
+fn ready<T>(step: Poll<io::Result<T>>) -> io::Result<T> {
+    match step {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::Error::other("compressor stalled")),
     }
 }
 

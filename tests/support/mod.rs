@@ -676,15 +676,19 @@ impl Client {
         req: http::Request<Full<Bytes>>,
     ) -> Result<Reply, hyper::Error> {
         self.sender.ready().await?;
-        let resp = self.sender.send_request(req).await?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Reply {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        reply_of(self.sender.send_request(req).await?).await
     }
+}
+
+/// A response read to its end, its body as text.
+pub async fn reply_of(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, hyper::Error> {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// One request on a fresh connection.
@@ -1172,6 +1176,29 @@ pub async fn get_from(
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     read_response(&mut s, WAIT).await
+}
+
+/// Reads a response head from `s` a byte at a time (nothing past it, which may belong to a
+/// tunnel); `None` if the connection closed before its first byte.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(s, &mut byte))
+            .await
+            .expect("head in time")
+            .unwrap_or(0);
+        if n == 0 {
+            assert!(
+                head.is_empty(),
+                "closed during the head: {}",
+                String::from_utf8_lossy(&head)
+            );
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
 }
 
 /// Waits (bounded) until the peer closes `s`; returns how long that took, or `None`.

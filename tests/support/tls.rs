@@ -209,7 +209,7 @@ pub async fn get_h1<S>(stream: S, host: &str, path: &str) -> Result<super::Reply
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::Full;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -217,14 +217,7 @@ where
         .header("host", host)
         .body(Full::<bytes::Bytes>::default())
         .expect("request");
-    let resp = sender.send_request(req).await?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(super::Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    super::reply_of(sender.send_request(req).await?).await
 }
 
 /// GET `path` over HTTP/2 on an established stream (ALPN chose `h2`).
@@ -232,7 +225,7 @@ pub async fn get_h2<S>(stream: S, authority: &str, path: &str) -> Result<super::
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::Full;
     let (mut sender, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .handshake(hyper_util::rt::TokioIo::new(stream))
@@ -241,14 +234,7 @@ where
     let req = http::Request::get(format!("https://{authority}{path}"))
         .body(Full::<bytes::Bytes>::default())
         .expect("request");
-    let resp = sender.send_request(req).await?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(super::Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    super::reply_of(sender.send_request(req).await?).await
 }
 
 /// A client that accepts any server certificate: for tests that look at *which*

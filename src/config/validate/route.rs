@@ -478,56 +478,26 @@ pub(super) fn https_redirect(port: Option<u16>) -> Redirect {
     }
 }
 
-/// A redirect's `to`, split at `${host}`, `${path}`, `${query}` and `${request_uri}`
-/// (`$${` is a literal `${`).
+/// A redirect's `to`, split at `${host}`, `${path}`, `${query}` and `${request_uri}`.
 fn parse_url_template(text: &str) -> Result<Vec<UrlPiece>, String> {
-    let mut pieces = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        if start > 0 && rest.as_bytes()[start - 1] == b'$' {
-            literal.push_str(&rest[..start - 1]);
-            literal.push_str("${");
-            rest = &rest[start + 2..];
-            continue;
+    let var = |name: &str| match name {
+        "host" => Some(UrlPiece::Host),
+        "path" => Some(UrlPiece::Path),
+        "query" => Some(UrlPiece::Query),
+        "request_uri" => Some(UrlPiece::RequestUri),
+        _ => None,
+    };
+    // A Location value: visible ASCII only (a URL percent-encodes the rest).
+    let fixed = |part: String| {
+        if part.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(UrlPiece::Text(part))
+        } else {
+            Err(format!("{text:?}: a URL has no spaces, control or non-ASCII characters (percent-encode them)"))
         }
-        literal.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("{text:?}: \"${{\" without a closing \"}}\""));
-        };
-        let variable = match &after[..end] {
-            "host" => UrlPiece::Host,
-            "path" => UrlPiece::Path,
-            "query" => UrlPiece::Query,
-            "request_uri" => UrlPiece::RequestUri,
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown variable {other:?} (host, path, query, request_uri; write $${{ for a literal ${{)"
-                ))
-            }
-        };
-        if !literal.is_empty() {
-            pieces.push(UrlPiece::Text(std::mem::take(&mut literal)));
-        }
-        pieces.push(variable);
-        rest = &after[end + 1..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        pieces.push(UrlPiece::Text(literal));
-    }
+    };
+    let pieces = split_template(text, "host, path, query, request_uri", var, fixed)?;
     if pieces.is_empty() {
         return Err("empty: write where to send the client".into());
-    }
-    // A Location value: visible ASCII only (a URL percent-encodes the rest).
-    if pieces
-        .iter()
-        .any(|p| matches!(p, UrlPiece::Text(t) if !t.bytes().all(|b| b.is_ascii_graphic())))
-    {
-        return Err(format!(
-            "{text:?}: a URL has no spaces, control or non-ASCII characters (percent-encode them)"
-        ));
     }
     Ok(pieces)
 }
