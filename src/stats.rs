@@ -93,7 +93,7 @@ impl ListenerStats {
 
 /// Why a request (or TCP connection) failed, for `ballast_pool_failures_total{reason}`.
 /// The same words as the `reason` field of the log and of the access log.
-pub const REASONS: [&str; 18] = [
+pub const REASONS: [&str; 19] = [
     "no_healthy_backend",
     "queue_timeout",
     "queue_full",
@@ -105,6 +105,7 @@ pub const REASONS: [&str; 18] = [
     "upstream_failed",
     "response_timeout",
     "response_truncated",
+    "compress_failed",
     "listener_gone",
     "drain_timeout",
     "bad_request_body",

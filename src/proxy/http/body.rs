@@ -277,7 +277,11 @@ impl ProxyBody {
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Err(e) => {
-                    self.ex.termination = "response_truncated";
+                    // ballast's own failure, not the backend's: its own reason, so the
+                    // pool's `response_truncated` count stays the backend's alone.
+                    self.ex.termination = "compress_failed";
+                    let pool = self.ex.pool.as_ref().map_or("-", |p| &*p.name);
+                    tracing::warn!(pool = %pool, reason = %"compress_failed", error = %e, "compressing a response failed: the response is cut");
                     return Poll::Ready(Some(Err(UpstreamError::Compress(e))));
                 }
             }
