@@ -203,6 +203,8 @@ pub struct Router {
     /// rules or request ids, no hash or rate-limit key taken from a field,
     /// and HTTP/1.1 backends only. (Routes read the lines as they are: [`Fields`].)
     pub relays_fields: bool,
+    /// A TCP listener's `sni_routes`, each with its pool.
+    sni_routes: Box<[(HostMatch, Arc<Pool>)]>,
 }
 
 impl Router {
@@ -286,8 +288,12 @@ impl Router {
                 Action::Forward(t) => t.relays_fields(),
                 Action::Redirect(_) | Action::Respond(_) => true,
             });
+        let sni_routes = (l.sni_routes.iter())
+            .filter_map(|r| Some((r.sni.clone(), Arc::clone(pools.get(r.pool.as_str())?))))
+            .collect();
         Some(Router {
             routes,
+            sni_routes,
             default,
             access: (!l.access.is_open()).then(|| l.access.clone()),
             trusted_proxies: l.trusted_proxies.clone(),
@@ -305,6 +311,18 @@ impl Router {
     /// The listener's own pool and rules (all a TCP listener has).
     pub fn default_target(&self) -> &Target {
         &self.default
+    }
+
+    /// Whether a TCP listener routes by the name in the client's ClientHello.
+    pub fn has_sni_routes(&self) -> bool {
+        !self.sni_routes.is_empty()
+    }
+
+    /// A TCP listener's pool for a client that asked for `sni`: the first of its
+    /// `sni_routes` that matches, else the listener's own.
+    pub fn sni_pool(&self, sni: Option<&str>) -> &Arc<Pool> {
+        sni.and_then(|name| self.sni_routes.iter().find(|(m, _)| m.matches(name)))
+            .map_or(&self.default.pool, |(_, pool)| pool)
     }
 
     /// The rule of the first route whose matchers all hold; `None`: the listener's default

@@ -1014,3 +1014,23 @@ fn every_toml_block_of_the_readme_passes_check() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn sni_routes_errors_point_at_their_place() {
+    assert_error(
+        "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nmode = \"tcp\"\n\
+         sni_routes = [{ sni = \"a.example:443\", pool = \"app\" }, { sni = \"b.example\", pool = \"nope\" }]\n\
+         [pools.app]\nbackends = [\"127.0.0.1:9001\"]\n[pools.h2]\nbackends = [\"127.0.0.1:9002\"]\nprotocol = \"h2\"\n",
+        &[
+            "F:5:23: listeners.web.sni_routes[0].sni: invalid host \"a.example:443\": write an exact name or \"*.example.com\" (no port)",
+            "F:5:84: listeners.web.sni_routes[1].pool: unknown pool \"nope\"",
+        ],
+    );
+    assert_error(
+        &format!("{BASE}[listeners.web2]\nbind = \"127.0.0.1:8081\"\npool = \"app\"\nsni_required = true\nsni_routes = [{{ sni = \"a.example\", pool = \"app\" }}]\n"),
+        &[
+            "F:7:12: listeners.web2.sni_routes: only used with mode = \"tcp\" (an HTTP listener matches sni in its routes)",
+            "F:7:12: listeners.web2.sni_required: only used with mode = \"tcp\" (an HTTP listener matches sni in its routes)",
+        ],
+    );
+}

@@ -95,6 +95,17 @@ pub struct FileListener {
     pub trusted_proxies: Option<Spanned<Vec<Text>>>,
     pub compress: Option<Spanned<FileCompress>>,
     pub basic_auth: Option<Spanned<FileBasicAuth>>,
+    #[serde(default)]
+    pub sni_routes: Vec<Spanned<FileSniRoute>>,
+    pub sni_required: Option<Spanned<bool>>,
+}
+
+/// `{ sni = "*.example.com", pool = "web" }` on a `mode = "tcp"` listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSniRoute {
+    pub sni: Text,
+    pub pool: Text,
 }
 
 /// `{ realm = "Staff", users_file = "/etc/ballast/htpasswd" }`

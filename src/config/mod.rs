@@ -165,6 +165,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// One of a TCP listener's `sni_routes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniRoute {
+    pub sni: HostMatch,
+    pub pool: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
@@ -215,6 +222,13 @@ pub struct ListenerConfig {
     pub accept_proxy: Option<crate::access::Ranges>,
     /// TCP mode: move bytes with splice(2) through a pipe instead of userspace buffers.
     pub splice: bool,
+    /// TCP mode: the pool for a TLS client by the name its ClientHello asks for, first
+    /// match in file order; no match, the listener's pool. TLS is not terminated
+    /// (`proxy::sni_peek`).
+    pub sni_routes: Vec<SniRoute>,
+    /// TCP mode: a client whose first bytes are not a TLS ClientHello naming a host is
+    /// refused, not sent to the listener's pool.
+    pub sni_required: bool,
     /// `X-Request-Id`: passed through when the client sent a sane one, else generated;
     /// forwarded and logged. Also on when a header rule uses `${request_id}`.
     pub request_id: bool,

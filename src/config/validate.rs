@@ -321,12 +321,30 @@ impl Validator<'_> {
         };
         if mode == ListenerMode::Tcp {
             self.tcp_listener(name, l, &key, pools);
-        } else if l.splice.is_some() {
-            self.push(
-                name.span(),
-                format!("{key}.splice: only used with mode = \"tcp\""),
-            );
+        } else {
+            let tcp_only = [
+                ("splice", l.splice.is_some()),
+                ("sni_routes", !l.sni_routes.is_empty()),
+                ("sni_required", l.sni_required.is_some()),
+            ];
+            for (field, _) in tcp_only.iter().filter(|(_, set)| *set) {
+                self.push(
+                    name.span(),
+                    format!("{key}.{field}: only used with mode = \"tcp\" (an HTTP listener matches sni in its routes)"),
+                );
+            }
         }
+        let sni_routes = (l.sni_routes.iter().enumerate())
+            .filter_map(|(i, r)| {
+                let rkey = format!("{key}.sni_routes[{i}]");
+                let r = r.get_ref();
+                self.known_pool(&r.pool, &format!("{rkey}.pool"), pool_names);
+                Some(SniRoute {
+                    sni: self.host_match(&r.sni, &format!("{rkey}.sni"))?,
+                    pool: r.pool.get_ref().clone(),
+                })
+            })
+            .collect();
         let request_headers = l
             .request_headers
             .as_ref()
@@ -428,6 +446,8 @@ impl Validator<'_> {
             }),
             h2c: l.h2c.unwrap_or(false),
             splice: l.splice.unwrap_or(false),
+            sni_routes,
+            sni_required: l.sni_required.as_ref().is_some_and(|b| *b.get_ref()),
             request_id,
             request_headers,
             response_headers,
@@ -770,32 +790,44 @@ impl Validator<'_> {
                 );
             }
         }
-        let Some(pool) = pools
-            .iter()
-            .find(|(n, _)| n.get_ref() == l.pool.get_ref())
-            .map(|(_, p)| p)
-        else {
-            return;
-        };
-        let pkey = format!("pools.{}", l.pool.get_ref());
-        if let Some(k) = pool
-            .hash_key
-            .as_ref()
-            .filter(|k| k.get_ref() != "client_ip")
-        {
-            self.push(
-                k.span(),
-                format!("{pkey}.hash_key: listener {} is mode = \"tcp\", where only client_ip can be hashed", name.get_ref()),
-            );
-        }
-        if pool.protocol == Some(file::FileProtocol::H2) || pool.tls.is_some() {
-            self.push(
-                l.pool.span(),
-                format!(
-                    "{key}.pool: pool {:?} sets protocol or tls, which mode = \"tcp\" does not use",
-                    l.pool.get_ref()
-                ),
-            );
+        // The listener's pool and those of its `sni_routes` carry bytes, not requests.
+        let used = std::iter::once((&l.pool, format!("{key}.pool"))).chain(
+            (l.sni_routes.iter().enumerate())
+                .map(|(i, r)| (&r.get_ref().pool, format!("{key}.sni_routes[{i}].pool"))),
+        );
+        let mut checked: Vec<&str> = Vec::new();
+        for (pool_name, field) in used {
+            if checked.contains(&pool_name.get_ref().as_str()) {
+                continue;
+            }
+            checked.push(pool_name.get_ref());
+            let Some(pool) = pools
+                .iter()
+                .find(|(n, _)| n.get_ref() == pool_name.get_ref())
+                .map(|(_, p)| p)
+            else {
+                continue;
+            };
+            let pkey = format!("pools.{}", pool_name.get_ref());
+            if let Some(k) = pool
+                .hash_key
+                .as_ref()
+                .filter(|k| k.get_ref() != "client_ip")
+            {
+                self.push(
+                    k.span(),
+                    format!("{pkey}.hash_key: listener {} is mode = \"tcp\", where only client_ip can be hashed", name.get_ref()),
+                );
+            }
+            if pool.protocol == Some(file::FileProtocol::H2) || pool.tls.is_some() {
+                self.push(
+                    pool_name.span(),
+                    format!(
+                        "{field}: pool {:?} sets protocol or tls, which mode = \"tcp\" does not use",
+                        pool_name.get_ref()
+                    ),
+                );
+            }
         }
     }
 

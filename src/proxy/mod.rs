@@ -11,6 +11,7 @@ mod exchange;
 pub mod headers;
 pub mod http;
 pub mod rules;
+pub mod sni_peek;
 pub mod splice;
 pub mod tcp;
 pub mod tunnel;

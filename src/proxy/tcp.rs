@@ -32,6 +32,7 @@ use crate::balance::policy::hash_key;
 use crate::balance::{NoPick, Pool};
 use crate::config::{HashKey, ListenerConfig};
 use crate::net::{Prefixed, TimedStream};
+use crate::proxy::sni_peek::{self, Peeked};
 use crate::state::Live;
 use crate::stats::ListenerStats;
 
@@ -51,18 +52,39 @@ pub enum ClientConn {
 /// Serves one client connection of a TCP listener. `peer` is the client and `local` the
 /// address it connected to (both from a PROXY header when the listener accepts one).
 pub async fn serve(
-    client: ClientConn,
+    mut client: ClientConn,
     peer: SocketAddr,
     local: SocketAddr,
     live: Live,
     config: Arc<ListenerConfig>,
     stats: Arc<ListenerStats>,
 ) {
+    // `sni_routes`: the name the ClientHello asks for chooses the pool. Read before the
+    // snapshot is taken: a slow client holds no generation of the config.
+    let sni = if config.sni_routes.is_empty() && !config.sni_required {
+        None
+    } else {
+        match sni_peek::peek(&mut client, config.request_header_timeout).await {
+            Peeked::Hello(Some(name)) => Some(name),
+            Peeked::Gone => return,
+            other if config.sni_required => {
+                let why = match other {
+                    Peeked::NotHello(why) => why,
+                    _ => "a ClientHello without a host name",
+                };
+                if let Some(suppressed) = crate::log_limit::allow((&*config.name, "no_sni")) {
+                    tracing::info!(listener = %config.name, client = %peer, suppressed, reason = %"no_sni", "tcp connection refused by sni_required: {why}");
+                }
+                return;
+            }
+            Peeked::Hello(None) | Peeked::NotHello(_) => None,
+        }
+    };
     let snap = live.load_full();
     let Some(router) = snap.routers.get(config.name.as_str()) else {
         return;
     };
-    let pool = Arc::clone(&router.default_target().pool);
+    let pool = Arc::clone(router.sni_pool(sni.as_deref()));
     let log = snap
         .access_log
         .as_ref()

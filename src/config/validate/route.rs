@@ -441,7 +441,7 @@ impl Validator<'_> {
     }
 
     /// `host` or `sni`: an exact name or `*.suffix`, no port. `key` names the field.
-    fn host_match(&mut self, h: &Text, key: &str) -> Option<HostMatch> {
+    pub(super) fn host_match(&mut self, h: &Text, key: &str) -> Option<HostMatch> {
         let s = h.get_ref().to_ascii_lowercase();
         let bad = s.is_empty()
             || s.contains(['/', ':', ' '])
