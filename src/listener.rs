@@ -342,9 +342,10 @@ impl Env {
             let live = Arc::clone(&self.shared.live);
             let stats = Arc::clone(&self.shared.stats);
             let config = Arc::clone(&self.shared.config);
+            let tls = self.tls.clone();
             return Either::Right(Box::pin(async move {
                 let _held = held;
-                crate::proxy::tcp::serve(client, peer, local, live, config, stats).await
+                crate::proxy::tcp::serve(client, peer, local, live, config, stats, tls).await
             }) as BoxedConn);
         }
         if !self.inherited_options {

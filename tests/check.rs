@@ -1034,3 +1034,18 @@ fn sni_routes_errors_point_at_their_place() {
         ],
     );
 }
+
+#[test]
+fn tls_on_tcp_errors_point_at_their_place() {
+    assert_error(
+        "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nmode = \"tcp\"\nsplice = true\n\
+         [listeners.web.tls]\ncertificates = []\nalpn = []\n\
+         [pools.app]\nbackends = [\"127.0.0.1:9001\"]\n[pools.app.tls]\ninsecure_skip_verify = true\n",
+        &[
+            "F:1:12: listeners.web.splice: splice(2) moves bytes unread, and with tls ballast decrypts them: use one or the other",
+            "F:3:8: listeners.web.pool: pool \"app\" sets tls, which splice = true cannot carry (splice(2) moves bytes unread)",
+            "F:7:16: listeners.web.tls.certificates: at least one certificate is needed",
+            "F:8:8: listeners.web.tls.alpn: must not be empty (omit it for no ALPN)",
+        ],
+    );
+}

@@ -310,7 +310,7 @@ fn sni_routes_are_checked_at_their_place() {
         ),
         (
             "mode = \"tcp\"\nsni_routes = [{ sni = \"a.example\", pool = \"h2\" }]\n",
-            "listeners.web.sni_routes[0].pool: pool \"h2\" sets protocol or tls",
+            "listeners.web.sni_routes[0].pool: pool \"h2\" sets protocol, which",
         ),
         (
             "mode = \"tcp\"\nsni_routes = [{ sni = \"a.example\", pool = \"app\", port = 1 }]\n",

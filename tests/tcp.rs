@@ -619,11 +619,12 @@ async fn pgbench_through_ballast_has_zero_errors() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_through_ballast_has_zero_errors() {
+/// A throwaway Redis server on a free port, answering PING; `None` (said as skipped) when
+/// redis-server is not installed.
+fn start_redis() -> Option<(Child, tempfile::TempDir, u16)> {
     if !have("redis-server") || !have("redis-benchmark") || !have("redis-cli") {
         eprintln!("SKIPPED: redis-server not installed (.ci/run installs redis-server)");
-        return;
+        return None;
     }
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -643,7 +644,7 @@ async fn redis_through_ballast_has_zero_errors() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("start redis");
-    let _server = Child(server);
+    let server = Child(server);
     let started = Instant::now();
     while std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "ping"])
@@ -658,6 +659,14 @@ async fn redis_through_ballast_has_zero_errors() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Some((server, dir, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_through_ballast_has_zero_errors() {
+    let Some((_server, _dir, port)) = start_redis() else {
+        return;
+    };
     let lb = Ballast::start(
         &TestConfig::addresses([SocketAddr::from(([127, 0, 0, 1], port))])
             .listener("mode = \"tcp\"")
@@ -709,6 +718,78 @@ async fn redis_through_ballast_has_zero_errors() {
         .expect("redis-benchmark incr");
     assert!(incr.status.success());
     assert_eq!(cli(&["get", "n"]), "5000");
+}
+
+/// stunnel's job: redis-cli and redis-benchmark speak TLS to ballast, which speaks plain
+/// TCP to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_terminated_by_ballast_has_zero_errors() {
+    let Some((_server, _dir, port)) = start_redis() else {
+        return;
+    };
+    let pki = support::tls::Pki::new("redis-tls");
+    let leaf = pki.issue("redis", &["redis.test", "127.0.0.1"]);
+    let lb = Ballast::start(
+        &TestConfig::addresses([SocketAddr::from(([127, 0, 0, 1], port))])
+            .listener(&format!(
+                "mode = \"tcp\"\n[listeners.web.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]",
+                leaf.cert.display(),
+                leaf.key.display()
+            ))
+            .build(),
+    );
+    let lbport = lb.addr("web").port().to_string();
+    let ca = pki.ca_path.display().to_string();
+    let tls_args = ["--tls", "--cacert", ca.as_str(), "--sni", "redis.test"];
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &lbport])
+            .args(tls_args)
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    assert_eq!(cli(&["set", "k", "over tls"]), "OK");
+    assert_eq!(cli(&["get", "k"]), "over tls");
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &lbport])
+        .args(tls_args)
+        .args(["-n", "5000", "-c", "10", "-q", "incr", "n"])
+        .output()
+        .expect("redis-benchmark");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    // Every request landed: read straight from Redis, not through ballast.
+    let direct = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "get", "n"])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&direct.stdout).trim(), "5000");
+    // A client that does not trust the certificate gets no answer.
+    let untrusting = std::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &lbport,
+            "--tls",
+            "--cacert",
+            "/dev/null",
+            "ping",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(!String::from_utf8_lossy(&untrusting.stdout).contains("PONG"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -766,6 +766,9 @@ pub struct UpstreamTls {
     pub sni: Option<String>,
     /// Accept any certificate (warned about at every load).
     pub insecure_skip_verify: bool,
+    /// The pool carries a `mode = "tcp"` listener's bytes: no ALPN is offered (they are not
+    /// HTTP). Set by validation from the listeners that use the pool.
+    pub for_tcp: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

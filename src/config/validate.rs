@@ -267,6 +267,17 @@ impl Validator<'_> {
             }
             listeners.push(listener);
         }
+        // A pool that carries a TCP listener's bytes offers no ALPN to its backends.
+        for l in listeners.iter().filter(|l| l.mode == ListenerMode::Tcp) {
+            let used: Vec<&str> = std::iter::once(l.default_pool.as_str())
+                .chain(l.sni_routes.iter().map(|r| r.pool.as_str()))
+                .collect();
+            for p in pools.iter_mut().filter(|p| used.contains(&p.name.as_str())) {
+                if let Some(t) = &mut p.tls {
+                    t.for_tcp = true;
+                }
+            }
+        }
         if listeners.is_empty() {
             // Never meant: an empty file is also what a reload sees when it reads a file
             // mid-save (truncated, not yet written). Applying it would close every listener.
@@ -440,7 +451,7 @@ impl Validator<'_> {
                 None => vec!["websocket".to_string()],
             },
             allow_connect: l.allow_connect.unwrap_or(false),
-            tls: l.tls.as_ref().and_then(|t| self.tls(t, &key)),
+            tls: l.tls.as_ref().and_then(|t| self.tls(t, &key, mode)),
             redirect_https: (l.redirect_https == Some(true)).then(|| {
                 route::https_redirect(l.redirect_https_port.as_ref().map(|p| *p.get_ref()))
             }),
@@ -761,7 +772,7 @@ impl Validator<'_> {
         key: &str,
         pools: &BTreeMap<Text, file::FilePool>,
     ) {
-        let http_only: [(&str, bool); 19] = [
+        let http_only: [(&str, bool); 18] = [
             ("routes", !l.routes.is_empty()),
             ("basic_auth", l.basic_auth.is_some()),
             ("compress", l.compress.is_some()),
@@ -770,7 +781,6 @@ impl Validator<'_> {
             ("rate_limit", l.rate_limit.is_some()),
             ("request_headers", l.request_headers.is_some()),
             ("response_headers", l.response_headers.is_some()),
-            ("tls", l.tls.is_some()),
             ("redirect_https", l.redirect_https.is_some()),
             ("h2c", l.h2c.is_some()),
             ("upgrade", l.upgrade.is_some()),
@@ -789,6 +799,12 @@ impl Validator<'_> {
                     format!("{key}.{field}: only used with mode = \"http\" (this listener is mode = \"tcp\")"),
                 );
             }
+        }
+        if l.splice == Some(true) && l.tls.is_some() {
+            self.push(
+                name.span(),
+                format!("{key}.splice: splice(2) moves bytes unread, and with tls ballast decrypts them: use one or the other"),
+            );
         }
         // The listener's pool and those of its `sni_routes` carry bytes, not requests.
         let used = std::iter::once((&l.pool, format!("{key}.pool"))).chain(
@@ -819,11 +835,20 @@ impl Validator<'_> {
                     format!("{pkey}.hash_key: listener {} is mode = \"tcp\", where only client_ip can be hashed", name.get_ref()),
                 );
             }
-            if pool.protocol == Some(file::FileProtocol::H2) || pool.tls.is_some() {
+            if l.splice == Some(true) && pool.tls.is_some() {
                 self.push(
                     pool_name.span(),
                     format!(
-                        "{field}: pool {:?} sets protocol or tls, which mode = \"tcp\" does not use",
+                        "{field}: pool {:?} sets tls, which splice = true cannot carry (splice(2) moves bytes unread)",
+                        pool_name.get_ref()
+                    ),
+                );
+            }
+            if pool.protocol == Some(file::FileProtocol::H2) {
+                self.push(
+                    pool_name.span(),
+                    format!(
+                        "{field}: pool {:?} sets protocol, which mode = \"tcp\" does not use",
                         pool_name.get_ref()
                     ),
                 );
@@ -842,7 +867,7 @@ impl Validator<'_> {
     }
 
     /// `[listeners.NAME.tls]`: reads and checks every file it names.
-    fn tls(&mut self, t: &FileTls, key: &str) -> Option<TlsConfig> {
+    fn tls(&mut self, t: &FileTls, key: &str, mode: ListenerMode) -> Option<TlsConfig> {
         let tkey = format!("{key}.tls");
         let mut certificates = Vec::new();
         if t.certificates.get_ref().is_empty() {
@@ -877,7 +902,18 @@ impl Validator<'_> {
             }
         };
         let alpn = match &t.alpn {
+            // TCP: bytes of a protocol ballast does not read; ALPN only if asked for.
+            None if mode == ListenerMode::Tcp => Vec::new(),
             None => vec!["h2".to_string(), "http/1.1".to_string()],
+            Some(list) if mode == ListenerMode::Tcp => {
+                if list.get_ref().is_empty() {
+                    self.push(
+                        list.span(),
+                        format!("{tkey}.alpn: must not be empty (omit it for no ALPN)"),
+                    );
+                }
+                list.get_ref().iter().map(|p| p.get_ref().clone()).collect()
+            }
             Some(list) => {
                 let mut out = Vec::new();
                 for p in list.get_ref() {
@@ -1559,6 +1595,7 @@ impl Validator<'_> {
             ca,
             sni,
             insecure_skip_verify,
+            for_tcp: false,
         }
     }
 

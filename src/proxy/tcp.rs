@@ -1,6 +1,11 @@
 //! TCP (L4) mode: one client connection joined to one backend connection, bytes copied both
 //! ways with no parsing.
 //!
+//! - The pool is the listener's, or one of its `sni_routes` by the name the client's TLS
+//!   ClientHello asks for (`proxy::sni_peek`, or the handshake when TLS ends here).
+//! - TLS may end here (`tls` on the listener) and start again towards the backend (`tls`
+//!   on the pool); the bytes in between are the protocol's own, unread.
+//!
 //! - A connect that fails (refused, timed out) counts against the backend and is retried on
 //!   another one: nothing has been sent yet, so that is always safe. A refused one ejects
 //!   the backend at once and is not counted against `retries` (see `proxy::may_try_free`).
@@ -35,6 +40,7 @@ use crate::net::{Prefixed, TimedStream};
 use crate::proxy::sni_peek::{self, Peeked};
 use crate::state::Live;
 use crate::stats::ListenerStats;
+use crate::upstream::ConnectError;
 
 /// Copy buffer per direction: large enough for bulk transfers, small enough that ten
 /// thousand connections stay within a few hundred MiB.
@@ -52,32 +58,58 @@ pub enum ClientConn {
 /// Serves one client connection of a TCP listener. `peer` is the client and `local` the
 /// address it connected to (both from a PROXY header when the listener accepts one).
 pub async fn serve(
-    mut client: ClientConn,
+    client: ClientConn,
     peer: SocketAddr,
     local: SocketAddr,
     live: Live,
     config: Arc<ListenerConfig>,
     stats: Arc<ListenerStats>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    // `sni_routes`: the name the ClientHello asks for chooses the pool. Read before the
-    // snapshot is taken: a slow client holds no generation of the config.
-    let sni = if config.sni_routes.is_empty() && !config.sni_required {
-        None
-    } else {
-        match sni_peek::peek(&mut client, config.request_header_timeout).await {
-            Peeked::Hello(Some(name)) => Some(name),
-            Peeked::Gone => return,
-            other if config.sni_required => {
-                let why = match other {
-                    Peeked::NotHello(why) => why,
-                    _ => "a ClientHello without a host name",
-                };
-                if let Some(suppressed) = crate::log_limit::allow((&*config.name, "no_sni")) {
-                    tracing::info!(listener = %config.name, client = %peer, suppressed, reason = %"no_sni", "tcp connection refused by sni_required: {why}");
-                }
+    // `sni_routes`: the name the ClientHello asks for chooses the pool. With `tls` the
+    // handshake tells it; without, the ClientHello is read and left to pass. Either way
+    // before the snapshot is taken: a slow client holds no generation of the config.
+    let wants_sni = !config.sni_routes.is_empty() || config.sni_required;
+    let (client, sni) = match (tls, client) {
+        (Some(tls), ClientConn::Copy(io)) => {
+            let Some((stream, sni)) = terminate(tls, io, wants_sni, &config, &stats, peer).await
+            else {
+                return;
+            };
+            if sni.is_none() && config.sni_required {
+                refuse_without_sni(&config, peer, "a ClientHello without a host name");
                 return;
             }
-            Peeked::Hello(None) | Peeked::NotHello(_) => None,
+            (Client::Tls(Box::new(stream)), sni)
+        }
+        (Some(_), ClientConn::Splice(..)) => {
+            // Refused by validation: splice(2) cannot decrypt.
+            tracing::error!(listener = %config.name, "splice with tls: connection closed");
+            return;
+        }
+        (None, mut client) => {
+            let sni = if wants_sni {
+                match sni_peek::peek(&mut client, config.request_header_timeout).await {
+                    Peeked::Hello(Some(name)) => Some(name),
+                    Peeked::Gone => return,
+                    other if config.sni_required => {
+                        let why = match other {
+                            Peeked::NotHello(why) => why,
+                            _ => "a ClientHello without a host name",
+                        };
+                        refuse_without_sni(&config, peer, why);
+                        return;
+                    }
+                    Peeked::Hello(None) | Peeked::NotHello(_) => None,
+                }
+            } else {
+                None
+            };
+            let client = match client {
+                ClientConn::Copy(c) => Client::Plain(c),
+                ClientConn::Splice(c, prefix) => Client::Splice(c, prefix),
+            };
+            (client, sni)
         }
     };
     let snap = live.load_full();
@@ -117,7 +149,7 @@ pub async fn serve(
         .config
         .send_proxy
         .map(|v| crate::proxy_protocol::encode(v, peer, local));
-    let (backend_stream, lease) = match connect(
+    let (joined, lease) = match connect(
         &pool,
         key,
         &config.name,
@@ -137,29 +169,14 @@ pub async fn serve(
     let cut = backend.cut_token();
     let activity = Arc::new(Activity::new());
     account.activity = Some(Arc::clone(&activity));
+    let timed = |s: TcpStream| TimedStream::upstream(s, pool.config.response_timeout);
     let copied = async {
-        match client {
-            ClientConn::Copy(client) => {
-                let mut client = Tracked {
-                    inner: client,
-                    activity: Arc::clone(&activity),
-                    upstream: false,
-                };
-                let mut upstream = Tracked {
-                    inner: TimedStream::upstream(backend_stream, pool.config.response_timeout),
-                    activity: Arc::clone(&activity),
-                    upstream: true,
-                };
-                tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await
-            }
-            ClientConn::Splice(client, prefix) => {
-                let mut upstream = backend_stream;
+        match (client, joined) {
+            (Client::Plain(c), Joined::Tcp(u)) => pump(c, timed(u), &activity).await,
+            (Client::Plain(c), Joined::Tls(u)) => pump(c, *u, &activity).await,
+            (Client::Tls(c), Joined::Tcp(u)) => pump(*c, timed(u), &activity).await,
+            (Client::Tls(c), Joined::Tls(u)) => pump(*c, *u, &activity).await,
+            (Client::Splice(client, prefix), Joined::Tcp(mut upstream)) => {
                 if !prefix.is_empty() {
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &prefix).await?;
                 }
@@ -174,6 +191,10 @@ pub async fn serve(
                     super::splice::one_way(&upstream, &client, config.send_timeout, &touch),
                 )
             }
+            // Refused by validation: splice(2) cannot encrypt.
+            (Client::Splice(..), Joined::Tls(_)) => Err(std::io::Error::other(
+                "splice cannot carry TLS to the backend",
+            )),
         }
     };
     let idle_timeout = pool.config.idle_timeout;
@@ -202,6 +223,79 @@ pub async fn serve(
     drop(lease);
 }
 
+/// The client's side of a connection, once it is known how it is read.
+enum Client {
+    Plain(Prefixed<TimedStream>),
+    /// TLS terminated here (`tls` on the listener). Boxed: a TLS session is large.
+    Tls(Box<crate::tls::ServerStream<Prefixed<TimedStream>>>),
+    Splice(TcpStream, Vec<u8>),
+}
+
+/// The backend's side: plain, or TLS started here (`tls` on the pool).
+enum Joined {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TimedStream>>),
+}
+
+/// Copies both ways through userspace buffers until both sides have closed.
+async fn pump<C, U>(client: C, upstream: U, activity: &Arc<Activity>) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Tracked {
+        inner: client,
+        activity: Arc::clone(activity),
+        upstream: false,
+    };
+    let mut upstream = Tracked {
+        inner: upstream,
+        activity: Arc::clone(activity),
+        upstream: true,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+        .await
+}
+
+/// The TLS handshake of a listener with `tls`, within `request_header_timeout`; the
+/// stream and the SNI (when `read_sni`), or `None` (counted, logged at debug).
+async fn terminate(
+    tls: Arc<rustls::ServerConfig>,
+    io: Prefixed<TimedStream>,
+    read_sni: bool,
+    config: &ListenerConfig,
+    stats: &ListenerStats,
+    peer: SocketAddr,
+) -> Option<(
+    crate::tls::ServerStream<Prefixed<TimedStream>>,
+    Option<Box<str>>,
+)> {
+    let limit = config.request_header_timeout;
+    match tokio::time::timeout(limit, crate::tls::accept(tls, io, read_sni)).await {
+        Ok(Ok(done)) => {
+            stats.tls_handshakes.incr();
+            Some(done)
+        }
+        Ok(Err(e)) => {
+            stats.tls_failures.incr();
+            tracing::debug!(listener = %config.name, client = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            stats.tls_failures.incr();
+            tracing::debug!(listener = %config.name, client = %peer, timeout = ?limit, "TLS handshake not complete within request_header_timeout");
+            None
+        }
+    }
+}
+
+/// `sni_required`: says why a client was closed (at most once a second per listener).
+fn refuse_without_sni(config: &ListenerConfig, peer: SocketAddr, why: &str) {
+    if let Some(suppressed) = crate::log_limit::allow((&*config.name, "no_sni")) {
+        tracing::info!(listener = %config.name, client = %peer, suppressed, reason = %"no_sni", "tcp connection refused by sni_required: {why}");
+    }
+}
+
 /// Connects to a backend of `pool`, trying others when a connect fails. On failure,
 /// returns the reason.
 async fn connect(
@@ -211,7 +305,7 @@ async fn connect(
     peer: SocketAddr,
     proxy_header: Option<&[u8]>,
     account: &mut Account,
-) -> Result<(TcpStream, Lease), &'static str> {
+) -> Result<(Joined, Lease), &'static str> {
     let cfg = &pool.config;
     let attempts = (cfg.retries as usize + 1).min(8);
     let mut tried = Vec::with_capacity(attempts);
@@ -244,17 +338,33 @@ async fn connect(
         account.attempts = attempt as u32 + 1;
         account.backend = Some(Arc::clone(backend));
         let started = Instant::now();
-        let connected =
-            crate::upstream::connect_tcp(backend.addr, cfg.connect_timeout, proxy_header).await;
-        let (error, ejected) = match connected {
-            Ok(stream) => {
+        let connected = async {
+            let stream =
+                crate::upstream::connect_tcp(backend.addr, cfg.connect_timeout, proxy_header)
+                    .await?;
+            let Some(tls) = &pool.tls else {
+                return Ok(Joined::Tcp(stream));
+            };
+            // `connect_timeout` bounds the TLS handshake too, as on HTTP pools.
+            let left = cfg.connect_timeout.saturating_sub(started.elapsed());
+            let name = tls.server_name(backend.addr.ip(), backend.tls_name.as_ref());
+            let stream = TimedStream::upstream(stream, cfg.response_timeout);
+            match tokio::time::timeout(left, tls.connector.connect(name, stream)).await {
+                Ok(Ok(s)) => Ok(Joined::Tls(Box::new(s))),
+                Ok(Err(e)) => Err(ConnectError::Tls(e)),
+                Err(_) => Err(ConnectError::Timeout(cfg.connect_timeout)),
+            }
+        };
+        let (error, ejected) = match connected.await {
+            Ok(joined) => {
                 account.connect = Some(started.elapsed());
                 backend.record_success();
-                return Ok((stream, lease));
+                return Ok((joined, lease));
             }
             Err(e) => {
                 reason = match e {
-                    crate::upstream::ConnectError::Timeout(_) => "connect_timeout",
+                    ConnectError::Timeout(_) => "connect_timeout",
+                    ConnectError::Tls(_) => "tls_failed",
                     _ => "connect_failed",
                 };
                 if e.never_reached()
@@ -269,7 +379,7 @@ async fn connect(
         if let Some(suppressed) =
             crate::log_limit::allow((&*pool.name, &*backend.label, "tcp_connect", "backend"))
         {
-            tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %"connect_failed", error = %error, ejected, attempt, suppressed, "backend failed");
+            tracing::warn!(pool = %pool.name, backend = %backend.label, reason = %reason, error = %error, ejected, attempt, suppressed, "backend failed");
         }
     }
     if let Some(suppressed) = crate::log_limit::allow((listener, &*pool.name, "tcp_no_backend")) {

@@ -130,10 +130,11 @@ impl BackendTls {
                     .unwrap_or_else(|| Arc::new(rustls::RootCertStore::empty()));
             builder.with_root_certificates(roots).with_no_client_auth()
         };
-        config.alpn_protocols = vec![match protocol {
-            UpstreamProtocol::H2 => b"h2".to_vec(),
-            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
-        }];
+        config.alpn_protocols = match protocol {
+            _ if t.for_tcp => Vec::new(),
+            UpstreamProtocol::H2 => vec![b"h2".to_vec()],
+            UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+        };
         let sni = match &t.sni {
             Some(name) => Some(
                 ServerName::try_from(name.clone())
