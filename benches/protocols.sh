@@ -4,6 +4,8 @@
 #   handshake-ecdsa  TLS full handshakes (openssl s_time -new, 4 clients), ECDSA P-256:
 #                    handshakes/s and proxy CPU per handshake
 #   handshake-rsa    the same with an RSA-2048 certificate
+#   handshake-resume the same as handshake-ecdsa, resumed (s_time -reuse: each client's
+#                    connections after its first resume its session with a ticket)
 #   tls-keepalive    TLS, keep-alive: req/s and proxy CPU per request
 #   h2               HTTP/2 over TLS, h2load -c64 -m10 (H2_CONNS, H2_STREAMS): req/s, proxy
 #                    CPU per request, the proxy's peak RSS, and the connections the proxy
@@ -217,10 +219,11 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 run_load() {
   case $1 in
     handshake-*)
-      # Full handshakes: `s_time -new` never resumes a session (wrk would). Four clients
-      # in parallel; each connection also fetches / over HTTP/1.0.
+      # Full handshakes: `s_time -new` never resumes a session (wrk would); `-reuse` does.
+      # Four clients in parallel; each connection also fetches / over HTTP/1.0.
+      how=-new; [ "$1" = handshake-resume ] && how=-reuse
       for i in 1 2 3 4; do
-        taskset -c 1 openssl s_time -connect "127.0.0.1:$lb" -new -time "$DURATION" -www / \
+        taskset -c 1 openssl s_time -connect "127.0.0.1:$lb" "$how" -time "$DURATION" -www / \
           > "$work/stime.$i" 2>&1 &
       done
       wait
@@ -301,7 +304,7 @@ for scenario in $SCENARIOS; do
     continue
   fi
   case $scenario in
-    handshake-ecdsa|tls-keepalive|h2|h2-m100) write_configs ecdsa ;;
+    handshake-ecdsa|handshake-resume|tls-keepalive|h2|h2-m100) write_configs ecdsa ;;
     handshake-rsa) write_configs rsa ;;
     l4) write_configs tcp $iperf_port ;;
     l4-small) write_configs tcp $redis_port ;;

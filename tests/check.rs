@@ -855,6 +855,7 @@ fn check_every_example(file: &str, min_examples: usize) {
     std::fs::write(pki.dir.path().join("admin-token"), "example-token\n").unwrap();
     let hash = bcrypt::hash("example", 4).unwrap();
     std::fs::write(pki.dir.path().join("htpasswd"), format!("alice:{hash}\n")).unwrap();
+    std::fs::write(pki.dir.path().join("tickets.key"), [7u8; 80]).unwrap();
     let text = text.replace("/etc/ballast/", &format!("{}/", pki.dir.path().display()));
     let lines: Vec<&str> = text.lines().collect();
     let found = examples(&lines);
@@ -1047,5 +1048,28 @@ fn tls_on_tcp_errors_point_at_their_place() {
             "F:7:16: listeners.web.tls.certificates: at least one certificate is needed",
             "F:8:8: listeners.web.tls.alpn: must not be empty (omit it for no ALPN)",
         ],
+    );
+}
+
+#[test]
+fn a_session_ticket_keys_file_is_checked_at_its_place() {
+    let dir = tempfile::tempdir().expect("dir");
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, [7u8; 79]).expect("write");
+    let text = |path: &str| {
+        format!(
+            "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n[listeners.web.tls]\ncertificates = []\nsession_ticket_keys_file = \"{path}\"\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n"
+        )
+    };
+    let (code, _, err) = check(&text(&short.display().to_string()));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(":6:28: listeners.web.tls.session_ticket_keys_file: {}: 79 bytes: the file must hold 1 to 16 keys of 80 random bytes each", short.display())),
+        "{err}"
+    );
+    let (_, _, err) = check(&text("/nonexistent/tickets.key"));
+    assert!(
+        err.contains(":6:28: listeners.web.tls.session_ticket_keys_file: cannot read /nonexistent/tickets.key"),
+        "{err}"
     );
 }

@@ -152,6 +152,7 @@ pub struct FileTls {
     pub alpn: Option<Spanned<Vec<Text>>>,
     pub client_ca: Option<Text>,
     pub strict_sni: Option<bool>,
+    pub session_ticket_keys_file: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -273,6 +273,8 @@ pub struct TlsConfig {
     /// Refuse a handshake whose SNI matches no certificate (or that has none) instead of
     /// answering with the default certificate (HAProxy's `strict-sni`).
     pub strict_sni: bool,
+    /// `session_ticket_keys_file`; `None`: the process's own keys (`tls::tickets`).
+    pub session_tickets: Option<tls::TicketKeys>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -928,6 +930,7 @@ impl Config {
                     files.push(c.key_path.clone());
                 }
                 files.extend(t.client_ca.as_ref().map(|c| c.path.clone()));
+                files.extend(t.session_tickets.as_ref().map(|k| k.path.clone()));
             }
         }
         for p in &self.pools {

@@ -197,3 +197,49 @@ pub fn load_ca(path: &Path) -> Result<CaBundle, String> {
         pem: Arc::new(pem),
     })
 }
+
+/// `session_ticket_keys_file`: keys to encrypt TLS session tickets with, shared by every
+/// replica that reads the same file (`tls::tickets`). Debug never shows them.
+#[derive(Clone, PartialEq)]
+pub struct TicketKeys {
+    pub path: PathBuf,
+    bytes: Arc<Vec<u8>>,
+}
+
+/// One key in the file: 80 bytes, as nginx's `ssl_session_ticket_key` (`openssl rand 80`).
+pub const TICKET_KEY_LEN: usize = 80;
+/// More keys than this is a mistake (a file of the wrong kind), not a rotation.
+const MAX_TICKET_KEYS: usize = 16;
+
+impl TicketKeys {
+    /// The keys, newest (the one that encrypts) first.
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.bytes.chunks_exact(TICKET_KEY_LEN)
+    }
+}
+
+impl fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TicketKeys")
+            .field("path", &self.path)
+            .field("keys", &(self.bytes.len() / TICKET_KEY_LEN))
+            .finish()
+    }
+}
+
+/// Reads a session ticket key file: one or more 80-byte keys, back to back.
+pub fn load_ticket_keys(path: &Path) -> Result<TicketKeys, String> {
+    let bytes = read(path)?;
+    let n = bytes.len() / TICKET_KEY_LEN;
+    if bytes.is_empty() || bytes.len() % TICKET_KEY_LEN != 0 || n > MAX_TICKET_KEYS {
+        return Err(format!(
+            "{}: {} bytes: the file must hold 1 to {MAX_TICKET_KEYS} keys of {TICKET_KEY_LEN} random bytes each, newest first (make one with: openssl rand {TICKET_KEY_LEN} > FILE)",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    Ok(TicketKeys {
+        path: path.to_path_buf(),
+        bytes: Arc::new(bytes),
+    })
+}

@@ -936,12 +936,18 @@ impl Validator<'_> {
                 .map_err(|e| self.push(p.span(), format!("{tkey}.client_ca: {e}")))
                 .ok()
         });
+        let session_tickets = t.session_ticket_keys_file.as_ref().and_then(|p| {
+            tls::load_ticket_keys(&self.path(p))
+                .map_err(|e| self.push(p.span(), format!("{tkey}.session_ticket_keys_file: {e}")))
+                .ok()
+        });
         Some(TlsConfig {
             certificates,
             min_version,
             alpn,
             client_ca,
             strict_sni: t.strict_sni.unwrap_or(false),
+            session_tickets,
         })
     }
 

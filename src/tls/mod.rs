@@ -24,6 +24,7 @@ use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
 pub mod client_hello;
 mod server_stream;
+pub mod tickets;
 
 pub use server_stream::{accept, ServerStream};
 
@@ -93,8 +94,9 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> 
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(t)));
     config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    // Stateless resumption: a returning client skips the expensive signature.
-    config.ticketer = crypto::Ticketer::new()?;
+    // Stateless resumption: a returning client skips the expensive signature. The keys
+    // outlive this config (`tickets`).
+    config.ticketer = tickets::ticketer(t.session_tickets.as_ref())?;
     Ok(Arc::new(config))
 }
 
