@@ -619,6 +619,19 @@ async fn pgbench_through_ballast_has_zero_errors() {
     }
 }
 
+/// Runs a Redis tool to its end and returns its output, asserted free of errors.
+fn run_clean(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run the redis tool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    text
+}
+
 /// A throwaway Redis server on a free port, answering PING; `None` (said as skipped) when
 /// redis-server is not installed.
 fn start_redis() -> Option<(Child, tempfile::TempDir, u16)> {
@@ -683,30 +696,20 @@ async fn redis_through_ballast_has_zero_errors() {
     };
     assert_eq!(cli(&["set", "k", "through ballast"]), "OK");
     assert_eq!(cli(&["get", "k"]), "through ballast");
-    let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &lbport,
-            "-n",
-            "20000",
-            "-c",
-            "20",
-            "-P",
-            "4",
-            "-t",
-            "set,get,lpush",
-            "-q",
-            "--csv",
-        ])
-        .output()
-        .expect("redis-benchmark");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(!text.to_lowercase().contains("error"), "{text}");
+    let text = run_clean(std::process::Command::new("redis-benchmark").args([
+        "-p",
+        &lbport,
+        "-n",
+        "20000",
+        "-c",
+        "20",
+        "-P",
+        "4",
+        "-t",
+        "set,get,lpush",
+        "-q",
+        "--csv",
+    ]));
     for t in ["SET", "GET", "LPUSH"] {
         assert!(text.contains(&format!("\"{t}")), "{t} missing:\n{text}");
     }
@@ -756,19 +759,12 @@ async fn redis_over_tls_terminated_by_ballast_has_zero_errors() {
     };
     assert_eq!(cli(&["set", "k", "over tls"]), "OK");
     assert_eq!(cli(&["get", "k"]), "over tls");
-    let out = std::process::Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", &lbport])
-        .args(tls_args)
-        .args(["-n", "5000", "-c", "10", "-q", "incr", "n"])
-        .output()
-        .expect("redis-benchmark");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_clean(
+        std::process::Command::new("redis-benchmark")
+            .args(["-h", "127.0.0.1", "-p", &lbport])
+            .args(tls_args)
+            .args(["-n", "5000", "-c", "10", "-q", "incr", "n"]),
     );
-    assert!(out.status.success(), "{text}");
-    assert!(!text.to_lowercase().contains("error"), "{text}");
     // Every request landed: read straight from Redis, not through ballast.
     let direct = std::process::Command::new("redis-cli")
         .args(["-p", &port.to_string(), "get", "n"])
