@@ -433,6 +433,8 @@ fn h2_builder(config: &ListenerConfig) -> http2::Builder<TokioExecutor> {
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // WebSocket over HTTP/2 (RFC 8441, `proxy::websocket_h2`).
+        .enable_connect_protocol()
         .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS))

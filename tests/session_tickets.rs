@@ -62,7 +62,7 @@ async fn replicas_sharing_a_key_file_resume_each_others_sessions() {
         Ballast::start(&config(&backend, &pki, &shared)),
     );
     let own = Ballast::start(&config(&backend, &pki, ""));
-    let connector = pki.client(&["http/1.1"]);
+    let connector = pki.client_resuming(&["http/1.1"]);
     get_tickets(a.addr("web"), &connector).await;
     // B never saw this client, and resumes the session A began.
     assert_eq!(
@@ -91,7 +91,7 @@ async fn a_rotated_key_file_still_reads_the_old_keys_tickets() {
         &format!("session_ticket_keys_file = \"{}\"", keys.display()),
     );
     let lb = Ballast::start(&text);
-    let connector = pki.client(&["http/1.1"]);
+    let connector = pki.client_resuming(&["http/1.1"]);
     get_tickets(lb.addr("web"), &connector).await;
     // The operator puts a new key first and keeps the old one: the file is watched.
     std::fs::write(&keys, [new.clone(), old].concat()).expect("rotate");
@@ -129,7 +129,7 @@ async fn a_reload_that_restarts_the_listener_keeps_resumption() {
     let backend = Backend::start("app").await;
     let pki = Pki::new("tickets-reload");
     let lb = Ballast::start(&config(&backend, &pki, ""));
-    let connector = pki.client(&["http/1.1"]);
+    let connector = pki.client_resuming(&["http/1.1"]);
     get_tickets(lb.addr("web"), &connector).await;
     // A TLS setting changes: a new accept loop with a new rustls config takes over.
     lb.save_config(&config(&backend, &pki, "strict_sni = true"), Save::Rename);

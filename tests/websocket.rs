@@ -139,3 +139,94 @@ async fn graceful_shutdown_waits_for_an_open_tunnel() {
         lb.logs()
     );
 }
+
+/// A WebSocket opened the HTTP/2 way (RFC 8441: an extended CONNECT stream) on an `h2c`
+/// listener: the response, and the stream once switched.
+async fn h2_websocket(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (
+    http::Response<hyper::body::Incoming>,
+    Option<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) arrive first: hyper refuses an
+    // extended CONNECT to a server that did not send it.
+    sender.ready().await.expect("ready");
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("extended CONNECT accepted by the client library");
+    let upgraded = if resp.status() == http::StatusCode::OK {
+        let on = hyper::upgrade::on(&mut resp);
+        Some(hyper_util::rt::TokioIo::new(
+            on.await.expect("stream switched"),
+        ))
+    } else {
+        None
+    };
+    (resp, upgraded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_websocket_reaches_an_http11_backend_as_an_upgrade() {
+    let backend = Backend::start("ws").await;
+    let lb = Ballast::start(&TestConfig::new(&[&backend]).listener("h2c = true").build());
+    let (resp, io) = h2_websocket(lb.addr("web"), "/upgrade").await;
+    // The backend answered a GET with Upgrade and the key ballast made (its accept was
+    // right, or this would be a 502); the client gets a 200, as RFC 8441 says.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-backend"], "ws");
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    let mut io = io.expect("switched");
+    for msg in [&b"hello"[..], b"over one h2 stream"] {
+        io.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_accept_is_a_502_and_the_upgrade_list_applies_to_http2_websockets() {
+    let backend = Backend::start("ws").await;
+    let lb = Ballast::start(&TestConfig::new(&[&backend]).listener("h2c = true").build());
+    let (resp, io) = h2_websocket(lb.addr("web"), "/upgrade-bad-accept").await;
+    assert_eq!(resp.status(), 502);
+    assert!(io.is_none());
+    assert!(
+        lb.wait_for_log(
+            "Sec-WebSocket-Accept does not answer the key",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        lb.logs()
+    );
+    // A listener that lets no protocol through: refused before any backend.
+    let closed = Ballast::start(
+        &TestConfig::new(&[&backend])
+            .listener("h2c = true\nupgrade = []")
+            .build(),
+    );
+    let before = backend.hits();
+    let (resp, io) = h2_websocket(closed.addr("web"), "/upgrade").await;
+    assert_eq!(resp.status(), 403);
+    assert!(io.is_none());
+    assert_eq!(backend.hits(), before);
+}

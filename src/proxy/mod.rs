@@ -15,6 +15,7 @@ pub mod sni_peek;
 pub mod splice;
 pub mod tcp;
 pub mod tunnel;
+pub mod websocket_h2;
 
 use std::time::{Duration, Instant};
 

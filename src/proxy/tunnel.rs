@@ -72,6 +72,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
 pub enum ClientUpgrade {
     Hyper(OnUpgrade),
     Own(SwitchedStream),
+    /// An HTTP/2 WebSocket made an HTTP/1.1 Upgrade (`websocket_h2`): the backend's
+    /// `Sec-WebSocket-Accept` must be this.
+    H2WebSocket(OnUpgrade, HeaderValue),
 }
 
 /// Put in a request's extensions by the listener (only for a request that asks to switch
@@ -95,9 +98,17 @@ impl ClientUpgrade {
         }
     }
 
+    /// For an HTTP/2 WebSocket: the `Sec-WebSocket-Accept` the backend must send.
+    pub fn expected_accept(&self) -> Option<&HeaderValue> {
+        match self {
+            ClientUpgrade::H2WebSocket(_, accept) => Some(accept),
+            _ => None,
+        }
+    }
+
     async fn resolve(self) -> Result<Box<dyn ClientIo>, String> {
         match self {
-            ClientUpgrade::Hyper(on) => match on.await {
+            ClientUpgrade::Hyper(on) | ClientUpgrade::H2WebSocket(on, _) => match on.await {
                 Ok(up) => Ok(Box::new(TokioIo::new(up))),
                 Err(e) => Err(e.to_string()),
             },

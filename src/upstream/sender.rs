@@ -264,6 +264,10 @@ pub enum UpstreamError {
     H2(hyper::Error),
     #[error("an HTTP/1.1 request reached an HTTP/2 connection")]
     Protocol,
+    /// The backend's `101` to a WebSocket from an HTTP/2 client did not carry the
+    /// `Sec-WebSocket-Accept` that answers the key ballast sent (`proxy::websocket_h2`).
+    #[error("the backend's Sec-WebSocket-Accept does not answer the key ballast sent")]
+    WebSocketAccept,
     /// ballast's own compressor failed on the way out (`proxy::compress`).
     #[error("compressing the response: {0}")]
     Compress(std::io::Error),

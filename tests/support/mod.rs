@@ -274,7 +274,7 @@ async fn respond(
         return reply(code.parse().unwrap_or(500), name.clone());
     }
     let connect = req.method() == http::Method::CONNECT;
-    if path == "/upgrade" || connect {
+    if path == "/upgrade" || path == "/upgrade-bad-accept" || connect {
         // Echo protocol: after 101 (or a 200 to CONNECT), every byte comes back.
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -295,6 +295,17 @@ async fn respond(
             return Ok(r);
         }
         *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        // A WebSocket's answer to its key (RFC 6455); `/upgrade-bad-accept` gets it wrong.
+        if let Some(key) = req.headers().get("sec-websocket-key") {
+            let key = key.to_str().unwrap_or("");
+            let accept = if path == "/upgrade-bad-accept" {
+                "d3JvbmcgYWNjZXB0IHZhbHVlIQ==".to_string()
+            } else {
+                websocket_accept(key)
+            };
+            r.headers_mut()
+                .insert("sec-websocket-accept", accept.parse().unwrap());
+        }
         r.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
         r.headers_mut()
@@ -1216,4 +1227,14 @@ pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duratio
     })
     .await
     .ok()
+}
+
+/// `Sec-WebSocket-Accept` for `key` (RFC 6455 §4.2.2), computed here apart from ballast's.
+pub fn websocket_accept(key: &str) -> String {
+    use base64::Engine;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    );
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }

@@ -123,7 +123,9 @@ impl Pki {
         roots
     }
 
-    /// A client trusting this CA, offering `alpn`.
+    /// A client trusting this CA, offering `alpn`. Every handshake is a full one, so the
+    /// certificate a test sees is the one the server presented then (a resumed session
+    /// would show the one of the session it resumed).
     pub fn client(&self, alpn: &[&str]) -> TlsConnector {
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -131,6 +133,17 @@ impl Pki {
             .with_root_certificates(self.roots())
             .with_no_client_auth();
         connector(config, alpn)
+    }
+
+    /// [`Pki::client`] that keeps its sessions' tickets and resumes with them.
+    pub fn client_resuming(&self, alpn: &[&str]) -> TlsConnector {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(self.roots())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        TlsConnector::from(Arc::new(config))
     }
 
     /// A client trusting this CA that presents `leaf` as its certificate.
@@ -165,6 +178,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn connector(mut config: ClientConfig, alpn: &[&str]) -> TlsConnector {
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
     TlsConnector::from(Arc::new(config))
 }
 

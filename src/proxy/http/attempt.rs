@@ -19,7 +19,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::Exchange;
 use crate::proxy::{headers, tunnel};
 use crate::request_body::BodyWatch;
-use crate::upstream::{ConnSettings, Outgoing, UpstreamIncoming};
+use crate::upstream::{ConnSettings, Outgoing, UpstreamError, UpstreamIncoming};
 
 /// Upper bound on attempts per request, whatever `retries` says.
 const MAX_ATTEMPTS: usize = 8;
@@ -269,7 +269,19 @@ pub(super) fn forward<'a>(
                         || (connect && resp.status().is_success());
                     if switching {
                         if let Some(client) = client_upgrade {
-                            return Ok(switch_protocols(resp, client, lease, tracker));
+                            let label = Arc::clone(&backend.label);
+                            let switched = switch_protocols(resp, client, lease, tracker);
+                            if switched.is_err() {
+                                log_backend_failure(
+                                    &pool.name,
+                                    &label,
+                                    "upstream_failed",
+                                    &UpstreamError::WebSocketAccept,
+                                    false,
+                                    attempt,
+                                );
+                            }
+                            return switched;
                         }
                     }
                     let status = resp.status().as_u16();
@@ -437,13 +449,15 @@ fn cfg_send_proxy(pool: &Pool) -> Option<crate::proxy_protocol::Version> {
 }
 
 /// The backend agreed to switch protocols (a 101, or a 2xx to CONNECT): answer the client
-/// the same and join the two connections once both sides have upgraded.
+/// the same and join the two connections once both sides have upgraded. An HTTP/2 client's
+/// WebSocket gets a 200 instead of the 101, once the backend's `Sec-WebSocket-Accept` is
+/// checked; a wrong one closes the backend's connection and is a 502.
 fn switch_protocols(
     mut resp: Response<UpstreamIncoming>,
     client: tunnel::ClientUpgrade,
     lease: Lease,
     tracker: &tokio_util::task::TaskTracker,
-) -> Response<Inner> {
+) -> Result<Response<Inner>, ProxyError> {
     // hyper's (HTTP/2 CONNECT) hands its stream over through the response's extensions.
     let hyper_side = hyper::upgrade::on(&mut resp);
     let protocol = resp.headers().get(http::header::UPGRADE).cloned();
@@ -458,10 +472,20 @@ fn switch_protocols(
         UpstreamIncoming::H2(..) => tunnel::BackendUpgrade::Hyper(hyper_side),
     };
     headers::remove_hop_by_hop(&mut parts.headers);
-    if let Some(p) = protocol.filter(|_| parts.status == StatusCode::SWITCHING_PROTOCOLS) {
+    if let Some(expected) = client.expected_accept() {
+        let accept = parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS || accept.as_ref() != Some(expected) {
+            // `backend` (its switched connection) and the lease drop here: nothing reuses it.
+            return Err(ProxyError::Upstream(UpstreamError::WebSocketAccept));
+        }
+        parts.status = StatusCode::OK;
+    } else if let Some(p) = protocol.filter(|_| parts.status == StatusCode::SWITCHING_PROTOCOLS) {
         tunnel::restore_upgrade_headers(&mut parts.headers, p);
     }
     parts.extensions.insert(Tunnel);
     tunnel::spawn(client, backend, lease, tracker);
-    Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
+    Ok(Response::from_parts(
+        parts,
+        Either::Right(Full::new(Bytes::new())),
+    ))
 }

@@ -23,6 +23,7 @@ use crate::proxy::compress::{self, Negotiated};
 use crate::proxy::context::ConnCtx;
 use crate::proxy::error::ProxyError;
 use crate::proxy::exchange::{BytesIn, Exchange};
+use crate::proxy::websocket_h2::{self, Extended};
 use crate::proxy::{client_addr, headers, rules, tunnel};
 use crate::request_body::{self, BodyLimits, ClientStream};
 use crate::routing::{Action, Fields, RequestView, Target};
@@ -44,6 +45,19 @@ pub(super) async fn respond<'s>(
 ) -> Response<Inner> {
     let Some(router) = snap.routers.get(&*ctx.listener.name) else {
         return error_response(&ProxyError::ListenerGone, ex);
+    };
+    // RFC 8441: an HTTP/2 client's WebSocket is an extended CONNECT; from here on it is the
+    // HTTP/1.1 Upgrade request that routes and backends know (`websocket_h2`).
+    let websocket_accept = match websocket_h2::translate(&mut req) {
+        Extended::No => None,
+        Extended::WebSocket(accept) => Some(accept),
+        Extended::Other => {
+            return reject(
+                ctx,
+                StatusCode::NOT_IMPLEMENTED,
+                "extended CONNECT for a protocol other than websocket",
+            )
+        }
     };
     // Lines are relayed as they came (`h1::RequestFields::write_relayed`) unless something
     // on this listener reads or edits the request's fields (`Router::relays_fields`), or the
@@ -219,8 +233,21 @@ pub(super) async fn respond<'s>(
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             })
         });
-    let client_upgrade =
-        (upgrade.is_some() || connect).then(|| tunnel::ClientUpgrade::of(&mut req));
+    let client_upgrade = match websocket_accept {
+        // The client waits for a 2xx that means the tunnel is open: without one, refuse.
+        Some(_) if upgrade.is_none() => {
+            return reject(
+                ctx,
+                StatusCode::FORBIDDEN,
+                "WebSocket is not among this route's upgrade protocols",
+            )
+        }
+        Some(accept) => Some(tunnel::ClientUpgrade::H2WebSocket(
+            hyper::upgrade::on(&mut req),
+            accept,
+        )),
+        None => (upgrade.is_some() || connect).then(|| tunnel::ClientUpgrade::of(&mut req)),
+    };
     let (mut parts, body) = req.into_parts();
     if let Some(path) = rewritten.or(normalized) {
         let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
