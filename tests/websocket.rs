@@ -230,3 +230,122 @@ async fn a_wrong_accept_is_a_502_and_the_upgrade_list_applies_to_http2_websocket
     assert!(io.is_none());
     assert_eq!(backend.hits(), before);
 }
+
+/// A WebSocket server written out by hand: answers the Upgrade with the right accept,
+/// says `hi` in one text frame, then keeps every byte it receives.
+async fn raw_websocket_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got: std::sync::Arc<std::sync::Mutex<Vec<u8>>> = Default::default();
+    let sink = got.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+        let reply = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            support::websocket_accept(&key)
+        );
+        s.write_all(reply.as_bytes()).await.unwrap();
+        s.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    (addr, got)
+}
+
+/// Either side of a test's WebSocket, whichever protocol carried it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A masked text frame from a client.
+const CLIENT_FRAME: [u8; 8] = [0x81, 0x82, 1, 2, 3, 4, b'o' ^ 1, b'k' ^ 2];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_timeout_closes_websockets_with_1001_on_both_sides() {
+    for http2 in [false, true] {
+        let (backend, got) = raw_websocket_backend().await;
+        let lb = Ballast::start(
+            &TestConfig::addresses([backend])
+                .admin()
+                .listener("h2c = true")
+                .pool("drain_timeout = \"300ms\"")
+                .build(),
+        );
+        // The client's side, over HTTP/1.1 or as an HTTP/2 stream.
+        let mut client: Box<dyn Io> = if http2 {
+            let (resp, io) = h2_websocket(lb.addr("web"), "/chat").await;
+            assert_eq!(resp.status(), 200);
+            Box::new(io.expect("switched"))
+        } else {
+            let mut s = TcpStream::connect(lb.addr("web")).await.unwrap();
+            s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+            let head = support::read_head(&mut s).await.expect("a head");
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            Box::new(s)
+        };
+        let mut hi = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut hi))
+            .await
+            .expect("the server's frame")
+            .unwrap();
+        assert_eq!(hi, [0x81, 0x02, b'h', b'i']);
+        client.write_all(&CLIENT_FRAME).await.unwrap();
+        assert!(
+            support::eventually(Duration::from_secs(5), async || {
+                got.lock().unwrap().len() == CLIENT_FRAME.len()
+            })
+            .await
+            .is_some(),
+            "the client's frame reached the backend"
+        );
+        let path = format!("/pools/app/backends/{backend}/drain");
+        assert_eq!(admin_call(lb.admin(), "POST", &path, None).await.0, 200);
+        // At the drain timeout: a close frame 1001 to the client, then the end.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("closed after the drain timeout")
+            .unwrap();
+        assert_eq!(rest, [0x88, 0x02, 0x03, 0xE9], "http2={http2}");
+        // And the backend got one too, masked as a client's, after the client's frame.
+        assert!(
+            support::eventually(Duration::from_secs(5), async || {
+                got.lock().unwrap().len() == CLIENT_FRAME.len() + 8
+            })
+            .await
+            .is_some(),
+            "http2={http2}: {:?}",
+            got.lock().unwrap()
+        );
+        assert_eq!(
+            got.lock().unwrap()[CLIENT_FRAME.len()..],
+            [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE9]
+        );
+    }
+}

@@ -6,7 +6,8 @@
 //! talk past ballast's routing.
 //!
 //! The tunnel holds the backend's [`Lease`], so an open WebSocket counts as in flight for
-//! least_conn and for draining, and it ends when a drain timeout cuts the backend.
+//! least_conn and for draining, and it ends when a drain timeout cuts the backend: a
+//! WebSocket with a close frame 1001 to each side, written between two frames.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::upgrade::OnUpgrade;
@@ -144,7 +145,15 @@ impl BackendUpgrade {
 /// Copies between the client's and the backend's upgraded connections until one side
 /// closes or the backend's connections are cut. The task runs on `tracker`, so a graceful
 /// shutdown waits for open tunnels (up to its timeout) like for any other connection.
-pub fn spawn(client: ClientUpgrade, backend: BackendUpgrade, lease: Lease, tracker: &TaskTracker) {
+/// A WebSocket (`websocket`) that a drain timeout cuts gets a close frame 1001 ("going
+/// away") on both sides first, where each stands between frames (`FrameCursor`).
+pub fn spawn(
+    client: ClientUpgrade,
+    backend: BackendUpgrade,
+    lease: Lease,
+    tracker: &TaskTracker,
+    websocket: bool,
+) {
     tracker.spawn(async move {
         let b = lease.backend();
         let cut = b.cut_token();
@@ -157,6 +166,11 @@ pub fn spawn(client: ClientUpgrade, backend: BackendUpgrade, lease: Lease, track
             }
         };
         let mut upstream = upstream;
+        if websocket {
+            websocket_tunnel(client, upstream, &cut, &b.label).await;
+            drop(lease);
+            return;
+        }
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = r {
@@ -171,6 +185,147 @@ pub fn spawn(client: ClientUpgrade, backend: BackendUpgrade, lease: Lease, track
     });
 }
 
+/// A close frame with status 1001 (RFC 6455 §5.5.1, §7.4.1) as a server sends it.
+const CLOSE_GOING_AWAY: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+
+/// The same as a client sends it: masked (RFC 6455 §5.3), here with a zero mask, which
+/// leaves the payload as it is; the mask's value protects browsers, not proxies.
+const CLOSE_GOING_AWAY_MASKED: [u8; 8] = [0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE9];
+
+/// A WebSocket tunnel: bytes copied both ways, each direction's frame boundaries followed,
+/// so that a cut can end it with a close frame instead of in the middle of a message.
+async fn websocket_tunnel(
+    client: Box<dyn ClientIo>,
+    upstream: Box<dyn ClientIo>,
+    cut: &tokio_util::sync::CancellationToken,
+    label: &str,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let (mut to_backend, mut to_client) = (FrameCursor::default(), FrameCursor::default());
+    tokio::select! {
+        r = async {
+            tokio::try_join!(
+                pump(&mut client_rd, &mut up_wr, &mut to_backend),
+                pump(&mut up_rd, &mut client_wr, &mut to_client),
+            )
+        } => {
+            if let Err(e) = r {
+                tracing::debug!(backend = %label, error = %e, "WebSocket ended with an error");
+            }
+        }
+        _ = cut.cancelled() => {
+            // Each side gets the close frame only between two frames: written into a
+            // frame, it would be part of that frame's payload.
+            let said = (to_client.at_boundary(), to_backend.at_boundary());
+            let bounded = std::time::Duration::from_secs(1);
+            let _ = tokio::time::timeout(bounded, async {
+                if said.0 {
+                    let _ = client_wr.write_all(&CLOSE_GOING_AWAY).await;
+                }
+                if said.1 {
+                    let _ = up_wr.write_all(&CLOSE_GOING_AWAY_MASKED).await;
+                }
+                let _ = client_wr.shutdown().await;
+                let _ = up_wr.shutdown().await;
+            })
+            .await;
+            tracing::debug!(backend = %label, close_frames = ?said, "WebSocket cut by drain_timeout: closed with 1001");
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF (then shuts `to` down), telling `cursor` every byte
+/// written, and only those: a write cancelled by a cut leaves the cursor true.
+async fn pump<R, W>(from: &mut R, to: &mut W, cursor: &mut FrameCursor) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // As `copy_bidirectional`'s: an idle WebSocket holds two of these.
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        let mut at = 0;
+        while at < n {
+            let written = to.write(&buf[at..n]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            cursor.feed(&buf[at..at + written]);
+            at += written;
+        }
+    }
+}
+
+/// Where a WebSocket byte stream stands: in a frame's header, in its payload, or between
+/// frames (RFC 6455 §5.2). It reads headers only; payloads are counted, not looked at.
+#[derive(Debug, Default)]
+struct FrameCursor {
+    /// The current frame's header so far (at most 14 bytes: 2, an 8-byte length, a mask).
+    header: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload_left: u64,
+}
+
+impl FrameCursor {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.header[self.have] = bytes[0];
+            self.have += 1;
+            bytes = &bytes[1..];
+            if let Some(payload) = self.header_done() {
+                self.have = 0;
+                self.payload_left = payload;
+            }
+        }
+    }
+
+    /// The payload length, once the header is whole.
+    fn header_done(&self) -> Option<u64> {
+        if self.have < 2 {
+            return None;
+        }
+        let masked = self.header[1] & 0x80 != 0;
+        let len7 = self.header[1] & 0x7f;
+        let extended = match len7 {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        if self.have < 2 + extended + if masked { 4 } else { 0 } {
+            return None;
+        }
+        Some(match len7 {
+            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+            127 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&self.header[2..10]);
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        })
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.payload_left == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +338,31 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_str(upgrade).unwrap());
         h
+    }
+
+    #[test]
+    fn the_frame_cursor_follows_frames_across_any_split() {
+        // A masked 5-byte text frame, a 300-byte binary frame (16-bit length), and a
+        // close frame with an 8-byte length field.
+        let mut stream = vec![0x81, 0x85, 1, 2, 3, 4];
+        stream.extend_from_slice(b"hello");
+        stream.extend_from_slice(&[0x82, 126, 0x01, 0x2c]);
+        stream.extend_from_slice(&[7u8; 300]);
+        stream.extend_from_slice(&[0x88, 127, 0, 0, 0, 0, 0, 0, 0, 2, 0x03, 0xE8]);
+        let boundaries = [0, 11, 315, stream.len()];
+        for piece in [1, 2, 3, 7, 64, stream.len()] {
+            let mut c = FrameCursor::default();
+            let mut fed = 0;
+            for chunk in stream.chunks(piece) {
+                c.feed(chunk);
+                fed += chunk.len();
+                assert_eq!(
+                    c.at_boundary(),
+                    boundaries.contains(&fed),
+                    "pieces of {piece}, after {fed} bytes"
+                );
+            }
+        }
     }
 
     #[test]

@@ -471,6 +471,11 @@ fn switch_protocols(
         },
         UpstreamIncoming::H2(..) => tunnel::BackendUpgrade::Hyper(hyper_side),
     };
+    let websocket = client.expected_accept().is_some()
+        || protocol.as_ref().is_some_and(|p| {
+            p.to_str()
+                .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        });
     headers::remove_hop_by_hop(&mut parts.headers);
     if let Some(expected) = client.expected_accept() {
         let accept = parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
@@ -483,7 +488,7 @@ fn switch_protocols(
         tunnel::restore_upgrade_headers(&mut parts.headers, p);
     }
     parts.extensions.insert(Tunnel);
-    tunnel::spawn(client, backend, lease, tracker);
+    tunnel::spawn(client, backend, lease, tracker, websocket);
     Ok(Response::from_parts(
         parts,
         Either::Right(Full::new(Bytes::new())),
