@@ -313,11 +313,6 @@ impl Router {
         &self.default
     }
 
-    /// Whether a TCP listener routes by the name in the client's ClientHello.
-    pub fn has_sni_routes(&self) -> bool {
-        !self.sni_routes.is_empty()
-    }
-
     /// A TCP listener's pool for a client that asked for `sni`: the first of its
     /// `sni_routes` that matches, else the listener's own.
     pub fn sni_pool(&self, sni: Option<&str>) -> &Arc<Pool> {

@@ -1073,3 +1073,11 @@ fn a_session_ticket_keys_file_is_checked_at_its_place() {
         "{err}"
     );
 }
+
+#[test]
+fn splice_on_an_http_listener_says_only_that() {
+    assert_error(
+        "[listeners.web]\nbind = \"127.0.0.1:8080\"\npool = \"app\"\nsplice = true\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+        &["F:1:12: listeners.web.splice: only used with mode = \"tcp\""],
+    );
+}

@@ -6,6 +6,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,10 +18,18 @@ use support::{Ballast, TestConfig, WAIT};
 
 /// A plain TCP backend that answers every read with `NAME:` and the bytes it read.
 async fn tagged_echo(name: &'static str) -> SocketAddr {
+    tagged_echo_counted(name).await.0
+}
+
+/// [`tagged_echo`], and how many connections it has accepted.
+async fn tagged_echo_counted(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = s.read(&mut buf).await {
@@ -34,7 +44,7 @@ async fn tagged_echo(name: &'static str) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// Writes `msg` and reads the reply of [`tagged_echo`].
@@ -60,7 +70,7 @@ fn tls_table(pki: &Pki, names: &[&str], extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_is_terminated_and_plain_bytes_reach_the_backend() {
     let pki = Pki::new("tcp-tls");
-    let backend = tagged_echo("plain").await;
+    let (backend, accepted) = tagged_echo_counted("plain").await;
     let lb = Ballast::start(
         &TestConfig::addresses([backend])
             .listener(&format!(
@@ -92,6 +102,13 @@ async fn tls_is_terminated_and_plain_bytes_reach_the_backend() {
         matches!(read, Ok(0) | Err(_)) || buf.first() == Some(&21),
         "a plain client gets a close or a TLS alert: {read:?}"
     );
+    // The client's failed handshake is its own: no backend connection was made for it,
+    // and the backend still serves.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let mut s = tls::connect(lb.addr("web"), Some("db.test"), &pki.client(&[]))
+        .await
+        .expect("handshake");
+    assert_eq!(roundtrip(&mut s, "after").await, "plain:after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -334,14 +334,22 @@ impl Validator<'_> {
             self.tcp_listener(name, l, &key, pools);
         } else {
             let tcp_only = [
-                ("splice", l.splice.is_some()),
-                ("sni_routes", !l.sni_routes.is_empty()),
-                ("sni_required", l.sni_required.is_some()),
+                ("splice", l.splice.is_some(), ""),
+                (
+                    "sni_routes",
+                    !l.sni_routes.is_empty(),
+                    " (an HTTP listener matches sni in its routes)",
+                ),
+                (
+                    "sni_required",
+                    l.sni_required.is_some(),
+                    " (an HTTP listener matches sni in its routes)",
+                ),
             ];
-            for (field, _) in tcp_only.iter().filter(|(_, set)| *set) {
+            for (field, _, hint) in tcp_only.iter().filter(|(_, set, _)| *set) {
                 self.push(
                     name.span(),
-                    format!("{key}.{field}: only used with mode = \"tcp\" (an HTTP listener matches sni in its routes)"),
+                    format!("{key}.{field}: only used with mode = \"tcp\"{hint}"),
                 );
             }
         }
