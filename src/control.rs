@@ -86,6 +86,8 @@ struct Control {
     /// meanwhile connections wait in the kernel's accept queue instead of meeting a pool
     /// whose names are not resolved yet.
     startup_sockets: HashMap<String, Arc<TcpListener>>,
+    /// Certificates ordered from an ACME CA (`[tls.acme]`), one task each.
+    acme: crate::acme::Manager,
 }
 
 /// The running daemon's control plane: the single writer of [`Live`], the owner of accept
@@ -127,6 +129,7 @@ impl Daemon {
                 discovery,
                 resolved: Resolved::new(),
                 startup_sockets: HashMap::new(),
+                acme: crate::acme::Manager::default(),
             }),
             reload_status: Default::default(),
             shutting_down: AtomicBool::new(false),
@@ -229,6 +232,7 @@ impl Daemon {
         let mut control = self.control.lock().await;
         control.health.stop_all();
         control.discovery.stop_all();
+        control.acme.stop_all();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -423,6 +427,7 @@ impl Daemon {
         let startup = self.starting.load(Ordering::Relaxed);
         // Names that left the config forget their addresses; new ones start resolving.
         control.discovery.reconcile(&config);
+        control.acme.reconcile(&config);
         let Control {
             discovery,
             resolved,

@@ -64,6 +64,7 @@
 
 pub mod access;
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod balance;

@@ -484,6 +484,10 @@ impl Conn {
             // Set before any request, so `send_proxy` finds it made.
             let _ = self.ctx.extras.set(Arc::new(Extras::with_sni(sni)));
         }
+        if stream.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+            // An ACME tls-alpn-01 validation: the handshake was the answer.
+            return;
+        }
         if stream.alpn_protocol() == Some(b"h2") {
             Box::pin(self.serve_h2(stream)).await
         } else {

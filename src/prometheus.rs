@@ -11,7 +11,8 @@
 //!   the exporter alone cannot do (it has no way to delete a series).
 //!
 //! Labels are only ever `listener`, `pool`, `backend` (an address), `code` (a status class),
-//! `state`, `result` and `reason` (fixed word lists): nothing a client can make unbounded.
+//! `state`, `result` and `reason` (fixed word lists), and a certificate's `name` (from its
+//! file): nothing a client can make unbounded.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,6 +139,19 @@ fn describe() {
         "ballast_listener_tls_handshake_failures_total",
         "TLS handshakes that failed or timed out."
     );
+    describe_gauge!(
+        "ballast_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When a certificate a listener serves expires (notAfter, Unix time); `name` is its first DNS name."
+    );
+    describe_counter!(
+        "ballast_acme_renewal_failures_total",
+        "ACME orders (first issuance or renewal) that failed; each is retried with backoff."
+    );
+    describe_counter!(
+        "ballast_acme_certificates_issued_total",
+        "Certificates this process ordered and installed through ACME."
+    );
     describe_gauge!("ballast_pool_backends", "Backends in the pool.");
     describe_gauge!(
         "ballast_pool_queued",
@@ -252,6 +266,21 @@ fn record(daemon: &Daemon) {
             counter!("ballast_listener_tls_handshake_failures_total", "listener" => l)
                 .absolute(s.tls_failures.get());
         }
+    }
+
+    // Every certificate a listener serves, named by its first DNS name; ACME's counters.
+    for l in &snap.config.listeners {
+        for c in l.tls.iter().flat_map(|t| t.certificates.iter()) {
+            let name = c.names.first().cloned().unwrap_or_default();
+            gauge!("ballast_tls_certificate_expiry_timestamp_seconds", "listener" => l.name.clone(), "name" => name)
+                .set(c.not_after as f64);
+        }
+    }
+    for (listener, st) in crate::acme::statuses() {
+        counter!("ballast_acme_renewal_failures_total", "listener" => listener.clone())
+            .absolute(st.failures_total);
+        counter!("ballast_acme_certificates_issued_total", "listener" => listener)
+            .absolute(st.issued_total);
     }
 
     let mut pools: Vec<_> = snap.pools.values().collect();

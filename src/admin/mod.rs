@@ -232,6 +232,7 @@ fn status(daemon: &Daemon) -> serde_json::Value {
         );
     }
     let mut listeners = serde_json::Map::new();
+    let acme_status = crate::acme::statuses();
     for l in &snap.config.listeners {
         let tls = l.tls.as_ref().map(|t| {
             let certs: Vec<_> = t
@@ -247,7 +248,18 @@ fn status(daemon: &Daemon) -> serde_json::Value {
                     })
                 })
                 .collect();
-            json!({"certificates": certs, "min_version": t.min_version, "alpn": t.alpn, "client_ca": t.client_ca.as_ref().map(|c| &c.path)})
+            // `[tls.acme]`: the settings and what the renewal task last did.
+            let acme = t.acme.as_ref().map(|a| {
+                json!({
+                    "domains": a.domains,
+                    "challenge": a.challenge,
+                    "directory": a.directory,
+                    "storage": a.storage,
+                    "certificate": a.cert_path(),
+                    "renewal": acme_status.get(&l.name),
+                })
+            });
+            json!({"certificates": certs, "min_version": t.min_version, "alpn": t.alpn, "client_ca": t.client_ca.as_ref().map(|c| &c.path), "acme": acme})
         });
         // Keys the listener's rate limit tracks now (bounded by its max_keys).
         let rate_limit_keys = snap

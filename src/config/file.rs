@@ -78,7 +78,7 @@ pub struct FileListener {
     pub upgrade: Option<Spanned<Vec<Text>>>,
     pub allow_connect: Option<bool>,
     pub max_connections_per_client: Option<Spanned<u32>>,
-    pub tls: Option<FileTls>,
+    pub tls: Option<Spanned<FileTls>>,
     pub redirect_https: Option<bool>,
     pub redirect_https_port: Option<Spanned<u16>>,
     pub h2c: Option<bool>,
@@ -147,12 +147,26 @@ pub enum FileMode {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileTls {
-    pub certificates: Spanned<Vec<FileCertificate>>,
+    pub certificates: Option<Spanned<Vec<FileCertificate>>>,
     pub min_version: Option<Text>,
     pub alpn: Option<Spanned<Vec<Text>>>,
     pub client_ca: Option<Text>,
     pub strict_sni: Option<bool>,
     pub session_ticket_keys_file: Option<Text>,
+    pub acme: Option<Spanned<FileAcme>>,
+}
+
+/// `[listeners.NAME.tls.acme]`: see `crate::acme`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAcme {
+    pub domains: Spanned<Vec<Text>>,
+    pub email: Option<Text>,
+    pub directory: Option<Text>,
+    pub directory_ca: Option<Text>,
+    pub challenge: Option<Text>,
+    pub storage: Option<Text>,
+    pub retry_after: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -67,6 +67,9 @@ pub mod defaults {
     pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
     pub const RESOLVE_GRACE: Duration = Duration::from_secs(30);
     /// Longest duration accepted anywhere: keeps timer arithmetic far from overflow.
+    pub const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+    pub const ACME_STORAGE: &str = "/var/lib/ballast/acme";
+    pub const ACME_RETRY_AFTER: Duration = Duration::from_secs(60);
     pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
     /// `compress.min_size`: below this, compression saves less than it costs.
     pub const COMPRESS_MIN_SIZE: u64 = 1024;
@@ -275,6 +278,53 @@ pub struct TlsConfig {
     pub strict_sni: bool,
     /// `session_ticket_keys_file`; `None`: the process's own keys (`tls::tickets`).
     pub session_tickets: Option<tls::TicketKeys>,
+    /// `[tls.acme]`: a certificate ordered and renewed by ballast. Once issued it is one of
+    /// `certificates` (read from `storage` like any other file).
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[listeners.NAME.tls.acme]` (`crate::acme` does the work).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeConfig {
+    /// DNS names, lower case; the first names the certificate's folder in `storage`.
+    pub domains: Vec<String>,
+    pub email: Option<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// An extra CA to trust for the directory's own HTTPS.
+    pub directory_ca: Option<tls::CaBundle>,
+    pub challenge: AcmeChallenge,
+    /// Account, certificates, challenge answers and the renewal lock; may be shared.
+    pub storage: PathBuf,
+    /// The wait after a failed attempt; it doubles with each further failure.
+    pub retry_after: Duration,
+    /// A stored certificate that exists but cannot be used (a warning; a new one is
+    /// ordered).
+    pub stored_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum AcmeChallenge {
+    #[serde(rename = "http-01")]
+    Http01,
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+}
+
+impl AcmeConfig {
+    /// The folder in `storage` that holds this certificate and its key.
+    pub fn cert_dir(&self) -> PathBuf {
+        let name = self.domains.first().map_or("certificate", |d| d.as_str());
+        self.storage.join(name)
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.cert_dir().join("cert.pem")
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.cert_dir().join("key.pem")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -931,6 +981,11 @@ impl Config {
                 }
                 files.extend(t.client_ca.as_ref().map(|c| c.path.clone()));
                 files.extend(t.session_tickets.as_ref().map(|k| k.path.clone()));
+                // Watched before the first issuance too: `acme` makes the folder at start.
+                if let Some(a) = &t.acme {
+                    files.push(a.cert_path());
+                    files.push(a.key_path());
+                }
             }
         }
         for p in &self.pools {
@@ -964,6 +1019,14 @@ impl Config {
                 })
             })
             .chain(insecure)
+            .chain(self.listeners.iter().filter_map(|l| {
+                let a = l.tls.as_ref()?.acme.as_ref()?;
+                let e = a.stored_error.as_ref()?;
+                Some(format!(
+                    "listeners.{}.tls.acme: {e}; a new certificate will be ordered",
+                    l.name
+                ))
+            }))
             .collect()
     }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    self, FileAlgorithm, FileBackend, FileConfig, FileFieldMatch, FileProbeKind, FileSize, FileTls,
-    Text,
+    self, FileAcme, FileAlgorithm, FileBackend, FileConfig, FileFieldMatch, FileProbeKind,
+    FileSize, FileTls, Text,
 };
 use super::*;
 
@@ -278,6 +278,7 @@ impl Validator<'_> {
                 }
             }
         }
+        self.acme_across_listeners(&raw, &listeners);
         if listeners.is_empty() {
             // Never meant: an empty file is also what a reload sees when it reads a file
             // mid-save (truncated, not yet written). Applying it would close every listener.
@@ -875,16 +876,25 @@ impl Validator<'_> {
     }
 
     /// `[listeners.NAME.tls]`: reads and checks every file it names.
-    fn tls(&mut self, t: &FileTls, key: &str, mode: ListenerMode) -> Option<TlsConfig> {
+    fn tls(&mut self, t: &Spanned<FileTls>, key: &str, mode: ListenerMode) -> Option<TlsConfig> {
+        let at = t.span();
+        let t = t.get_ref();
         let tkey = format!("{key}.tls");
         let mut certificates = Vec::new();
-        if t.certificates.get_ref().is_empty() {
-            self.push(
-                t.certificates.span(),
-                format!("{tkey}.certificates: at least one certificate is needed"),
-            );
+        let listed = t.certificates.as_ref().map_or(&[][..], |c| c.get_ref());
+        match &t.certificates {
+            Some(c) if c.get_ref().is_empty() && t.acme.is_none() => self.push(
+                c.span(),
+                format!(
+                    "{tkey}.certificates: at least one certificate is needed (or [{tkey}.acme])"
+                ),
+            ),
+            None if t.acme.is_none() => {
+                self.push(at, format!("{tkey}: give `certificates` or [{tkey}.acme]"))
+            }
+            _ => {}
         }
-        for (i, c) in t.certificates.get_ref().iter().enumerate() {
+        for (i, c) in listed.iter().enumerate() {
             match tls::load_pair(&self.path(&c.cert), &self.path(&c.key)) {
                 Ok(pair) => certificates.push(pair),
                 Err(e) => {
@@ -949,6 +959,17 @@ impl Validator<'_> {
                 .map_err(|e| self.push(p.span(), format!("{tkey}.session_ticket_keys_file: {e}")))
                 .ok()
         });
+        let mut acme = t.acme.as_ref().and_then(|a| self.acme(a, &tkey));
+        if let Some(a) = &mut acme {
+            // Issued already: served like a listed certificate (after them, so a listed one
+            // stays the default). Not issued yet: `acme` orders it.
+            if a.cert_path().exists() || a.key_path().exists() {
+                match tls::load_pair(&a.cert_path(), &a.key_path()) {
+                    Ok(pair) => certificates.push(pair),
+                    Err(e) => a.stored_error = Some(e),
+                }
+            }
+        }
         Some(TlsConfig {
             certificates,
             min_version,
@@ -956,7 +977,150 @@ impl Validator<'_> {
             client_ca,
             strict_sni: t.strict_sni.unwrap_or(false),
             session_tickets,
+            acme,
         })
+    }
+
+    /// `[listeners.NAME.tls.acme]`: checked without contacting the CA.
+    fn acme(&mut self, a: &Spanned<FileAcme>, tkey: &str) -> Option<AcmeConfig> {
+        let akey = format!("{tkey}.acme");
+        let a = a.get_ref();
+        let mut domains: Vec<String> = Vec::new();
+        if a.domains.get_ref().is_empty() {
+            self.push(
+                a.domains.span(),
+                format!("{akey}.domains: list at least one DNS name"),
+            );
+        }
+        for d in a.domains.get_ref() {
+            let name = d.get_ref().trim_end_matches('.').to_ascii_lowercase();
+            let problem = if name.starts_with("*.") {
+                Some("a wildcard needs the dns-01 challenge, which ballast does not answer: list each name".to_string())
+            } else if name.parse::<std::net::IpAddr>().is_ok() {
+                Some("an IP address: ACME certificates here are for DNS names".to_string())
+            } else if !is_dns_name(&name) {
+                Some("not a DNS name (letters, digits, '-' and '.', labels of 1 to 63)".to_string())
+            } else if domains.contains(&name) {
+                Some("listed twice".to_string())
+            } else {
+                None
+            };
+            match problem {
+                Some(p) => self.push(d.span(), format!("{akey}.domains: {:?}: {p}", d.get_ref())),
+                None => domains.push(name),
+            }
+        }
+        let email = a.email.as_ref().and_then(|e| {
+            let v = e.get_ref().trim();
+            match v.split_once('@') {
+                Some((user, host))
+                    if !user.is_empty()
+                        && host.contains('.')
+                        && !v.contains(char::is_whitespace) =>
+                {
+                    Some(v.to_string())
+                }
+                _ => {
+                    self.push(
+                        e.span(),
+                        format!("{akey}.email: {v:?} is not an email address"),
+                    );
+                    None
+                }
+            }
+        });
+        let directory = match &a.directory {
+            None => defaults::ACME_DIRECTORY.to_string(),
+            Some(d) => {
+                let ok = d
+                    .get_ref()
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some());
+                if !ok {
+                    self.push(
+                        d.span(),
+                        format!("{akey}.directory: {:?} is not an https:// URL (the CA's directory, for example {})", d.get_ref(), defaults::ACME_DIRECTORY),
+                    );
+                }
+                d.get_ref().clone()
+            }
+        };
+        let directory_ca = a.directory_ca.as_ref().and_then(|p| {
+            tls::load_ca(&self.path(p))
+                .map_err(|e| self.push(p.span(), format!("{akey}.directory_ca: {e}")))
+                .ok()
+        });
+        let challenge = match a.challenge.as_ref().map(|c| (c, c.get_ref().as_str())) {
+            None | Some((_, "http-01")) => AcmeChallenge::Http01,
+            Some((_, "tls-alpn-01")) => AcmeChallenge::TlsAlpn01,
+            Some((c, other)) => {
+                self.push(
+                    c.span(),
+                    format!("{akey}.challenge: {other:?}: write \"http-01\" or \"tls-alpn-01\""),
+                );
+                AcmeChallenge::Http01
+            }
+        };
+        let storage = a
+            .storage
+            .as_ref()
+            .map_or_else(|| PathBuf::from(defaults::ACME_STORAGE), |p| self.path(p));
+        let retry_after = self.duration(
+            &a.retry_after,
+            &format!("{akey}.retry_after"),
+            defaults::ACME_RETRY_AFTER,
+        );
+        Some(AcmeConfig {
+            domains,
+            email,
+            directory,
+            directory_ca,
+            challenge,
+            storage,
+            retry_after,
+            stored_error: None,
+        })
+    }
+
+    /// What one listener's `acme` cannot see alone: an http-01 challenge needs a plain HTTP
+    /// listener to be answered on, and two certificates must not share a folder.
+    fn acme_across_listeners(&mut self, raw: &file::FileConfig, listeners: &[ListenerConfig]) {
+        let plain_http = listeners
+            .iter()
+            .any(|l| l.mode == ListenerMode::Http && l.tls.is_none());
+        let mut folders: Vec<(PathBuf, &str)> = Vec::new();
+        for (name, l) in &raw.listeners {
+            let Some(a) = l.tls.as_ref().and_then(|t| t.get_ref().acme.as_ref()) else {
+                continue;
+            };
+            let akey = format!("listeners.{}.tls.acme", name.get_ref());
+            let http01 = a
+                .get_ref()
+                .challenge
+                .as_ref()
+                .is_none_or(|c| c.get_ref() == "http-01");
+            if http01 && !plain_http {
+                self.push(
+                    a.span(),
+                    format!("{akey}: the http-01 challenge is answered on a plain HTTP listener (port 80 for a public CA) and this config has none: add one, or set challenge = \"tls-alpn-01\""),
+                );
+            }
+            let validated = listeners
+                .iter()
+                .find(|v| v.name == *name.get_ref())
+                .and_then(|v| v.tls.as_ref()?.acme.as_ref());
+            if let Some(v) = validated {
+                let folder = v.cert_dir();
+                if let Some((_, other)) = folders.iter().find(|(f, _)| *f == folder) {
+                    self.push(
+                        a.span(),
+                        format!("{akey}: listener {other} already orders the certificate kept in {}: give both the same listener, or a different first domain or storage", folder.display()),
+                    );
+                } else {
+                    folders.push((folder, name.get_ref().as_str()));
+                }
+            }
+        }
     }
 
     fn request_buffering(&mut self, value: &Option<Spanned<FileSize>>, key: &str) -> Option<usize> {
@@ -1771,4 +1935,20 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let column = before[line_start..].chars().count() + 1;
     (line, column)
+}
+
+/// A DNS name ACME can certify: labels of letters, digits and '-', not starting or ending
+/// with '-', at least two labels.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.contains('.')
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }

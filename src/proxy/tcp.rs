@@ -274,7 +274,8 @@ async fn terminate(
     match tokio::time::timeout(limit, crate::tls::accept(tls, io, read_sni)).await {
         Ok(Ok(done)) => {
             stats.tls_handshakes.incr();
-            Some(done)
+            // An ACME tls-alpn-01 validation: the handshake was the answer, no backend.
+            (done.0.alpn_protocol() != Some(crate::acme::ACME_TLS_ALPN)).then_some(done)
         }
         Ok(Err(e)) => {
             stats.tls_failures.incr();

@@ -20,7 +20,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
-use crate::config::{TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
+use crate::config::{AcmeChallenge, TlsConfig, TlsVersion, UpstreamProtocol, UpstreamTls};
 
 pub mod client_hello;
 mod server_stream;
@@ -94,6 +94,15 @@ pub fn server_config(t: &TlsConfig) -> Result<Arc<ServerConfig>, rustls::Error> 
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(t)));
     config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if t.acme
+        .as_ref()
+        .is_some_and(|a| a.challenge == AcmeChallenge::TlsAlpn01)
+    {
+        // Offered only to a client that asks for nothing else: the CA's validator.
+        config
+            .alpn_protocols
+            .push(crate::acme::ACME_TLS_ALPN.to_vec());
+    }
     // Stateless resumption: a returning client skips the expensive signature. The keys
     // outlive this config (`tickets`).
     config.ticketer = tickets::ticketer(t.session_tickets.as_ref())?;
@@ -238,6 +247,8 @@ pub struct SniResolver {
     /// `example.org` for `*.example.org`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
+    /// tls-alpn-01: the challenge certificates (`crate::acme`).
+    acme: Option<crate::acme::TlsAlpnAnswers>,
 }
 
 impl SniResolver {
@@ -260,6 +271,14 @@ impl SniResolver {
             default: (!t.strict_sni)
                 .then(|| t.certificates.first().map(|p| Arc::clone(&p.key)))
                 .flatten(),
+            acme: t
+                .acme
+                .as_ref()
+                .filter(|a| a.challenge == AcmeChallenge::TlsAlpn01)
+                .map(|a| crate::acme::TlsAlpnAnswers {
+                    storage: a.storage.clone(),
+                    domains: a.domains.clone(),
+                }),
         }
     }
 
@@ -279,6 +298,16 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(acme) = &self.acme {
+            // RFC 8737: the validator offers `acme-tls/1` alone and gets the challenge
+            // certificate, or no handshake.
+            if hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == crate::acme::ACME_TLS_ALPN))
+            {
+                return acme.lookup(hello.server_name());
+            }
+        }
         let key = self.lookup(hello.server_name());
         if key.is_none() {
             tracing::debug!(

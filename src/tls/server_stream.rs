@@ -518,7 +518,7 @@ mod tests {
     ) -> (Arc<ServerConfig>, tokio_rustls::TlsConnector) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let der = CertificateDer::from(cert.cert.der().to_vec());
-        let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).expect("key");
+        let key = PrivateKeyDer::try_from(cert.signing_key.serialize_der()).expect("key");
         let mut server = ServerConfig::builder_with_provider(super::super::provider())
             .with_protocol_versions(versions)
             .expect("versions")

@@ -14,8 +14,7 @@ use tokio_rustls::TlsConnector;
 /// A CA and the folder its certificates are written to.
 pub struct Pki {
     pub dir: tempfile::TempDir,
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     pub ca_path: PathBuf,
 }
 
@@ -41,15 +40,10 @@ impl Pki {
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::CrlSign,
         ];
-        let ca = params.self_signed(&ca_key).expect("ca cert");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("ca cert");
         let ca_path = dir.path().join(format!("{name}-ca.pem"));
         std::fs::write(&ca_path, ca.pem()).expect("write ca");
-        Pki {
-            dir,
-            ca,
-            ca_key,
-            ca_path,
-        }
+        Pki { dir, ca, ca_path }
     }
 
     /// A leaf for `names`, valid for a year, written as `STEM.pem` / `STEM.key`.
@@ -105,9 +99,7 @@ impl Pki {
         );
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         params.not_after = not_after;
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("sign leaf");
+        let cert = params.signed_by(&key, &*self.ca).expect("sign leaf");
         Leaf {
             cert: PathBuf::new(),
             key: PathBuf::new(),

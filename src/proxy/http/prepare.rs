@@ -11,7 +11,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 
 use super::attempt::forward;
 use super::synthetic::{
-    configured, denied, error_response, rate_limited, redirect, reject, unauthorized,
+    acme_answer, configured, denied, error_response, rate_limited, redirect, reject, unauthorized,
 };
 use super::{vars, Inner};
 use crate::balance::policy::hash_key;
@@ -117,6 +117,14 @@ pub(super) async fn respond<'s>(
         }
     };
     let path = normalized.as_deref().unwrap_or(req.uri().path());
+    // ACME http-01, before everything that could refuse the CA's validator (`acme`).
+    if path.starts_with(crate::acme::HTTP01_PREFIX)
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+    {
+        if let Some(answer) = crate::acme::http01_answer(path) {
+            return acme_answer(answer);
+        }
+    }
     let fields = match &relay {
         Some(lines) => Fields::Lines(lines),
         None => Fields::Map(req.headers()),

@@ -123,6 +123,19 @@ pub(super) fn configured(r: &Respond) -> Response<Inner> {
     resp
 }
 
+/// An ACME http-01 answer: the key authorization, or 404 for a token nobody placed.
+pub(super) fn acme_answer(answer: Option<Vec<u8>>) -> Response<Inner> {
+    let Some(body) = answer else {
+        return plain_response(StatusCode::NOT_FOUND);
+    };
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
+
 /// 403 for a client that `allow_from` / `deny_from` refuses (of the listener or of the
 /// route, `which`); the connection closes, as the request body is left unread.
 pub(super) fn denied(ctx: &ConnCtx, ex: &mut Exchange, which: &'static str) -> Response<Inner> {
