@@ -220,8 +220,13 @@ fn config(
     acme: &str,
     backend: &Backend,
 ) -> String {
+    // Port 80 as operators set it up: everything else redirected to HTTPS. The CA's
+    // validator is answered before the redirect, `deny_from` and the rate limit.
     let plain = http_port.map_or(String::new(), |p| {
-        format!("[listeners.plain]\nbind = \"127.0.0.1:{p}\"\npool = \"app\"\n\n")
+        format!(
+            "[listeners.plain]\nbind = \"127.0.0.1:{p}\"\npool = \"app\"\nredirect_https = true\n\
+             deny_from = [\"127.0.0.0/8\"]\nrate_limit = {{ requests_per_second = 1, burst = 1 }}\n\n"
+        )
     });
     format!(
         r#"[admin]
@@ -323,12 +328,13 @@ async fn http01_issues_then_renews_with_the_old_certificate_serving_throughout()
     // The challenge answer was removed after the order; unknown tokens are 404, and a
     // path that tries to leave the folder never reaches it.
     let plain = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
-    assert_eq!(
-        support::get(plain, "/.well-known/acme-challenge/nothing")
-            .await
-            .status,
-        404
-    );
+    for _ in 0..3 {
+        // Past the rate limit's burst, and from a denied address: still answered.
+        let reply = support::get(plain, "/.well-known/acme-challenge/nothing").await;
+        assert_eq!(reply.status, 404);
+    }
+    let elsewhere = support::get(plain, "/").await.status;
+    assert_eq!(elsewhere, 403, "deny_from applies to every other path");
     assert_eq!(
         support::get(plain, "/.well-known/acme-challenge/..%2F..%2Faccount")
             .await

@@ -1081,3 +1081,52 @@ fn splice_on_an_http_listener_says_only_that() {
         &["F:1:12: listeners.web.splice: only used with mode = \"tcp\""],
     );
 }
+
+/// `[tls.acme]` is checked whole without contacting the CA: names, email, directory,
+/// challenge, and what needs other listeners; each error at its place.
+#[test]
+fn acme_errors_point_at_their_place_and_check_contacts_no_ca() {
+    let tls = "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n\
+               [listeners.web.tls.acme]\n";
+    let pools = "[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_error(
+        &format!(
+            "{tls}domains = [\"*.example.com\", \"10.0.0.1\", \"bad_name.example\", \"a.example.com\", \"A.example.com\"]\n\
+             email = \"not an address\"\ndirectory = \"http://acme.example/dir\"\nchallenge = \"dns-01\"\n\
+             retry_after = \"0s\"\n{pools}"
+        ),
+        &[
+            "F:5:12: listeners.web.tls.acme.domains: \"*.example.com\": a wildcard needs the dns-01 challenge, which ballast does not answer: list each name",
+            "F:5:29: listeners.web.tls.acme.domains: \"10.0.0.1\": an IP address: ACME certificates here are for DNS names",
+            "F:5:41: listeners.web.tls.acme.domains: \"bad_name.example\": not a DNS name (letters, digits, '-' and '.', labels of 1 to 63)",
+            "F:5:78: listeners.web.tls.acme.domains: \"A.example.com\": listed twice",
+            "F:6:9: listeners.web.tls.acme.email: \"not an address\" is not an email address",
+            "F:7:13: listeners.web.tls.acme.directory: \"http://acme.example/dir\" is not an https:// URL",
+            "F:8:13: listeners.web.tls.acme.challenge: \"dns-01\": write \"http-01\" or \"tls-alpn-01\"",
+            "F:9:15: listeners.web.tls.acme.retry_after: duration must be greater than zero",
+        ],
+    );
+    // http-01 (the default) with no plain HTTP listener to answer on; empty domains.
+    assert_error(
+        &format!("{tls}domains = []\n{pools}"),
+        &[
+            "F:5:11: listeners.web.tls.acme.domains: list at least one DNS name",
+            "F:4:1: listeners.web.tls.acme: the http-01 challenge is answered on a plain HTTP listener (port 80 for a public CA) and this config has none: add one, or set challenge = \"tls-alpn-01\"",
+        ],
+    );
+    // Neither certificates nor acme.
+    assert_error(
+        "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n[listeners.web.tls]\nmin_version = \"1.2\"\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+        &["F:4:1: listeners.web.tls: give `certificates` or [listeners.web.tls.acme]"],
+    );
+    // Valid, with a CA that does not exist: --check passes without reaching it, and
+    // makes nothing in storage.
+    let storage = tempfile::tempdir().unwrap();
+    let (code, _, err) = check(&format!(
+        "{tls}domains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n\
+         directory = \"https://127.0.0.1:9/dir\"\nstorage = \"{}/acme\"\n{pools}",
+        storage.path().display()
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(!storage.path().join("acme").exists());
+}

@@ -312,7 +312,7 @@ impl ResolvesServerCert for SniResolver {
         if key.is_none() {
             tracing::debug!(
                 sni = hello.server_name().unwrap_or("-"),
-                "TLS handshake refused: no certificate for this name (strict_sni)"
+                "TLS handshake refused: no certificate for this name (strict_sni, or an ACME certificate not issued yet)"
             );
         }
         key
