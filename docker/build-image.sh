@@ -26,6 +26,10 @@ done
 printf 'root:x:0:0:root:/:/sbin/nologin\nballast:x:10001:10001:ballast:/:/sbin/nologin\n' >"$root/etc/passwd"
 printf 'root:x:0:\nballast:x:10001:\n' >"$root/etc/group"
 cp docker/ballast.toml "$root/etc/ballast/ballast.toml"
+# ACME's default storage, owned by the image's user (Dockerfile: COPY --chown), so that a
+# named volume mounted there starts out writable (docker/compose.acme.yml).
+mkdir -p "$ctx/state/acme"
+chmod 700 "$ctx/state/acme"
 cp docker/Dockerfile "$ctx/Dockerfile"
 docker build --quiet -t "$tag" "$ctx" >/dev/null
 echo "built $tag ($(docker image inspect -f '{{.Size}}' "$tag") bytes)"

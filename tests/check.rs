@@ -849,7 +849,7 @@ fn check_every_example(file: &str, min_examples: usize) {
     let pki = support::tls::Pki::new("examples");
     pki.issue("example.com", &["example.com"]);
     pki.issue("wildcard.example.org", &["*.example.org"]);
-    for ca in ["clients-ca.pem", "backend-ca.pem"] {
+    for ca in ["clients-ca.pem", "backend-ca.pem", "acme-ca.pem"] {
         std::fs::copy(&pki.ca_path, pki.dir.path().join(ca)).unwrap();
     }
     std::fs::write(pki.dir.path().join("admin-token"), "example-token\n").unwrap();

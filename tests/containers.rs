@@ -143,8 +143,13 @@ const SECRET_PATH: &str = "/run/secrets/ballast/admin-token";
 /// The ballast.toml of config/kubernetes/configmap.yaml, with the Secret's mount point
 /// replaced by `token_file`.
 fn configmap_toml(token_file: &std::path::Path) -> String {
+    configmap_toml_of("configmap.yaml", token_file)
+}
+
+/// The ballast.toml of the ConfigMap in `file` (under config/kubernetes).
+fn configmap_toml_of(file: &str, token_file: &std::path::Path) -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
-    let cm = std::fs::read_to_string(dir.join("configmap.yaml")).unwrap();
+    let cm = std::fs::read_to_string(dir.join(file)).unwrap();
     let toml: String = cm
         .split_once("ballast.toml: |\n")
         .expect("ballast.toml in the ConfigMap")
@@ -269,4 +274,133 @@ fn kubernetes_manifests_validate_offline() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches(" passed for resource ").count(), 5, "{text}");
     assert!(!text.contains("ERROR"), "{text}");
+}
+
+/// config/kubernetes/acme, the overlay README's ACME section applies: its kustomization
+/// names its files and the base; its patches name what the base has; its ConfigMap's
+/// config passes `--check`; the full resources in it validate offline.
+#[test]
+fn kubernetes_acme_overlay_validates_offline() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
+    let dir = root.join("acme");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let kustomization = read(&dir.join("kustomization.yaml"));
+    for m in [
+        "- ../",
+        "pvc.yaml",
+        "configmap.yaml",
+        "deployment-patch.yaml",
+        "service-patch.yaml",
+    ] {
+        assert!(kustomization.contains(m), "the overlay lists {m}");
+    }
+    let deployment = read(&root.join("deployment.yaml"));
+    let patch = read(&dir.join("deployment-patch.yaml"));
+    for (what, needle) in [
+        (
+            "the Deployment",
+            "kind: Deployment\nmetadata:\n  name: ballast\n",
+        ),
+        ("its container", "        - name: ballast\n"),
+    ] {
+        assert!(
+            deployment.contains(needle) && patch.contains(needle),
+            "{what} is named as in the base"
+        );
+    }
+    assert!(
+        patch.contains("mountPath: /var/lib/ballast/acme")
+            && patch.contains("claimName: ballast-acme")
+    );
+    assert!(read(&dir.join("pvc.yaml")).contains("name: ballast-acme"));
+    let service = read(&dir.join("service-patch.yaml"));
+    assert!(
+        read(&root.join("service.yaml")).contains("kind: Service\nmetadata:\n  name: ballast\n")
+    );
+    assert!(
+        service.contains("targetPort: https")
+            && patch.contains("- name: https\n              containerPort: 8443")
+    );
+    let secret = tempfile::tempdir().unwrap();
+    let toml = configmap_toml_of("acme/configmap.yaml", &mounted_secret(secret.path()));
+    assert!(
+        toml.contains("[listeners.https.tls.acme]") && toml.contains("bind = \"0.0.0.0:8443\"")
+    );
+    let (ok, err) = check_config(&toml);
+    assert!(ok, "the overlay's ballast.toml: {err}");
+
+    let found = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output();
+    if !found.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: kubernetes-validate is not installed (.ci/run installs it with pip); only the embedded config was checked");
+        return;
+    }
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(["pvc.yaml", "configmap.yaml"].map(|m| dir.join(m)))
+        .output()
+        .expect("run kubernetes-validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 2, "{text}");
+}
+
+/// docker/compose.acme.yml over docker/compose.yml, as README runs them: compose merges
+/// them into the ports and volume README describes, and the config it mounts passes
+/// `--check` with the variables README exports.
+#[test]
+fn the_compose_acme_override_merges_and_its_config_checks() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let env = [
+        ("BALLAST_ADMIN_TOKEN", "example-token"),
+        ("BALLAST_DOMAIN", "example.com"),
+        ("BALLAST_ACME_EMAIL", "ops@example.com"),
+    ];
+    let config = root.join("docker/compose-acme/ballast.toml");
+    let out = Command::new(support::ballast_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--check")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let have = Command::new("docker-compose").arg("version").output();
+    if !have.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: docker-compose config (docker-compose is not installed); only the config was checked");
+        return;
+    }
+    let out = Command::new("docker-compose")
+        .current_dir(root)
+        .args([
+            "-f",
+            "docker/compose.yml",
+            "-f",
+            "docker/compose.acme.yml",
+            "config",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "docker/compose-acme:/etc/ballast:ro",
+        "acme:/var/lib/ballast/acme:rw",
+        "published: 80\n      target: 8080",
+        "published: 443\n      target: 8443",
+        "BALLAST_DOMAIN: example.com",
+    ] {
+        assert!(text.contains(want), "{want:?} in:\n{text}");
+    }
 }

@@ -344,7 +344,7 @@ fn the_unit_lets_ballast_write_every_path_the_docs_write() {
             if line.starts_with('[') {
                 table = line;
             }
-            for key in ["path = \"/", "handover_socket = \"/"] {
+            for key in ["path = \"/", "handover_socket = \"/", "storage = \"/"] {
                 if key.starts_with("path") && !table.starts_with("[access_log]") {
                     continue;
                 }
@@ -359,6 +359,10 @@ fn the_unit_lets_ballast_write_every_path_the_docs_write() {
         written
             .iter()
             .any(|(_, p)| p == "/var/log/ballast/access.log"),
+        "{written:?}"
+    );
+    assert!(
+        written.iter().any(|(_, p)| p == "/var/lib/ballast/acme"),
         "{written:?}"
     );
     for (doc, path) in &written {
