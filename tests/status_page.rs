@@ -219,9 +219,24 @@ async fn the_status_page_shows_backends_and_drains_one_with_a_click() {
         return;
     };
     let bs = start_backends(["a", "b"]).await;
+    // A TLS listener with a certificate, and an ACME certificate whose CA does not answer:
+    // the certificates table shows the one's expiry and the other's failed attempt.
+    let pki = support::tls::Pki::new("page");
+    let leaf = pki.issue("page", &["page.example.org"]);
+    let storage = tempfile::tempdir().unwrap();
+    let secure = format!(
+        "[listeners.secure]\nbind = \"127.0.0.1:0\"\npool = \"app\"\n\
+         [listeners.secure.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+         [listeners.secure.tls.acme]\ndomains = [\"acme.example.org\"]\nchallenge = \"tls-alpn-01\"\n\
+         directory = \"https://127.0.0.1:9/dir\"\nstorage = \"{}\"\n",
+        leaf.cert.display(),
+        leaf.key.display(),
+        storage.path().display()
+    );
     let lb = Ballast::start(
         &TestConfig::new(&[&bs[0], &bs[1]])
             .admin()
+            .head(&secure)
             .pool("[pools.app.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"500ms\"\n")
             .build(),
     );
@@ -252,6 +267,21 @@ async fn the_status_page_shows_backends_and_drains_one_with_a_click() {
         .await
         .starts_with(env!("CARGO_PKG_VERSION")));
     assert!(s.text("#reload-text").await.contains("none since start"));
+    let certs = s.text("#certificates").await;
+    assert!(
+        certs.contains("page.example.org") && certs.contains("days"),
+        "certificates: {certs}"
+    );
+    let failed = eventually(Duration::from_secs(10), async || {
+        let t = s.text("#certificates").await;
+        t.contains("acme.example.org") && t.contains("failed at")
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "the ACME row: {}",
+        s.text("#certificates").await
+    );
     let requests: u64 = s
         .text(&row(&bs[0], "td[data-label=\"Requests\"]"))
         .await

@@ -228,8 +228,11 @@ struct Stored {
     id: Option<CertificateIdentifier<'static>>,
 }
 
+/// The stored certificate, if ballast would serve it (a pair it cannot load is ordered
+/// again).
 fn stored(cfg: &AcmeConfig) -> Option<Stored> {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
+    crate::config::tls::load_pair(&cfg.cert_path(), &cfg.key_path()).ok()?;
     let pem = std::fs::read(cfg.cert_path()).ok()?;
     let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;

@@ -80,7 +80,7 @@ async fn account(cfg: &AcmeConfig) -> Result<Account, Failure> {
         return Account::builder_with_http(http_client(cfg)?)
             .from_credentials(creds)
             .await
-            .map_err(|e| format!("directory {}: {e}", cfg.directory));
+            .map_err(|e| format!("directory {}: {}", cfg.directory, why(&e)));
     }
     let contact: Vec<String> = cfg.email.iter().map(|e| format!("mailto:{e}")).collect();
     let contact: Vec<&str> = contact.iter().map(|c| c.as_str()).collect();
@@ -95,7 +95,7 @@ async fn account(cfg: &AcmeConfig) -> Result<Account, Failure> {
             None,
         )
         .await
-        .map_err(|e| format!("creating an account at {}: {e}", cfg.directory))?;
+        .map_err(|e| format!("creating an account at {}: {}", cfg.directory, why(&e)))?;
     let json = serde_json::to_vec(&creds).map_err(|e| format!("account: {e}"))?;
     storage::write_atomic(&path, &json)
         .map_err(|e| format!("cannot save the account in {}: {e}", path.display()))?;
@@ -129,7 +129,7 @@ pub async fn obtain(
                 "new order: the CA does not know the stored account ({p}); a new account is made on the next attempt"
             ));
         }
-        Err(e) => return Err(format!("new order: {e}")),
+        Err(e) => return Err(format!("new order: {}", why(&e))),
     };
     let kind = match cfg.challenge {
         AcmeChallenge::Http01 => ChallengeType::Http01,
@@ -139,7 +139,7 @@ pub async fn obtain(
     let mut answers = Answers(Vec::new());
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
-        let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+        let mut authz = authz.map_err(|e| format!("authorization: {}", why(&e)))?;
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
@@ -149,6 +149,24 @@ pub async fn obtain(
             .challenge(kind.clone())
             .ok_or_else(|| format!("the CA offers no {kind:?} challenge"))?;
         let name = ch.identifier().to_string();
+        // Both become file names in `storage`: only what was asked for, and a token in
+        // RFC 8555's alphabet, ever does.
+        if !cfg.domains.contains(&name) {
+            return Err(format!(
+                "the CA asks to validate {name:?}, which was not ordered"
+            ));
+        }
+        let token_ok = !ch.token.is_empty()
+            && ch
+                .token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !token_ok {
+            return Err(format!(
+                "the CA sent an unusable challenge token {:?}",
+                ch.token
+            ));
+        }
         let key_auth = ch.key_authorization();
         let (path, bytes) = match cfg.challenge {
             AcmeChallenge::Http01 => (
@@ -169,12 +187,12 @@ pub async fn obtain(
         answers.0.push(path);
         ch.set_ready()
             .await
-            .map_err(|e| format!("challenge for {name}: {e}"))?;
+            .map_err(|e| format!("challenge for {name}: {}", why(&e)))?;
     }
     let status = order
         .poll_ready(&POLL)
         .await
-        .map_err(|e| format!("waiting for validation: {e}"))?;
+        .map_err(|e| format!("waiting for validation: {}", why(&e)))?;
     if status != OrderStatus::Ready {
         return Err(format!(
             "the order is {status:?}: {}",
@@ -184,11 +202,11 @@ pub async fn obtain(
     let key_pem = order
         .finalize()
         .await
-        .map_err(|e| format!("finalize: {e}"))?;
+        .map_err(|e| format!("finalize: {}", why(&e)))?;
     let chain_pem = order
         .poll_certificate(&POLL)
         .await
-        .map_err(|e| format!("waiting for the certificate: {e}"))?;
+        .map_err(|e| format!("waiting for the certificate: {}", why(&e)))?;
     drop(answers);
     // What the CA sent must load as ballast would load it, before it replaces anything.
     check_issued(cfg, &chain_pem, &key_pem)?;
@@ -246,4 +264,20 @@ impl Drop for Answers {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// An error with its causes ("client error (Connect): tcp connect error: Connection
+/// refused"): the HTTP client's own message names only the step that failed.
+fn why(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }

@@ -53,6 +53,12 @@ pub fn watch(
     dirs.sort();
     dirs.dedup();
     for dir in dirs {
+        // A folder that does not exist (an ACME storage that could not be made) costs its
+        // own files their watch, not every other file's.
+        if !dir.is_dir() && dir.as_os_str() != "." {
+            tracing::warn!(folder = %dir.display(), "cannot watch a folder that does not exist; its files reload with SIGHUP or the admin API");
+            continue;
+        }
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
 
