@@ -438,15 +438,19 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
     };
     let storage = tempfile::tempdir().expect("storage");
     let backend = Backend::start("app").await;
-    let domains = |list: &str| format!("domains = [{list}]\nchallenge = \"http-01\"");
-    let b = Ballast::start(&config(
-        Some(http_port),
-        tls_port,
-        &pebble,
-        storage.path(),
-        &domains(&format!("\"{DOMAIN}\"")),
-        &backend,
-    ));
+    // The config with `list` as its domains.
+    let config_for = |p: &Pebble, list: &str| {
+        let acme = format!("domains = [{list}]\nchallenge = \"http-01\"");
+        config(
+            Some(http_port),
+            tls_port,
+            p,
+            storage.path(),
+            &acme,
+            &backend,
+        )
+    };
+    let b = Ballast::start(&config_for(&pebble, &format!("\"{DOMAIN}\"")));
     assert!(
         eventually(LONG, async || served(&b, &pebble.pki).await.is_some())
             .await
@@ -457,24 +461,18 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
     let issued = served(&b, &pebble.pki).await.expect("served");
 
     // Refusal: the config now asks for a name the CA will not certify.
+    let failed = "ACME: certificate order failed";
+    let failures_logged = || b.lines().iter().filter(|l| l.contains(failed)).count();
     b.save_config(
-        &config(
-            Some(http_port),
-            tls_port,
-            &pebble,
-            storage.path(),
-            &domains(&format!("\"{DOMAIN}\", \"blocked.ballast.test\"")),
-            &backend,
-        ),
+        &config_for(&pebble, &format!("\"{DOMAIN}\", \"blocked.ballast.test\"")),
         support::Save::Rename,
     );
-    let failed = "ACME: certificate order failed";
     assert!(
         b.wait_for_log_count(failed, 2, LONG),
         "no retried failure:\n{}",
         b.logs()
     );
-    let failures = b.lines().iter().filter(|l| l.contains(failed)).count();
+    let failures = failures_logged();
     let logged = b.lines().join("\n");
     assert!(
         logged.contains("blocked.ballast.test"),
@@ -487,7 +485,7 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
         &[("listener", "secure")],
     );
     // One count per logged attempt (a further attempt may land between the two reads).
-    let failures_after = b.lines().iter().filter(|l| l.contains(failed)).count();
+    let failures_after = failures_logged();
     assert!(
         (failures as f64..=failures_after as f64).contains(&counted),
         "{counted} counted, {failures}..{failures_after} logged"
@@ -497,16 +495,9 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
     // once the CA is back (a new pebble: the stored account is unknown to it and is made
     // again).
     pebble.down();
-    let before = b.lines().iter().filter(|l| l.contains(failed)).count();
+    let before = failures_logged();
     b.save_config(
-        &config(
-            Some(http_port),
-            tls_port,
-            &pebble,
-            storage.path(),
-            &domains(&format!("\"{DOMAIN}\", \"www.ballast.test\"")),
-            &backend,
-        ),
+        &config_for(&pebble, &format!("\"{DOMAIN}\", \"www.ballast.test\"")),
         support::Save::Rename,
     );
     assert!(

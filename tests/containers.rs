@@ -257,6 +257,12 @@ fn kubernetes_manifests_validate_offline() {
     let (ok, err) = check_config(&configmap_toml(&mounted_secret(secret.path())));
     assert!(ok, "the ConfigMap's ballast.toml: {err}");
 
+    kubernetes_validate(&MANIFESTS.map(|m| dir.join(m)), 5);
+}
+
+/// Runs `kubernetes-validate --strict` on `files`, which hold `resources` resources; says
+/// SKIPPED when it is not installed.
+fn kubernetes_validate(files: &[std::path::PathBuf], resources: usize) {
     let found = Command::new("kubernetes-validate")
         .arg("--version")
         .output();
@@ -266,13 +272,17 @@ fn kubernetes_manifests_validate_offline() {
     }
     let out = Command::new("kubernetes-validate")
         .arg("--strict")
-        .args(MANIFESTS.map(|m| dir.join(m)))
+        .args(files)
         .output()
         .expect("run kubernetes-validate");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches(" passed for resource ").count(), 5, "{text}");
+    assert_eq!(
+        text.matches(" passed for resource ").count(),
+        resources,
+        "{text}"
+    );
     assert!(!text.contains("ERROR"), "{text}");
 }
 
@@ -329,22 +339,7 @@ fn kubernetes_acme_overlay_validates_offline() {
     let (ok, err) = check_config(&toml);
     assert!(ok, "the overlay's ballast.toml: {err}");
 
-    let found = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output();
-    if !found.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: kubernetes-validate is not installed (.ci/run installs it with pip); only the embedded config was checked");
-        return;
-    }
-    let out = Command::new("kubernetes-validate")
-        .arg("--strict")
-        .args(["pvc.yaml", "configmap.yaml"].map(|m| dir.join(m)))
-        .output()
-        .expect("run kubernetes-validate");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches(" passed for resource ").count(), 2, "{text}");
+    kubernetes_validate(&["pvc.yaml", "configmap.yaml"].map(|m| dir.join(m)), 2);
 }
 
 /// docker/compose.acme.yml over docker/compose.yml, as README runs them: compose merges

@@ -231,23 +231,12 @@ struct Stored {
 /// The stored certificate, if ballast would serve it (a pair it cannot load is ordered
 /// again).
 fn stored(cfg: &AcmeConfig) -> Option<Stored> {
-    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::extensions::ParsedExtension;
     crate::config::tls::load_pair(&cfg.cert_path(), &cfg.key_path()).ok()?;
     let pem = std::fs::read(cfg.cert_path()).ok()?;
     let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
-    let names = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
+    let names = crate::config::tls::dns_names(&cert).ok()?;
     let aki = cert
         .extensions()
         .iter()

@@ -154,11 +154,18 @@ pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertPair, String> 
 
 /// The leaf's SAN DNS names (lower case) and expiry.
 fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
-    use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
-    let names = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
+    Ok((dns_names(&cert)?, cert.validity().not_after.timestamp()))
+}
+
+/// A certificate's DNS names from subjectAltName, lower case.
+pub fn dns_names(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => Ok(san
             .value
             .general_names
             .iter()
@@ -166,11 +173,10 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
                 GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
                 _ => None,
             })
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(e) => return Err(format!("unreadable subjectAltName: {e}")),
-    };
-    Ok((names, cert.validity().not_after.timestamp()))
+            .collect()),
+        Ok(None) => Ok(Vec::new()),
+        Err(e) => Err(format!("unreadable subjectAltName: {e}")),
+    }
 }
 
 /// Reads a PEM bundle of CA certificates.
