@@ -1114,6 +1114,13 @@ fn acme_errors_point_at_their_place_and_check_contacts_no_ca() {
             "F:4:1: listeners.web.tls.acme: the http-01 challenge is answered on a plain HTTP listener (port 80 for a public CA) and this config has none: add one, or set challenge = \"tls-alpn-01\"",
         ],
     );
+    // tls-alpn-01 on a TCP listener without alpn would refuse its clients' ALPN.
+    assert_error(
+        "[listeners.db]\nbind = \"127.0.0.1:6380\"\npool = \"app\"\nmode = \"tcp\"\n\
+         [listeners.db.tls.acme]\ndomains = [\"db.example.com\"]\nchallenge = \"tls-alpn-01\"\n\
+         [pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",
+        &["F:5:1: listeners.db.tls.acme: tls-alpn-01 on a TCP listener needs listeners.db.tls.alpn (the protocols its clients offer), or use http-01"],
+    );
     // Neither certificates nor acme.
     assert_error(
         "[listeners.web]\nbind = \"127.0.0.1:8443\"\npool = \"app\"\n[listeners.web.tls]\nmin_version = \"1.2\"\n[pools.app]\nbackends = [\"127.0.0.1:9001\"]\n",

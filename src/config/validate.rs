@@ -960,6 +960,20 @@ impl Validator<'_> {
                 .ok()
         });
         let mut acme = t.acme.as_ref().and_then(|a| self.acme(a, &tkey));
+        if let (Some(a), Some(spanned)) = (&acme, &t.acme) {
+            // rustls refuses a client whose ALPN list misses all of the server's, and
+            // tls-alpn-01 gives the server one: a TCP listener that offers none would start
+            // refusing every client that sends ALPN.
+            if a.challenge == AcmeChallenge::TlsAlpn01
+                && mode == ListenerMode::Tcp
+                && alpn.is_empty()
+            {
+                self.push(
+                    spanned.span(),
+                    format!("{tkey}.acme: tls-alpn-01 on a TCP listener needs {tkey}.alpn (the protocols its clients offer), or use http-01"),
+                );
+            }
+        }
         if let Some(a) = &mut acme {
             // Issued already: served like a listed certificate (after them, so a listed one
             // stays the default). Not issued yet: `acme` orders it.
