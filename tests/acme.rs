@@ -264,24 +264,24 @@ async fn served(b: &Ballast, pki: &Pki) -> Option<Vec<u8>> {
 
 /// The leaf's DNS names and its issuer's common name.
 fn facts(der: &[u8]) -> (Vec<String>, String) {
-    use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).expect("x509");
-    let names = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::DNSName(d) => Some(d.to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = ballast::config::tls::dns_names(&cert).expect("SAN");
     (names, cert.issuer().to_string())
+}
+
+/// When two thirds of the certificate's lifetime have passed (Unix seconds).
+fn two_thirds(der: &[u8]) -> i64 {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("x509");
+    let v = cert.validity();
+    let (from, to) = (v.not_before.timestamp(), v.not_after.timestamp());
+    from + (to - from) * 2 / 3
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
 }
 
 async fn metrics(b: &Ballast) -> String {
@@ -370,6 +370,14 @@ async fn http01_issues_then_renews_with_the_old_certificate_serving_throughout()
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(facts(&renewed).0, [DOMAIN]);
+    // Renewed at two thirds of the old certificate's lifetime, not before (the watch and
+    // this loop add up to a second or two after it).
+    let due = two_thirds(&first);
+    let seen = unix_now();
+    assert!(
+        seen >= due && seen <= due + 5,
+        "renewed at {seen}, due at {due}"
+    );
     assert_eq!(pebble.orders(), 2, "one order per renewal");
     let status = support::get(b.admin(), "/status").await.body;
     let status: serde_json::Value = serde_json::from_str(&status).expect("json");
