@@ -130,21 +130,47 @@ impl Lease {
         let lease = storage.join("lease");
         let me = holder();
         let now = unix_now();
-        if let Ok(text) = fs::read_to_string(&lease) {
-            let mut words = text.split_whitespace();
-            let (who, until) = (
-                words.next(),
-                words.next().and_then(|u| u.parse::<u64>().ok()),
-            );
-            if who.is_some_and(|w| w != me) && until.is_some_and(|u| u > now) {
-                return Ok(None);
+        let record = format!("{me} {}\n", now + LEASE.as_secs());
+        // Made with O_EXCL, which NFS honours where it may not share flock: of two
+        // replicas that both got here, one makes the file and the other finds it.
+        for _ in 0..2 {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&lease)
+            {
+                Ok(mut f) => {
+                    f.write_all(record.as_bytes())?;
+                    f.sync_all()?;
+                    return Ok(Some(Lease { _lock: lock, lease }));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let text = fs::read_to_string(&lease).unwrap_or_default();
+                    let mut words = text.split_whitespace();
+                    let who = words.next();
+                    let until = words.next().and_then(|u| u.parse::<u64>().ok());
+                    // Another holder's live lease: wait. Ours (left by an earlier attempt of
+                    // this process), expired, or left half-written by a holder that died:
+                    // take it over.
+                    let live = match (who, until) {
+                        (Some(w), Some(u)) => w != me && u > now,
+                        // Being written this moment, unless it has been like this a while.
+                        _ => fs::metadata(&lease)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| {
+                                t.elapsed().is_ok_and(|age| age < Duration::from_secs(10))
+                            }),
+                    };
+                    if live {
+                        return Ok(None);
+                    }
+                    let _ = fs::remove_file(&lease);
+                }
+                Err(e) => return Err(e),
             }
         }
-        write_atomic(
-            &lease,
-            format!("{me} {}\n", now + LEASE.as_secs()).as_bytes(),
-        )?;
-        Ok(Some(Lease { _lock: lock, lease }))
+        Ok(None)
     }
 }
 
@@ -189,9 +215,14 @@ mod tests {
             format!("other:1 {}\n", unix_now() - 1).as_bytes(),
         )
         .expect("write");
+        let taken = Lease::acquire(dir.path()).expect("io");
+        assert!(taken.is_some(), "expired lease");
+        drop(taken);
+        // One another replica is writing this moment (made, still empty): wait.
+        std::fs::write(dir.path().join("lease"), b"").expect("write");
         assert!(
-            Lease::acquire(dir.path()).expect("io").is_some(),
-            "expired lease"
+            Lease::acquire(dir.path()).expect("io").is_none(),
+            "a lease being written"
         );
     }
 
