@@ -40,6 +40,9 @@
 //! - `routing`: per listener, the routes (what each matches, who may use it, and what it
 //!   does: forward to a pool, redirect or answer).
 //! - `health`: probe tasks, reconciled against each new snapshot.
+//! - `acme`: certificates ordered and renewed from an ACME CA into `storage`, from where
+//!   the config loads them; its challenge answers (http-01 files, tls-alpn-01
+//!   certificates) and the renewal lock replicas share.
 //! - `proxy`: hop-by-hop headers, route rules (header rules, prefix rewrites, request id),
 //!   error mapping, the connection context, the HTTP forwarding path (one file per step
 //!   under `proxy/http/`), upgrade tunnels, the TCP (L4) forwarding path.
