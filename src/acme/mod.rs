@@ -134,8 +134,9 @@ impl Manager {
 /// One certificate's life: wait until due, order under the lock, repeat.
 async fn run(listener: String, cfg: AcmeConfig, stop: CancellationToken) {
     let mut failures: u32 = 0;
+    let mut ari = AriAnswer::default();
     loop {
-        let (wait, replaces) = next_renewal(&cfg).await;
+        let (wait, replaces) = next_renewal(&cfg, &mut ari).await;
         let pause = wait.min(MAX_SLEEP);
         update_status(&listener, |s| {
             s.next_check = Some(unix_now() + pause.as_secs())
@@ -168,7 +169,7 @@ async fn run(listener: String, cfg: AcmeConfig, stop: CancellationToken) {
         };
         // Under the lock, look again: a certificate another replica just installed is
         // not ordered twice.
-        let (wait, _) = next_renewal(&cfg).await;
+        let (wait, _) = next_renewal(&cfg, &mut ari).await;
         if !wait.is_zero() {
             drop(lease);
             continue;
@@ -257,9 +258,26 @@ fn stored(cfg: &AcmeConfig) -> Option<Stored> {
     })
 }
 
+/// What the CA's ARI said about the stored certificate: asked at most once per
+/// [`ARI_REFRESH`] (a replica waiting for another's lock looks every few seconds), and the
+/// moment drawn in its window kept, so that looking again does not move it.
+#[derive(Default)]
+struct AriAnswer {
+    /// The certificate it is about.
+    id: String,
+    asked: Option<std::time::Instant>,
+    /// The renewal moment drawn in the window; `None`: no ARI (not offered, or no answer).
+    at: Option<u64>,
+}
+
+const ARI_REFRESH: Duration = Duration::from_secs(3600);
+
 /// How long until the certificate should be renewed (zero: now), and the certificate it
 /// replaces when the CA's ARI chose the time.
-async fn next_renewal(cfg: &AcmeConfig) -> (Duration, Option<CertificateIdentifier<'static>>) {
+async fn next_renewal(
+    cfg: &AcmeConfig,
+    ari: &mut AriAnswer,
+) -> (Duration, Option<CertificateIdentifier<'static>>) {
     let now = unix_now();
     let Some(s) = stored(cfg) else {
         return (Duration::ZERO, None);
@@ -271,11 +289,20 @@ async fn next_renewal(cfg: &AcmeConfig) -> (Duration, Option<CertificateIdentifi
     let mut at = s.not_before + (s.not_after.saturating_sub(s.not_before)) * 2 / 3;
     let mut replaces = None;
     if let Some(id) = s.id {
-        if let Some(window) = ari_window(cfg, &id).await {
+        let key = id.to_string();
+        let fresh = ari.id == key && ari.asked.is_some_and(|t| t.elapsed() < ARI_REFRESH);
+        if !fresh {
             // A random moment in the window, so that many certificates do not all renew at
             // its start (RFC 9773 §4.2).
-            let (start, end) = window;
-            at = start + fastrand::u64(0..=end.saturating_sub(start));
+            let window = ari_window(cfg, &id).await;
+            *ari = AriAnswer {
+                id: key,
+                asked: Some(std::time::Instant::now()),
+                at: window.map(|(start, end)| start + fastrand::u64(0..=end - start)),
+            };
+        }
+        if let Some(moment) = ari.at {
+            at = moment;
             replaces = Some(id);
         }
     }
