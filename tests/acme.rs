@@ -607,3 +607,48 @@ async fn two_processes_sharing_storage_place_one_order_per_renewal() {
         2
     );
 }
+
+/// A replica answers the CA for an order another placed: `two` orders a.ballast.test but
+/// does not listen where pebble validates; `one` does, and orders only b.ballast.test. Both
+/// certificates are issued, so `one` answered `two`'s token from the shared storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_answers_the_challenge_of_an_order_another_placed() {
+    let (http_port, tls_port) = (free_port(), free_port());
+    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+        return;
+    };
+    let storage = tempfile::tempdir().expect("storage");
+    let backend = Backend::start("app").await;
+    let acme = |name: &str| format!("domains = [\"{name}\"]\nchallenge = \"http-01\"");
+    let one = Ballast::start(&config(
+        Some(http_port),
+        tls_port,
+        &pebble,
+        storage.path(),
+        &acme("b.ballast.test"),
+        &backend,
+    ));
+    let two = Ballast::start(&config(
+        Some(free_port()),
+        free_port(),
+        &pebble,
+        storage.path(),
+        &acme(DOMAIN),
+        &backend,
+    ));
+    let issued = eventually(LONG, async || served(&two, &pebble.pki).await.is_some()).await;
+    assert!(
+        issued.is_some(),
+        "two's order was not validated:\n{}\n{}",
+        one.logs(),
+        two.logs()
+    );
+    let cert = served(&two, &pebble.pki).await.expect("served");
+    assert_eq!(facts(&cert).0, [DOMAIN]);
+    let ordered = two
+        .lines()
+        .iter()
+        .filter(|l| l.contains("ACME: ordering a certificate"))
+        .count();
+    assert!(ordered >= 1, "two placed the order:\n{}", two.logs());
+}
