@@ -129,7 +129,7 @@ impl Pebble {
             return None;
         }
         let pki = Pki::new("pebble");
-        let leaf = pki.issue("pebble-https", &["localhost"]);
+        let leaf = pki.issue("pebble-https", &["localhost", "127.0.0.1"]);
         let dns_port = free_port();
         let dns_mgmt = free_port();
         let mut dns = Proc::spawn(Command::new("pebble-challtestsrv").args([
@@ -200,6 +200,11 @@ impl Pebble {
 
     fn directory(&self) -> String {
         format!("https://localhost:{}/dir", self.port)
+    }
+
+    /// The same CA under another directory URL (as staging and production are two).
+    fn directory_by_ip(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.port)
     }
 
     /// Orders pebble received (its log names each new-order request).
@@ -651,4 +656,48 @@ async fn a_replica_answers_the_challenge_of_an_order_another_placed() {
         .filter(|l| l.contains("ACME: ordering a certificate"))
         .count();
     assert!(ordered >= 1, "two placed the order:\n{}", two.logs());
+}
+
+/// A certificate from another directory than the config names (Let's Encrypt's staging,
+/// then production) is ordered again at once, not kept until it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_directory_is_replaced() {
+    let (http_port, tls_port) = (free_port(), free_port());
+    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+        return;
+    };
+    let storage = tempfile::tempdir().expect("storage");
+    let backend = Backend::start("app").await;
+    let staging = config(
+        Some(http_port),
+        tls_port,
+        &pebble,
+        storage.path(),
+        &format!("domains = [\"{DOMAIN}\"]"),
+        &backend,
+    );
+    let b = Ballast::start(&staging);
+    let issued = eventually(LONG, async || served(&b, &pebble.pki).await.is_some()).await;
+    assert!(issued.is_some(), "no certificate issued:\n{}", b.logs());
+    let first = served(&b, &pebble.pki).await.expect("served");
+    assert_eq!(pebble.orders(), 1);
+    let production = staging.replace(&pebble.directory(), &pebble.directory_by_ip());
+    assert_ne!(production, staging);
+    b.save_config(&production, support::Save::Rename);
+    let replaced = eventually(LONG, async || {
+        served(&b, &pebble.pki).await.is_some_and(|c| c != first)
+    })
+    .await;
+    assert!(
+        replaced.is_some(),
+        "the old directory's certificate stayed:\n{}",
+        b.logs()
+    );
+    // At once, not at the renewal the old certificate was due for anyway.
+    assert!(
+        unix_now() < two_thirds(&first),
+        "replaced only when due:\n{}",
+        b.logs()
+    );
+    assert_eq!(pebble.orders(), 2);
 }

@@ -286,6 +286,10 @@ async fn next_renewal(
         // The config lists a name the certificate lacks.
         return (Duration::ZERO, None);
     }
+    if storage::issuer(&cfg.cert_dir()).as_deref() != Some(cfg.directory.as_str()) {
+        // Issued by another CA than the config names now (staging, then production).
+        return (Duration::ZERO, None);
+    }
     let mut at = s.not_before + (s.not_after.saturating_sub(s.not_before)) * 2 / 3;
     let mut replaces = None;
     if let Some(id) = s.id {

@@ -210,8 +210,13 @@ pub async fn obtain(
     drop(answers);
     // What the CA sent must load as ballast would load it, before it replaces anything.
     check_issued(cfg, &chain_pem, &key_pem)?;
-    storage::install_certificate(&cfg.cert_dir(), chain_pem.as_bytes(), key_pem.as_bytes())
-        .map_err(|e| format!("cannot install in {}: {e}", cfg.cert_dir().display()))
+    storage::install_certificate(
+        &cfg.cert_dir(),
+        chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        &cfg.directory,
+    )
+    .map_err(|e| format!("cannot install in {}: {e}", cfg.cert_dir().display()))
 }
 
 /// The challenges' errors, as the CA gave them.

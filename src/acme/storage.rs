@@ -64,8 +64,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     })
 }
 
-/// Installs a new certificate and key in `cert_dir` (see the module docs).
-pub fn install_certificate(cert_dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> io::Result<()> {
+/// Installs a new certificate and key in `cert_dir` (see the module docs), with the
+/// directory URL of the CA that issued them ([`issuer`]).
+pub fn install_certificate(
+    cert_dir: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    directory: &str,
+) -> io::Result<()> {
     make_dir(cert_dir)?;
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -75,6 +81,7 @@ pub fn install_certificate(cert_dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> 
     make_dir(&folder)?;
     write_atomic(&folder.join("cert.pem"), cert_pem)?;
     write_atomic(&folder.join("key.pem"), key_pem)?;
+    write_atomic(&folder.join(ISSUER), directory.as_bytes())?;
     let link_tmp = cert_dir.join("..data_tmp");
     let _ = fs::remove_file(&link_tmp);
     std::os::unix::fs::symlink(&version, &link_tmp)?;
@@ -95,6 +102,15 @@ pub fn install_certificate(cert_dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> 
         let _ = fs::remove_dir_all(cert_dir.join(old));
     }
     Ok(())
+}
+
+/// Beside a certificate: the directory URL of the CA that issued it.
+const ISSUER: &str = "directory";
+
+/// The directory URL of the CA that issued the certificate in `cert_dir`: a certificate
+/// from Let's Encrypt's staging CA is not kept once the config names production.
+pub fn issuer(cert_dir: &Path) -> Option<String> {
+    fs::read_to_string(cert_dir.join("..data").join(ISSUER)).ok()
 }
 
 /// This process, as a lease names it.
@@ -231,12 +247,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let cert_dir = dir.path().join("example.org");
-        install_certificate(&cert_dir, b"cert one", b"key one").expect("first");
+        install_certificate(&cert_dir, b"cert one", b"key one", "https://a/dir").expect("first");
+        assert_eq!(issuer(&cert_dir).as_deref(), Some("https://a/dir"));
         assert_eq!(
             fs::read(cert_dir.join("cert.pem")).expect("read"),
             b"cert one"
         );
-        install_certificate(&cert_dir, b"cert two", b"key two").expect("second");
+        install_certificate(&cert_dir, b"cert two", b"key two", "https://b/dir").expect("second");
+        assert_eq!(issuer(&cert_dir).as_deref(), Some("https://b/dir"));
         assert_eq!(
             fs::read(cert_dir.join("cert.pem")).expect("read"),
             b"cert two"
