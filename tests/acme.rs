@@ -259,12 +259,84 @@ backends = ["{}"]
     )
 }
 
+/// What each test starts with: pebble validating on `http_port` and `tls_port`, a storage
+/// folder, and a backend.
+struct Scene {
+    pebble: Pebble,
+    storage: tempfile::TempDir,
+    backend: Backend,
+    http_port: u16,
+    tls_port: u16,
+}
+
+impl Scene {
+    /// `None` (said SKIPPED) without pebble. Orders naming a domain in `blocked` are refused.
+    async fn start(blocked: &[&str]) -> Option<Scene> {
+        let (http_port, tls_port) = (free_port(), free_port());
+        let pebble = Pebble::start(http_port, tls_port, blocked)?;
+        Some(Scene {
+            pebble,
+            storage: tempfile::tempdir().expect("storage"),
+            backend: Backend::start("app").await,
+            http_port,
+            tls_port,
+        })
+    }
+
+    /// A config whose listeners are where pebble validates (a plain one only with
+    /// `plain`), with `acme` as the rest of its `[tls.acme]`.
+    fn config(&self, plain: bool, acme: &str) -> String {
+        let http = plain.then_some(self.http_port);
+        config(
+            http,
+            self.tls_port,
+            &self.pebble,
+            self.storage.path(),
+            acme,
+            &self.backend,
+        )
+    }
+
+    /// The same, on other ports: a second process, not where pebble validates.
+    fn config_elsewhere(&self, acme: &str) -> String {
+        let (http, tls) = (free_port(), free_port());
+        config(
+            Some(http),
+            tls,
+            &self.pebble,
+            self.storage.path(),
+            acme,
+            &self.backend,
+        )
+    }
+}
+
 /// The leaf the TLS listener serves for `DOMAIN`, or `None` if the handshake fails.
 async fn served(b: &Ballast, pki: &Pki) -> Option<Vec<u8>> {
     let s = connect(b.addr("secure"), Some(DOMAIN), &any_name(pki))
         .await
         .ok()?;
     Some(served_cert(&s))
+}
+
+/// The first certificate `b` serves for `DOMAIN`, once issued (within [`LONG`]).
+async fn first_issued(b: &Ballast, pebble: &Pebble, others: &[&Ballast]) -> Vec<u8> {
+    let mut cert = None;
+    let issued = eventually(LONG, async || {
+        cert = served(b, &pebble.pki).await;
+        cert.is_some()
+    })
+    .await;
+    let logs: Vec<String> = std::iter::once(b)
+        .chain(others.iter().copied())
+        .map(|b| b.logs())
+        .collect();
+    assert!(
+        issued.is_some(),
+        "no certificate issued:\n{}",
+        logs.join("\n")
+    );
+    cert.expect("issued")
 }
 
 /// The leaf's DNS names and its issuer's common name.
@@ -298,24 +370,15 @@ async fn metrics(b: &Ballast) -> String {
 /// throughout and none failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http01_issues_then_renews_with_the_old_certificate_serving_throughout() {
-    let (http_port, tls_port) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+    let Some(sc) = Scene::start(&[]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
-    let cfg = config(
-        Some(http_port),
-        tls_port,
-        &pebble,
-        storage.path(),
+    let (pebble, storage) = (&sc.pebble, &sc.storage);
+    let b = Ballast::start(&sc.config(
+        true,
         &format!("domains = [\"{DOMAIN}\"]\nchallenge = \"http-01\""),
-        &backend,
-    );
-    let b = Ballast::start(&cfg);
-    let first = eventually(LONG, async || served(&b, &pebble.pki).await.is_some()).await;
-    assert!(first.is_some(), "no certificate issued:\n{}", b.logs());
-    let first = served(&b, &pebble.pki).await.expect("served");
+    ));
+    let first = first_issued(&b, pebble, &[]).await;
     let (names, issuer) = facts(&first);
     assert_eq!(names, [DOMAIN]);
     assert!(issuer.contains("Pebble"), "issuer {issuer}");
@@ -332,7 +395,7 @@ async fn http01_issues_then_renews_with_the_old_certificate_serving_throughout()
     assert_eq!(reply.backend(), "app");
     // The challenge answer was removed after the order; unknown tokens are 404, and a
     // path that tries to leave the folder never reaches it.
-    let plain = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    let plain = std::net::SocketAddr::from(([127, 0, 0, 1], sc.http_port));
     for _ in 0..3 {
         // Past the rate limit's burst, and from a denied address: still answered.
         let reply = support::get(plain, "/.well-known/acme-challenge/nothing").await;
@@ -396,24 +459,14 @@ async fn http01_issues_then_renews_with_the_old_certificate_serving_throughout()
 /// A client that asks for `acme-tls/1` when no order is pending gets no handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn01_issues_on_the_tls_listener_alone() {
-    let tls_port = free_port();
-    let Some(pebble) = Pebble::start(free_port(), tls_port, &[]) else {
+    let Some(sc) = Scene::start(&[]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
-    let cfg = config(
-        None,
-        tls_port,
-        &pebble,
-        storage.path(),
-        &format!("domains = [\"{DOMAIN}\", \"www.ballast.test\"]\nchallenge = \"tls-alpn-01\""),
-        &backend,
-    );
-    let b = Ballast::start(&cfg);
-    let issued = eventually(LONG, async || served(&b, &pebble.pki).await.is_some()).await;
-    assert!(issued.is_some(), "no certificate issued:\n{}", b.logs());
-    let cert = served(&b, &pebble.pki).await.expect("served");
+    let (pebble, storage) = (&sc.pebble, &sc.storage);
+    let acme =
+        format!("domains = [\"{DOMAIN}\", \"www.ballast.test\"]\nchallenge = \"tls-alpn-01\"");
+    let b = Ballast::start(&sc.config(false, &acme));
+    let cert = first_issued(&b, pebble, &[]).await;
     let mut names = facts(&cert).0;
     names.sort();
     assert_eq!(names, ["a.ballast.test", "www.ballast.test"]);
@@ -445,39 +498,22 @@ async fn tls_alpn01_issues_on_the_tls_listener_alone() {
 /// is retried with backoff until the CA is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
-    let (http_port, tls_port) = (free_port(), free_port());
-    let Some(mut pebble) = Pebble::start(http_port, tls_port, &["blocked.ballast.test"]) else {
+    let Some(mut sc) = Scene::start(&["blocked.ballast.test"]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
     // The config with `list` as its domains.
-    let config_for = |p: &Pebble, list: &str| {
-        let acme = format!("domains = [{list}]\nchallenge = \"http-01\"");
-        config(
-            Some(http_port),
-            tls_port,
-            p,
-            storage.path(),
-            &acme,
-            &backend,
-        )
-    };
-    let b = Ballast::start(&config_for(&pebble, &format!("\"{DOMAIN}\"")));
-    assert!(
-        eventually(LONG, async || served(&b, &pebble.pki).await.is_some())
-            .await
-            .is_some(),
-        "no certificate issued:\n{}",
-        b.logs()
-    );
-    let issued = served(&b, &pebble.pki).await.expect("served");
+    let domains = |list: &str| format!("domains = [{list}]\nchallenge = \"http-01\"");
+    let b = Ballast::start(&sc.config(true, &domains(&format!("\"{DOMAIN}\""))));
+    let issued = first_issued(&b, &sc.pebble, &[]).await;
 
     // Refusal: the config now asks for a name the CA will not certify.
     let failed = "ACME: certificate order failed";
     let failures_logged = || b.lines().iter().filter(|l| l.contains(failed)).count();
     b.save_config(
-        &config_for(&pebble, &format!("\"{DOMAIN}\", \"blocked.ballast.test\"")),
+        &sc.config(
+            true,
+            &domains(&format!("\"{DOMAIN}\", \"blocked.ballast.test\"")),
+        ),
         support::Save::Rename,
     );
     assert!(
@@ -491,7 +527,10 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
         logged.contains("blocked.ballast.test"),
         "the CA's reason is logged:\n{logged}"
     );
-    assert_eq!(served(&b, &pebble.pki).await.as_deref(), Some(&issued[..]));
+    assert_eq!(
+        served(&b, &sc.pebble.pki).await.as_deref(),
+        Some(&issued[..])
+    );
     let counted = metric(
         &metrics(&b).await,
         "ballast_acme_renewal_failures_total",
@@ -507,10 +546,13 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
     // Outage: back to the good name, with the CA down; the old certificate renews only
     // once the CA is back (a new pebble: the stored account is unknown to it and is made
     // again).
-    pebble.down();
+    sc.pebble.down();
     let before = failures_logged();
     b.save_config(
-        &config_for(&pebble, &format!("\"{DOMAIN}\", \"www.ballast.test\"")),
+        &sc.config(
+            true,
+            &domains(&format!("\"{DOMAIN}\", \"www.ballast.test\"")),
+        ),
         support::Save::Rename,
     );
     assert!(
@@ -518,10 +560,13 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
         "no failure while the CA is down:\n{}",
         b.logs()
     );
-    assert_eq!(served(&b, &pebble.pki).await.as_deref(), Some(&issued[..]));
-    pebble.up();
+    assert_eq!(
+        served(&b, &sc.pebble.pki).await.as_deref(),
+        Some(&issued[..])
+    );
+    sc.pebble.up();
     let renewed = eventually(LONG, async || {
-        served(&b, &pebble.pki)
+        served(&b, &sc.pebble.pki)
             .await
             .is_some_and(|c| facts(&c).0.len() == 2)
     })
@@ -538,29 +583,13 @@ async fn refusal_and_outage_keep_the_old_certificate_and_retry() {
 /// process listens where pebble validates: it answers the other's tokens from storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_sharing_storage_place_one_order_per_renewal() {
-    let (http_port, tls_port) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+    let Some(sc) = Scene::start(&[]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
+    let pebble = &sc.pebble;
     let acme = format!("domains = [\"{DOMAIN}\"]\nchallenge = \"http-01\"");
-    let one = Ballast::start(&config(
-        Some(http_port),
-        tls_port,
-        &pebble,
-        storage.path(),
-        &acme,
-        &backend,
-    ));
-    let two = Ballast::start(&config(
-        Some(free_port()),
-        free_port(),
-        &pebble,
-        storage.path(),
-        &acme,
-        &backend,
-    ));
+    let one = Ballast::start(&sc.config(true, &acme));
+    let two = Ballast::start(&sc.config_elsewhere(&acme));
     let both_serve = async |want: Option<&[u8]>| -> Option<Vec<u8>> {
         let a = served(&one, &pebble.pki).await?;
         let b = served(&two, &pebble.pki).await?;
@@ -618,37 +647,14 @@ async fn two_processes_sharing_storage_place_one_order_per_renewal() {
 /// certificates are issued, so `one` answered `two`'s token from the shared storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_answers_the_challenge_of_an_order_another_placed() {
-    let (http_port, tls_port) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+    let Some(sc) = Scene::start(&[]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
     let acme = |name: &str| format!("domains = [\"{name}\"]\nchallenge = \"http-01\"");
-    let one = Ballast::start(&config(
-        Some(http_port),
-        tls_port,
-        &pebble,
-        storage.path(),
-        &acme("b.ballast.test"),
-        &backend,
-    ));
-    let two = Ballast::start(&config(
-        Some(free_port()),
-        free_port(),
-        &pebble,
-        storage.path(),
-        &acme(DOMAIN),
-        &backend,
-    ));
-    let issued = eventually(LONG, async || served(&two, &pebble.pki).await.is_some()).await;
-    assert!(
-        issued.is_some(),
-        "two's order was not validated:\n{}\n{}",
-        one.logs(),
-        two.logs()
-    );
-    let cert = served(&two, &pebble.pki).await.expect("served");
+    let one = Ballast::start(&sc.config(true, &acme("b.ballast.test")));
+    let two = Ballast::start(&sc.config_elsewhere(&acme(DOMAIN)));
+    // Issued only if `one` answered `two`'s challenge.
+    let cert = first_issued(&two, &sc.pebble, &[&one]).await;
     assert_eq!(facts(&cert).0, [DOMAIN]);
     let ordered = two
         .lines()
@@ -662,24 +668,13 @@ async fn a_replica_answers_the_challenge_of_an_order_another_placed() {
 /// then production) is ordered again at once, not kept until it is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_directory_is_replaced() {
-    let (http_port, tls_port) = (free_port(), free_port());
-    let Some(pebble) = Pebble::start(http_port, tls_port, &[]) else {
+    let Some(sc) = Scene::start(&[]).await else {
         return;
     };
-    let storage = tempfile::tempdir().expect("storage");
-    let backend = Backend::start("app").await;
-    let staging = config(
-        Some(http_port),
-        tls_port,
-        &pebble,
-        storage.path(),
-        &format!("domains = [\"{DOMAIN}\"]"),
-        &backend,
-    );
+    let pebble = &sc.pebble;
+    let staging = sc.config(true, &format!("domains = [\"{DOMAIN}\"]"));
     let b = Ballast::start(&staging);
-    let issued = eventually(LONG, async || served(&b, &pebble.pki).await.is_some()).await;
-    assert!(issued.is_some(), "no certificate issued:\n{}", b.logs());
-    let first = served(&b, &pebble.pki).await.expect("served");
+    let first = first_issued(&b, pebble, &[]).await;
     assert_eq!(pebble.orders(), 1);
     let production = staging.replace(&pebble.directory(), &pebble.directory_by_ip());
     assert_ne!(production, staging);
